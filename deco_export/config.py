@@ -1,0 +1,110 @@
+"""Model configuration and named presets.
+
+The config holds only what changes the weights' shapes or the forward pass; everything about
+sampling lives in the runtime sampler. It round-trips through JSON so that a checkpoint
+directory, an ONNX bundle and a training run all describe the same model the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeCoConfig:
+    """Shape of a class-conditional DeCo model (the reference's ``PixNerDiT`` for c2i).
+
+    ``image_size`` is the native (height, width) the model was trained at; the model itself
+    runs at any multiple of ``patch_size`` because its RoPE positions are normalised.
+    """
+
+    hidden_size: int = 1152
+    num_heads: int = 16
+    dit_depth: int = 28
+    decoder_hidden_size: int = 32
+    decoder_depth: int = 3
+    patch_size: int = 16
+    num_classes: int = 1000
+    in_channels: int = 3
+    image_size: tuple[int, int] = (256, 256)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "choose a head count that divides the width"
+            )
+        if self.head_dim % 4:
+            raise ValueError(
+                f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE (x and y pairs)"
+            )
+        for side in self.image_size:
+            if side % self.patch_size:
+                raise ValueError(
+                    f"image_size {self.image_size} is not a multiple of patch_size "
+                    f"{self.patch_size}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def null_class(self) -> int:
+        """Label index of the unconditional (CFG) class: the last row of the label table."""
+        return self.num_classes
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """SwiGLU width: int(2 * 4D / 3), without rounding to a multiple (3072 for D=1152)."""
+        return int(2 * (4 * self.hidden_size) / 3)
+
+    def num_tokens(self, height: int, width: int) -> int:
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeCoConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown DeCo config keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeCoConfig:
+        return cls.from_dict(json.loads(text))
+
+
+PRESETS: dict[str, DeCoConfig] = {
+    # The released sizes (reference configs_c2i/DeCo_XL.yaml and DeCo_large.yaml).
+    "DeCo-XL/16": DeCoConfig(1152, 16, 28, 32, 3, 16, 1000, 3, (256, 256)),
+    "DeCo-XL/16-512": DeCoConfig(1152, 16, 28, 32, 3, 16, 1000, 3, (512, 512)),
+    "DeCo-L/16": DeCoConfig(1024, 16, 22, 32, 3, 16, 1000, 3, (256, 256)),
+    # Small sizes for tests, demos and CPU training.
+    "DeCo-tiny/16": DeCoConfig(64, 4, 2, 32, 3, 16, 10, 3, (64, 64)),
+    "DeCo-S/16": DeCoConfig(256, 4, 6, 32, 3, 16, 1000, 3, (256, 256)),
+    "DeCo-S/4": DeCoConfig(256, 4, 6, 32, 3, 4, 10, 3, (32, 32)),
+    "DeCo-XS/4": DeCoConfig(192, 3, 6, 32, 3, 4, 9, 3, (32, 32)),
+    "DeCo-XS/8": DeCoConfig(192, 3, 6, 32, 3, 8, 9, 3, (64, 64)),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> DeCoConfig:
+    """A preset by name, optionally with fields replaced (e.g. ``num_classes=9``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,401 @@
+"""DeCo: a DiT for the low frequencies and a per-pixel decoder for the high frequencies.
+
+One file, in the order data flows (as facebookresearch/DiT's ``models.py``):
+patchify -> embedders -> DiT blocks -> DiT -> pixel decoder blocks -> PixelDecoder -> DeCo.
+
+The numerics follow the reference class-conditional DeCo (``dit_c2i_DeCo.PixNerDiT``) exactly;
+see docs/architecture.md. Two deliberate departures in *form*, not in value:
+
+* RoPE is written with real cos/sin instead of complex numbers, so the graphs export to ONNX
+  and Core ML.
+* ``unfold``/``fold`` with kernel == stride are written as reshapes/permutes of rank <= 5,
+  so batch stays dynamic in every exporter.
+
+Submodule names keep the reference's names (``s_embedder``, ``dec_net``-style blocks, ...)
+so a reference state dict maps onto ours by prefix alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DeCoConfig
+
+# ---------------------------------------------------------------------------------------------
+# Patches: (B, C, H, W) <-> per-token pixels, with ranks <= 5 for Core ML.
+# ---------------------------------------------------------------------------------------------
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, C, L, p*p): tokens in raster order, pixels ky*p + kx inside a patch."""
+    b, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    x = x.reshape(b * c, gh, p, gw, p).permute(0, 1, 3, 2, 4)  # (BC, gh, gw, ky, kx)
+    return x.reshape(b, c, gh * gw, p * p)
+
+
+def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`patchify`: (B, C, L, p*p) -> (B, C, H, W)."""
+    b, c = x.shape[0], x.shape[1]
+    gh, gw = h // p, w // p
+    x = x.reshape(b * c, gh, gw, p, p).permute(0, 1, 3, 2, 4)  # (BC, gh, ky, gw, kx)
+    return x.reshape(b, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbedder(nn.Module):
+    """Linear(C*p*p -> D) on channel-major patch vectors (index c*p*p + ky*p + kx)."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, hidden_size, bias=True)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.proj(patches)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1] followed by an MLP.
+
+    The reference uses max_period 10 (not 10000) because t is not scaled by 1000, and orders the
+    features [cos | sin]. Both matter for the released weights.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10.0):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.max_period = max_period
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def frequency_features(self, t: Tensor) -> Tensor:
+        half = self.frequency_size // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(self.max_period) * k / half)
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        features = self.frequency_features(t)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.embedding_table(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT block: RMSNorm, q/k-normalised attention with 2-D RoPE, SwiGLU, adaLN.
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; the weight multiplies after casting back, as the c2i code."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+                span: float = 16.0, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (L, head_dim/2) for the c2i 2-D RoPE.
+
+    Positions are normalised to [0, span] whatever the grid size, so 256 and 512 share one
+    position range. Pair j rotates by x*f_{j/2} for even j and y*f_{(j-1)/2} for odd j.
+    """
+    x_pos = torch.linspace(0, span, grid_w, dtype=torch.float32, device=device)
+    y_pos = torch.linspace(0, span, grid_h, dtype=torch.float32, device=device)
+    y_pos, x_pos = torch.meshgrid(y_pos, x_pos, indexing="ij")
+    k = torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4]
+    freqs = 1.0 / (theta ** (k / head_dim))
+    x_angles = x_pos.reshape(-1, 1) * freqs[None, :]
+    y_angles = y_pos.reshape(-1, 1) * freqs[None, :]
+    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(grid_h * grid_w, head_dim // 2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (x[2j], x[2j+1]) of x (B, N, heads, hd) in float32."""
+    b, n, heads, hd = x.shape
+    pairs = x.float().reshape(b, n, heads, hd // 2, 2)
+    a, c = pairs[..., 0], pairs[..., 1]
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    rotated = torch.stack([a * cos - c * sin, a * sin + c * cos], dim=-1)
+    return rotated.reshape(b, n, heads, hd).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, heads, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class SwiGLU(nn.Module):
+    """w2(SiLU(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm block with 6-way adaLN. No SiLU inside the modulation: c is SiLU'd once."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=-1)
+        )
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT: (x_t, t, y) -> per-token condition s = SiLU(e_t + h)
+# ---------------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """The expensive, low-frequency half. Returns ``(cond, hidden)``.
+
+    ``hidden`` is the last block's output h; ``cond = SiLU(e_t + h)`` is what the decoder needs.
+    Both are returned so a sampler can reuse h across steps and rebuild ``cond`` for a new t
+    (:meth:`refresh_condition`).
+    """
+
+    def __init__(self, config: DeCoConfig):
+        super().__init__()
+        self.config = config
+        d, p, c = config.hidden_size, config.patch_size, config.in_channels
+        self.s_embedder = PatchEmbedder(c * p * p, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_heads, config.mlp_hidden_size) for _ in range(config.dit_depth)
+        )
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x_t.shape
+        p = self.config.patch_size
+        cos, sin = rope_tables(h // p, w // p, self.config.head_dim, x_t.device)
+        patches = patchify(x_t, p).permute(0, 2, 1, 3).reshape(b, -1, c * p * p)
+        x = self.s_embedder(patches)
+        e_t = self.t_embedder(t).unsqueeze(1)
+        c_vec = F.silu(e_t + self.y_embedder(y).unsqueeze(1))
+        for block in self.blocks:
+            x = block(x, c_vec, cos, sin)
+        return F.silu(e_t + x), x
+
+    def refresh_condition(self, hidden: Tensor, t: Tensor) -> Tensor:
+        """cond for a new timestep from a cached last-block output: SiLU(e_t + h)."""
+        return F.silu(self.t_embedder(t).unsqueeze(1) + hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel decoder: (x_t, cond) -> velocity, per pixel, width 32, no attention.
+# ---------------------------------------------------------------------------------------------
+
+
+def dct_position_features(p: int, max_freqs: int = 8, dtype: torch.dtype = torch.float32,
+                          device: torch.device | None = None) -> Tensor:
+    """(p*p, max_freqs**2) DCT-basis features of the pixel position inside a patch.
+
+    Frequencies are linspace(0, 8, 8) (not the integers), positions k/(p-1), damping
+    1/(1 + g_a g_b); feature 8a + b pairs x-frequency a with y-frequency b.
+    """
+    pos = torch.linspace(0, 1, p, dtype=dtype, device=device)
+    pos_y, pos_x = torch.meshgrid(pos, pos, indexing="ij")
+    pos_x = pos_x.reshape(-1, 1, 1)
+    pos_y = pos_y.reshape(-1, 1, 1)
+    freqs = torch.linspace(0, max_freqs, max_freqs, dtype=dtype, device=device)
+    freqs_x = freqs[None, :, None]
+    freqs_y = freqs[None, None, :]
+    coeffs = (1 + freqs_x * freqs_y) ** -1
+    dct_x = torch.cos(pos_x * freqs_x * torch.pi)
+    dct_y = torch.cos(pos_y * freqs_y * torch.pi)
+    return (dct_x * dct_y * coeffs).reshape(p * p, max_freqs * max_freqs)
+
+
+class PixelEmbedder(nn.Module):
+    """Per-pixel Linear(C + 64 -> d) on [noisy RGB | DCT position features] (NerfEmbedder)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, max_freqs: int = 8):
+        super().__init__()
+        self.max_freqs = max_freqs
+        self.embedder = nn.Sequential(nn.Linear(in_channels + max_freqs**2, hidden_size))
+        self.register_buffer(
+            "dct", dct_position_features(patch_size, max_freqs), persistent=False
+        )
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """pixels (B, L, p*p, C) -> (B, L, p*p, d)."""
+        linear = self.embedder[0]
+        c = pixels.shape[-1]
+        # Equal to Linear(cat[pixels, dct]) but without materialising the repeated table.
+        dct = self.dct.to(linear.weight.dtype)
+        position_term = F.linear(dct, linear.weight[:, c:], linear.bias)
+        return F.linear(pixels, linear.weight[:, :c]) + position_term
+
+
+class DecoderBlock(nn.Module):
+    """LayerNorm (affine) -> modulate -> Linear-SiLU-Linear -> gated residual (ResBlock)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(channels, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels)
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
+
+    def forward(self, x: Tensor, silu_cond: Tensor) -> Tensor:
+        # silu_cond is SiLU(cond), computed once for all blocks (adaLN_modulation[0] is that SiLU).
+        shift, scale, gate = self.adaLN_modulation[1](silu_cond).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class DecoderFinalLayer(nn.Module):
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm_final(x))
+
+
+class PixelDecoder(nn.Module):
+    """The cheap, full-resolution half: every pixel is decoded from its noisy value, its
+    position in the patch, and its slice of a learned per-token projection of the DiT output.
+    """
+
+    def __init__(self, config: DeCoConfig):
+        super().__init__()
+        self.config = config
+        d, p = config.decoder_hidden_size, config.patch_size
+        self.x_embedder = PixelEmbedder(config.in_channels, d, p)
+        self.cond_embed = nn.Linear(config.hidden_size, p * p * d)
+        self.input_proj = nn.Linear(d, d)
+        self.res_blocks = nn.ModuleList(DecoderBlock(d) for _ in range(config.decoder_depth))
+        self.final_layer = DecoderFinalLayer(d, config.in_channels)
+
+    def forward(self, x_t: Tensor, cond: Tensor) -> Tensor:
+        b, _, h, w = x_t.shape
+        p, d = self.config.patch_size, self.config.decoder_hidden_size
+        pixels = patchify(x_t, p).permute(0, 2, 3, 1)  # (B, L, p*p, C)
+        z = self.input_proj(self.x_embedder(pixels.to(self.input_proj.weight.dtype)))
+        per_pixel_cond = self.cond_embed(cond).reshape(b, -1, p * p, d)
+        silu_cond = F.silu(per_pixel_cond)
+        for block in self.res_blocks:
+            z = block(z, silu_cond)
+        v = self.final_layer(z)  # (B, L, p*p, C)
+        return unpatchify(v.permute(0, 3, 1, 2), p, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeCo = DiT + PixelDecoder
+# ---------------------------------------------------------------------------------------------
+
+
+class DeCo(nn.Module):
+    """Velocity model v(x_t, t, y) with t = 0 noise and t = 1 data (v = x - noise)."""
+
+    def __init__(self, config: DeCoConfig):
+        super().__init__()
+        self.config = config
+        self.dit = DiT(config)
+        self.decoder = PixelDecoder(config)
+        self.initialize_weights()
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        cond, _ = self.dit(x_t, t, y)
+        return self.decoder(x_t, cond)
+
+    def initialize_weights(self) -> None:
+        """The reference initialisation (DiT adaLN is *not* zeroed; the decoder's is)."""
+        nn.init.xavier_uniform_(self.dit.s_embedder.proj.weight)
+        nn.init.zeros_(self.dit.s_embedder.proj.bias)
+        nn.init.normal_(self.dit.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.dit.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.dit.t_embedder.mlp[2].weight, std=0.02)
+        dec = self.decoder
+        for module in [dec.cond_embed, dec.input_proj, *[b.mlp[i] for b in dec.res_blocks
+                                                         for i in (0, 2)]]:
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        for module in [*[b.adaLN_modulation[1] for b in dec.res_blocks], dec.final_layer.linear]:
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DeCo:
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device)
+
+    def save_pretrained(self, path: str | Path, **metadata) -> Path:
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **metadata)

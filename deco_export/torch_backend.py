@@ -1,0 +1,101 @@
+"""PyTorch backend for the runtime sampler: the DiT and the decoder as two eager (or compiled)
+calls on torch tensors that stay on the model's device between steps.
+
+Precision follows the reference: fp32 master weights, and for ``bf16``/``fp16`` the forward
+runs under ``torch.autocast`` (RMSNorm and RoPE compute in fp32 inside the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import DeCo
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+class TorchBackend:
+    """Implements the ``runtimes.Backend`` protocol on a :class:`DeCo` module."""
+
+    name = "torch"
+    supports_refresh = True
+
+    def __init__(self, model: DeCo, device: str | torch.device | None = "cpu",
+                 precision: str = "fp32", compile: bool = False):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, not {precision!r}")
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self._dit = self.model.dit
+        self._decoder = self.model.decoder
+        if compile:
+            self._dit = torch.compile(self._dit)
+            self._decoder = torch.compile(self._decoder)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> TorchBackend:
+        from .checkpoint import load_any
+
+        return cls(load_any(path), **kwargs)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            cond, _ = self._dit(x_t, t, y)
+        return cond.float()
+
+    @torch.inference_mode()
+    def dit_hidden(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            _, hidden = self._dit(x_t, t, y)
+        return hidden.float()
+
+    @torch.inference_mode()
+    def refresh_condition(self, hidden: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            cond = self.model.dit.refresh_condition(hidden, t)
+        return cond.float()
+
+    @torch.inference_mode()
+    def decoder(self, x_t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            v = self._decoder(x_t, cond)
+        return v.float()
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().cpu().numpy()
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=0)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN_CKPT = FIXTURES / "deco_tiny_64.ckpt"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / "deco_tiny_64.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def golden_meta() -> dict:
+    return json.loads((FIXTURES / "deco_tiny_64.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt() -> Path:
+    return GOLDEN_CKPT
+
+
+@pytest.fixture(scope="session")
+def golden_model():
+    from deco_export.checkpoint import load_reference
+
+    return load_reference(GOLDEN_CKPT, image_size=(64, 64))
