@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -90,6 +91,131 @@ def convert(reference_ckpt: Path, out_dir: Path, weights: str, image_size: str |
     out = convert_reference(reference_ckpt, out_dir, weights=weights, image_size=size)
     meta = read_metadata(out)
     click.echo(f"wrote {out} ({meta['num_parameters']:,} parameters, {weights} weights)")
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+class LazyGroup(click.Group):
+    """Subcommands imported on first use: Core ML and TensorRT verbs live beside their
+    exporters, and `deco --help` stays fast."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@main.group(cls=LazyGroup, lazy={
+    "coreml": "deco_export.export.coreml:coreml_command",
+    "tensorrt": "deco_export.export.tensorrt:tensorrt_command",
+})
+def export() -> None:
+    """Export a model into a bundle: ONNX graphs, Core ML packages, TensorRT engines."""
+
+
+@export.command("onnx")
+@click.argument("model", metavar="CHECKPOINT")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
+              default=("fp32",), show_default=True, help="repeat for several variants")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="18 (portable) or 23 (native Attention op)")
+@click.option("--image-size", default=None, help="HxW to export at (default: the model's)")
+@click.option("--parity-steps", type=int, default=10, show_default=True,
+              help="sampler steps of the end-to-end parity gate")
+@click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
+              help="for reference .ckpt files")
+def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
+                        image_size: str | None, parity_steps: int, weights: str) -> None:
+    """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE.
+
+    CHECKPOINT is 'default' (the embedded model), a checkpoint directory or a reference .ckpt.
+    The export is gated on parity with PyTorch; a failing export leaves nothing behind.
+    """
+    from .export.onnx import export_onnx
+    from .sources import load_model
+
+    net, source = load_model(model, weights=weights)
+    size = parse_size(image_size) if image_size else None
+    export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
+                parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    click.echo(f"wrote {bundle}")
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--steps", type=int, default=10, show_default=True)
+@click.option("--hashes-only", is_flag=True, help="verify the files' sha256 and stop")
+def validate(bundle: Path, steps: int, hashes_only: bool) -> None:
+    """Verify every file's sha256 and re-run the parity gate of each ONNX artefact."""
+    from .validate import validate_bundle
+
+    report = validate_bundle(bundle, steps=steps, hashes_only=hashes_only,
+                             progress=lambda msg: click.echo(f"  {msg}", err=True))
+    for line in report:
+        click.echo(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("source", metavar="BUNDLE_OR_CHECKPOINT", default="default")
+@click.option("--backend", default=None,
+              help="onnxruntime, coreml, tensorrt (bundles) or torch (checkpoints); "
+                   "default: onnxruntime for bundles, torch for checkpoints")
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu")
+@click.option("--device", default="cpu", show_default=True, help="torch backend device")
+@click.option("--classes", default=None, help="comma-separated labels (default: 0..7)")
+@click.option("--steps", type=int, default=None, help="default: the bundle's sampler default")
+@click.option("--guidance", type=float, default=None)
+@click.option("--solver", type=click.Choice(["euler", "heun", "adams2"]), default=None)
+@click.option("--shift", type=float, default=None)
+@click.option("--sharing", default=None,
+              help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
+                   "JSON written by `deco calibrate`")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"),
+              show_default=True)
+@click.option("--cols", type=int, default=None, help="grid columns")
+def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
+           classes: str | None, steps: int | None, guidance: float | None, solver: str | None,
+           shift: float | None, sharing: str | None, seed: int, out: Path,
+           cols: int | None) -> None:
+    """Sample a grid of images; the same seed gives the same image on every backend."""
+    from .sampling import open_pipeline, parse_sharing, progress_callback
+
+    pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
+                         device=device)
+    labels = parse_int_list(classes, "classes") if classes else list(
+        range(min(8, pipe.model_config["num_classes"])))
+    with progress_callback("sampling") as callback:
+        result = pipe.generate(class_labels=labels, steps=steps, guidance=guidance,
+                               solver=solver, shift=shift, seed=seed,
+                               sharing=parse_sharing(sharing, pipe), callback=callback)
+    from runtimes.image import save_grid
+
+    save_grid(result.images, out, cols=cols)
+    click.echo(f"wrote {out} ({len(labels)} images, seed {seed})")
 
 
 def parse_size(text: str) -> tuple[int, int]:

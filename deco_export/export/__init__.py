@@ -1,0 +1,1 @@
+"""Exporters: ONNX, Core ML and TensorRT artefacts written into one bundle."""

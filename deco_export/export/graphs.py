@@ -1,0 +1,129 @@
+"""The graphs every exporter writes: the DiT, the pixel decoder, and the tiny ``refresh`` graph.
+
+* ``dit``:      (x_t, t, y)   -> (cond, hidden)   the expensive half, once per DiT step
+* ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
+* ``refresh``:  (hidden, t)   -> cond             SiLU(e_t + h), for DiT sharing with a fresh t
+
+Graph inputs and outputs are always float32 (and int64 labels) whatever the precision inside,
+so a runtime never casts and one sampler drives every artefact. A reduced-precision graph is
+exported from a copy of the model in that dtype; RMSNorm statistics, RoPE and the timestep
+frequency features compute in float32 inside the model, and ONNX LayerNormalization keeps its
+statistics in float32 (stash_type=1).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DeCoConfig
+from ..model import DeCo
+
+GRAPH_NAMES = ("dit", "decoder", "refresh")
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DiTGraph(nn.Module):
+    def __init__(self, model: DeCo):
+        super().__init__()
+        self.dit = model.dit
+        self.dtype = model.dit.s_embedder.proj.weight.dtype
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        cond, hidden = self.dit(x_t.to(self.dtype), t, y)
+        return cond.float(), hidden.float()
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, model: DeCo):
+        super().__init__()
+        self.decoder = model.decoder
+        self.dtype = model.decoder.input_proj.weight.dtype
+
+    def forward(self, x_t: Tensor, cond: Tensor) -> Tensor:
+        return self.decoder(x_t.to(self.dtype), cond.to(self.dtype)).float()
+
+
+class RefreshGraph(nn.Module):
+    def __init__(self, model: DeCo):
+        super().__init__()
+        self.dit = model.dit
+        self.dtype = model.dit.s_embedder.proj.weight.dtype
+
+    def forward(self, hidden: Tensor, t: Tensor) -> Tensor:
+        return self.dit.refresh_condition(hidden.to(self.dtype), t).float()
+
+
+GRAPH_CLASSES = {"dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph}
+INPUT_NAMES = {"dit": ["x_t", "t", "y"], "decoder": ["x_t", "cond"], "refresh": ["hidden", "t"]}
+OUTPUT_NAMES = {"dit": ["cond", "hidden"], "decoder": ["v"], "refresh": ["cond"]}
+
+
+def graph_modules(model: DeCo, precision: str) -> dict[str, nn.Module]:
+    """The three graph wrappers around a copy of ``model`` in ``precision``."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, not {precision!r}")
+    typed = copy.deepcopy(model).to(device="cpu", dtype=PRECISION_DTYPES[precision]).eval()
+    return {name: cls(typed).eval() for name, cls in GRAPH_CLASSES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, and "batch" for the dynamic axis
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def io_specs(config: DeCoConfig, graph: str, height: int, width: int
+             ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    c, d = config.in_channels, config.hidden_size
+    tokens = config.num_tokens(height, width)
+    image = ("batch", c, height, width)
+    per_token = ("batch", tokens, d)
+    specs = {
+        "dit": ([TensorSpec("x_t", image, "float32"), TensorSpec("t", ("batch",), "float32"),
+                 TensorSpec("y", ("batch",), "int64")],
+                [TensorSpec("cond", per_token, "float32"),
+                 TensorSpec("hidden", per_token, "float32")]),
+        "decoder": ([TensorSpec("x_t", image, "float32"), TensorSpec("cond", per_token, "float32")],
+                    [TensorSpec("v", image, "float32")]),
+        "refresh": ([TensorSpec("hidden", per_token, "float32"),
+                     TensorSpec("t", ("batch",), "float32")],
+                    [TensorSpec("cond", per_token, "float32")]),
+    }
+    return specs[graph]
+
+
+def example_inputs(model: DeCo, graph: str, batch: int, height: int, width: int,
+                   seed: int = 0) -> tuple[Tensor, ...]:
+    """Realistic float32 inputs: noise-like x_t, t in [0, 1], labels with the null class, and
+    the condition/hidden the fp32 DiT really produces for them."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x_t = torch.randn(batch, cfg.in_channels, height, width, generator=g)
+    t = torch.rand(batch, generator=g)
+    y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
+    y[0] = cfg.null_class
+    if graph == "dit":
+        return x_t, t, y
+    with torch.no_grad():
+        cond, hidden = model.dit(x_t, t, y)
+    if graph == "decoder":
+        return x_t, cond
+    return hidden, t
+
+
+def reference_outputs(model: DeCo, graph: str, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """PyTorch eager fp32 outputs for a graph: what every export is compared with."""
+    with torch.no_grad():
+        if graph == "dit":
+            return list(model.dit(*inputs))
+        if graph == "decoder":
+            return [model.decoder(*inputs)]
+        return [model.dit.refresh_condition(*inputs)]

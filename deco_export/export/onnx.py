@@ -1,0 +1,182 @@
+"""ONNX export: the DiT, the pixel decoder and the refresh graph as separate ONNX files.
+
+Each graph is exported with the dynamo exporter (dynamic batch, static resolution), checked
+with ``onnx.checker`` (full check), run in ONNX Runtime against PyTorch eager at batch 1 and
+batch > 1, and then the whole sampler runs end to end through ONNX Runtime from the same noise
+as PyTorch. Only an export that passes the gate (deco_export.parity) is moved into the bundle;
+a failing one leaves nothing behind and an existing bundle untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import DeCo
+from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
+from . import bundle_io
+from .graphs import (
+    GRAPH_NAMES,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    example_inputs,
+    graph_modules,
+    io_specs,
+    reference_outputs,
+)
+
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
+PARITY_BATCHES = (1, 3)
+
+Progress = Callable[[str], None]
+
+
+def onnx_file_name(graph: str, precision: str) -> str:
+    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
+
+
+def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path, opset: int,
+                 external_data: bool) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {name: {0: batch} for name in INPUT_NAMES[graph]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, inputs, dynamo=True, opset_version=opset, input_names=INPUT_NAMES[graph],
+            output_names=OUTPUT_NAMES[graph], dynamic_shapes=dynamic, verbose=False,
+        )
+    program.save(str(path), external_data=external_data)
+
+
+def check_onnx(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
+                 seed: int) -> list[GraphParity]:
+    """Each output of the ONNX graph against PyTorch eager fp32, at batch 1 and batch 3."""
+    session = ort_session(path)
+    results = []
+    for batch in PARITY_BATCHES:
+        inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
+        expected = reference_outputs(model, graph, inputs)
+        feeds = {name: x.numpy() for name, x in zip(INPUT_NAMES[graph], inputs)}
+        got = session.run(None, feeds)
+        for name, ref, out in zip(OUTPUT_NAMES[graph], expected, got):
+            label = graph if len(got) == 1 else f"{graph}.{name}"
+            ref_np = ref.numpy()
+            results.append(GraphParity(label, batch, max_abs_error(ref_np, out), psnr(ref_np, out)))
+    return results
+
+
+def export_onnx(
+    model: DeCo,
+    bundle: str | Path,
+    *,
+    precisions: Sequence[str] = ("fp32",),
+    opset: int = DEFAULT_OPSET,
+    image_size: tuple[int, int] | None = None,
+    source: dict | None = None,
+    parity_steps: int = 10,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Export ``model`` into ``bundle`` (created, or extended if it exists) and return its path."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(
+            f"opset {opset} is not supported; use 18 (portable) or 23 (native Attention op). "
+            "Opset 17 from the dynamo exporter writes graphs ONNX Runtime rejects"
+        )
+    say = progress or (lambda _msg: None)
+    model = model.float().cpu().eval()
+    height, width = image_size or model.config.image_size
+    for side in (height, width):
+        if side % model.config.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size "
+                f"{model.config.patch_size}; choose e.g. {model.config.image_size[0]}x"
+                f"{model.config.image_size[1]}"
+            )
+    with bundle_io.BundleTransaction(bundle, model.config, (height, width), source) as txn:
+        for precision in precisions:
+            modules = graph_modules(model, precision)
+            weight_bytes = sum(p.numel() * p.element_size() for p in modules["dit"].parameters())
+            external = weight_bytes > EXTERNAL_DATA_BYTES
+            parity: list[GraphParity] = []
+            files: dict[str, Path] = {}
+            for graph in GRAPH_NAMES:
+                name = onnx_file_name(graph, precision)
+                say(f"exporting {name} (opset {opset})")
+                path = txn.staging / name
+                started = time.perf_counter()
+                inputs = example_inputs(model, graph, 2, height, width, seed=seed)
+                export_graph(modules[graph], graph, inputs, path, opset, external)
+                check_onnx(path)
+                say(f"checking {name} in ONNX Runtime against PyTorch")
+                results = graph_parity(model, graph, path, height, width, seed)
+                parity += results
+                files[graph] = path
+                inputs_spec, outputs_spec = io_specs(model.config, graph, height, width)
+                txn.add_artifact(
+                    runtime="onnx", graph=graph, precision=precision, path=path,
+                    extra_files=sorted(p for p in txn.staging.iterdir()
+                                       if p.name.startswith(name + ".") or
+                                       p.name == name + ".data"),
+                    inputs=[s.to_dict() for s in inputs_spec],
+                    outputs=[s.to_dict() for s in outputs_spec],
+                    details={"opset": opset, "exporter": "torch.onnx dynamo",
+                             "external_data": external,
+                             "export_seconds": round(time.perf_counter() - started, 2)},
+                    parity={"graphs": [r.to_dict() for r in results]},
+                    tools=tool_versions(),
+                )
+            check_graph_gate(precision, parity, what=f"ONNX {precision} export")
+            say(f"sampling end to end through ONNX Runtime ({precision}, {parity_steps} steps)")
+            e2e = txn.end_to_end_parity(model, "onnxruntime", precision, parity_steps, seed)
+            say(f"ONNX {precision}: worst graph error "
+                f"{max(r.max_abs_error for r in parity):.2e}, end to end {e2e['psnr_db']:.1f} dB")
+    return Path(bundle)
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__}
+    try:
+        import onnxscript
+
+        versions["onnxscript"] = onnxscript.__version__
+    except ImportError:  # pragma: no cover - onnxscript ships with the onnx extra
+        pass
+    return versions
+
+
+def remove_quietly(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        os.unlink(path)
+
+
+__all__ = ["DEFAULT_OPSET", "export_onnx", "np", "onnx_file_name"]

@@ -1,0 +1,75 @@
+"""Parity figures shared by every exporter: max abs error and PSNR against PyTorch eager fp32.
+
+Thresholds live here once, so the ONNX, Core ML and TensorRT gates mean the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Per precision: the worst per-graph max abs error and the lowest end-to-end PSNR (images in
+# [-1, 1]) an export may have. fp16/bf16 per-graph errors are reported, not gated: their
+# quality is judged on the images.
+GRAPH_MAX_ABS = {"fp32": 1e-4}
+END_TO_END_MIN_PSNR = {"fp32": 60.0, "fp16": 35.0, "bf16": 30.0}
+
+
+def max_abs_error(reference: np.ndarray, test: np.ndarray) -> float:
+    return float(np.max(np.abs(np.asarray(reference, np.float64) - np.asarray(test, np.float64))))
+
+
+def psnr(reference: np.ndarray, test: np.ndarray, data_range: float | None = None) -> float:
+    """PSNR in dB; ``data_range`` defaults to the reference's peak-to-peak (2.0 for images)."""
+    ref = np.asarray(reference, np.float64)
+    mse = float(np.mean((ref - np.asarray(test, np.float64)) ** 2))
+    if data_range is None:
+        data_range = float(ref.max() - ref.min()) or 1.0
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+@dataclass
+class GraphParity:
+    graph: str
+    batch: int
+    max_abs_error: float
+    psnr_db: float
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "batch": self.batch, "max_abs_error": self.max_abs_error,
+                "psnr_db": finite(self.psnr_db)}
+
+
+def finite(value: float) -> float | None:
+    """JSON has no infinity: an exact match is written as null."""
+    return None if math.isinf(value) else value
+
+
+class ParityError(ValueError):
+    """An export whose numbers fall below the gate; nothing is written."""
+
+
+def check_graph_gate(precision: str, results: list[GraphParity], what: str) -> None:
+    limit = GRAPH_MAX_ABS.get(precision)
+    if limit is None:
+        return
+    bad = [r for r in results if not r.max_abs_error <= limit]
+    if bad:
+        worst = max(bad, key=lambda r: r.max_abs_error)
+        raise ParityError(
+            f"{what}: {worst.graph} graph ({precision}, batch {worst.batch}) differs from PyTorch "
+            f"by {worst.max_abs_error:.3g} > {limit:g}; the export is wrong, nothing was written"
+        )
+
+
+def check_end_to_end_gate(precision: str, psnr_db: float, what: str) -> None:
+    limit = END_TO_END_MIN_PSNR[precision]
+    if not psnr_db >= limit:
+        raise ParityError(
+            f"{what}: end-to-end images ({precision}) are {psnr_db:.1f} dB from PyTorch fp32, "
+            f"below the {limit:g} dB gate; nothing was written"
+        )

@@ -1,0 +1,49 @@
+"""Where a model comes from: the embedded default, a checkpoint directory, or a reference
+``.ckpt``. One resolver, so every CLI verb accepts the same spellings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DEFAULT_NAME = "default"
+DEFAULT_DIR = Path(__file__).parent / "default"
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def default_model_dir() -> Path:
+    if not (DEFAULT_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded default model is missing from {DEFAULT_DIR}; reinstall deco-export "
+            "or pass a checkpoint path"
+        )
+    return DEFAULT_DIR
+
+
+def load_model(spec: str | Path, weights: str = "ema"):
+    """(model, source record) for 'default', a checkpoint directory or a reference .ckpt."""
+    from .checkpoint import load_any, read_metadata, sha256_file
+
+    path = default_model_dir() if str(spec) == DEFAULT_NAME else Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; pass 'default', a checkpoint directory or a reference .ckpt"
+        )
+    if is_bundle(path):
+        raise ValueError(
+            f"{path} is an exported bundle, not a checkpoint; export from the checkpoint it was "
+            "made from (its manifest names it under 'source')"
+        )
+    model = load_any(path, weights=weights)
+    if path.is_dir():
+        meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
+        source: dict[str, Any] = {"path": str(spec) if str(spec) == DEFAULT_NAME else
+                                  str(path.resolve()), "sha256": meta.get("weights_sha256"),
+                                  "kind": "deco-checkpoint"}
+    else:
+        source = {"path": str(path.resolve()), "sha256": sha256_file(path),
+                  "kind": "reference-lightning", "weights": weights}
+    return model, source
