@@ -9,14 +9,11 @@ a failing one leaves nothing behind and an existing bundle untouched.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..model import DeCo
@@ -79,9 +76,9 @@ def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
     for batch in PARITY_BATCHES:
         inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
         expected = reference_outputs(model, graph, inputs)
-        feeds = {name: x.numpy() for name, x in zip(INPUT_NAMES[graph], inputs)}
+        feeds = {name: x.numpy() for name, x in zip(INPUT_NAMES[graph], inputs, strict=True)}
         got = session.run(None, feeds)
-        for name, ref, out in zip(OUTPUT_NAMES[graph], expected, got):
+        for name, ref, out in zip(OUTPUT_NAMES[graph], expected, got, strict=True):
             label = graph if len(got) == 1 else f"{graph}.{name}"
             ref_np = ref.numpy()
             results.append(GraphParity(label, batch, max_abs_error(ref_np, out), psnr(ref_np, out)))
@@ -170,13 +167,3 @@ def tool_versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - onnxscript ships with the onnx extra
         pass
     return versions
-
-
-def remove_quietly(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        os.unlink(path)
-
-
-__all__ = ["DEFAULT_OPSET", "export_onnx", "np", "onnx_file_name"]
