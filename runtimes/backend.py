@@ -1,0 +1,87 @@
+"""The seam between the sampler and a runtime: the `Backend` protocol.
+
+DeCo splits one denoiser call into two graphs, and a backend answers exactly those two calls on
+arrays of its own kind ("native" arrays: numpy for CPU runtimes, device buffers where a runtime
+keeps tensors on a GPU):
+
+- ``dit(x_t, t, y) -> cond``: the expensive, low-frequency half. ``x_t`` is (B, C, H, W)
+  float32, ``t`` is (B,) float32 in [0, 1] with **t = 0 pure noise and t = 1 data**, ``y`` is
+  (B,) int64 class labels where the null (unconditional) class is ``num_classes``. It returns
+  the per-token condition (B, L, D) with L = (H / p) * (W / p).
+- ``decoder(x_t, cond) -> v``: the cheap, full-resolution half; returns the velocity
+  (B, C, H, W) float32.
+
+The sampler only ever combines native arrays with ``+``, ``-``, ``*`` (with each other and with
+Python floats), slices them along the batch axis (``a[:B]``, ``a[B:]``) and joins float arrays
+with ``concat``. It crosses the host boundary through ``from_numpy`` / ``to_numpy`` only before
+the first step and after the last, so a backend that keeps arrays on a device pays no per-step
+copies.
+
+Optional capability (DiT sharing in "fresh-t" mode): ``dit_hidden(x_t, t, y) -> hidden`` returns
+the last DiT block output h (B, L, D), and ``refresh_condition(hidden, t) -> cond`` rebuilds
+cond = SiLU(e_t + h) for a new timestep. A backend that offers both sets
+``supports_refresh = True``.
+
+This module imports nothing but the standard library, so every backend (including the PyTorch
+one that lives outside ``runtimes``) can implement the protocol without pulling a runtime in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Backend", "BackendError", "RefreshBackend", "close_backend", "supports_refresh"]
+
+
+class BackendError(RuntimeError):
+    """A backend could not be created or run; the message names the cause and the fix."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the sampler needs from a runtime (see the module docstring for shapes and units)."""
+
+    def dit(self, x_t: Any, t: Any, y: Any) -> Any:
+        """Per-token condition (B, L, D) for ``x_t`` at times ``t`` with labels ``y``."""
+
+    def decoder(self, x_t: Any, cond: Any) -> Any:
+        """Velocity (B, C, H, W) from ``x_t`` and the per-token condition ``cond``."""
+
+    def from_numpy(self, a: np.ndarray) -> Any:
+        """Native array holding a copy of (or a view on) ``a``; dtype is kept."""
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """Host numpy array with the contents of the native array ``a``."""
+
+    def concat(self, arrays: Sequence[Any]) -> Any:
+        """Native float arrays joined along the batch axis (axis 0)."""
+
+
+@runtime_checkable
+class RefreshBackend(Backend, Protocol):
+    """A backend that can cache the DiT's h and rebuild the condition for any timestep."""
+
+    supports_refresh: bool
+
+    def dit_hidden(self, x_t: Any, t: Any, y: Any) -> Any:
+        """Last DiT block output h (B, L, D), before cond = SiLU(e_t + h)."""
+
+    def refresh_condition(self, hidden: Any, t: Any) -> Any:
+        """cond = SiLU(e_t + hidden) for the times ``t`` (B,)."""
+
+
+def supports_refresh(backend: Any) -> bool:
+    """True when ``backend`` offers ``dit_hidden`` and ``refresh_condition`` and says so."""
+    return bool(getattr(backend, "supports_refresh", False)) and all(
+        callable(getattr(backend, name, None)) for name in ("dit_hidden", "refresh_condition")
+    )
+
+
+def close_backend(backend: Any) -> None:
+    """Call ``backend.close()`` when it exists (sessions and device memory are released)."""
+    close = getattr(backend, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,607 @@
+"""The bundle: a directory an application ships, described by ``manifest.json``.
+
+This is the one reader and the one writer of that manifest; every exporter (ONNX, Core ML,
+TensorRT) and every backend goes through it, so the format cannot drift between them.
+
+Layout::
+
+    bundle/
+      manifest.json     format + version, model config, sampler defaults, source checkpoint hash,
+                        and per artifact: runtime, graph, precision, file, sha256, size,
+                        inputs/outputs (names, shapes, dtypes), details (opset, cache keys, ...),
+                        parity figures, tool versions, extra files (external data) with hashes
+      dit.onnx, decoder.onnx, ...   (names are free; the manifest says which is which)
+      schedules/*.json  DiT-sharing schedules, also recorded under "schedules"
+
+Graphs: "dit" (x_t, t, y -> cond, hidden), "decoder" (x_t, cond -> v), and the optional
+"refresh" (hidden, t -> cond). Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
+"fp16", "bf16". Graph inputs and outputs are float32 / int64 whatever the precision: reduced
+precision lives inside the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "GRAPHS",
+    "MANIFEST_NAME",
+    "PRECISIONS",
+    "RUNTIMES",
+    "Artifact",
+    "BundleError",
+    "Manifest",
+    "ModelConfig",
+    "SamplerDefaults",
+    "TensorSpec",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "path_size",
+    "read_manifest",
+    "sha256_file",
+    "sha256_path",
+    "verify",
+    "write_manifest",
+]
+
+FORMAT = "deco-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RUNTIMES = ("onnx", "coreml", "tensorrt")
+GRAPHS = ("dit", "decoder", "refresh")
+PRECISIONS = ("fp32", "fp16", "bf16")
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "dit": (("x_t", "t", "y"), ("cond", "hidden")),
+    "decoder": (("x_t", "cond"), ("v",)),
+    "refresh": (("hidden", "t"), ("cond",)),
+}
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed or does not hold what was asked for.
+
+    The message names the file or field at fault and how to fix it.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (bundles hold multi-GB graphs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tree(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def sha256_path(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, or of a directory tree (e.g. ``.mlpackage``): the hash of the sorted
+    lines "relative/path<TAB>sha256-of-file", so any changed, added or removed member shows."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    lines = [f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}" for p in _tree(path)]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def path_size(path: str | os.PathLike[str]) -> int:
+    """Size in bytes of a file, or the summed size of the files under a directory."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in _tree(path))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename over ``path``:
+    a crash leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _check_relative(file: str, what: str) -> str:
+    p = PurePosixPath(file)
+    if not file or p.is_absolute() or ".." in p.parts or "\\" in file:
+        raise BundleError(
+            f"{what}: file {file!r} must be a relative path inside the bundle (no '..', no "
+            f"absolute paths, '/' separators); fix the exporter that wrote it"
+        )
+    return file
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class TensorSpec:
+    """A graph input or output: name, shape (ints, or strings for dynamic axes), dtype."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | TensorSpec) -> TensorSpec:
+        if isinstance(d, TensorSpec):
+            return d
+        try:
+            return cls(name=str(d["name"]), shape=list(d.get("shape", [])), dtype=str(d["dtype"]))
+        except KeyError as exc:
+            raise BundleError(
+                f"a tensor spec lacks {exc.args[0]!r} (needs name, shape, dtype): {dict(d)}"
+            ) from None
+
+
+@dataclass
+class Artifact:
+    """One exported graph for one runtime and precision.
+
+    ``file`` is a file or a directory (a Core ML ``.mlpackage``) relative to the bundle;
+    ``sha256`` and ``bytes`` come from `sha256_path` / `path_size`. ``extra_files`` maps further
+    files the artifact needs (ONNX external data) to their sha256. ``inputs`` / ``outputs``
+    accept `TensorSpec` objects or their dicts.
+    """
+
+    runtime: str
+    graph: str
+    precision: str
+    file: str
+    sha256: str
+    bytes: int
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, Any] = field(default_factory=dict)
+    extra_files: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"artifact {self.runtime}/{self.graph}/{self.precision}"
+        if self.runtime not in RUNTIMES:
+            raise BundleError(f"{where}: runtime must be one of {RUNTIMES}")
+        if self.graph not in GRAPHS:
+            raise BundleError(f"{where}: graph must be one of {GRAPHS}")
+        if self.precision not in PRECISIONS:
+            raise BundleError(f"{where}: precision must be one of {PRECISIONS}")
+        _check_relative(self.file, where)
+        self.inputs = [TensorSpec.from_dict(s) for s in self.inputs]
+        self.outputs = [TensorSpec.from_dict(s) for s in self.outputs]
+        self.extra_files = {_check_relative(str(k), where): str(v)
+                            for k, v in dict(self.extra_files).items()}
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.runtime, self.graph, self.precision)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.outputs if s.name == name), None)
+
+    @classmethod
+    def from_file(
+        cls,
+        bundle_dir: str | os.PathLike[str],
+        runtime: str,
+        graph: str,
+        precision: str,
+        file: str,
+        *,
+        inputs: Sequence[TensorSpec | Mapping[str, Any]] = (),
+        outputs: Sequence[TensorSpec | Mapping[str, Any]] = (),
+        details: Mapping[str, Any] | None = None,
+        parity: Mapping[str, Any] | None = None,
+        tools: Mapping[str, Any] | None = None,
+        extra_files: Iterable[str] = (),
+    ) -> Artifact:
+        """Record a file (or directory) already written into ``bundle_dir``; hashes and sizes
+        of it and of ``extra_files`` (paths relative to the bundle) are computed here."""
+        root = Path(bundle_dir)
+        path = root / _check_relative(file, f"artifact {runtime}/{graph}/{precision}")
+        if not path.exists():
+            raise BundleError(f"{path}: artifact file does not exist; write it before recording it")
+        extra: dict[str, str] = {}
+        for rel in extra_files:
+            p = root / _check_relative(rel, f"artifact {runtime}/{graph}/{precision}")
+            if not p.exists():
+                raise BundleError(f"{p}: extra file does not exist; write it before recording it")
+            extra[rel] = sha256_path(p)
+        return cls(
+            runtime=runtime,
+            graph=graph,
+            precision=precision,
+            file=file,
+            sha256=sha256_path(path),
+            bytes=path_size(path),
+            inputs=list(inputs),  # type: ignore[arg-type]
+            outputs=list(outputs),  # type: ignore[arg-type]
+            details=dict(details or {}),
+            parity=dict(parity or {}),
+            tools=dict(tools or {}),
+            extra_files=extra,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "runtime": self.runtime,
+            "graph": self.graph,
+            "precision": self.precision,
+            "file": self.file,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "details": self.details,
+            "parity": self.parity,
+            "tools": self.tools,
+        }
+        if self.extra_files:
+            d["extra_files"] = dict(self.extra_files)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Artifact:
+        try:
+            return cls(
+                runtime=str(d["runtime"]),
+                graph=str(d["graph"]),
+                precision=str(d["precision"]),
+                file=str(d["file"]),
+                sha256=str(d["sha256"]),
+                bytes=int(d["bytes"]),
+                inputs=list(d.get("inputs", [])),
+                outputs=list(d.get("outputs", [])),
+                details=dict(d.get("details", {})),
+                parity=dict(d.get("parity", {})),
+                tools=dict(d.get("tools", {})),
+                extra_files=dict(d.get("extra_files", {})),
+            )
+        except KeyError as exc:
+            raise BundleError(
+                f"manifest.json: an artifact lacks the field {exc.args[0]!r}; re-export the bundle"
+            ) from None
+
+
+_MODEL_FIELDS = (
+    "hidden_size",
+    "num_heads",
+    "dit_depth",
+    "decoder_hidden_size",
+    "decoder_depth",
+    "patch_size",
+    "num_classes",
+    "in_channels",
+)
+
+
+class ModelConfig(dict):
+    """The model's shape, as the manifest's "model" dict with typed accessors.
+
+    A dict (so it compares, merges and serialises as one) that checks the keys the runtime
+    needs. ``num_classes`` is also the null (unconditional) label. ``image_size`` [H, W] is the
+    default output size; graphs exported with dynamic spatial axes accept other multiples of the
+    patch size. Extra keys are kept as they are.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        missing = [k for k in _MODEL_FIELDS if k not in self]
+        if missing:
+            raise BundleError(
+                f"model config lacks {', '.join(missing)}; re-export the bundle with a current "
+                f"deco-export (or pass a complete model config)"
+            )
+        for k in _MODEL_FIELDS:
+            v = self[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
+                raise BundleError(f"model config: {k} must be a non-negative integer, got {v!r}")
+        size = self.get("image_size")
+        if size is not None:
+            if isinstance(size, int):
+                self["image_size"] = size = [size, size]
+            if len(size) != 2:
+                raise BundleError(f"model config: image_size must be [height, width], got {size}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        return cls(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def _int(self, key: str) -> int:
+        return int(self[key])
+
+    hidden_size = property(lambda self: self._int("hidden_size"))
+    num_heads = property(lambda self: self._int("num_heads"))
+    dit_depth = property(lambda self: self._int("dit_depth"))
+    decoder_hidden_size = property(lambda self: self._int("decoder_hidden_size"))
+    decoder_depth = property(lambda self: self._int("decoder_depth"))
+    patch_size = property(lambda self: self._int("patch_size"))
+    num_classes = property(lambda self: self._int("num_classes"))
+    in_channels = property(lambda self: self._int("in_channels"))
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        size = self.get("image_size")
+        return None if size is None else (int(size[0]), int(size[1]))
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def num_tokens(self, height: int, width: int) -> int:
+        return (height // self.patch_size) * (width // self.patch_size)
+
+
+class SamplerDefaults(dict):
+    """The manifest's "sampler_defaults" dict with typed accessors and the reference fallbacks
+    (Euler, 100 steps, no guidance, interval (0, 1], no shift) for keys it leaves out.
+    Optional keys: "last_step", "guidance_bounds"."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> SamplerDefaults:
+        return cls(d or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    @property
+    def solver(self) -> str:
+        return str(self.get("solver", "euler"))
+
+    @property
+    def steps(self) -> int:
+        return int(self.get("steps", 100))
+
+    @property
+    def guidance(self) -> float:
+        return float(self.get("guidance", 1.0))
+
+    @property
+    def guidance_interval(self) -> tuple[float, float]:
+        lo, hi = self.get("guidance_interval", (0.0, 1.0))
+        return (float(lo), float(hi))
+
+    @property
+    def shift(self) -> float:
+        return float(self.get("shift", 1.0))
+
+
+@dataclass
+class Manifest:
+    """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` may be given as dicts."""
+
+    model: ModelConfig
+    sampler_defaults: SamplerDefaults = field(default_factory=SamplerDefaults)
+    source: dict[str, Any] = field(default_factory=dict)
+    package_version: str = ""
+    artifacts: list[Artifact] = field(default_factory=list)
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig):
+            self.model = ModelConfig(self.model)
+        if not isinstance(self.sampler_defaults, SamplerDefaults):
+            self.sampler_defaults = SamplerDefaults(self.sampler_defaults or {})
+
+    def _describe(self, runtime: str | None = None) -> str:
+        have = [
+            "/".join(a.key) for a in self.artifacts if runtime is None or a.runtime == runtime
+        ]
+        return ", ".join(have) or "none"
+
+    def get_artifact(self, runtime: str, graph: str, precision: str) -> Artifact | None:
+        """The artifact for (runtime, graph, precision), or None."""
+        return next((a for a in self.artifacts if a.key == (runtime, graph, precision)), None)
+
+    def has_artifact(self, runtime: str, graph: str, precision: str) -> bool:
+        return self.get_artifact(runtime, graph, precision) is not None
+
+    def find_artifact(self, runtime: str, graph: str, precision: str) -> Artifact:
+        """The artifact for (runtime, graph, precision); BundleError lists what exists."""
+        art = self.get_artifact(runtime, graph, precision)
+        if art is None:
+            raise BundleError(
+                f"this bundle has no {runtime} {graph} graph at {precision} (it has: "
+                f"{self._describe()}); export it with `deco export {runtime} --precision "
+                f"{precision}` or pick a precision the bundle has"
+            )
+        return art
+
+    def add_artifact(self, artifact: Artifact) -> None:
+        """Add ``artifact``, replacing any artifact with the same runtime/graph/precision."""
+        self.artifacts = [a for a in self.artifacts if a.key != artifact.key]
+        self.artifacts.append(artifact)
+
+    def add_schedule(self, key: str, entry: Mapping[str, Any]) -> None:
+        """Record a DiT-sharing schedule (``entry`` may name a ``file`` with its ``sha256``)."""
+        if "file" in entry:
+            _check_relative(str(entry["file"]), f"schedule {key}")
+        self.schedules[key] = dict(entry)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "model": dict(self.model),
+            "sampler_defaults": dict(self.sampler_defaults),
+            "source": self.source,
+            "package_version": self.package_version,
+            "artifacts": [a.to_dict() for a in self.artifacts],
+            "schedules": self.schedules,
+        }
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(
+                f"manifest.json: format is {d.get('format')!r}, not {FORMAT!r}; this is not a "
+                f"deco bundle"
+            )
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError("manifest.json: format_version is missing; re-export the bundle")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"manifest.json: format_version {version} is newer than this runtime reads "
+                f"({FORMAT_VERSION}); upgrade deco-export"
+            )
+        if "model" not in d:
+            raise BundleError("manifest.json: no 'model' section; re-export the bundle")
+        known = {"format", "format_version", "model", "sampler_defaults", "source",
+                 "package_version", "artifacts", "schedules"}
+        return cls(
+            model=ModelConfig(d["model"]),
+            sampler_defaults=SamplerDefaults(d.get("sampler_defaults") or {}),
+            source=dict(d.get("source", {})),
+            package_version=str(d.get("package_version", "")),
+            artifacts=[Artifact.from_dict(a) for a in d.get("artifacts", [])],
+            schedules={str(k): dict(v) for k, v in d.get("schedules", {}).items()},
+            format_version=version,
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading, writing, verifying
+
+
+def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
+    """Parse ``bundle_dir/manifest.json``; BundleError says what is wrong and how to fix it."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(
+            f"{root}: no such bundle directory; export one with `deco export onnx CHECKPOINT "
+            f"{root}`"
+        )
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(
+            f"{path}: missing, so {root} is not a deco bundle (or its export did not finish); "
+            f"export it again"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"{path}: not valid JSON ({exc}); the file is damaged, export again"
+        ) from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object; the file is damaged, export again")
+    return Manifest.from_dict(data)
+
+
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (the bundle is valid before and after, never between)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def verify(
+    bundle_dir: str | os.PathLike[str],
+    *,
+    runtime: str | None = None,
+    precision: str | None = None,
+    manifest: Manifest | None = None,
+) -> list[str]:
+    """Check every file the manifest lists (or only one runtime / precision) against its size
+    and sha256. Returns one line per problem, each starting with the file's path in the bundle;
+    an empty list means the bundle is intact."""
+    root = Path(bundle_dir)
+    if manifest is None:
+        try:
+            manifest = read_manifest(root)
+        except BundleError as exc:
+            return [str(exc)]
+    # (relative path, expected sha256, expected size or None, where it is listed)
+    entries: list[tuple[str, str, int | None, str]] = []
+    for art in manifest.artifacts:
+        if runtime is not None and art.runtime != runtime:
+            continue
+        if precision is not None and art.precision != precision:
+            continue
+        where = "/".join(art.key)
+        entries.append((art.file, art.sha256, art.bytes, where))
+        entries.extend((rel, sha, None, where) for rel, sha in art.extra_files.items())
+    if runtime is None and precision is None:
+        for key, entry in manifest.schedules.items():
+            if "file" in entry and "sha256" in entry:
+                size = entry.get("bytes")
+                entries.append((str(entry["file"]), str(entry["sha256"]),
+                                None if size is None else int(size), f"schedule {key}"))
+    problems: list[str] = []
+    seen: set[str] = set()
+    for rel, sha, size, where in entries:
+        if rel in seen:  # a file shared by several artifacts is checked once
+            continue
+        seen.add(rel)
+        try:
+            _check_relative(rel, where)
+        except BundleError as exc:
+            problems.append(str(exc))
+            continue
+        path = root / rel
+        if not path.exists():
+            problems.append(
+                f"{rel}: missing ({where}); restore the file or export the bundle again"
+            )
+            continue
+        actual = path_size(path)
+        if size is not None and actual != size:
+            problems.append(
+                f"{rel}: {actual} bytes, the manifest says {size} ({where}); the file was changed "
+                f"or truncated after export: restore it or export the bundle again"
+            )
+            continue
+        digest = sha256_path(path)
+        if digest != sha:
+            problems.append(
+                f"{rel}: sha256 {digest[:16]}... does not match the manifest's {sha[:16]}... "
+                f"({where}); the file was modified after export: restore it or export again"
+            )
+    return problems

@@ -1,0 +1,127 @@
+"""Sample -> image conversion, grids and atomic PNG writing.
+
+Pillow is imported only inside the functions that produce PIL images, so ``import runtimes``
+needs numpy alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["make_grid", "save_grid", "save_png", "to_pil", "to_uint8"]
+
+
+def _pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "PIL output needs pillow: `pip install pillow`, or ask for output_type='uint8'/'np'"
+        ) from exc
+    return Image
+
+
+def to_uint8(samples: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) samples in [-1, 1] -> (B, H, W, C) uint8, exactly as the reference.
+
+    uint8 = clip((x + 1) * 127.5 + 0.5, 0, 255) computed in float32 and truncated, i.e.
+    round-to-nearest, with no clamp before the affine map. NaN (a diverged sample) becomes 0.
+    """
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"samples must be (B, C, H, W), got shape {x.shape}")
+    y = (x + np.float32(1.0)) * np.float32(127.5) + np.float32(0.5)
+    y = np.nan_to_num(y, nan=0.0)
+    y = np.clip(y, np.float32(0.0), np.float32(255.0))
+    return np.ascontiguousarray(y.astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def to_pil(images: np.ndarray) -> list[Any]:
+    """(B, H, W, C) uint8 -> list of PIL images (RGB for 3 channels, L for 1)."""
+    image_mod = _pil()
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"to_pil needs (B, H, W, C) uint8, got {arr.dtype} {arr.shape}")
+    if arr.shape[-1] == 1:
+        return [image_mod.fromarray(a[..., 0]) for a in arr]
+    return [image_mod.fromarray(a) for a in arr]
+
+
+def make_grid(
+    images: Sequence[Any] | np.ndarray,
+    cols: int | None = None,
+    padding: int = 0,
+    pad_value: int = 0,
+) -> Any:
+    """Tile images row-major into one grid.
+
+    ``images`` is a list of PIL images (returns a PIL image) or a (B, H, W, C) uint8 array
+    (returns an (H', W', C) uint8 array). ``cols`` defaults to ceil(sqrt(B)).
+    """
+    is_pil = not isinstance(images, np.ndarray)
+    arr = np.stack([np.asarray(im) for im in images]) if is_pil else np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[0] == 0:
+        raise ValueError(f"make_grid needs a non-empty batch of (H, W, C) images, got {arr.shape}")
+    n, h, w, c = arr.shape
+    cols = int(cols) if cols else math.ceil(math.sqrt(n))
+    if cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}")
+    rows = math.ceil(n / cols)
+    grid = np.full(
+        (rows * h + (rows - 1) * padding, cols * w + (cols - 1) * padding, c),
+        pad_value,
+        dtype=arr.dtype,
+    )
+    for i in range(n):
+        r, q = divmod(i, cols)
+        y0, x0 = r * (h + padding), q * (w + padding)
+        grid[y0 : y0 + h, x0 : x0 + w] = arr[i]
+    if not is_pil:
+        return grid
+    image_mod = _pil()
+    return image_mod.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a PIL image or (H, W, C) uint8 array as PNG atomically.
+
+    The file is written to a temporary name in the same directory and renamed over ``path``, so
+    readers never see a half-written image and an interrupted run leaves the old file intact.
+    """
+    image_mod = _pil()
+    path = Path(path)
+    if isinstance(image, np.ndarray):
+        arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+        image = image_mod.fromarray(arr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_grid(
+    images: Sequence[Any] | np.ndarray,
+    path: str | os.PathLike[str],
+    cols: int | None = None,
+    padding: int = 0,
+) -> Path:
+    """`make_grid` then `save_png` (atomic)."""
+    return save_png(make_grid(images, cols=cols, padding=padding), path)

@@ -1,0 +1,449 @@
+"""Application API: ``runtimes.load(bundle)`` -> `DeCoPipeline` -> ``pipe.generate(...)``.
+
+Mirrors diffusers' pipelines: a pipeline owns a backend (the model) and builds a sampler
+configuration (the scheduler) per call from the bundle's defaults and the caller's overrides.
+
+Backends are found by name in a small registry of ``"module:attribute"`` strings, imported only
+when used, so ``deco_export`` can register its PyTorch backend without ``runtimes`` importing
+torch::
+
+    runtimes.register_backend("torch", "deco_export.backend:TorchBackend")
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes import bundle as _bundle
+from runtimes.backend import close_backend
+from runtimes.bundle import BundleError, Manifest, ModelConfig, SamplerDefaults
+from runtimes.image import to_pil, to_uint8
+from runtimes.noise import check_noise, noise_for_keys, sample_noise
+from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
+from runtimes.sharing import (
+    SharingSchedule,
+    SimilarityAccumulator,
+    dp_schedule,
+    resolve_sharing,
+    save_schedule,
+    schedule_key,
+)
+
+__all__ = [
+    "CalibrationResult",
+    "DeCoPipeline",
+    "GenerationOutput",
+    "available_backends",
+    "load",
+    "record_schedule",
+    "register_backend",
+]
+
+OUTPUT_TYPES = ("pil", "np", "uint8")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: str | Callable[..., Any]
+    runtime: str | None
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "onnxruntime": _Entry("runtimes.backends.onnxruntime:OnnxRuntimeBackend", "onnx"),
+}
+_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime"}
+
+
+def register_backend(
+    name: str, factory: str | Callable[..., Any], *, runtime: str | None = None
+) -> None:
+    """Make ``runtimes.load(..., backend=name)`` use ``factory``.
+
+    ``factory`` is a callable or a lazy ``"package.module:Attribute"`` string. It is called as
+    ``factory(bundle_dir, manifest, precision=precision, **backend_options)`` (``providers`` is
+    among the options when the caller gave it) and must return a `Backend`. ``runtime`` names
+    the manifest runtime whose artifacts the backend reads ("onnx", "coreml", "tensorrt"), so
+    ``load`` verifies only those files; None verifies the whole bundle.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError("a backend name must be a non-empty string")
+    _REGISTRY[name] = _Entry(factory, runtime)
+
+
+def available_backends() -> list[str]:
+    """Registered backend names (registration does not mean its library is installed)."""
+    return sorted(_REGISTRY)
+
+
+def _factory(name: str) -> tuple[Callable[..., Any], str | None]:
+    key = _ALIASES.get(name, name)
+    entry = _REGISTRY.get(key)
+    if entry is None:
+        raise ValueError(
+            f"unknown backend {name!r}: registered backends are {', '.join(available_backends())}"
+            f" (deco_export registers 'torch' when imported)"
+        )
+    if callable(entry.factory):
+        return entry.factory, entry.runtime
+    module_name, _, attr = entry.factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"backend {name!r} needs {module_name}, which cannot be imported ({exc}); install its "
+            f"runtime library"
+        ) from exc
+    return getattr(module, attr), entry.runtime
+
+
+@dataclass
+class GenerationOutput:
+    """What ``generate`` returns.
+
+    images: a list of PIL images ("pil"); the float32 samples (B, C, H, W) in about [-1, 1]
+        exactly as the sampler produced them, before uint8 conversion ("np"); or (B, H, W, C)
+        uint8 ("uint8").
+    class_labels / seed: what was generated (seed None when noise was given).
+    cost: graph calls and per-sample passes (see `SamplingPlan.cost`).
+    config: the resolved sampler settings.
+    """
+
+    images: Any
+    class_labels: list[int]
+    seed: int | list[int] | None
+    cost: dict[str, int] = field(default_factory=dict)
+    config: SamplerConfig | None = None
+
+
+@dataclass
+class CalibrationResult:
+    """A StatisticDP calibration: the similarity matrix and one schedule per budget K."""
+
+    similarity: np.ndarray
+    schedules: dict[str, SharingSchedule]
+    num_evaluations: int
+    config: SamplerConfig
+
+
+class DeCoPipeline:
+    """Class-conditional DeCo generation on any backend.
+
+    backend: a `Backend` (ONNX Runtime, PyTorch, ...). model_config: `ModelConfig` or its dict
+    (patch_size, num_classes, in_channels, image_size are used). sampler_defaults: the settings
+    used when a call leaves them out. schedules: calibrated sharing schedules by key (the
+    bundle manifest's "schedules").
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        model_config: ModelConfig | Mapping[str, Any],
+        sampler_defaults: SamplerDefaults | Mapping[str, Any] | None = None,
+        *,
+        schedules: Mapping[str, Mapping[str, Any]] | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.backend = backend
+        self.model_config = (
+            model_config
+            if isinstance(model_config, ModelConfig)
+            else ModelConfig.from_dict(model_config)
+        )
+        self.sampler_defaults = (
+            sampler_defaults
+            if isinstance(sampler_defaults, SamplerDefaults)
+            else SamplerDefaults.from_dict(sampler_defaults)
+        )
+        self.schedules = dict(schedules or {})
+        self.manifest = manifest
+
+    # -- configuration ----------------------------------------------------------------------
+
+    def sampler_config(
+        self,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        solver: str | None = None,
+        shift: float | None = None,
+        timesteps: Sequence[float] | None = None,
+        cfg_mode: str = "fast",
+        guidance_bounds: str | None = None,
+    ) -> SamplerConfig:
+        """The bundle's sampler defaults with the given overrides applied."""
+        d = self.sampler_defaults
+        if timesteps is not None and steps is not None and len(timesteps) != steps + 1:
+            raise ValueError(
+                f"steps={steps} but {len(timesteps)} timesteps were given (need steps + 1); "
+                f"pass only timesteps="
+            )
+        g = d.guidance if guidance is None else float(guidance)
+        if not np.isfinite(g) or g < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+        return SamplerConfig(
+            solver=solver or d.solver,
+            num_steps=int(steps if steps is not None else d.steps),
+            shift=float(shift if shift is not None else d.shift),
+            timesteps=tuple(timesteps) if timesteps is not None else None,
+            last_step=d.get("last_step"),
+            guidance=g,
+            guidance_interval=tuple(guidance_interval or d.guidance_interval),  # type: ignore[arg-type]
+            guidance_bounds=guidance_bounds or d.get("guidance_bounds"),
+            cfg_mode=cfg_mode,
+        )
+
+    def plan(
+        self, config: SamplerConfig, sharing: Any = None
+    ) -> SamplingPlan:
+        """Precompute the sampling plan, resolving a sharing spec against its evaluation count."""
+        n_eval = make_plan(config).num_evaluations
+        return make_plan(config, resolve_sharing(sharing, n_eval, self.schedules))
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _labels(self, class_labels: Any) -> list[int]:
+        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
+            class_labels = [class_labels]
+        labels = list(np.asarray(class_labels).reshape(-1)) if class_labels is not None else []
+        if not labels:
+            raise ValueError("class_labels is empty: give at least one class index")
+        n = self.model_config.num_classes
+        out = []
+        for lab in labels:
+            if isinstance(lab, (bool, np.bool_)) or not float(lab).is_integer():
+                raise ValueError(f"class label {lab!r} is not an integer class index")
+            lab = int(lab)
+            if not 0 <= lab < n:
+                raise ValueError(
+                    f"class label {lab} is out of range: this model has {n} classes, use 0..{n - 1}"
+                    f" (the null class {n} is added internally for guidance)"
+                )
+            out.append(lab)
+        return out
+
+    def _size(self, height: int | None, width: int | None, noise: Any) -> tuple[int, int]:
+        if noise is not None and np.ndim(noise) == 4:
+            height = height or int(np.shape(noise)[2])
+            width = width or int(np.shape(noise)[3])
+        default = self.model_config.image_size
+        if height is None or width is None:
+            if default is None:
+                raise ValueError(
+                    "this model config has no image_size; pass height= and width= (multiples of "
+                    f"the patch size {self.model_config.patch_size})"
+                )
+            height = height or default[0]
+            width = width or default[1]
+        p = self.model_config.patch_size
+        for name, v in (("height", height), ("width", width)):
+            if int(v) != v or v <= 0 or v % p:
+                lo = max(p, (int(v) // p) * p)
+                raise ValueError(
+                    f"{name}={v} is not a positive multiple of the patch size {p}; use e.g. {lo} "
+                    f"or {lo + p}"
+                )
+        return int(height), int(width)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        class_labels: Sequence[int] | int,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        solver: str | None = None,
+        shift: float | None = None,
+        timesteps: Sequence[float] | None = None,
+        seed: int | Sequence[int] = 0,
+        noise: np.ndarray | None = None,
+        output_type: str = "pil",
+        cfg_mode: str = "fast",
+        sharing: Any = None,
+        callback: Callable[[int, int, float], None] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_bounds: str | None = None,
+    ) -> GenerationOutput:
+        """Generate one image per class label.
+
+        Settings left as None come from the bundle's sampler defaults. ``noise`` (B, C, H, W)
+        replaces the seeded noise (see `runtimes.noise` for how seeds map to noise).
+        ``sharing``: None, a ratio (0.5), a list of DiT evaluation indices, a calibrated
+        schedule key, a dict ({"ratio": 0.75, "mode": "fresh_t"}) or a `SharingSchedule`.
+        ``callback(step_index, num_steps, t)`` runs after every step.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        labels = self._labels(class_labels)
+        h, w = self._size(height, width, noise)
+        shape = (len(labels), self.model_config.in_channels, h, w)
+        if noise is not None:
+            x0 = check_noise(noise, shape)
+            used_seed: int | list[int] | None = None
+        else:
+            x0 = sample_noise(seed, *shape)
+            used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
+        config = self.sampler_config(
+            steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
+            shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
+        )
+        plan = self.plan(config, sharing)
+        x = sample(
+            self.backend, x0, np.asarray(labels, dtype=np.int64), plan,
+            null_class=self.model_config.null_class, callback=callback,
+        )
+        if output_type == "np":
+            images: Any = x
+        elif output_type == "uint8":
+            images = to_uint8(x)
+        else:
+            images = to_pil(to_uint8(x))
+        return GenerationOutput(images, labels, used_seed, plan.cost(len(labels)), config)
+
+    __call__ = generate
+
+    # -- sharing calibration ------------------------------------------------------------------
+
+    def calibrate_sharing(
+        self,
+        class_labels: Sequence[int],
+        budgets: int | Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        solver: str | None = None,
+        shift: float | None = None,
+        seed: int = 0,
+        batch_size: int = 4,
+        mode: str = "reuse",
+        model_hash: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        callback: Callable[[int, int, float], None] | None = None,
+    ) -> CalibrationResult:
+        """StatisticDP calibration: sample with the DiT at every evaluation, accumulate the mean
+        token cosine matrix between evaluations, and solve the DP for each budget K.
+
+        The run uses ``cfg_mode="reference"`` so every evaluation sees the same [uncond; cond]
+        batch (as DDT's calibration does), in chunks of ``batch_size`` labels to bound memory.
+        Schedules are keyed by `schedule_key` (model hash defaults to the bundle's source
+        checkpoint sha256).
+        """
+        labels = self._labels(class_labels)
+        h, w = self._size(height, width, None)
+        config = self.sampler_config(
+            steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
+            shift=shift, cfg_mode="reference",
+        )
+        plan = make_plan(config)
+        n_eval = plan.num_evaluations
+        acc = SimilarityAccumulator(n_eval)
+
+        def record(k: int, cond: Any) -> None:
+            acc.add(k, self.backend.to_numpy(cond))
+
+        c = self.model_config.in_channels
+        for start in range(0, len(labels), max(1, batch_size)):
+            chunk = labels[start : start + max(1, batch_size)]
+            keys = [(int(seed), start + i) for i in range(len(chunk))]
+            x0 = noise_for_keys(keys, (c, h, w))
+            sample(
+                self.backend, x0, np.asarray(chunk, np.int64), plan,
+                null_class=self.model_config.null_class, callback=callback, on_condition=record,
+            )
+        sim = acc.matrix
+        if model_hash is None:
+            source = self.manifest.source if self.manifest is not None else {}
+            model_hash = str(source.get("sha256", "unknown"))
+        budget_list = [budgets] if isinstance(budgets, int) else list(budgets)
+        out: dict[str, SharingSchedule] = {}
+        for k in budget_list:
+            key = schedule_key(model_hash, config.num_steps, config.shift, config.guidance, k)
+            out[key] = dp_schedule(
+                sim, k, mode=mode, key=key, solver=config.solver, steps=config.num_steps,
+                shift=config.shift, guidance=config.guidance,
+                guidance_interval=list(config.guidance_interval), calibration_samples=len(labels),
+                seed=int(seed),
+            )
+        return CalibrationResult(sim, out, n_eval, config)
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        close_backend(self.backend)
+
+    def __enter__(self) -> DeCoPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def record_schedule(
+    bundle_dir: str | os.PathLike[str], key: str, schedule: SharingSchedule
+) -> Path:
+    """Save ``schedule`` as ``schedules/<key>.json`` in the bundle and record it (with its hash)
+    in the manifest, so ``generate(sharing=key)`` finds it and ``verify`` checks it."""
+    root = Path(bundle_dir)
+    manifest = _bundle.read_manifest(root)
+    rel = f"schedules/{key}.json"
+    path = root / rel
+    if path.exists():
+        path.unlink()
+    save_schedule(path, key, schedule)
+    entry = {
+        **schedule.to_dict(),
+        "file": rel,
+        "sha256": _bundle.sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+    manifest.add_schedule(key, entry)
+    _bundle.write_manifest(root, manifest)
+    return path
+
+
+def load(
+    bundle_dir: str | os.PathLike[str],
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    providers: Any = None,
+    verify: bool = True,
+    **backend_options: Any,
+) -> DeCoPipeline:
+    """Open a bundle: read the manifest, verify the hashes of the files the backend will read,
+    create the backend and return a `DeCoPipeline`.
+
+    ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
+    (e.g. ``intra_op_threads=2``) are passed to the backend.
+    """
+    root = Path(bundle_dir)
+    manifest = _bundle.read_manifest(root)
+    factory, runtime = _factory(backend)
+    if verify:
+        problems = _bundle.verify(
+            root, runtime=runtime, precision=precision if runtime else None, manifest=manifest
+        )
+        if problems:
+            raise BundleError(
+                f"{root} failed verification:\n  "
+                + "\n  ".join(problems)
+                + "\n(load(..., verify=False) skips this check)"
+            )
+    options = dict(backend_options)
+    if providers is not None:
+        options["providers"] = providers
+    be = factory(root, manifest, precision=precision, **options)
+    return DeCoPipeline(
+        be, manifest.model, manifest.sampler_defaults, schedules=manifest.schedules,
+        manifest=manifest,
+    )

@@ -1,0 +1,244 @@
+"""The runtime sampler: reference time grid, solvers, CFG modes and DiT sharing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtimes.sampler import (
+    SamplerConfig,
+    guidance_flags,
+    make_plan,
+    sample,
+    timesteps,
+    torch_linspace,
+)
+from runtimes.sharing import explicit_schedule, uniform_schedule
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_runtime_analytic import GaussianFlowBackend
+
+NULL = 3
+
+
+def _noise(b: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((b, 3, 8, 8)).astype(np.float32)
+
+
+# -- time grid --------------------------------------------------------------------------------
+
+
+def test_grid_n100_boundary_leaves_eleven_steps_unguided():
+    grid = timesteps(100)
+    assert grid.dtype == np.float32 and grid.shape == (101,)
+    assert grid[0] == 0.0 and grid[-1] == 1.0
+    assert grid[10] == np.float32(0.099999994) and grid[10] < np.float32(0.1)
+    flags = guidance_flags(grid[:-1], (0.1, 1.0), "(]")
+    assert not flags[:11].any() and flags[11:].all() and flags.sum() == 89
+
+
+def test_grid_matches_torch_linspace_bit_for_bit():
+    torch = pytest.importorskip("torch")
+    for n in (1, 2, 7, 25, 50, 100, 250):
+        for shift in (1.0, 3.0):
+            t = torch.linspace(0.0, 1 - 1.0 / n, n)
+            t = torch.cat([t, torch.tensor([1.0])])
+            ref = (t / (t + (1 - t) * shift)).numpy()
+            assert np.array_equal(timesteps(n, shift), ref), (n, shift)
+    assert np.array_equal(torch_linspace(0.0, 0.96, 250), torch.linspace(0.0, 0.96, 250).numpy())
+
+
+def test_grid_shift_last_step_and_explicit_list():
+    assert np.all(timesteps(10, shift=3.0)[1:-1] < timesteps(10)[1:-1])  # toward noise
+    assert timesteps(250, last_step=0.04)[-2] == np.float32(0.96)
+    cfg = SamplerConfig(timesteps=(0.0, 0.25, 0.7, 1.0))
+    assert cfg.num_steps == 3 and np.array_equal(cfg.grid(), np.float32([0, 0.25, 0.7, 1]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SamplerConfig(timesteps=(0.0, 0.5, 0.4, 1.0))
+    with pytest.raises(ValueError, match="unknown solver"):
+        SamplerConfig(solver="dpm")
+
+
+def test_guidance_bounds_are_selectable_and_default_per_solver():
+    t = np.float32([0.1, 0.5, 1.0])
+    assert guidance_flags(t, (0.1, 1.0), "(]").tolist() == [False, True, True]
+    assert guidance_flags(t, (0.1, 1.0), "()").tolist() == [False, True, False]
+    assert guidance_flags(t, (0.1, 1.0), "[]").tolist() == [True, True, True]
+    assert SamplerConfig(solver="ab2").bounds == "()"
+    assert SamplerConfig(solver="euler").bounds == "(]"
+
+
+# -- solvers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "solver, order", [("euler", 1), ("heun", 2), ("heun_reuse", 2), ("ab2", 2)]
+)
+def test_solver_converges_at_its_order(solver, order):
+    be = GaussianFlowBackend()
+    noise, labels = _noise(), [0, 1]
+    exact = be.exact(noise, labels)
+    errs = []
+    for n in (8, 16, 32):
+        x = sample(be, noise, labels, SamplerConfig(solver=solver, num_steps=n), null_class=NULL)
+        errs.append(np.abs(x - exact).max())
+    rates = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+    assert np.all(rates > order - 0.25), (solver, errs)
+
+
+def test_evaluation_counts_follow_the_reference_samplers():
+    n = 10
+    assert make_plan(SamplerConfig(solver="euler", num_steps=n)).num_evaluations == n
+    assert make_plan(SamplerConfig(solver="ab2", num_steps=n)).num_evaluations == n
+    # exact Heun: 2 per step except the last (Euler); reuse mode: about 1 per step
+    assert make_plan(SamplerConfig(solver="heun", num_steps=n)).num_evaluations == 2 * n - 1
+    assert make_plan(SamplerConfig(solver="heun_reuse", num_steps=n)).num_evaluations == n
+
+
+def test_ab2_weights_on_a_uniform_grid_and_accumulated_time():
+    plan = make_plan(SamplerConfig(solver="ab2", num_steps=8))
+    assert plan.ab2_coeffs[0] == (0.0, 1.0)
+    np.testing.assert_allclose(plan.ab2_coeffs[3], (-0.5, 1.5), atol=1e-6)
+    acc = make_plan(SamplerConfig(solver="ab2", num_steps=8, shift=3.0, accumulate_time=True))
+    t = np.float32(0.0)
+    for ev, dt in zip(acc.evaluations, acc.dts, strict=True):
+        assert ev.t == t
+        t = np.float32(t + np.float32(dt))
+
+
+def test_callback_reports_every_step():
+    seen = []
+    cfg = SamplerConfig(num_steps=5)
+    sample(GaussianFlowBackend(), _noise(1), [2], cfg, null_class=NULL,
+           callback=lambda i, n, t: seen.append((i, n, t)))
+    assert [s[0] for s in seen] == list(range(5)) and all(s[1] == 5 for s in seen)
+    assert [s[2] for s in seen] == [float(v) for v in timesteps(5)[:-1]]
+
+
+# -- CFG --------------------------------------------------------------------------------------
+
+
+def _reference_euler(be, noise, labels, n, w, interval):
+    """The reference EulerSampler loop, literally: [uncond; cond] every step."""
+    grid = timesteps(n)
+    b = len(labels)
+    y = np.concatenate([np.full(b, NULL), labels]).astype(np.int64)
+    x = noise.copy()
+    for i in range(n):
+        t_cur, dt = grid[i], grid[i + 1] - grid[i]
+        x2 = np.concatenate([x, x])
+        t2 = np.full(2 * b, t_cur, np.float32)
+        out = be.decoder(x2, be.dit(x2, t2, y))
+        u, c = out[:b], out[b:]
+        g = w if (t_cur > np.float32(interval[0]) and t_cur <= np.float32(interval[1])) else 1.0
+        x = x + (u + g * (c - u)) * dt
+    return x
+
+
+def test_reference_mode_reproduces_the_reference_loop_bit_for_bit():
+    be = GaussianFlowBackend()
+    noise, labels = _noise(3), np.array([0, 1, 2])
+    cfg = SamplerConfig(num_steps=20, guidance=3.2, guidance_interval=(0.1, 1.0),
+                        cfg_mode="reference")
+    got = sample(be, noise, labels, cfg, null_class=NULL)
+    want = _reference_euler(GaussianFlowBackend(), noise, labels, 20, 3.2, (0.1, 1.0))
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "heun_reuse", "ab2"])
+def test_fast_and_reference_cfg_agree(solver):
+    noise, labels = _noise(2), [0, 2]
+    out = {}
+    for mode in ("fast", "reference"):
+        cfg = SamplerConfig(solver=solver, num_steps=12, guidance=3.0,
+                            guidance_interval=(0.3, 1.0), cfg_mode=mode)
+        out[mode] = sample(GaussianFlowBackend(), noise, labels, cfg, null_class=NULL)
+    np.testing.assert_allclose(out["fast"], out["reference"], atol=1e-5)
+
+
+def test_fast_cfg_runs_the_unconditional_half_only_inside_the_interval():
+    be = GaussianFlowBackend()
+    cfg = SamplerConfig(num_steps=100, guidance=3.2, guidance_interval=(0.1, 1.0))
+    sample(be, _noise(2), [0, 1], cfg, null_class=NULL)
+    dit = be.batches("dit")
+    assert dit == [2] * 11 + [4] * 89 and be.batches("decoder") == dit
+    be = GaussianFlowBackend()
+    sample(be, _noise(2), [0, 1], SamplerConfig(num_steps=6, guidance=1.0), null_class=NULL)
+    assert be.batches("dit") == [2] * 6  # guidance 1: never the unconditional half
+    be = GaussianFlowBackend()
+    sample(be, _noise(2), [0, 1], SamplerConfig(num_steps=6, guidance=1.0, cfg_mode="reference"),
+           null_class=NULL)
+    assert be.batches("dit") == [4] * 6
+
+
+# -- DiT sharing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "ab2"])
+@pytest.mark.parametrize("cfg_mode", ["fast", "reference"])
+def test_sharing_ratio_zero_is_bit_identical(solver, cfg_mode):
+    noise, labels = _noise(2), [1, 2]
+    cfg = SamplerConfig(solver=solver, num_steps=10, guidance=2.5, guidance_interval=(0.2, 1.0),
+                        cfg_mode=cfg_mode)
+    n_eval = make_plan(cfg).num_evaluations
+    plain = sample(GaussianFlowBackend(), noise, labels, cfg, null_class=NULL)
+    shared = sample(GaussianFlowBackend(), noise, labels, cfg, null_class=NULL,
+                    sharing=uniform_schedule(n_eval, ratio=0.0))
+    assert np.array_equal(plain, shared)
+
+
+def test_reusing_the_condition_skips_dit_calls_and_changes_the_result():
+    noise, labels = _noise(2), [0, 1]
+    cfg = SamplerConfig(num_steps=12)
+    be = GaussianFlowBackend()
+    shared = sample(be, noise, labels, cfg, null_class=NULL,
+                    sharing=uniform_schedule(12, every=4))
+    assert len(be.batches("dit")) == 3 and len(be.batches("decoder")) == 12
+    plain = sample(GaussianFlowBackend(), noise, labels, cfg, null_class=NULL)
+    assert np.abs(shared - plain).max() > 1e-3  # a stale a(t), t is visible
+
+
+def test_fresh_t_sharing_rebuilds_the_condition_with_the_current_time():
+    # The analytic h does not depend on x_t, so refreshing the timestep makes sharing exact.
+    noise, labels = _noise(2), [0, 1]
+    cfg = SamplerConfig(num_steps=12, guidance=2.0, guidance_interval=(0.25, 1.0))
+    be = GaussianFlowBackend()
+    fresh = sample(be, noise, labels, cfg, null_class=NULL,
+                   sharing=uniform_schedule(12, ratio=0.75, mode="fresh_t"))
+    plain = sample(GaussianFlowBackend(), noise, labels, cfg, null_class=NULL)
+    np.testing.assert_allclose(fresh, plain, atol=1e-5)
+    assert len(be.batches("dit")) == 3 and len(be.batches("refresh")) == 12
+    with pytest.raises(ValueError, match="fresh_t"):
+        sample(GaussianFlowBackend(supports_refresh=False), noise, labels, cfg, null_class=NULL,
+               sharing=uniform_schedule(12, ratio=0.5, mode="fresh_t"))
+
+
+def test_sharing_across_the_guidance_boundary_keeps_both_halves():
+    # The DiT runs at step 0 (unguided) and its condition is reused into guided steps: fast
+    # mode must compute the unconditional half there too, and agree with reference mode.
+    noise, labels = _noise(2), [0, 2]
+    sched = explicit_schedule([0, 5], 10)
+    out = {}
+    for mode in ("fast", "reference"):
+        cfg = SamplerConfig(num_steps=10, guidance=3.0, guidance_interval=(0.25, 1.0),
+                            cfg_mode=mode)
+        be = GaussianFlowBackend()
+        out[mode] = sample(be, noise, labels, cfg, null_class=NULL, sharing=sched)
+        assert be.batches("dit") == [4, 4]
+    np.testing.assert_allclose(out["fast"], out["reference"], atol=1e-5)
+    plan = make_plan(SamplerConfig(num_steps=10, guidance=3.0, guidance_interval=(0.25, 1.0)),
+                     explicit_schedule([0, 5], 10))
+    assert plan.cost(2)["dit_calls"] == 2 and plan.cost(2)["decoder_calls"] == 10
+
+
+def test_schedule_for_another_length_is_refused():
+    with pytest.raises(ValueError, match="made for 10 model evaluations"):
+        make_plan(SamplerConfig(solver="heun", num_steps=10), uniform_schedule(10, ratio=0.5))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"noise must be \(B, C, H, W\)"):
+        sample(GaussianFlowBackend(), _noise(2), [0], SamplerConfig(num_steps=2), null_class=NULL)
