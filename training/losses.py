@@ -95,15 +95,22 @@ def interpolate(
 
 
 def drop_labels(
-    y: torch.Tensor, p: float, null_class: int, *, generator: torch.Generator | None = None
+    y: torch.Tensor,
+    p: float,
+    null_class: int,
+    *,
+    coins: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Replace each label by the null class with probability p (classifier-free guidance).
 
-    A uniform number is drawn for every sample even when p == 0 so that the random stream,
-    and hence resumed or re-sharded runs, do not depend on the dropout setting being active.
+    ``coins`` are uniform numbers in [0, 1), one per label (drawn here when not given). They
+    are drawn even when p == 0 so that the random stream, and hence resumed or re-sharded runs,
+    do not depend on whether dropout is active.
     """
-    u = torch.rand(y.shape, generator=generator, device=y.device)
-    return torch.where(u < p, torch.full_like(y, null_class), y)
+    if coins is None:
+        coins = torch.rand(y.shape, generator=generator, device=y.device)
+    return torch.where(coins < p, torch.full_like(y, null_class), y)
 
 
 # ------------------------------------------------------------------------------------------------

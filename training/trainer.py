@@ -1,0 +1,623 @@
+"""The DeCo training loop: one file, nanoGPT-style, DDP through torchrun.
+
+Run on one process (``deco train ...``) or many (``torchrun --nproc_per_node N -m
+training.cli train ...``); torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR)
+selects DDP with NCCL on GPUs and gloo on CPUs. ``batch_size`` is the global batch per
+optimizer step, split over processes and accumulation steps.
+
+Randomness is drawn so that a run does not depend on how it is sharded: every optimizer step
+draws t, ε and the label-dropout coins for the whole global batch from one generator that all
+processes share (same seed, same state), and each process keeps the rows of its own samples.
+Data order comes from a seeded ``DistributedSampler``. So N processes reproduce one process
+with the same global batch up to float summation order, and a resumed run reproduces an
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+from deco_export.config import DeCoConfig, get_preset
+from deco_export.model import DeCo
+
+from . import state as ckpt
+from .data import collate, load_dataset, to_model_input, to_unit_range
+from .ema import EMA
+from .losses import FrequencyLoss, drop_labels, interpolate, sample_t
+from .repa import FeatureHook, FrozenEncoder, ProjectionHead, load_encoder, repa_loss
+from .sample import euler_sample, grid_labels, save_grid, to_uint8
+
+__all__ = ["TrainConfig", "Trainer", "default_repa_layer", "export_ema", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``<out>/train_config.json`` and in every checkpoint."""
+
+    preset: str = "DeCo-XS/4"
+    data: str = "emoji"
+    out: str = "runs/deco"
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1
+    time_shift: float = 1.0
+    freq_weight: float = 1.0
+    freq_quality: int = 85
+    repa_weight: float = 0.5
+    repa_encoder: str | None = None
+    repa_layer: int | None = None
+    repa_encoder_patch: int | None = None
+    image_size: tuple[int, int] | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    threads: int | None = None
+    num_workers: int = 0
+    log_every: int = 50
+    sample_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    sample_steps: int = 32
+    sample_cfg: float = 3.0
+    sample_per_class: int = 8
+    cache_dir: str | None = None
+    progress: bool = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["image_size"] = list(self.image_size) if self.image_size else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["betas"] = tuple(d.get("betas", (0.9, 0.999)))
+        if d.get("image_size"):
+            d["image_size"] = tuple(d["image_size"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Fields that may change when a run is resumed (length, logging, machine); the rest must match.
+RESUMABLE_CHANGES = {
+    "steps", "out", "device", "threads", "num_workers", "log_every", "sample_every",
+    "ckpt_every", "keep_checkpoints", "sample_steps", "sample_cfg", "sample_per_class",
+    "cache_dir", "progress", "compile", "repa_encoder",
+}  # fmt: skip
+
+
+def default_repa_layer(depth: int) -> int:
+    """Block whose output REPA aligns: 8 as in the reference, at most half the DiT depth."""
+    return max(1, min(8, depth // 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed setup
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Read torchrun's environment; start the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+# ------------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way (exact resume)."""
+
+    start: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class Trainable(nn.Module):
+    """The modules DDP synchronises: the DeCo model and, with REPA, the projection head.
+
+    ``forward`` returns the velocity and the projected block-k tokens (None without REPA).
+    """
+
+    def __init__(self, model: DeCo, head: ProjectionHead | None, layer: int | None) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+        self.hook = FeatureHook(model.dit.blocks[layer - 1]) if head is not None else None
+
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        v = self.model(x_t, t, y)
+        if self.head is None:
+            return v, None
+        return v, self.head(self.hook.pop())
+
+
+def _noise_generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs to ``cfg.steps``."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.dist = d = setup_distributed(cfg.device)
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        if cfg.batch_size % (d.world * cfg.grad_accum):
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must be divisible by processes x accumulation "
+                f"({d.world} x {cfg.grad_accum})"
+            )
+        self.micro = cfg.batch_size // (d.world * cfg.grad_accum)
+        if d.device.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+
+        resume_from = self._check_run_dir(resume)
+
+        # Data (train split) and the model config it implies.
+        base = get_preset(cfg.preset, **cfg.model_overrides)
+        size = tuple(cfg.image_size) if cfg.image_size else base.image_size
+        self.dataset = load_dataset(cfg.data, "train", size, cache_dir=cfg.cache_dir)
+        if len(self.dataset) < cfg.batch_size:
+            raise ValueError(
+                f"dataset '{cfg.data}' has {len(self.dataset)} training images, fewer than "
+                f"--batch-size {cfg.batch_size}"
+            )
+        self.model_config = dataclasses.replace(
+            base, image_size=size, num_classes=self.dataset.num_classes
+        )
+
+        # Model, EMA, REPA, optimizer. Same seed on every rank: identical initial weights.
+        torch.manual_seed(cfg.seed)
+        model = DeCo(self.model_config).to(d.device)
+        self.ema = EMA(model, DeCo(self.model_config).to(d.device), cfg.ema_decay)
+        self.encoder: FrozenEncoder | None = None
+        head = None
+        self.repa_layer = None
+        if cfg.repa_encoder and cfg.repa_weight > 0:
+            self.encoder = load_encoder(cfg.repa_encoder, cfg.repa_encoder_patch).to(d.device)
+            self.repa_layer = cfg.repa_layer or default_repa_layer(self.model_config.dit_depth)
+            depth = self.model_config.dit_depth
+            if not 1 <= self.repa_layer <= depth:
+                raise ValueError(f"--repa-layer {self.repa_layer} is outside the DiT's 1..{depth}")
+            head = ProjectionHead(
+                self.model_config.hidden_size, self.encoder.output_dim(d.device)
+            ).to(d.device)
+        self.module = Trainable(model, head, self.repa_layer)
+        self.model = model
+        if cfg.compile:
+            model.compile()
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.freq_loss = FrequencyLoss(cfg.freq_quality).to(d.device)
+        self.noise_gen = _noise_generator(cfg.seed + 1, d.device)
+        self.step, self.epoch, self.consumed = 0, 0, 0
+        if resume_from is not None:
+            self._load(resume_from)
+        self.ddp: nn.Module = self.module
+        if d.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            )
+        self.sampler = ResumableSampler(
+            self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed,
+            drop_last=True,
+        )  # fmt: skip
+        self._sample_noise = None
+
+    # -- run directory ---------------------------------------------------------------------------
+
+    def _check_run_dir(self, resume: bool) -> Path | None:
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if resume:
+            if latest is None:
+                raise FileNotFoundError(
+                    f"no checkpoint under {self.ckpt_dir} to resume; drop --resume to start anew"
+                )
+            saved = TrainConfig.from_dict(json.loads((latest / "state.json").read_text())["train"])
+            for f in dataclasses.fields(TrainConfig):
+                if f.name in RESUMABLE_CHANGES:
+                    continue
+                a, b = getattr(saved, f.name), getattr(self.cfg, f.name)
+                if a != b:
+                    raise ValueError(
+                        f"--resume with a different {f.name} ({b!r}, the run has {a!r}); "
+                        "use the run's settings or a new --out"
+                    )
+            if saved.repa_encoder and not self.cfg.repa_encoder and saved.repa_weight > 0:
+                raise ValueError(
+                    f"the run was trained with REPA ({saved.repa_encoder}); pass --repa-encoder"
+                )
+            return latest
+        if latest is not None:
+            raise FileExistsError(
+                f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to "
+                "continue it or choose another --out"
+            )
+        return None
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _gather_rng(self) -> dict[str, Any]:
+        local = ckpt.capture_rng()
+        if self.dist.world == 1:
+            states = [local]
+        else:
+            states = [None] * self.dist.world
+            dist.all_gather_object(states, local)
+        rng: dict[str, Any] = {f"rank{r}": s for r, s in enumerate(states)}
+        rng["noise"] = self.noise_gen.get_state()
+        return rng
+
+    def save(self) -> Path | None:
+        """Collective (every rank must call it); rank 0 writes the checkpoint."""
+        rng = self._gather_rng()
+        if not self.dist.main:
+            return None
+        head = self.module.head.reference_state_dict() if self.module.head is not None else None
+        return ckpt.save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            model=self.model.state_dict(),
+            ema=self.ema.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            rng=rng,
+            repa_head=head,
+            state={
+                "epoch": self.epoch,
+                "consumed": self.consumed,
+                "train": self.cfg.to_dict(),
+                "model_config": self.model_config.to_dict(),
+                "world_size": self.dist.world,
+            },
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def _load(self, path: Path) -> None:
+        data = ckpt.load_checkpoint(path, self.dist.rank)
+        saved_model = DeCoConfig.from_dict(data.state["model_config"])
+        if saved_model != self.model_config:
+            raise ValueError(
+                f"{path} holds a {saved_model} model, not {self.model_config}; use the run's "
+                "preset and data"
+            )
+        self.model.load_state_dict(data.model)
+        self.ema.model.load_state_dict(data.ema)
+        if self.module.head is not None:
+            if data.repa_head is None:
+                raise ValueError(f"{path} has no REPA head; resume without --repa-encoder")
+            n = len("diffusion_trainer.")
+            self.module.head.load_state_dict({k[n:]: v for k, v in data.repa_head.items()})
+        self.optimizer.load_state_dict(data.optimizer)
+        self.noise_gen.set_state(data.noise_rng)
+        ckpt.restore_rng(data.rng)
+        self.step, self.epoch, self.consumed = (
+            data.step,
+            data.state["epoch"],
+            data.state["consumed"],
+        )
+        if data.state.get("world_size", 1) != self.dist.world and self.dist.main:
+            print(
+                f"note: resuming a {data.state['world_size']}-process run on {self.dist.world} "
+                "processes; the data order continues from the same global position"
+            )
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches forever, from (epoch, consumed) on, in whole optimizer steps."""
+        per_step = self.cfg.grad_accum
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.start = self.consumed * self.micro
+            # A private generator: creating a loader must not draw from the global RNG.
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=BatchSampler(self.sampler, self.micro, drop_last=True),
+                collate_fn=collate,
+                num_workers=self.cfg.num_workers,
+                pin_memory=self.dist.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch),
+            )
+            left = len(self.sampler) // self.micro
+            usable = left - left % per_step  # whole optimizer steps only
+            it = iter(loader)
+            for _ in range(usable):
+                batch = next(it)
+                self.consumed += 1
+                yield batch
+            del it, loader
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    # -- one optimizer step ----------------------------------------------------------------------
+
+    def _draw(self, n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """Global-batch randomness, identical on every rank: (t, ε, dropout coins)."""
+        g, dev = self.noise_gen, self.dist.device
+        t = sample_t(n, shift=self.cfg.time_shift, generator=g, device=dev)
+        noise = torch.randn((n, *shape), generator=g, device=dev)
+        coins = torch.rand(n, generator=g, device=dev)
+        return t, noise, coins
+
+    def train_step(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        cfg, d = self.cfg, self.dist
+        c = self.model_config
+        shape = (c.in_channels, *c.image_size)
+        t_all, noise_all, coins_all = self._draw(cfg.batch_size, shape)
+        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grid = (c.image_size[0] // c.patch_size, c.image_size[1] // c.patch_size)
+        totals = {k: torch.zeros((), device=d.device) for k in ("loss", "mse", "freq", "repa")}
+        for m in range(cfg.grad_accum):
+            images, labels = next(batches)
+            images = images.to(d.device, non_blocking=True)
+            labels = labels.to(d.device, non_blocking=True)
+            # Rows of this rank's samples in the global batch (DistributedSampler interleaves).
+            start = d.world * m * self.micro + d.rank
+            rows = slice(start, start + d.world * self.micro, d.world)
+            t, noise, coins = t_all[rows], noise_all[rows], coins_all[rows]
+            y = drop_labels(labels, cfg.label_dropout, c.null_class, coins=coins)
+            x = to_model_input(images)
+            x_t, target = interpolate(x, noise, t)
+            sync = m == cfg.grad_accum - 1 or d.world == 1
+            ctx = nullcontext() if sync else self.ddp.no_sync()
+            with ctx:
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    v, proj = self.ddp(x_t, t, y)
+                    if proj is not None:
+                        feats = self.encoder(to_unit_range(images), grid)
+                mse = F.mse_loss(v.float(), target)
+                freq = self.freq_loss(v, target) if cfg.freq_weight else torch.zeros_like(mse)
+                loss = mse + cfg.freq_weight * freq
+                rl = torch.zeros_like(mse)
+                if proj is not None:
+                    rl = repa_loss(proj, feats)
+                    loss = loss + cfg.repa_weight * rl
+                (loss / cfg.grad_accum).backward()
+            for k, val in zip(totals, (loss, mse, freq, rl), strict=True):
+                totals[k] += val.detach() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.module.parameters(), cfg.grad_clip
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+        self.step += 1
+        return totals
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def sample_grid(self) -> Path:
+        """EMA samples, one row per class, fixed noise so grids are comparable across steps."""
+        c = self.model_config
+        labels = grid_labels(c.num_classes, self.cfg.sample_per_class).to(self.dist.device)
+        if self._sample_noise is None:
+            g = torch.Generator().manual_seed(1234)
+            shape = (len(labels), c.in_channels, *c.image_size)
+            self._sample_noise = torch.randn(shape, generator=g).to(self.dist.device)
+        x = euler_sample(
+            self.ema.model, self._sample_noise, labels, num_steps=self.cfg.sample_steps,
+            cfg_scale=self.cfg.sample_cfg, autocast=self.amp,
+        )  # fmt: skip
+        scale = max(1, 128 // max(c.image_size))
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        return save_grid(to_uint8(x), path, ncols=self.cfg.sample_per_class, scale=scale)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot_losses(self) -> Path | None:
+        return plot_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
+
+    # -- loop ------------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        """Train to ``cfg.steps``; checkpoint, sample, log; export the EMA weights at the end."""
+        cfg, d = self.cfg, self.dist
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_stale(self.ckpt_dir)
+            (self.out / "train_config.json").write_text(
+                json.dumps({"train": cfg.to_dict(), "model": self.model_config.to_dict()}, indent=1)
+                + "\n"
+            )
+            warn_short_ema(cfg)
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (d.main and cfg.progress),
+            unit="step", dynamic_ncols=True, smoothing=0.1,
+        )  # fmt: skip
+        batches = self._batches()
+        acc: dict[str, torch.Tensor] = {}
+        n_acc, t0, img0 = 0, time.perf_counter(), 0
+        self.module.train()
+        while self.step < cfg.steps:
+            stats = self.train_step(batches)
+            for k, v in stats.items():
+                acc[k] = acc.get(k, 0) + v
+            n_acc += 1
+            img0 += cfg.batch_size
+            bar.update(1)
+            last = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or last:
+                keys = sorted(acc)
+                vec = torch.stack([acc[k] / n_acc for k in keys])
+                if d.world > 1:
+                    dist.all_reduce(vec)
+                    vec /= d.world
+                elapsed = time.perf_counter() - t0
+                rec = {"step": self.step, **{k: float(x) for k, x in zip(keys, vec, strict=True)}}
+                rec.update(lr=self.optimizer.param_groups[0]["lr"], img_per_s=img0 / elapsed)
+                rec["time"] = time.time()
+                if d.main:
+                    self._log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                acc, n_acc, t0, img0 = {}, 0, time.perf_counter(), 0
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                self.save()
+            if d.main and ((cfg.sample_every and self.step % cfg.sample_every == 0) or last):
+                self.sample_grid()
+                self.plot_losses()
+        bar.close()
+        exported = self.out / "model"
+        if d.main:
+            export_ema(self, exported)
+        if d.world > 1:
+            dist.barrier()
+        return exported
+
+    def close(self) -> None:
+        if self.dist.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def warn_short_ema(cfg: TrainConfig) -> None:
+    horizon = 1.0 / (1.0 - cfg.ema_decay) if cfg.ema_decay < 1 else math.inf
+    if 100 <= cfg.steps < 2 * horizon:
+        print(
+            f"note: --ema-decay {cfg.ema_decay} averages over ~{horizon:.0f} steps but the run "
+            f"has {cfg.steps}; the EMA weights will lag far behind (try --ema-decay "
+            f"{1 - 10 / max(cfg.steps, 10):.4g})"
+        )
+
+
+def plot_loss_curve(log_path: Path, out_path: Path) -> Path | None:
+    """Loss (and its parts) against step from the JSON-lines log, log-scale, as a PNG."""
+    if not log_path.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not recs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [r["step"] for r in recs]
+    for key in ("loss", "mse", "freq", "repa"):
+        vals = [r.get(key, 0.0) for r in recs]
+        if any(v > 0 for v in vals):
+            ax.plot(steps, vals, label=key, lw=1.5 if key == "loss" else 1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
+
+
+def export_ema(trainer_or_ckpt: Trainer | str | Path, out_dir: str | Path) -> Path:
+    """Write EMA weights in the deco_export checkpoint format (``save_pretrained``).
+
+    Takes a live :class:`Trainer` or a training checkpoint directory (``.../step_N``) or a run
+    directory (its newest checkpoint).
+    """
+    from deco_export.checkpoint import save_pretrained
+
+    if isinstance(trainer_or_ckpt, Trainer):
+        tr = trainer_or_ckpt
+        model, step, train_cfg = tr.ema.model, tr.step, tr.cfg.to_dict()
+    else:
+        path = Path(trainer_or_ckpt)
+        if not (path / "state.json").is_file():
+            found = ckpt.latest_checkpoint(path / "checkpoints")
+            if found is None:
+                raise FileNotFoundError(f"no training checkpoint under {path}")
+            path = found
+        data = ckpt.load_checkpoint(path)
+        model = DeCo(DeCoConfig.from_dict(data.state["model_config"]))
+        model.load_state_dict(data.ema)
+        step, train_cfg = data.step, data.state["train"]
+    source = f"deco train: {train_cfg['data']}, {step} steps (EMA weights)"
+    meta = {"training": {"step": step, "ema_decay": train_cfg["ema_decay"], "config": train_cfg}}
+    return save_pretrained(model, out_dir, source=source, extra_metadata=meta)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    """Build a :class:`Trainer`, run it and return the exported EMA model directory."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
