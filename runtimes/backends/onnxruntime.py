@@ -25,7 +25,7 @@ inside), so this backend never casts. ``onnxruntime`` is imported when the backe
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,28 +124,32 @@ def _field(num: int, payload: bytes | str | int) -> bytes:
 _ELEM = {"float32": 1, "int64": 7}
 
 
-def _value_info(name: str, dtype: str) -> bytes:
-    # ValueInfoProto{name=1, type=2: TypeProto{tensor_type=1: {elem_type=1}}}; no shape = any rank
-    tensor_type = _field(1, _ELEM[dtype])
+def _value_info(name: str, dtype: str, rank: int) -> bytes:
+    # ValueInfoProto{name=1, type=2: TypeProto{tensor_type=1: Tensor{elem_type=1, shape=2}}};
+    # every dimension symbolic (TensorShapeProto.dim=1: Dimension{dim_param=2}).
+    shape = b"".join(_field(1, _field(2, f"{name}_{i}")) for i in range(rank))
+    tensor_type = _field(1, _ELEM[dtype]) + _field(2, shape)
     return _field(1, name) + _field(2, _field(1, tensor_type))
 
 
 def _one_node_model(
     op: str,
-    inputs: Sequence[tuple[str, str]],
+    inputs: Sequence[tuple[str, str, int]],
+    out_rank: int,
     dtype: str = "float32",
     int_attrs: Mapping[str, int] | None = None,
 ) -> bytes:
-    """Serialized ModelProto (IR 8, opset 13) computing ``out = op(*inputs)``."""
+    """Serialized ModelProto (IR 8, opset 13) computing ``out = op(*inputs)``; inputs are
+    (name, dtype, rank) with symbolic dimensions."""
     attrs = b"".join(
         _field(5, _field(1, k) + _field(20, 2) + _field(3, v)) for k, v in (int_attrs or {}).items()
     )
-    node = b"".join(_field(1, n) for n, _ in inputs) + _field(2, "out") + _field(4, op) + attrs
+    node = b"".join(_field(1, n) for n, _, _ in inputs) + _field(2, "out") + _field(4, op)
     graph = (
-        _field(1, node)
+        _field(1, node + attrs)
         + _field(2, f"deco_{op.lower()}")
-        + b"".join(_field(11, _value_info(n, t)) for n, t in inputs)
-        + _field(12, _value_info("out", dtype))
+        + b"".join(_field(11, _value_info(n, t, r)) for n, t, r in inputs)
+        + _field(12, _value_info("out", dtype, out_rank))
     )
     opset = _field(1, "") + _field(2, 13)
     return _field(1, 8) + _field(2, "deco-runtimes") + _field(8, opset) + _field(7, graph)
@@ -169,11 +173,12 @@ class _DeviceOps:
         self._scalars: dict[float, Any] = {}
         self._ints: dict[tuple[int, ...], Any] = {}
 
-    def _session(self, key: Any, model: bytes) -> Any:
+    def _session(self, key: Any, build: Callable[[], bytes]) -> Any:
+        """The session for ``key``, created from ``build()`` on first use."""
         sess = self._sessions.get(key)
         if sess is None:
             sess = self.ort.InferenceSession(
-                model, sess_options=self._so,
+                build(), sess_options=self._so,
                 providers=[n for n, _ in self.providers],
                 provider_options=[o for _, o in self.providers],
             )
@@ -206,8 +211,13 @@ class _DeviceOps:
         )
 
     def binary(self, op: str, a: Any, b: Any) -> OrtArray:
-        sess = self._session(op, _one_node_model(op, [("a", "float32"), ("b", "float32")]))
-        return OrtArray(self._run(sess, {"a": self.value(a), "b": self.value(b)}), self)
+        va, vb = self.value(a), self.value(b)
+        ra, rb = len(va.shape()), len(vb.shape())
+        key = (op, ra, rb)
+        sess = self._session(key, lambda: _one_node_model(
+            op, [("a", "float32", ra), ("b", "float32", rb)], max(ra, rb)
+        ))
+        return OrtArray(self._run(sess, {"a": va, "b": vb}), self)
 
     def _int64(self, values: tuple[int, ...]) -> Any:
         v = self._ints.get(values)
@@ -217,11 +227,14 @@ class _DeviceOps:
         return v
 
     def slice0(self, a: OrtArray, start: int, stop: int) -> OrtArray:
-        model = _one_node_model(
+        rank = len(a.shape)
+        key = ("Slice", rank)
+        sess = self._session(key, lambda: _one_node_model(
             "Slice",
-            [("data", "float32"), ("starts", "int64"), ("ends", "int64"), ("axes", "int64")],
-        )
-        sess = self._session("Slice", model)
+            [("data", "float32", rank), ("starts", "int64", 1), ("ends", "int64", 1),
+             ("axes", "int64", 1)],
+            rank,
+        ))
         feeds = {
             "data": a.value,
             "starts": self._int64((start,)),
@@ -232,9 +245,13 @@ class _DeviceOps:
 
     def concat0(self, arrays: Sequence[Any]) -> OrtArray:
         names = [f"in{i}" for i in range(len(arrays))]
-        model = _one_node_model("Concat", [(n, "float32") for n in names], int_attrs={"axis": 0})
-        sess = self._session(("Concat", len(arrays)), model)
-        feeds = {n: self.value(a) for n, a in zip(names, arrays, strict=True)}
+        values = [self.value(a) for a in arrays]
+        rank = len(values[0].shape())
+        key = ("Concat", len(arrays), rank)
+        sess = self._session(key, lambda: _one_node_model(
+            "Concat", [(n, "float32", rank) for n in names], rank, int_attrs={"axis": 0}
+        ))
+        feeds = dict(zip(names, values, strict=True))
         return OrtArray(self._run(sess, feeds), self)
 
 
