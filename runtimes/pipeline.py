@@ -231,8 +231,8 @@ class DeCoPipeline:
 
     def _size(self, height: int | None, width: int | None, noise: Any) -> tuple[int, int]:
         if noise is not None and np.ndim(noise) == 4:
-            height = height or int(np.shape(noise)[2])
-            width = width or int(np.shape(noise)[3])
+            height = int(np.shape(noise)[2]) if height is None else height
+            width = int(np.shape(noise)[3]) if width is None else width
         default = self.model_config.image_size
         if height is None or width is None:
             if default is None:
@@ -240,8 +240,8 @@ class DeCoPipeline:
                     "this model config has no image_size; pass height= and width= (multiples of "
                     f"the patch size {self.model_config.patch_size})"
                 )
-            height = height or default[0]
-            width = width or default[1]
+            height = default[0] if height is None else height
+            width = default[1] if width is None else width
         p = self.model_config.patch_size
         for name, v in (("height", height), ("width", width)):
             if int(v) != v or v <= 0 or v % p:
