@@ -22,7 +22,15 @@ the last DiT block output h (B, L, D), and ``refresh_condition(hidden, t) -> con
 cond = SiLU(e_t + h) for a new timestep. A backend that offers both sets
 ``supports_refresh = True``.
 
-This module imports nothing but the standard library, so every backend (including the PyTorch
+Optional capability (fused steps): a backend that can run a whole Euler step as one unit (for
+example one captured CUDA graph: fill t -> DiT -> decoder -> guidance -> update) sets
+``supports_step = True`` and offers ``step(x, y, t, dt, guidance) -> x_next``. ``guidance`` is
+None for an unguided step (``y`` holds the B labels) or the scale w for a guided one (``y`` holds
+the 2B labels [null; labels] and v = v_u + w (v_c - v_u)); ``t`` and ``dt`` are Python floats.
+The sampler uses it for plain Euler without DiT sharing; everything else goes through ``dit`` and
+``decoder``.
+
+This module imports nothing but numpy, so every backend (including the PyTorch
 one that lives outside ``runtimes``) can implement the protocol without pulling a runtime in.
 """
 
@@ -33,7 +41,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Backend", "BackendError", "RefreshBackend", "close_backend", "supports_refresh"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "RefreshBackend",
+    "close_backend",
+    "supports_refresh",
+    "supports_step",
+]
 
 
 class BackendError(RuntimeError):
@@ -77,6 +92,13 @@ def supports_refresh(backend: Any) -> bool:
     """True when ``backend`` offers ``dit_hidden`` and ``refresh_condition`` and says so."""
     return bool(getattr(backend, "supports_refresh", False)) and all(
         callable(getattr(backend, name, None)) for name in ("dit_hidden", "refresh_condition")
+    )
+
+
+def supports_step(backend: Any) -> bool:
+    """True when ``backend`` offers a fused whole-step ``step`` and says so."""
+    return bool(getattr(backend, "supports_step", False)) and callable(
+        getattr(backend, "step", None)
     )
 
 

@@ -57,6 +57,8 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {
     "onnxruntime": _Entry("runtimes.backends.onnxruntime:OnnxRuntimeBackend", "onnx"),
+    "tensorrt": _Entry("runtimes.backends.tensorrt:TensorRTBackend", "tensorrt"),
+    "coreml": _Entry("runtimes.backends.coreml:CoreMLBackend", "coreml"),
 }
 _ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime"}
 
@@ -221,10 +223,10 @@ class DeCoPipeline:
             if isinstance(lab, (bool, np.bool_)) or not float(lab).is_integer():
                 raise ValueError(f"class label {lab!r} is not an integer class index")
             lab = int(lab)
-            if not 0 <= lab < n:
+            if not 0 <= lab <= n:
                 raise ValueError(
                     f"class label {lab} is out of range: this model has {n} classes, use 0..{n - 1}"
-                    f" (the null class {n} is added internally for guidance)"
+                    f" (or {n}, the null class, for an unconditional sample)"
                 )
             out.append(lab)
         return out
@@ -272,14 +274,16 @@ class DeCoPipeline:
         height: int | None = None,
         width: int | None = None,
         guidance_bounds: str | None = None,
+        fused_step: bool | None = None,
     ) -> GenerationOutput:
-        """Generate one image per class label.
+        """Generate one image per class label (label ``num_classes`` gives an unconditional one).
 
         Settings left as None come from the bundle's sampler defaults. ``noise`` (B, C, H, W)
         replaces the seeded noise (see `runtimes.noise` for how seeds map to noise).
         ``sharing``: None, a ratio (0.5), a list of DiT evaluation indices, a calibrated
         schedule key, a dict ({"ratio": 0.75, "mode": "fresh_t"}) or a `SharingSchedule`.
-        ``callback(step_index, num_steps, t)`` runs after every step.
+        ``callback(step_index, num_steps, t)`` runs after every step. ``fused_step`` controls
+        the backend's whole-step capability (None: use it where it applies; see `sample`).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -299,7 +303,7 @@ class DeCoPipeline:
         plan = self.plan(config, sharing)
         x = sample(
             self.backend, x0, np.asarray(labels, dtype=np.int64), plan,
-            null_class=self.model_config.null_class, callback=callback,
+            null_class=self.model_config.null_class, callback=callback, fused_step=fused_step,
         )
         if output_type == "np":
             images: Any = x

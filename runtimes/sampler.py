@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.backend import supports_refresh
+from runtimes.backend import supports_refresh, supports_step
 from runtimes.sharing import SharingSchedule
 
 __all__ = [
@@ -430,6 +430,7 @@ def sample(
     sharing: SharingSchedule | None = None,
     callback: ProgressCallback | None = None,
     on_condition: ConditionHook | None = None,
+    fused_step: bool | None = None,
 ) -> np.ndarray:
     """Integrate from ``noise`` (t = 0) to a sample (t = 1) and return it as float32 numpy.
 
@@ -438,6 +439,10 @@ def sample(
     step; ``on_condition(k, cond)`` receives the native condition of every evaluation k that
     ran the DiT (used for sharing calibration). Pass a precomputed `SamplingPlan` to skip
     planning (``sharing`` must then be None; the plan already holds it).
+
+    ``fused_step``: use the backend's whole-step ``step`` capability where it applies (Euler,
+    the DiT at every step, no ``on_condition``). None uses it when the backend offers it; False
+    never; True insists (ValueError when it cannot apply).
     """
     if isinstance(config, SamplingPlan):
         if sharing is not None:
@@ -451,6 +456,19 @@ def sample(
         raise ValueError(
             f"noise must be (B, C, H, W) and labels (B,), got {noise.shape} and {labels.shape}"
         )
+    fusable = (
+        plan.config.solver == "euler"
+        and all(plan.run_dit)
+        and on_condition is None
+        and supports_step(backend)
+    )
+    if fused_step and not fusable:
+        raise ValueError(
+            "fused_step=True needs a backend with supports_step, the Euler solver, no DiT "
+            "sharing and no on_condition hook"
+        )
+    if fusable and fused_step is not False:
+        return _sample_fused(backend, noise, labels, plan, null_class, callback)
     velocity = _Velocity(backend, plan, labels, null_class, on_condition)
     x = backend.from_numpy(noise)
     solver = plan.config.solver
@@ -488,3 +506,31 @@ def sample(
             callback(i, n, float(plan.grid[i]))
     assert k == plan.num_evaluations
     return np.asarray(backend.to_numpy(x), dtype=np.float32)
+
+
+def _sample_fused(
+    backend: Any,
+    noise: np.ndarray,
+    labels: np.ndarray,
+    plan: SamplingPlan,
+    null_class: int,
+    callback: ProgressCallback | None,
+) -> np.ndarray:
+    """Euler through the backend's fused ``step``: the same arithmetic, one call per step."""
+    b = labels.shape[0]
+    y_cond = backend.from_numpy(labels.astype(np.int64))
+    y_both = backend.from_numpy(
+        np.concatenate([np.full(b, null_class, dtype=np.int64), labels.astype(np.int64)])
+    )
+    x = backend.from_numpy(noise)
+    n = plan.num_steps
+    for i in range(n):
+        ev = plan.evaluations[i]
+        if plan.needs_both(i):
+            w = plan.config.guidance if ev.guided else 1.0
+            x = backend.step(x, y_both, ev.t, plan.dts[i], w)
+        else:
+            x = backend.step(x, y_cond, ev.t, plan.dts[i], None)
+        if callback is not None:
+            callback(i, n, float(plan.grid[i]))
+    return np.array(backend.to_numpy(x), dtype=np.float32)

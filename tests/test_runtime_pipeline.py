@@ -59,7 +59,7 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"class_labels": [3]}, r"class label 3 is out of range: .* use 0..2"),
+        ({"class_labels": [4]}, r"class label 4 is out of range: .* use 0..2 \(or 3, the null"),
         ({"class_labels": [-1]}, "out of range"),
         ({"class_labels": []}, "class_labels is empty"),
         ({"class_labels": [0.5]}, "not an integer"),

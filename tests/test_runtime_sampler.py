@@ -242,3 +242,39 @@ def test_schedule_for_another_length_is_refused():
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"noise must be \(B, C, H, W\)"):
         sample(GaussianFlowBackend(), _noise(2), [0], SamplerConfig(num_steps=2), null_class=NULL)
+
+
+class FusedStepBackend(GaussianFlowBackend):
+    """The analytic model with a whole-step capability, as a CUDA-graph backend offers it."""
+
+    supports_step = True
+
+    def step(self, x, y, t, dt, guidance):
+        self.calls.append(("step", len(y)))
+        b = len(x)
+        if guidance is None:
+            tt = np.full(b, t, np.float32)
+            v = GaussianFlowBackend.decoder(self, x, GaussianFlowBackend.dit(self, x, tt, y))
+        else:
+            x2, tt = np.concatenate([x, x]), np.full(2 * b, t, np.float32)
+            out = GaussianFlowBackend.decoder(self, x2, GaussianFlowBackend.dit(self, x2, tt, y))
+            v = out[:b] + (out[b:] - out[:b]) * guidance
+        return x + v * dt
+
+
+@pytest.mark.parametrize("cfg_mode", ["fast", "reference"])
+def test_fused_step_capability_gives_the_same_samples(cfg_mode):
+    noise, labels = _noise(2), [0, 2]
+    cfg = SamplerConfig(num_steps=12, guidance=3.0, guidance_interval=(0.3, 1.0),
+                        cfg_mode=cfg_mode)
+    be = FusedStepBackend()
+    fused = sample(be, noise, labels, cfg, null_class=NULL)
+    assert len(be.batches("step")) == 12
+    plain = sample(FusedStepBackend(), noise, labels, cfg, null_class=NULL, fused_step=False)
+    assert np.array_equal(fused, plain)
+    be = FusedStepBackend()  # sharing and other solvers go through dit/decoder
+    sample(be, noise, labels, cfg, null_class=NULL, sharing=uniform_schedule(12, ratio=0.5))
+    assert be.batches("step") == [] and len(be.batches("dit")) == 6
+    with pytest.raises(ValueError, match="fused_step=True"):
+        sample(FusedStepBackend(), noise, labels, SamplerConfig(solver="heun", num_steps=3),
+               null_class=NULL, fused_step=True)
