@@ -110,9 +110,17 @@ def path_size(path: str | os.PathLike[str]) -> int:
     return sum(p.stat().st_size for p in _tree(path))
 
 
+def _default_mode() -> int:
+    """0o666 minus the process umask: what ``open(path, "w")`` would have created."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, fsync it, then rename over ``path``:
-    a crash leaves either the old file or the new one, never a torn one."""
+    a crash leaves either the old file or the new one, never a torn one. The file gets the
+    usual permissions (temporary files are created private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -121,6 +129,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,14 +6,16 @@ needs numpy alone.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtimes.bundle import atomic_write_bytes
 
 __all__ = ["make_grid", "save_grid", "save_png", "to_pil", "to_uint8"]
 
@@ -102,18 +104,9 @@ def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
     if isinstance(image, np.ndarray):
         arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         image = image_mod.fromarray(arr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

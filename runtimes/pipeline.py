@@ -211,6 +211,24 @@ class DeCoPipeline:
 
     # -- validation ---------------------------------------------------------------------------
 
+    def _graph_size(self) -> tuple[int, int] | None:
+        """(H, W) when the backend's DiT graphs were exported with a fixed spatial size."""
+        if self.manifest is None:
+            return None
+        runtime = getattr(self.backend, "runtime", None)
+        sizes = set()
+        for art in self.manifest.artifacts:
+            if art.graph != "dit" or (runtime is not None and art.runtime != runtime):
+                continue
+            spec = art.input("x_t")
+            if spec is None or len(spec.shape) != 4:
+                return None
+            h, w = spec.shape[2:]
+            if not (isinstance(h, int) and isinstance(w, int)):
+                return None
+            sizes.add((h, w))
+        return sizes.pop() if len(sizes) == 1 else None
+
     def _labels(self, class_labels: Any) -> list[int]:
         if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
             class_labels = [class_labels]
@@ -245,6 +263,13 @@ class DeCoPipeline:
             height = default[0] if height is None else height
             width = default[1] if width is None else width
         p = self.model_config.patch_size
+        static = self._graph_size()
+        if static is not None and (height, width) != static:
+            raise ValueError(
+                f"this bundle's graphs take {static[0]}x{static[1]} images (a fixed spatial "
+                f"size), but {height}x{width} was asked; generate at {static[0]}x{static[1]} or "
+                f"export a bundle for {height}x{width}"
+            )
         for name, v in (("height", height), ("width", width)):
             if int(v) != v or v <= 0 or v % p:
                 lo = max(p, (int(v) // p) * p)

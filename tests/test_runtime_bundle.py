@@ -76,6 +76,7 @@ def test_manifest_round_trip(bundle):
     again = json.loads((bundle / MANIFEST_NAME).read_text())
     assert again["future"] == {"x": 1} and again["model"]["t2i"] is False
     assert [p.name for p in bundle.iterdir() if p.name.endswith(".tmp")] == []
+    assert (bundle / MANIFEST_NAME).stat().st_mode & 0o044 == 0o044  # readable, not private
 
 
 def test_add_artifact_replaces_same_runtime_graph_precision(bundle):

@@ -226,6 +226,14 @@ def test_device_resident_arrays_give_the_same_samples(bundle):
         np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
 
 
+def test_fixed_graph_size_is_checked_before_running(bundle):
+    pipe = runtimes.load(bundle)
+    with pytest.raises(ValueError, match=r"take 8x8 images .* 16x16 was asked"):
+        pipe.generate([0], height=16, width=16)
+    with pytest.raises(ValueError, match=r"take 8x8 images"):
+        pipe.generate([0], noise=np.zeros((1, C, 16, 16), np.float32))
+
+
 def test_bundle_without_refresh_graph_refuses_fresh_t(tmp_path, model):
     root = build_bundle(tmp_path / "b", model, refresh=False)
     pipe = runtimes.load(root)
