@@ -397,7 +397,9 @@ class DeCoPipeline:
         budget_list = [budgets] if isinstance(budgets, int) else list(budgets)
         out: dict[str, SharingSchedule] = {}
         for k in budget_list:
-            key = schedule_key(model_hash, config.num_steps, config.shift, config.guidance, k)
+            key = schedule_key(
+                model_hash, config.num_steps, config.shift, config.guidance, k, config.solver
+            )
             out[key] = dp_schedule(
                 sim, k, mode=mode, key=key, solver=config.solver, steps=config.num_steps,
                 shift=config.shift, guidance=config.guidance,

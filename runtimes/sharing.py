@@ -326,11 +326,18 @@ class SimilarityAccumulator:
 
 
 def schedule_key(
-    model_hash: str, num_steps: int, shift: float, guidance: float, budget: int
+    model_hash: str,
+    num_steps: int,
+    shift: float,
+    guidance: float,
+    budget: int,
+    solver: str = "euler",
 ) -> str:
     """Key under which a calibrated schedule is stored: a schedule is only valid for the model,
-    step count, shift and guidance it was calibrated with, and its budget K."""
-    return f"{model_hash[:16]}-n{int(num_steps)}-s{shift:g}-g{guidance:g}-k{int(budget)}"
+    step count, shift and guidance it was calibrated with, and its budget K (and the solver,
+    which is named in the key unless it is Euler, since it sets the number of evaluations)."""
+    key = f"{model_hash[:16]}-n{int(num_steps)}-s{shift:g}-g{guidance:g}-k{int(budget)}"
+    return key if solver == "euler" else f"{key}-{solver}"
 
 
 def _read_schedules(path: Path) -> dict[str, Any]:

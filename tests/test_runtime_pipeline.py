@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,8 @@ def test_output_types():
     u8 = pipe.generate([0, 2], seed=1, output_type="uint8").images
     assert u8.shape == (2, 8, 8, 3) and np.array_equal(u8, runtimes.to_uint8(x))
     assert np.array_equal(np.asarray(pil[1]), u8[1])
+    unconditional = pipe.generate([3], seed=1, output_type="np").images  # label 3 = null class
+    assert unconditional.shape == (1, 3, 8, 8)
 
 
 def test_seed_noise_and_batch_composition():
@@ -126,3 +131,53 @@ def test_register_backend_and_load(tmp_path):
     with runtimes.load(root, backend="analytic-test", precision="bf16", providers=["x"]) as pipe:
         assert pipe.generate([2], output_type="np").cost["steps"] == 3
     assert seen == {"dir": root, "precision": "bf16", "providers": ["x"]}
+
+
+NUMPY_ONLY = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    ALLOWED = {"numpy", "runtimes"}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            top = name.split(".")[0]
+            if top not in ALLOWED and top not in sys.stdlib_module_names:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import numpy as np
+    import runtimes
+
+    class Linear:  # a backend in a dozen lines: what an application would write
+        def dit(self, x, t, y):
+            return x.reshape(len(x), 3, 4, 4).mean(axis=1, keepdims=True) * t[:, None, None, None]
+        def decoder(self, x, cond):
+            return -x + cond.mean()
+        from_numpy = staticmethod(np.array)
+        to_numpy = staticmethod(np.asarray)
+        concat = staticmethod(np.concatenate)
+
+    model = {"hidden_size": 4, "num_heads": 1, "dit_depth": 1, "decoder_hidden_size": 1,
+             "decoder_depth": 1, "patch_size": 4, "num_classes": 2, "in_channels": 3,
+             "image_size": [4, 4]}
+    pipe = runtimes.DeCoPipeline(Linear(), model, {"steps": 4, "guidance": 2.0})
+    out = pipe.generate([0, 1], output_type="uint8", sharing=0.5)
+    assert out.images.shape == (2, 4, 4, 3) and out.images.dtype == np.uint8
+    try:
+        pipe.generate([0])
+    except ImportError as exc:
+        assert "pillow" in str(exc)
+    else:
+        raise AssertionError("PIL output should need pillow")
+    print("ok")
+    """
+)
+
+
+def test_runtimes_needs_only_numpy(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", NUMPY_ONLY], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

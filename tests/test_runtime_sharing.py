@@ -142,6 +142,7 @@ def test_schedule_json_round_trip_by_key(tmp_path):
     s = _random_similarity(12, 3)
     key = schedule_key("ab" * 32, 12, 1.0, 3.2, 4)
     assert key == "abababababababab-n12-s1-g3.2-k4"
+    assert schedule_key("ab", 12, 3.0, 1.0, 4, solver="heun") == "ab-n12-s3-g1-k4-heun"
     sched = dp_schedule(s, 4, mode="fresh_t", key=key)
     path = tmp_path / "schedules.json"
     save_schedule(path, key, sched)
