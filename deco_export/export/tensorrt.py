@@ -40,7 +40,6 @@ from runtimes.backends import tensorrt_keys as tk
 
 Progress = Callable[[str], None]
 GRAPHS = ("dit", "decoder", "refresh")
-BACKEND = "runtimes.backends.tensorrt:TensorRTBackend"
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -180,6 +179,21 @@ def plan_builds(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
     return items
 
 
+def artifact_details(item: BuildItem, settings: BuildSettings) -> dict[str, Any]:
+    """The manifest "details" of a new engine: its cache key and the fields it hashes (what
+    the backend checks before loading), and the build settings in readable form."""
+    return {
+        "cache_key": item.key.digest,
+        "key": item.key.fields(),
+        "onnx_file": item.onnx.file,
+        "batch_buckets": list(settings.buckets),
+        "cfg_doubling": settings.cfg,
+        "engine_batches": list(settings.engine_batches),
+        "strongly_typed": True,
+        **settings.build,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Building one engine (TensorRT)
 
@@ -308,7 +322,6 @@ def export_tensorrt(
     cache_path = Path(timing_cache) if timing_cache else tk.timing_cache_path(env)
     image_size = manifest.model.image_size
     lines: list[str] = []
-    _register_backend()
     from ..parity import check_graph_gate
     from .bundle_io import BundleTransaction
     from .graphs import io_specs
@@ -321,12 +334,7 @@ def export_tensorrt(
                 plan = txn.staging / item.key.relpath
                 record = txn.staging / item.key.json_relpath
                 inputs, outputs = io_specs(model.config, item.graph, *image_size)
-                details: dict[str, Any] = {
-                    "cache_key": item.key.digest, "key": item.key.fields(),
-                    "onnx_file": item.onnx.file, "batch_buckets": list(settings.buckets),
-                    "cfg_doubling": settings.cfg, "engine_batches": list(settings.engine_batches),
-                    "strongly_typed": True, **settings.build,
-                }
+                details = artifact_details(item, settings)
                 results: list[Any] = []
                 extra = [record]
                 if item.action == "keep" and item.existing is not None:
@@ -399,13 +407,6 @@ def _parity_model(root: Path, manifest: rb.Manifest, checkpoint: str | None) -> 
     if ours != theirs:
         raise ValueError(f"{source} is a different model from the one in {root}")
     return model.float().cpu().eval()
-
-
-def _register_backend() -> None:
-    import runtimes
-
-    if "tensorrt" not in runtimes.available_backends():
-        runtimes.register_backend("tensorrt", BACKEND, runtime="tensorrt")
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -1,0 +1,529 @@
+"""TensorRT: everything that needs no TensorRT runs everywhere (buckets, profiles, cache keys,
+the engine-directory layout, stale/foreign refusal, build planning, manifest entries, error
+paths); building and running engines runs only where ``tensorrt``, cuda-python and a CUDA GPU
+all work, and skips with the reason otherwise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtimes import bundle as rb
+from runtimes.backend import BackendError
+from runtimes.backends import tensorrt_keys as tk
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 64, "num_heads": 4, "dit_depth": 2, "decoder_hidden_size": 32,
+        "decoder_depth": 3, "patch_size": 16, "num_classes": 10, "in_channels": 3,
+        "image_size": [64, 64]}
+H100 = tk.EngineEnvironment("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
+A100 = tk.EngineEnvironment("10.8.0.43", "NVIDIA A100-SXM4-80GB", "8.0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets, engine batches, profiles
+
+
+def test_engine_batches_count_the_cfg_doubling():
+    assert tk.engine_batches((1, 2, 4, 8)) == (1, 2, 4, 8, 16)
+    assert tk.engine_batches((1, 2, 4, 8), cfg=False) == (1, 2, 4, 8)
+    assert tk.engine_batches((3,)) == (3, 6)
+    assert tk.engine_batches([8, 1, 1, 2]) == (1, 2, 4, 8, 16)
+
+
+@pytest.mark.parametrize("text, expected", [("1,2,4,8", (1, 2, 4, 8)), ("8, 1,1", (1, 8)),
+                                            ("3", (3,))])
+def test_parse_buckets(text, expected):
+    assert tk.parse_buckets(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,a", "-2", "1.5"])
+def test_parse_buckets_rejects_nonsense(text):
+    with pytest.raises(ValueError, match="batch buckets"):
+        tk.parse_buckets(text)
+
+
+def test_engine_batch_choice_pads_up_to_the_next_bucket():
+    batches = tk.engine_batches((1, 2, 4, 8))
+    assert [tk.unguided_engine_batch(r, batches) for r in (1, 2, 3, 4, 5, 9, 16)] == [
+        1, 2, 4, 4, 8, 16, 16]
+    # A guided batch of b images runs [uncond | pad; cond | pad] in an even engine batch >= 2b.
+    assert [tk.guided_engine_batch(b, batches) for b in (1, 2, 3, 4, 5, 8)] == [
+        2, 4, 8, 8, 16, 16]
+    assert tk.guided_engine_batch(2, (3, 6)) == 6
+
+
+def test_engine_batch_choice_says_how_to_rebuild():
+    batches = tk.engine_batches((1, 2, 4, 8))
+    with pytest.raises(ValueError, match=r"--batch-buckets 1,2,4,8,16,32"):
+        tk.unguided_engine_batch(17, batches)
+    with pytest.raises(ValueError, match=r"needs an engine batch of at least 18"):
+        tk.guided_engine_batch(9, batches)
+    with pytest.raises(ValueError, match="at least one"):
+        tk.guided_engine_batch(0, batches)
+
+
+def test_profiles_are_static_per_engine_batch():
+    profiles = tk.profiles_for("dit", TINY, (64, 64), (1, 2, 4))
+    assert [p.batch for p in profiles] == [1, 2, 4]
+    assert profiles[2].shapes == {"x_t": (4, 3, 64, 64), "t": (4,), "y": (4,)}
+    dec = tk.profiles_for("decoder", TINY, (64, 64), (2,))[0]
+    assert dec.shapes == {"x_t": (2, 3, 64, 64), "cond": (2, 16, 64)}
+    ref = tk.profiles_for("refresh", TINY, (32, 64), (8,))[0]
+    assert ref.shapes == {"hidden": (8, 8, 64), "t": (8,)}
+    assert ref.to_dict() == {"batch": 8, "shapes": {"hidden": [8, 8, 64], "t": [8]}}
+    with pytest.raises(ValueError, match="patch size"):
+        tk.profiles_for("dit", TINY, (60, 64), (1,))
+    with pytest.raises(ValueError, match="unknown graph"):
+        tk.profiles_for("vae", TINY, (64, 64), (1,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache keys and layout
+
+
+def _key(env: tk.EngineEnvironment = H100, **over) -> tk.EngineKey:
+    base = dict(graph="dit", precision="fp16", onnx_sha256="a" * 64, image_size=(64, 64),
+                engine_batches=(1, 2, 4), build=tk.build_options(3, None, False))
+    base.update(over)
+    return tk.EngineKey(base["graph"], base["precision"], base["onnx_sha256"],
+                        base["image_size"], base["engine_batches"], env.tensorrt_version,
+                        env.gpu_name, env.compute_capability, base["build"])
+
+
+def test_cache_key_is_stable_and_laid_out_by_graph_and_precision():
+    key = _key()
+    assert key.digest == _key().digest and len(key.digest) == 64
+    assert key.dir_name == f"dit-fp16-{key.digest[:16]}"
+    assert key.relpath == f"engines/{key.dir_name}/dit.plan"
+    assert key.json_relpath == f"engines/{key.dir_name}/engine.json"
+    assert tk.EngineKey.from_fields(json.loads(json.dumps(key.fields()))) == key
+
+
+@pytest.mark.parametrize("change", [
+    {"onnx_sha256": "b" * 64}, {"precision": "bf16"}, {"graph": "decoder"},
+    {"engine_batches": (1, 2, 4, 8)}, {"image_size": (128, 64)},
+    {"build": tk.build_options(5, None, False)}, {"build": tk.build_options(3, 1 << 30, False)},
+    {"build": tk.build_options(3, None, True)},
+])
+def test_every_field_changes_the_key(change):
+    assert _key(**change).digest != _key().digest
+
+
+@pytest.mark.parametrize("env", [
+    tk.EngineEnvironment("10.9.0.34", H100.gpu_name, "9.0"),
+    tk.EngineEnvironment(H100.tensorrt_version, "NVIDIA H100 PCIe", "9.0"),
+    tk.EngineEnvironment(H100.tensorrt_version, H100.gpu_name, "9.1"),
+])
+def test_tensorrt_version_gpu_name_and_compute_capability_change_the_key(env):
+    assert _key(env).digest != _key().digest
+
+
+def test_build_options_are_checked():
+    with pytest.raises(ValueError, match="0..5"):
+        tk.build_options(6)
+    with pytest.raises(ValueError, match="workspace"):
+        tk.build_options(3, 0)
+
+
+def _details(key: tk.EngineKey) -> dict:
+    return {"cache_key": key.digest, "key": key.fields()}
+
+
+def test_resolve_accepts_an_engine_built_here(tmp_path):
+    key = _key()
+    got = tk.resolve_engine(tmp_path, _details(key), key.relpath, "f" * 64, H100,
+                            onnx_sha256="a" * 64)
+    assert got.relpath == key.relpath and got.key == key and got.sha256 == "f" * 64
+    # While staging the manifest lists no ONNX artifact: the environment still has to match.
+    assert tk.resolve_engine(tmp_path, _details(key), key.relpath, None, H100).key == key
+
+
+def test_resolve_refuses_a_foreign_gpu_naming_both(tmp_path):
+    key = _key(A100)
+    with pytest.raises(tk.EngineMismatchError) as err:
+        tk.resolve_engine(tmp_path, _details(key), key.relpath, None, H100)
+    assert err.value.kind == "foreign"
+    msg = str(err.value)
+    assert "A100" in msg and "H100" in msg and "8.0" in msg and "9.0" in msg
+    assert "deco export tensorrt" in msg and "not run" in msg
+    assert isinstance(err.value, BackendError)
+
+
+def test_resolve_refuses_a_foreign_tensorrt_version(tmp_path):
+    key = _key(tk.EngineEnvironment("10.3.0.26", H100.gpu_name, "9.0"))
+    with pytest.raises(tk.EngineMismatchError, match=r"TensorRT 10\.3\.0\.26.*TensorRT 10\.8"):
+        tk.resolve_engine(tmp_path, _details(key), key.relpath, None, H100)
+
+
+def test_resolve_refuses_a_stale_engine_after_the_onnx_changed(tmp_path):
+    key = _key()
+    with pytest.raises(tk.EngineMismatchError) as err:
+        tk.resolve_engine(tmp_path, _details(key), key.relpath, None, H100,
+                          onnx_sha256="c" * 64, rebuild_hint="run the fix")
+    assert err.value.kind == "stale" and "ONNX graph changed" in str(err.value)
+    assert str(err.value).endswith("run the fix")
+
+
+@pytest.mark.parametrize("tamper", ["cache_key", "fields", "missing"])
+def test_resolve_refuses_a_corrupt_entry(tmp_path, tamper):
+    key = _key()
+    details = _details(key)
+    if tamper == "cache_key":
+        details["cache_key"] = "0" * 64
+    elif tamper == "fields":
+        details["key"] = dict(details["key"], gpu="NVIDIA H100 80GB HBM3 ")
+    else:
+        del details["key"]
+    with pytest.raises(tk.EngineMismatchError) as err:
+        tk.resolve_engine(tmp_path, details, key.relpath, None, H100)
+    assert err.value.kind == "corrupt"
+
+
+def test_resolve_finds_an_engine_built_earlier_for_this_machine(tmp_path):
+    """A bundle shared by two GPUs: the manifest names the A100 engine, the H100 one is on disk."""
+    foreign = _key(A100)
+    ours = foreign.for_environment(H100)
+    (tmp_path / ours.relpath).parent.mkdir(parents=True)
+    (tmp_path / ours.relpath).write_bytes(b"plan")
+    record = tk.engine_record(ours, rb.sha256_file(tmp_path / ours.relpath), 4)
+    (tmp_path / ours.json_relpath).write_text(json.dumps(record))
+    got = tk.resolve_engine(tmp_path, _details(foreign), foreign.relpath, None, H100)
+    assert got.relpath == ours.relpath and got.sha256 == record["plan_sha256"]
+    # An engine.json that does not hash to its directory's key is not trusted.
+    record["key"]["build"]["tf32"] = True
+    (tmp_path / ours.json_relpath).write_text(json.dumps(record))
+    with pytest.raises(tk.EngineMismatchError, match="foreign"):
+        tk.resolve_engine(tmp_path, _details(foreign), foreign.relpath, None, H100)
+
+
+def test_describe_mismatch_lists_every_difference():
+    kind, reasons = tk.describe_mismatch(_key(A100).fields(),
+                                         _key(H100, onnx_sha256="d" * 64).fields())
+    assert kind == "stale" and len(reasons) == 2
+    assert tk.describe_mismatch(_key().fields(), _key().fields()) == ("", [])
+
+
+def test_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECO_CACHE_DIR", str(tmp_path))
+    path = tk.timing_cache_path(H100)
+    assert path.parent == tmp_path / "tensorrt"
+    assert path.name == "timing-trt10.8.0.43-nvidia-h100-80gb-hbm3-sm90.cache"
+    assert tk.timing_cache_path(A100) != path
+    assert tk.timing_cache_path(H100, tmp_path / "x").parent == tmp_path / "x"
+
+
+def test_ort_tensorrt_provider_options(tmp_path):
+    opts = tk.ort_tensorrt_provider_options(
+        tmp_path, builder_optimization_level=4, workspace_bytes=1 << 30, fp16_kernels=True,
+        profile={"x_t": ((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64)),
+                 "t": ((1,), (2,), (4,))})
+    assert opts["trt_engine_cache_enable"] == "True"
+    assert opts["trt_engine_cache_path"] == str(tmp_path)
+    assert opts["trt_timing_cache_enable"] == "True"
+    assert opts["trt_builder_optimization_level"] == "4"
+    assert opts["trt_max_workspace_size"] == str(1 << 30)
+    assert opts["trt_fp16_enable"] == "True"
+    assert opts["trt_profile_min_shapes"] == "x_t:1x3x64x64,t:1"
+    assert opts["trt_profile_max_shapes"] == "x_t:4x3x64x64,t:4"
+    assert all(isinstance(v, str) for v in opts.values())
+    plain = tk.ort_tensorrt_provider_options(tmp_path)
+    assert "trt_fp16_enable" not in plain and "trt_profile_min_shapes" not in plain
+    with pytest.raises(ValueError):
+        tk.ort_tensorrt_provider_options(tmp_path, builder_optimization_level=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build planning and manifest entries (the exporter, without TensorRT)
+
+
+def _bundle(tmp_path: Path, precisions=("fp32", "fp16"), refresh=True) -> Path:
+    root = tmp_path / "bundle"
+    root.mkdir()
+    arts = []
+    for p in precisions:
+        for g in ("dit", "decoder", "refresh") if refresh else ("dit", "decoder"):
+            name = f"{g}.onnx" if p == "fp32" else f"{g}.{p}.onnx"
+            (root / name).write_bytes(f"{g}-{p}".encode())
+            arts.append(rb.Artifact.from_file(root, "onnx", g, p, name))
+    manifest = rb.Manifest(model=dict(TINY), artifacts=arts,
+                           source={"path": "/nonexistent/ckpt", "sha256": "0" * 64})
+    rb.write_manifest(root, manifest)
+    return root
+
+
+def _add_engines(root: Path, env: tk.EngineEnvironment, settings, precision="fp16") -> None:
+    """Write what the exporter writes for built engines (dummy plan bytes) into the manifest."""
+    from deco_export.export import tensorrt as ex
+
+    manifest = rb.read_manifest(root)
+    for item in ex.plan_builds(root, manifest, [precision], env, settings):
+        plan = root / item.key.relpath
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_bytes(b"plan-" + item.graph.encode())
+        record = root / item.key.json_relpath
+        record.write_text(json.dumps(tk.engine_record(item.key, rb.sha256_file(plan),
+                                                      plan.stat().st_size)))
+        manifest.add_artifact(rb.Artifact.from_file(
+            root, "tensorrt", item.graph, precision, item.key.relpath,
+            details=ex.artifact_details(item, settings), extra_files=[item.key.json_relpath]))
+    rb.write_manifest(root, manifest)
+
+
+def test_plan_builds_everything_new(tmp_path):
+    from deco_export.export.tensorrt import BuildSettings, plan_builds
+
+    root = _bundle(tmp_path)
+    items = plan_builds(root, rb.read_manifest(root), None, H100, BuildSettings())
+    assert [(i.precision, i.graph, i.action) for i in items] == [
+        (p, g, "build") for p in ("fp32", "fp16") for g in ("dit", "decoder", "refresh")]
+    assert all(i.reason == "no engine yet" for i in items)
+    assert items[0].key.engine_batches == (1, 2, 4, 8, 16)
+    assert items[3].key.onnx_sha256 == rb.read_manifest(root).get_artifact(
+        "onnx", "dit", "fp16").sha256
+    assert "build (no engine yet) -> engines/dit-fp32-" in items[0].describe()
+
+
+def test_plan_keeps_up_to_date_engines_and_rebuilds_stale_or_foreign(tmp_path):
+    from deco_export.export.tensorrt import BuildSettings, plan_builds
+
+    root = _bundle(tmp_path)
+    settings = BuildSettings(buckets=(1, 2))
+    _add_engines(root, H100, settings)
+    manifest = rb.read_manifest(root)
+    assert rb.verify(root, runtime="tensorrt") == []
+    kept = plan_builds(root, manifest, ["fp16"], H100, settings)
+    assert [i.action for i in kept] == ["keep"] * 3
+    forced = plan_builds(root, manifest, ["fp16"], H100, settings, force=True)
+    assert {i.reason for i in forced} == {"--force"}
+    foreign = plan_builds(root, manifest, ["fp16"], A100, settings)
+    assert all(i.action == "build" and i.reason.startswith("foreign") for i in foreign)
+    assert "A100" in foreign[0].reason and "H100" in foreign[0].reason
+    resized = plan_builds(root, manifest, ["fp16"], H100, BuildSettings(buckets=(1, 2, 4)))
+    assert all(i.action == "build" and "engine_batches" in i.reason for i in resized)
+    # The decoder's ONNX changes: only that engine is rebuilt.
+    (root / "decoder.fp16.onnx").write_bytes(b"new decoder")
+    manifest.add_artifact(rb.Artifact.from_file(root, "onnx", "decoder", "fp16",
+                                                "decoder.fp16.onnx"))
+    stale = plan_builds(root, manifest, ["fp16"], H100, settings)
+    assert [(i.graph, i.action) for i in stale] == [
+        ("dit", "keep"), ("decoder", "build"), ("refresh", "keep")]
+    assert stale[1].reason.startswith("stale: its ONNX graph changed")
+    # A truncated plan is rebuilt too.
+    plan = root / kept[0].key.relpath
+    plan.write_bytes(b"p")
+    assert plan_builds(root, manifest, ["fp16"], H100, settings)[0].reason.startswith(
+        "its plan file")
+
+
+def test_manifest_entries_round_trip_and_resolve(tmp_path):
+    from deco_export.export.tensorrt import BuildSettings
+
+    root = _bundle(tmp_path)
+    settings = BuildSettings(buckets=(1, 2, 4), builder_optimization_level=4,
+                             workspace_bytes=1 << 31)
+    _add_engines(root, H100, settings)
+    manifest = rb.read_manifest(root)
+    art = manifest.get_artifact("tensorrt", "dit", "fp16")
+    assert art.file.startswith("engines/dit-fp16-") and art.file.endswith("/dit.plan")
+    d = art.details
+    assert d["engine_batches"] == [1, 2, 4, 8] and d["batch_buckets"] == [1, 2, 4]
+    assert d["cfg_doubling"] and d["strongly_typed"]
+    assert d["builder_optimization_level"] == 4 and d["workspace_bytes"] == 1 << 31
+    assert d["key"]["gpu"] == H100.gpu_name and d["key"]["compute_capability"] == "9.0"
+    assert d["key"]["tensorrt"] == H100.tensorrt_version
+    assert d["key"]["onnx_sha256"] == manifest.get_artifact("onnx", "dit", "fp16").sha256
+    assert list(art.extra_files) == [art.file.replace("dit.plan", "engine.json")]
+    onnx = manifest.get_artifact("onnx", "dit", "fp16")
+    got = tk.resolve_engine(root, art.details, art.file, art.sha256, H100, onnx.sha256)
+    assert got.relpath == art.file
+    with pytest.raises(tk.EngineMismatchError, match="foreign"):
+        tk.resolve_engine(root, art.details, art.file, art.sha256, A100, onnx.sha256)
+    # Tampering with a plan shows in the bundle's hash check before anything loads it.
+    (root / art.file).write_bytes(b"tampered")
+    assert any("dit.plan" in p for p in rb.verify(root, runtime="tensorrt"))
+
+
+def test_plan_errors_name_the_fix(tmp_path):
+    from deco_export.export.tensorrt import BuildSettings, plan_builds
+
+    root = _bundle(tmp_path, precisions=("fp32",))
+    manifest = rb.read_manifest(root)
+    with pytest.raises(ValueError, match=r"no bf16 ONNX graphs \(it has fp32\).*--precision bf16"):
+        plan_builds(root, manifest, ["bf16"], H100, BuildSettings())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rb.write_manifest(empty, rb.Manifest(model=dict(TINY)))
+    with pytest.raises(ValueError, match="deco export onnx"):
+        plan_builds(empty, rb.read_manifest(empty), None, H100, BuildSettings())
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing TensorRT: one line that names the install and the GPU
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Make ``import tensorrt`` fail, as on every machine without NVIDIA's wheels."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+def test_export_without_tensorrt_fails_with_one_line(tmp_path, no_tensorrt):
+    from deco_export.export.tensorrt import tensorrt_command
+
+    root = _bundle(tmp_path)
+    result = CliRunner().invoke(tensorrt_command, [str(root)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert "TensorRT is not installed" in lines[0]
+    assert "pip install 'deco-export[tensorrt]'" in lines[0] and "NVIDIA GPU" in lines[0]
+    assert not any(root.glob("engines"))
+
+
+def test_export_checks_the_bundle_before_tensorrt(tmp_path, no_tensorrt):
+    from deco_export.cli import main
+
+    root = _bundle(tmp_path, precisions=("fp32",))
+    result = CliRunner().invoke(main, ["export", "tensorrt", str(root), "--precision", "fp16"])
+    assert result.exit_code == 1 and "no fp16 ONNX graphs" in result.output
+    result = CliRunner().invoke(main, ["export", "tensorrt", str(root), "--batch-buckets", "1,x"])
+    assert result.exit_code == 1 and "batch buckets" in result.output
+    result = CliRunner().invoke(main, ["export", "tensorrt", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "no such bundle" in result.output
+
+
+def test_backend_without_tensorrt_names_the_install(tmp_path, no_tensorrt):
+    import runtimes
+    from runtimes.backends.tensorrt import TensorRTBackend
+
+    root = _bundle(tmp_path)
+    with pytest.raises(BackendError, match=r"TensorRT is not available.*NVIDIA GPU"):
+        TensorRTBackend(root, precision="fp16")
+    with pytest.raises(BackendError, match="deco-export\\[tensorrt\\]"):
+        runtimes.load(root, backend="tensorrt", precision="fp16", verify=False)
+
+
+def test_runtimes_tensorrt_modules_import_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None\n"
+            "import runtimes, runtimes.backends.tensorrt, runtimes.backends.tensorrt_keys\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and running engines: only with TensorRT, cuda-python and a GPU
+
+
+def _gpu_tensorrt_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError from a wheel without its libraries
+        return f"TensorRT is not importable here ({exc})"
+    try:
+        from runtimes.backends.tensorrt import import_cuda
+
+        cudart = import_cuda().runtime
+    except Exception as exc:
+        return f"cuda-python is not importable here ({exc})"
+    err, count = cudart.cudaGetDeviceCount()
+    if int(getattr(err, "value", err)) != 0 or count < 1:
+        return "no CUDA GPU is visible"
+    return None
+
+
+_REASON = _gpu_tensorrt_reason()
+needs_trt_gpu = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+@pytest.fixture(scope="module")
+def tiny_trt_bundle(tmp_path_factory, golden_model, golden_ckpt):
+    """The golden tiny model exported to ONNX (fp32, fp16) with engines built for this GPU."""
+    from deco_export.export.onnx import export_onnx
+    from deco_export.export.tensorrt import BuildSettings, export_tensorrt
+
+    root = tmp_path_factory.mktemp("trt") / "bundle"
+    export_onnx(golden_model, root, precisions=("fp32", "fp16"), parity_steps=4,
+                source={"path": str(golden_ckpt)})
+    export_tensorrt(root, settings=BuildSettings(buckets=(1, 2, 4)), checkpoint=str(golden_ckpt),
+                    parity_steps=4)
+    return root
+
+
+@needs_trt_gpu
+@pytest.mark.gpu
+def test_engines_pass_their_gates_and_are_kept_when_up_to_date(tiny_trt_bundle, golden_ckpt):
+    from deco_export.export.tensorrt import BuildSettings, export_tensorrt
+
+    manifest = rb.read_manifest(tiny_trt_bundle)
+    for p in ("fp32", "fp16"):
+        art = manifest.get_artifact("tensorrt", "dit", p)
+        assert art is not None and art.parity["end_to_end"]["status"] == "passed"
+        assert art.details["engine_batches"] == [1, 2, 4, 8]
+    lines = export_tensorrt(tiny_trt_bundle, settings=BuildSettings(buckets=(1, 2, 4)),
+                            checkpoint=str(golden_ckpt))
+    assert lines[0].startswith("engines up to date")
+
+
+@needs_trt_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_backend_fused_steps_match_the_sampler_and_pytorch(tiny_trt_bundle, golden_model,
+                                                           precision):
+    import runtimes
+    from deco_export.parity import psnr
+    from deco_export.torch_backend import TorchBackend
+    from runtimes.sampler import SamplerConfig, sample
+
+    cfg = SamplerConfig(num_steps=8, guidance=3.0, guidance_interval=(0.3, 1.0))
+    noise = runtimes.sample_noise(0, 3, 3, 64, 64)
+    labels = np.array([1, 2, 10])
+    pipe = runtimes.load(tiny_trt_bundle, backend="tensorrt", precision=precision)
+    be = pipe.backend
+    try:
+        fused = sample(be, noise, labels, cfg, null_class=10)
+        again = sample(be, noise, labels, cfg, null_class=10)  # replays the captured graphs
+        unfused = sample(be, noise, labels, cfg, null_class=10, fused_step=False)
+        assert any(be.describe()["cuda_graphs"].values())
+    finally:
+        pipe.close()
+    reference = sample(TorchBackend(golden_model), noise, labels, cfg, null_class=10)
+    assert np.array_equal(fused, again)
+    assert np.abs(fused - unfused).max() < 1e-5
+    assert psnr(reference, fused, data_range=2.0) > (60 if precision == "fp32" else 35)
+
+
+@needs_trt_gpu
+@pytest.mark.gpu
+def test_backend_refuses_stale_and_foreign_engines(tiny_trt_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    import runtimes.backends.tensorrt as trt_backend
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_trt_bundle, copy)
+    manifest = rb.read_manifest(copy)
+    onnx = manifest.get_artifact("onnx", "decoder", "fp16")
+    (copy / onnx.file).write_bytes((copy / onnx.file).read_bytes() + b" ")
+    manifest.add_artifact(rb.Artifact.from_file(copy, "onnx", "decoder", "fp16", onnx.file))
+    rb.write_manifest(copy, manifest)
+    with pytest.raises(tk.EngineMismatchError, match="stale"):
+        trt_backend.TensorRTBackend(copy, precision="fp16")
+
+    real = trt_backend.cuda_environment
+
+    def elsewhere(trt, cuda, device_id=0):
+        env = real(trt, cuda, device_id)
+        return tk.EngineEnvironment(env.tensorrt_version, "Some Other GPU", "1.0")
+
+    monkeypatch.setattr(trt_backend, "cuda_environment", elsewhere)
+    with pytest.raises(tk.EngineMismatchError, match="foreign.*Some Other GPU"):
+        trt_backend.TensorRTBackend(tiny_trt_bundle, precision="fp16")
