@@ -213,7 +213,7 @@ class ImageFolder(Dataset):
         path, label = self.items[i]
         with Image.open(path) as im:
             arr = center_crop_arr(im.convert("RGB"), self.image_size)
-        return torch.from_numpy(np.ascontiguousarray(arr)), label
+        return torch.from_numpy(arr.copy()), label
 
     def to_arrays(self) -> ArrayDataset:
         """Load everything into memory (small folders; evaluation)."""
@@ -234,8 +234,9 @@ def _read_idx(path: Path, header: int) -> np.ndarray:
 
 
 def fashion_mnist(
-    split: str, image_size: tuple[int, int], root: Path = FASHION_MNIST_DIR
+    split: str, image_size: tuple[int, int], root: Path | None = None
 ) -> ArrayDataset:
+    root = root or FASHION_MNIST_DIR
     prefix = "train" if split == "train" else "t10k"
     img_path = root / f"{prefix}-images-idx3-ubyte.gz"
     lbl_path = root / f"{prefix}-labels-idx1-ubyte.gz"
@@ -261,8 +262,9 @@ def fashion_mnist(
 # ------------------------------------------------------------------------------------------------
 
 
-def read_emoji_test(path: Path = EMOJI_TEST) -> tuple[list[str], list[str], list[str]]:
+def read_emoji_test(path: Path | None = None) -> tuple[list[str], list[str], list[str]]:
     """Fully-qualified emoji of emoji-test.txt: (sequences, group names, group order)."""
+    path = path or EMOJI_TEST
     if not path.is_file():
         raise DatasetMissingError("emoji-test.txt (unicode-data)", path)
     seqs, groups, order, group = [], [], [], ""
@@ -316,16 +318,16 @@ def emoji(
     holdout: float = 0.1,
     cache_dir: str | Path | None = None,
 ) -> ArrayDataset:
-    seqs, groups, order = read_emoji_test()
     if not EMOJI_FONT.is_file():
         raise DatasetMissingError("Noto Color Emoji font", EMOJI_FONT)
+    seqs, groups, order = read_emoji_test()
     cache = Path(cache_dir or default_cache_dir()) / (
         f"emoji_{image_size[0]}x{image_size[1]}_{_file_key(EMOJI_FONT, EMOJI_TEST)}.npy"
     )
     if cache.is_file():
         images = np.load(cache)
     else:
-        images = render_emoji(seqs, image_size)
+        images = render_emoji(seqs, image_size, EMOJI_FONT)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:

