@@ -381,6 +381,7 @@ class _Velocity:
             )
         self.cache: Any = None
         self.cache_both = False
+        self.cache_half: Any = None  # the conditional half of a [uncond; cond] cache, sliced once
 
     def __call__(self, x: Any, k: int) -> Any:
         plan, backend, b = self.plan, self.backend, self.batch
@@ -400,13 +401,18 @@ class _Velocity:
                 full = backend.dit(xd, td, yd)
                 self.cache = full
             self.cache_both = dit_both
+            self.cache_half = None
             if self.on_condition is not None:
                 self.on_condition(k, full)
             cond = full[b:] if (dit_both and not both) else full
         else:
             if both and not self.cache_both:  # make_plan rules this out; guard the invariant
                 raise RuntimeError("cached DiT output lacks the unconditional half")
-            part = self.cache[b:] if (self.cache_both and not both) else self.cache
+            part = self.cache
+            if self.cache_both and not both:
+                if self.cache_half is None:
+                    self.cache_half = self.cache[b:]
+                part = self.cache_half
             if self.fresh_t:
                 t_k = self.t_double[k] if both else self.t_single[k]
                 cond = backend.refresh_condition(part, t_k)

@@ -297,11 +297,12 @@ class SimilarityAccumulator:
                 f"cfg_mode='reference' so every step has the same batch"
             )
         self._store[step] = a
+        cur = np.asarray(self._store[step], dtype=np.float32)  # as stored, so S stays symmetric
         row = self.sums[step]
         for lo in range(0, step + 1, self.block):
             hi = min(step + 1, lo + self.block)
             prev = np.asarray(self._store[lo:hi], dtype=np.float32)
-            dots = np.einsum("btd,td->bt", prev, np.asarray(self._store[step], np.float32))
+            dots = np.einsum("btd,td->bt", prev, cur)
             row[lo:hi] += dots.sum(axis=1, dtype=np.float64)
         self.sums[: step, step] = row[: step]
         self._next = step + 1
