@@ -334,7 +334,9 @@ class Trainer:
             repa_head=head,
             state={
                 "epoch": self.epoch,
-                "consumed": self.consumed,
+                # Samples of this epoch already used, counted over all processes, so that a run
+                # can resume on a different number of processes.
+                "epoch_position": self.consumed * self.micro * self.dist.world,
                 "train": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict(),
                 "world_size": self.dist.world,
@@ -360,11 +362,8 @@ class Trainer:
         self.optimizer.load_state_dict(data.optimizer)
         self.noise_gen.set_state(data.noise_rng)
         ckpt.restore_rng(data.rng)
-        self.step, self.epoch, self.consumed = (
-            data.step,
-            data.state["epoch"],
-            data.state["consumed"],
-        )
+        self.step, self.epoch = data.step, data.state["epoch"]
+        self.consumed = data.state["epoch_position"] // (self.micro * self.dist.world)
         if data.state.get("world_size", 1) != self.dist.world and self.dist.main:
             print(
                 f"note: resuming a {data.state['world_size']}-process run on {self.dist.world} "
