@@ -134,7 +134,7 @@ def train(**kw: Any) -> None:
         exported = run(cfg, resume=resume)
     except KeyboardInterrupt:
         raise click.ClickException(
-            f"interrupted; continue with the same command plus --resume (out: {cfg.out})"
+            "interrupted; continue from the last checkpoint with the same command plus --resume"
         ) from None
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"EMA weights: {exported}")
