@@ -527,3 +527,187 @@ def test_backend_refuses_stale_and_foreign_engines(tiny_trt_bundle, tmp_path, mo
     monkeypatch.setattr(trt_backend, "cuda_environment", elsewhere)
     with pytest.raises(tk.EngineMismatchError, match="foreign.*Some Other GPU"):
         trt_backend.TensorRTBackend(tiny_trt_bundle, precision="fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend's own bookkeeping, with a recording stand-in for the device (no TensorRT, no CUDA:
+# this checks which copies, kernels and graph calls the backend issues, not what they compute)
+
+
+class _RecordingCuda:
+    stream_handle = 7
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self._next = 1 << 20
+        self.records: dict[tuple, int] = {}
+
+    def _alloc(self, nbytes):
+        ptr, self._next = self._next, self._next + ((nbytes + 511) // 512 + 1) * 512
+        return ptr
+
+    def malloc(self, nbytes):
+        return self._alloc(nbytes)
+
+    def take(self, nbytes):
+        from runtimes.backends.tensorrt import _Block
+
+        return _Block(self._alloc(nbytes), nbytes, None)
+
+    def copy(self, dst, src, nbytes, kind="DeviceToDevice"):
+        if nbytes > 0 and dst != src:
+            self.calls.append(("copy", dst, src, nbytes, kind))
+
+    def memset(self, ptr, nbytes):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def launch(self, name, n, values, types):
+        assert len(values) == len(types)
+        self.calls.append(("kernel", name, *values))
+
+    def params(self, t, dt, w):
+        return self.records.setdefault((t, dt, w), 0xA000 + 16 * len(self.records))
+
+    def begin_capture(self):
+        self.calls.append(("begin_capture",))
+
+    def end_capture(self):
+        self.calls.append(("end_capture",))
+        self.graphs = getattr(self, "graphs", 0) + 1
+        return f"graph{self.graphs}"
+
+    def launch_graph(self, graph):
+        self.calls.append(("launch_graph", graph))
+
+    def destroy_graph(self, graph):
+        pass
+
+    def take_calls(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+class _RecordingEngine:
+    def __init__(self, cuda, graph, outputs):
+        self.cuda, self.graph, self.outputs = cuda, graph, outputs
+
+    def memory_size(self, batch):
+        return 1024 * batch
+
+    def context(self, batch, shapes, addresses, memory, stream):
+        assert set(addresses) >= {"x_t", "t", "y", "cond", "hidden", "v"}
+
+    def rebind_memory(self, memory):
+        pass
+
+    def execute(self, batch, stream):
+        self.cuda.calls.append(("execute", self.graph, batch))
+
+    def close(self):
+        pass
+
+
+def _recording_backend():
+    from runtimes.backends.tensorrt import TensorRTBackend
+
+    cuda = _RecordingCuda()
+    be = object.__new__(TensorRTBackend)
+    be._cuda = cuda
+    be._engines = {"dit": _RecordingEngine(cuda, "dit", ["cond", "hidden"]),
+                   "decoder": _RecordingEngine(cuda, "decoder", ["v"])}
+    be._slots, be._memory, be._last_out, be._last_key = {}, (0, 0), None, None
+    be.cuda_graphs, be.image_size, be.batches = True, (64, 64), (1, 2, 4, 8, 16)
+    be.null_class, be._c, be._tokens, be._d = 10, 3, 16, 64
+    be.supports_refresh = False
+    return be, cuda
+
+
+def test_step_bookkeeping_guided_then_replay_then_unguided():
+    from runtimes.backends.tensorrt import DeviceArray
+
+    be, cuda = _recording_backend()
+    row = 3 * 64 * 64 * 4
+    x = DeviceArray(cuda, 5000 << 12, (3, 3, 64, 64), "float32")
+    y2 = DeviceArray(cuda, 6000 << 12, (6,), "int64")
+    out = be.step(x, y2, 0.2, 0.01, 3.2)
+    slot = be._slots[8]  # 3 images guided -> [3 | pad 1; 3 | pad 1]
+    xs, ys = slot.buffers["x_t"].ptr, slot.buffers["y"].ptr
+    calls = [c for c in cuda.take_calls() if c[0] != "copy" or c[4] != "HostToDevice"]
+    copies = [c[1:4] for c in calls if c[0] == "copy"]
+    assert copies == [(xs, x.ptr, 3 * row), (xs + 4 * row, x.ptr, 3 * row),
+                      (ys, y2.ptr, 24), (ys + 32, y2.ptr + 24, 24),
+                      (slot.buffers["params"].ptr, cuda.records[(0.2, 0.01, 3.2)], 12)]
+    rest = [c[:2] if c[0] == "kernel" else c for c in calls if c[0] != "copy"]
+    warm = [("kernel", "fill_t"), ("execute", "dit", 8), ("execute", "decoder", 8)]
+    assert rest == [*warm, ("begin_capture",), *warm, ("kernel", "euler_update"),
+                    ("end_capture",), ("launch_graph", "graph1")]
+    update = next(c for c in calls if c[:2] == ("kernel", "euler_update"))
+    assert update[2:] == (xs, slot.buffers["v"].ptr, slot.buffers["params"].ptr,
+                          4 * 3 * 64 * 64, 1)
+    assert out.ptr == xs and out.shape == (3, 3, 64, 64)
+
+    # The next guided step: the state is already in place; one parameter copy, one launch.
+    again = be.step(out, y2, 0.3, 0.01, 3.2)
+    calls = cuda.take_calls()
+    assert [c[0] for c in calls] == ["copy", "launch_graph"] and calls[1][1] == "graph1"
+    assert calls[0][2] == cuda.records[(0.3, 0.01, 3.2)]
+
+    # Leaving the guidance interval: the state moves to the unguided slot once.
+    y = DeviceArray(cuda, 7000 << 12, (3,), "int64")
+    be.step(again, y, 0.05, 0.01, None)
+    slot4 = be._slots[4]
+    calls = [c for c in cuda.take_calls() if c[0] != "copy" or c[4] != "HostToDevice"]
+    copies = [c[1:4] for c in calls if c[0] == "copy"]
+    assert copies[:2] == [(slot4.buffers["x_t"].ptr, xs, 3 * row),
+                          (slot4.buffers["y"].ptr, y.ptr, 24)]
+    update = next(c for c in calls if c[:2] == ("kernel", "euler_update"))
+    assert update[-2:] == (4 * 3 * 64 * 64, 0)
+    assert calls[-1] == ("launch_graph", "graph2")
+
+
+def test_graph_calls_run_the_models_then_copy_out_fresh_arrays():
+    from runtimes.backends.tensorrt import DeviceArray
+
+    be, cuda = _recording_backend()
+    x2 = DeviceArray(cuda, 5000 << 12, (6, 3, 64, 64), "float32")
+    t2 = DeviceArray(cuda, 5100 << 12, (6,), "float32")
+    y2 = DeviceArray(cuda, 5200 << 12, (6,), "int64")
+    cond = be.dit(x2, t2, y2)
+    slot = be._slots[8]
+    calls = [c for c in cuda.take_calls() if c[0] != "copy" or c[4] != "HostToDevice"]
+    assert ("execute", "dit", 8) in calls
+    assert cond.shape == (6, 16, 64) and cond.ptr != slot.buffers["cond"].ptr
+    assert calls[-1][1:4] == (cond.ptr, slot.buffers["cond"].ptr, 6 * 16 * 64 * 4)
+    with pytest.raises(ValueError, match="built for 64x64"):
+        be.decoder(DeviceArray(cuda, 1 << 30, (6, 3, 32, 32), "float32"), cond)
+    with pytest.raises(ValueError, match="--batch-buckets"):
+        be.dit(DeviceArray(cuda, 1 << 30, (17, 3, 64, 64), "float32"), t2, y2)
+
+
+def test_device_array_views_and_arithmetic_match_the_kernel_signature():
+    import re
+
+    from runtimes.backends.tensorrt import _KERNELS, DeviceArray
+
+    cuda = _RecordingCuda()
+    a = DeviceArray(cuda, 4096, (4, 3, 2, 2), "float32")
+    view = a[1:3]
+    assert view.ptr == 4096 + 48 and view.shape == (2, 3, 2, 2) and len(view) == 2
+    assert a[3:1].shape[0] == 0
+    with pytest.raises(TypeError):
+        a[::2]
+    b = DeviceArray(cuda, 8192, (4, 3, 2, 2), "float32")
+    out = a - b * 0.5
+    kernels = [c for c in cuda.calls if c[0] == "kernel"]
+    assert kernels[0][1:] == ("lincomb", kernels[0][2], b.ptr, 0, 0.5, 0.0, 48)
+    assert kernels[1][1:] == ("lincomb", out.ptr, a.ptr, kernels[0][2], 1.0, -1.0, 48)
+    signature = re.search(r"void lincomb\(([^)]*)\)", _KERNELS).group(1)
+    assert [p.split()[-1].strip("*") for p in signature.split(",")] == [
+        "out", "x", "y", "a", "b", "n"]
+    with pytest.raises(TypeError):
+        a * b
+    with pytest.raises(ValueError, match="shape mismatch"):
+        a + b[0:2]
