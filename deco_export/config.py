@@ -99,6 +99,7 @@ PRESETS: dict[str, DeCoConfig] = {
     "DeCo-S/16": DeCoConfig(256, 4, 6, 32, 3, 16, 1000, 3, (256, 256)),
     "DeCo-S/4": DeCoConfig(256, 4, 6, 32, 3, 4, 10, 3, (32, 32)),
     "DeCo-XS/4": DeCoConfig(192, 3, 6, 32, 3, 4, 9, 3, (32, 32)),
+    "DeCo-T/4": DeCoConfig(128, 2, 6, 32, 3, 4, 9, 3, (32, 32)),
     "DeCo-XS/8": DeCoConfig(192, 3, 6, 32, 3, 8, 9, 3, (64, 64)),
 }
 
