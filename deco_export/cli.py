@@ -15,12 +15,35 @@ from pathlib import Path
 
 import click
 
+from runtimes.backend import BackendError
+from runtimes.bundle import BundleError
+
 # Errors a user can cause and fix: shown as one line, never as a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError,
-                                                 NotADirectoryError, IsADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+    KeyError, BackendError, BundleError,
+)
 
 
-class DecoGroup(click.Group):
+class LazyGroup(click.Group):
+    """Subcommands imported on first use: Core ML and TensorRT verbs live beside their
+    exporters, and `deco --help` stays fast."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+class DecoGroup(LazyGroup):
     """A click group that turns user errors into one-line messages and mounts plugin verbs."""
 
     def invoke(self, ctx: click.Context):
@@ -31,7 +54,8 @@ class DecoGroup(click.Group):
         except USER_ERRORS as err:
             if os.environ.get("DECO_DEBUG"):
                 raise
-            message = str(err).strip() or type(err).__name__
+            message = (err.args[0] if isinstance(err, KeyError) and err.args else str(err))
+            message = str(message).strip() or type(err).__name__
             raise click.ClickException(message) from None
         except ModuleNotFoundError as err:
             if os.environ.get("DECO_DEBUG"):
@@ -45,7 +69,7 @@ class DecoGroup(click.Group):
         return sorted({*super().list_commands(ctx), *plugin_commands()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        command = super().get_command(ctx, name)
+        command = super().get_command(ctx, name)  # built-in and lazy verbs
         if command is not None:
             return command
         entry = plugin_commands().get(name)
@@ -65,7 +89,7 @@ def extra_for(module: str | None) -> str:
     }.get(top, "dev")
 
 
-@click.group(cls=DecoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DecoGroup, context_settings={"help_option_names": ["-h", "--help"]}, lazy={})
 @click.version_option(package_name="deco-export")
 def main() -> None:
     """DeCo: faithful model, split-graph export and fast sampling on every runtime."""
@@ -96,24 +120,6 @@ def convert(reference_ckpt: Path, out_dir: Path, weights: str, image_size: str |
 # ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
-
-
-class LazyGroup(click.Group):
-    """Subcommands imported on first use: Core ML and TensorRT verbs live beside their
-    exporters, and `deco --help` stays fast."""
-
-    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lazy = lazy or {}
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy and name not in self.commands:
-            module, attr = self.lazy[name].split(":")
-            self.add_command(getattr(import_module(module), attr), name)
-        return super().get_command(ctx, name)
 
 
 @main.group(cls=LazyGroup, lazy={
@@ -162,11 +168,13 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--hashes-only", is_flag=True, help="verify the files' sha256 and stop")
-def validate(bundle: Path, steps: int, hashes_only: bool) -> None:
+@click.option("--checkpoint", default=None,
+              help="the source checkpoint, when the manifest's path is not valid here")
+def validate(bundle: Path, steps: int, hashes_only: bool, checkpoint: str | None) -> None:
     """Verify every file's sha256 and re-run the parity gate of each ONNX artefact."""
     from .validate import validate_bundle
 
-    report = validate_bundle(bundle, steps=steps, hashes_only=hashes_only,
+    report = validate_bundle(bundle, checkpoint=checkpoint, steps=steps, hashes_only=hashes_only,
                              progress=lambda msg: click.echo(f"  {msg}", err=True))
     for line in report:
         click.echo(line)
@@ -193,13 +201,15 @@ def validate(bundle: Path, steps: int, hashes_only: bool) -> None:
 @click.option("--sharing", default=None,
               help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
                    "JSON written by `deco calibrate`")
+@click.option("--sharing-mode", type=click.Choice(["reuse", "fresh_t"]), default="reuse",
+              show_default=True, help="reuse the condition, or cache h and refresh e_t")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"),
               show_default=True)
 @click.option("--cols", type=int, default=None, help="grid columns")
 def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
            classes: str | None, steps: int | None, guidance: float | None, solver: str | None,
-           shift: float | None, sharing: str | None, seed: int, out: Path,
+           shift: float | None, sharing: str | None, sharing_mode: str, seed: int, out: Path,
            cols: int | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
     from .sampling import open_pipeline, parse_sharing, progress_callback
@@ -211,7 +221,7 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
     with progress_callback("sampling") as callback:
         result = pipe.generate(class_labels=labels, steps=steps, guidance=guidance,
                                solver=solver, shift=shift, seed=seed,
-                               sharing=parse_sharing(sharing, pipe), callback=callback)
+                               sharing=parse_sharing(sharing, sharing_mode), callback=callback)
     from runtimes.image import save_grid
 
     save_grid(result.images, out, cols=cols)

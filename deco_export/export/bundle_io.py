@@ -123,40 +123,18 @@ class BundleTransaction:
         the same noise (reference CFG mode, guidance on); record and gate the PSNR."""
         import runtimes
 
-        from ..torch_backend import TorchBackend
-
         rb.write_manifest(self.staging, self._staged_manifest())
         try:
             pipe = runtimes.load(self.staging, backend=backend, precision=precision,
                                  verify=False, **backend_options)
-            try:
-                got = self._parity_sample(pipe, steps, seed)
-            finally:
-                pipe.close()
-            reference = runtimes.DeCoPipeline(TorchBackend(model, device="cpu"),
-                                              model_config=self.manifest.model,
-                                              sampler_defaults=self.manifest.sampler_defaults)
-            expected = self._parity_sample(reference, steps, seed)
+            figures = end_to_end_figures(model, pipe, self.image_size, steps, seed)
         finally:
             (self.staging / rb.MANIFEST_NAME).unlink(missing_ok=True)
-        psnr_db = psnr(expected, got, data_range=2.0)
-        check_end_to_end_gate(precision, psnr_db, what=f"{backend} {precision} export")
-        figures = {
-            "status": "passed", "backend": backend, "steps": steps, "seed": seed,
-            "guidance": PARITY_GUIDANCE, "batch": len(PARITY_LABELS) + 1,
-            "max_abs_error": max_abs_error(expected, got), "psnr_db": finite(psnr_db),
-            "threshold_db": END_TO_END_MIN_PSNR[precision],
-        }
-        self.record_end_to_end(runtime or runtime_of(backend), precision, figures)
-        return {**figures, "psnr_db": psnr_db}
-
-    def _parity_sample(self, pipe: Any, steps: int, seed: int) -> np.ndarray:
-        labels = [self.config.null_class, *PARITY_LABELS]
-        labels = [min(label, self.config.null_class) for label in labels]
-        out = pipe.generate(class_labels=labels, steps=steps, guidance=PARITY_GUIDANCE,
-                            seed=seed, output_type="np", cfg_mode="reference",
-                            height=self.image_size[0], width=self.image_size[1])
-        return np.asarray(out.images, dtype=np.float32)
+        check_end_to_end_gate(precision, figures["psnr_db"], what=f"{backend} {precision} export")
+        figures["threshold_db"] = END_TO_END_MIN_PSNR[precision]
+        self.record_end_to_end(runtime or runtime_of(backend), precision,
+                               {**figures, "psnr_db": finite(figures["psnr_db"])})
+        return figures
 
     # -- commit ------------------------------------------------------------------------------
 
@@ -178,6 +156,37 @@ class BundleTransaction:
                     shutil.rmtree(target)
                 os.replace(self.staging / rel, target)
         rb.write_manifest(self.bundle, manifest)
+
+
+def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], steps: int,
+                       seed: int) -> dict[str, Any]:
+    """Sample the same noise through ``pipe`` and through PyTorch fp32 eager; compare images.
+
+    Labels put the null class first, then two real classes; guidance is on (reference CFG
+    mode), so both branches and the guidance arithmetic are exercised.
+    """
+    import runtimes
+
+    from ..torch_backend import TorchBackend
+
+    reference = runtimes.DeCoPipeline(
+        TorchBackend(model, device="cpu"), model_config=model.config.to_dict(),
+        sampler_defaults=default_sampler_settings(model.config))
+    labels = [model.config.null_class, *(min(c, model.config.num_classes - 1)
+                                         for c in PARITY_LABELS)]
+    images = []
+    for p in (pipe, reference):
+        try:
+            out = p.generate(class_labels=labels, steps=steps, guidance=PARITY_GUIDANCE,
+                             seed=seed, output_type="np", cfg_mode="reference",
+                             height=image_size[0], width=image_size[1])
+        finally:
+            p.close()
+        images.append(np.asarray(out.images, dtype=np.float32))
+    got, expected = images
+    return {"status": "passed", "steps": steps, "seed": seed, "guidance": PARITY_GUIDANCE,
+            "batch": len(labels), "max_abs_error": max_abs_error(expected, got),
+            "psnr_db": psnr(expected, got, data_range=2.0)}
 
 
 def runtime_of(backend: str) -> str:

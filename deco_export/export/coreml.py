@@ -84,6 +84,7 @@ DEFAULT_BATCH_SIZES = (1, 2)
 PARITY_BATCHES = (1, 2)
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller tensors (norm weights, biases) stay
 PALETTE_GROUP_SIZE = 16
+HISTOGRAM_BINS = 1 << 16  # fp32 palettes cluster a histogram this fine, not every weight
 DEFAULT_LICENSE = (
     "Weights: the licence of the source checkpoint. Export code: Apache-2.0 (deco-export)."
 )
@@ -546,25 +547,11 @@ def compute_unit(ct: Any, name: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def kmeans_lut(weight: np.ndarray, nbits: int, iterations: int = 30
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """1-D k-means look-up table (2**nbits entries) and per-weight indices.
-
-    Lloyd's algorithm on the distinct values weighted by their counts, started from weighted
-    quantiles; in one dimension the assignment is a search against the centroid midpoints, so
-    this stays fast on hundred-million-weight models without scikit-learn.
-    """
-    k = 1 << nbits
-    values, inverse, counts = np.unique(weight.reshape(-1), return_inverse=True,
-                                        return_counts=True)
-    lut = np.zeros(k, dtype=np.float64)
-    if len(values) <= k:
-        lut[: len(values)] = values
-        return lut.astype(weight.dtype), inverse.reshape(-1).astype(np.uint8)
-    v = values.astype(np.float64)
-    w = counts.astype(np.float64)
-    cdf = np.cumsum(w) / w.sum()
-    centroids = v[np.minimum(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), len(v) - 1)]
+def _lloyd(v: np.ndarray, w: np.ndarray, centroids: np.ndarray, iterations: int
+           ) -> tuple[np.ndarray, float]:
+    """Weighted 1-D Lloyd iterations; returns the centroids and their weighted squared error.
+    In one dimension the assignment is a search against the centroid midpoints."""
+    k = len(centroids)
     for _ in range(iterations):
         assign = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, v)
         mass = np.bincount(assign, weights=w, minlength=k)
@@ -574,7 +561,41 @@ def kmeans_lut(weight: np.ndarray, nbits: int, iterations: int = 30
             break
         centroids = updated
     assign = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, v)
-    return centroids.astype(weight.dtype), assign[inverse.reshape(-1)].astype(np.uint8)
+    return centroids, float(np.sum(w * (v - centroids[assign]) ** 2))
+
+
+def kmeans_lut(weight: np.ndarray, nbits: int, iterations: int = 100
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """1-D k-means look-up table (2**nbits entries) and per-weight indices.
+
+    Lloyd's algorithm on the distinct values weighted by their counts (fp16 has at most 63k),
+    or on a 65,536-bin histogram for large fp32 tensors, so it stays fast on hundred-million-
+    weight models without scikit-learn. Lloyd only ever lowers the error of its start, and in
+    one dimension it moves slowly, so it runs from two starts, a uniform grid (the result is
+    never worse than uniform quantisation) and weighted quantiles, and keeps the better.
+    Every weight is then assigned exactly to its nearest stored entry.
+    """
+    k = 1 << nbits
+    flat = weight.reshape(-1)
+    if flat.dtype == np.float16 or flat.size <= HISTOGRAM_BINS:
+        values, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+        if len(values) <= k:
+            lut = np.zeros(k, dtype=weight.dtype)
+            lut[: len(values)] = values
+            return lut, inverse.reshape(-1).astype(np.uint8)
+        v, w = values.astype(np.float64), counts.astype(np.float64)
+    else:
+        hist, edges = np.histogram(flat.astype(np.float64), bins=HISTOGRAM_BINS)
+        keep = hist > 0
+        v, w = ((edges[:-1] + edges[1:]) / 2)[keep], hist[keep].astype(np.float64)
+    cdf = np.cumsum(w) / w.sum()
+    starts = (np.linspace(v[0], v[-1], k),
+              v[np.minimum(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), len(v) - 1)])
+    centroids, _ = min((_lloyd(v, w, c, iterations) for c in starts), key=lambda r: r[1])
+    lut = centroids.astype(weight.dtype)
+    stored = lut.astype(np.float64)
+    indices = np.searchsorted((stored[1:] + stored[:-1]) / 2, flat.astype(np.float64))
+    return lut, indices.astype(np.uint8)
 
 
 def largest_divisor(n: int, limit: int) -> int:
@@ -685,7 +706,8 @@ def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
     user = {
         "deco.graph": graph,
         "deco.precision": precision,
-        "deco.config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "deco.config": json.dumps(model.config.to_dict() | {"image_size": list(image_size)},
+                                  sort_keys=True),
         "deco.image_size": f"{image_size[0]}x{image_size[1]}",
         "deco.batch_sizes": ",".join(str(b) for b in batch_sizes),
         "deco.deployment_target": target,
@@ -907,9 +929,8 @@ def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, co
         figures = txn.end_to_end_parity(model, "coreml", precision, steps, seed,
                                         compute_units=compute_units)
     else:
-        from runtimes.backends.coreml import CoreMLBackend
-
         from runtimes import DeCoPipeline
+        from runtimes.backends.coreml import CoreMLBackend
 
         say(f"sampling end to end through Core ML ({precision}, {compression}, {steps} steps)")
         paths = {a.graph: txn.staging / a.file for a in txn.artifacts

@@ -1,0 +1,100 @@
+"""Glue between the CLI and the runtime sampler: open a pipeline from a bundle or a checkpoint,
+read sharing specs, show progress. The sampling itself lives once, in ``runtimes.sampler``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .sources import is_bundle
+
+BUNDLE_BACKENDS = ("onnxruntime", "coreml", "tensorrt")
+
+
+def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
+                  providers: str | None = None, device: str = "cpu", compile: bool = False):
+    """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch)."""
+    import runtimes
+
+    if is_bundle(source):
+        backend = backend or "onnxruntime"
+        if backend == "torch":
+            raise ValueError(
+                f"{source} is an exported bundle; the torch backend samples checkpoints. Use "
+                f"--backend {'|'.join(BUNDLE_BACKENDS)}, or pass the checkpoint"
+            )
+        options: dict[str, Any] = {}
+        if providers:
+            options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
+        return runtimes.load(source, backend=backend, precision=precision, **options)
+    backend = backend or "torch"
+    if backend != "torch":
+        raise ValueError(
+            f"{source} is a checkpoint, which only the torch backend runs; export it first "
+            f"(`deco export onnx {source} BUNDLE`) to use {backend}"
+        )
+    from .export.bundle_io import default_sampler_settings
+    from .sources import load_model
+    from .torch_backend import TorchBackend
+
+    model, _ = load_model(source)
+    backend_obj = TorchBackend(model, device=device, precision=precision, compile=compile)
+    return runtimes.DeCoPipeline(backend_obj, model_config=model_config_dict(model),
+                                 sampler_defaults=default_sampler_settings(model.config))
+
+
+def model_config_dict(model) -> dict[str, Any]:
+    return model.config.to_dict()
+
+
+def parse_sharing(text: str | None, mode: str = "reuse") -> Any:
+    """CLI spelling of a DiT-sharing schedule -> a spec ``runtimes`` understands.
+
+    '0.5' (ratio), 'every:4', '0,3,6,9' (explicit steps), 'path.json[#key]' (a saved schedule),
+    or a key of a schedule stored in the bundle.
+    """
+    if text is None or text.strip().lower() in ("", "none", "off", "0", "0.0"):
+        return None if mode == "reuse" else {"ratio": 0.0, "mode": mode}
+    text = text.strip()
+    if text.startswith("every:"):
+        return {"every": int(text.split(":", 1)[1]), "mode": mode}
+    if "," in text:
+        return {"steps": [int(s) for s in text.split(",") if s.strip()], "mode": mode}
+    with contextlib.suppress(ValueError):
+        return {"ratio": float(text), "mode": mode}
+    path, _, key = text.partition("#")
+    if path.endswith(".json"):
+        data = json.loads(Path(path).read_text())
+        schedules = data.get("schedules", data)
+        if not key:
+            if len(schedules) != 1:
+                raise ValueError(f"{path} holds {len(schedules)} schedules; pick one: {path}#KEY")
+            key = next(iter(schedules))
+        spec = dict(schedules[key])
+        spec["mode"] = mode if mode != "reuse" else spec.get("mode", "reuse")
+        return spec
+    return text
+
+
+@contextlib.contextmanager
+def progress_callback(description: str) -> Iterator[Any]:
+    """A tqdm bar fed by the sampler's ``callback(step, num_steps, t)``."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def callback(step: int, num_steps: int, t: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=num_steps, desc=description, unit="step", leave=False)
+        bar.update(1)
+        bar.set_postfix(t=f"{t:.3f}")
+
+    try:
+        yield callback
+    finally:
+        if bar is not None:
+            bar.close()
