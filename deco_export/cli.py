@@ -89,7 +89,9 @@ def extra_for(module: str | None) -> str:
     }.get(top, "dev")
 
 
-@click.group(cls=DecoGroup, context_settings={"help_option_names": ["-h", "--help"]}, lazy={})
+@click.group(cls=DecoGroup, context_settings={"help_option_names": ["-h", "--help"]}, lazy={
+    "calibrate": "deco_export.calibrate:calibrate_command",
+})
 @click.version_option(package_name="deco-export")
 def main() -> None:
     """DeCo: faithful model, split-graph export and fast sampling on every runtime."""
