@@ -177,7 +177,9 @@ KILL_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("point", ["writing", "pruning"])
 def test_kill_while_saving_keeps_a_loadable_checkpoint(assets, tmp_path, point):
     out = tmp_path / "run"
-    cfg = tiny_config(assets, out, steps=6, ckpt_every=2, keep_checkpoints=1, repa_encoder=None)
+    cfg = tiny_config(
+        assets, out, steps=6, ckpt_every=2, keep_checkpoints=1, repa_encoder=None, log_every=1
+    )
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -192,8 +194,11 @@ def test_kill_while_saving_keeps_a_loadable_checkpoint(assets, tmp_path, point):
     data = load_checkpoint(ckpts[-1])
     assert data.step == int(expected[-1])
     assert data.ema.keys() == data.model.keys()
-    # The run continues from there and cleans up the debris of the interrupted save.
+    # The run continues from there, cleans up the debris of the interrupted save and redoes
+    # the log records written after the checkpoint.
     train(cfg, resume=True)
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_0000006"]
 

@@ -475,6 +475,18 @@ class Trainer:
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         return save_grid(to_uint8(x), path, ncols=self.cfg.sample_per_class, scale=scale)
 
+    def _truncate_log(self) -> None:
+        """Drop records written after the checkpoint a run resumes from (they are redone)."""
+        log = self.out / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text().splitlines()
+        keep = [x for x in lines if x.strip() and json.loads(x)["step"] <= self.step]
+        if len(keep) != len(lines):
+            tmp = log.with_name(".log.jsonl.tmp")
+            tmp.write_text("".join(x + "\n" for x in keep))
+            tmp.replace(log)
+
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -490,6 +502,7 @@ class Trainer:
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_dir)
+            self._truncate_log()
             (self.out / "train_config.json").write_text(
                 json.dumps({"train": cfg.to_dict(), "model": self.model_config.to_dict()}, indent=1)
                 + "\n"
