@@ -602,56 +602,74 @@ def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+# Ops whose constant inputs are learned weights. Other large constants (the RoPE cos/sin tables,
+# the decoder's folded DCT position term) are exact functions of the geometry and stay as they
+# are: quantising RoPE's tables would undo its fp32 island.
+WEIGHT_CONSUMERS = ("linear", "matmul", "conv", "gather", "embedding")
+
+
 def compression_config(ct: Any, mlmodel: Any, compression: str, target: Any
                        ) -> tuple[Any, dict[str, Any]]:
     """coremltools OptimizationConfig for a compression name, and what to record about it.
 
-    Grouped palettes need the group to divide the output channels; DeCo's SwiGLU width
-    (int(8D/3), e.g. 2730) and the label table (num_classes + 1 rows) rarely divide by 16, so
-    those tensors get the largest divisor <= 16 as their group size instead of being skipped.
+    Only learned weights are compressed (see `WEIGHT_CONSUMERS`). Grouped palettes need the
+    group to divide the output channels; DeCo's SwiGLU width (int(8D/3), e.g. 2730) and the
+    label table (num_classes + 1 rows) rarely divide by 16, so those tensors get the largest
+    divisor <= 16 as their group size instead of being skipped.
     """
     from coremltools.optimize import coreml as cto
 
-    if compression == "int8":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
-                                         granularity="per_channel",
-                                         weight_threshold=WEIGHT_THRESHOLD)
-        record: dict[str, Any] = {"method": "linear_quantize_weights", "nbits": 8,
-                                  "mode": "linear_symmetric", "granularity": "per_channel"}
-        return cto.OptimizationConfig(global_config=op), {**record,
-                                                          "weight_threshold": WEIGHT_THRESHOLD}
-    if compression not in ("palette6", "palette4"):
+    if compression not in COMPRESSIONS or compression == "none":
         raise CoreMLExportError(
-            f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}"
+            f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS[1:])}"
         )
-    nbits = int(compression[-1])
-    lut = partial(kmeans_lut, nbits=nbits)
-    record = {"method": "palettize_weights", "nbits": nbits, "mode": "kmeans (1-D, Lloyd)",
-              "weight_threshold": WEIGHT_THRESHOLD}
-    if not joint_enumerated_shapes(ct, target):  # grouped palettes need iOS 18 / macOS 15
-        op = cto.OpPalettizerConfig(mode="custom", lut_function=lut, granularity="per_tensor",
-                                    weight_threshold=WEIGHT_THRESHOLD)
-        return cto.OptimizationConfig(global_config=op), {**record, "granularity": "per_tensor"}
+    record: dict[str, Any] = {"weight_threshold": WEIGHT_THRESHOLD}
+    if compression == "int8":
+        record.update(method="linear_quantize_weights", nbits=8, mode="linear_symmetric",
+                      granularity="per_channel")
 
-    def grouped(size: int) -> Any:
-        return cto.OpPalettizerConfig(mode="custom", lut_function=lut,
-                                      granularity="per_grouped_channel", group_size=size,
-                                      channel_axis=0, weight_threshold=WEIGHT_THRESHOLD)
+        def make(_rows: int) -> Any:
+            return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                               granularity="per_channel",
+                                               weight_threshold=WEIGHT_THRESHOLD)
+        grouped = False
+    else:
+        nbits = int(compression[-1])
+        lut = partial(kmeans_lut, nbits=nbits)
+        grouped = joint_enumerated_shapes(ct, target)  # grouped palettes need iOS 18 / macOS 15
+        record.update(method="palettize_weights", nbits=nbits, mode="kmeans (1-D, Lloyd)",
+                      granularity="per_grouped_channel" if grouped else "per_tensor")
+
+        def make(rows: int) -> Any:
+            if not grouped:
+                return cto.OpPalettizerConfig(mode="custom", lut_function=lut,
+                                              granularity="per_tensor",
+                                              weight_threshold=WEIGHT_THRESHOLD)
+            return cto.OpPalettizerConfig(
+                mode="custom", lut_function=lut, granularity="per_grouped_channel",
+                group_size=largest_divisor(rows, PALETTE_GROUP_SIZE), channel_axis=0,
+                weight_threshold=WEIGHT_THRESHOLD)
 
     by_name: dict[str, Any] = {}
-    for function in mlmodel._mil_program.functions.values():
-        for const in function.operations:
-            value = getattr(const.outputs[0], "val", None) if const.op_type == "const" else None
-            if not isinstance(value, np.ndarray) or value.ndim < 2 or \
-                    value.size <= WEIGHT_THRESHOLD or value.dtype.kind != "f":
-                continue
-            size = largest_divisor(value.shape[0], PALETTE_GROUP_SIZE)
-            if size != PALETTE_GROUP_SIZE:
-                by_name[const.name] = grouped(size)
-    config = cto.OptimizationConfig(global_config=grouped(PALETTE_GROUP_SIZE),
-                                    op_name_configs=by_name)
-    return config, {**record, "granularity": "per_grouped_channel",
-                    "group_size": PALETTE_GROUP_SIZE, "smaller_groups": len(by_name)}
+    compressed = kept = smaller = 0
+    with _quiet_conversion(False):
+        weights = cto.get_weights_metadata(mlmodel, weight_threshold=WEIGHT_THRESHOLD)
+    for name, meta in weights.items():
+        value = np.asarray(meta.val)
+        consumers = {child.op_type for child in meta.child_ops}
+        if value.ndim < 2 or value.dtype.kind != "f" or not consumers or \
+                not consumers <= set(WEIGHT_CONSUMERS):
+            by_name[name] = None
+            kept += 1
+            continue
+        compressed += 1
+        if grouped and value.shape[0] % PALETTE_GROUP_SIZE:
+            smaller += 1
+        by_name[name] = make(int(value.shape[0]))
+    record.update(compressed_tensors=compressed, uncompressed_constants=kept)
+    if grouped:
+        record.update(group_size=PALETTE_GROUP_SIZE, smaller_groups=smaller)
+    return cto.OptimizationConfig(global_config=None, op_name_configs=by_name), record
 
 
 def compress_model(mlmodel: Any, compression: str, target: str = DEFAULT_TARGET,
@@ -675,6 +693,28 @@ def compress_model(mlmodel: Any, compression: str, target: str = DEFAULT_TARGET,
             compressed = cto.palettize_weights(mlmodel, config=config)
     record["seconds"] = round(time.perf_counter() - started, 2)
     return compressed, record
+
+
+def compress_package(source: str | Path, destination: str | Path, compression: str,
+                     target: str | None = None) -> dict[str, Any]:
+    """Compress the weights of a saved package into a new one, without converting again.
+
+    ``target`` defaults to the deployment target recorded in the package's metadata, else the
+    one its specification version implies (grouped palettes need iOS 18 / macOS 15). Metadata
+    and descriptions are kept; ``deco.compression`` is updated. Returns the compression record.
+    """
+    ct = import_coremltools()
+    with _quiet_logs():
+        mlmodel = ct.models.MLModel(str(source), skip_model_load=True)
+    version = mlmodel.get_spec().specificationVersion
+    implied = next((n for n in DEPLOYMENT_TARGETS if getattr(ct.target, n) == version),
+                   DEFAULT_TARGET)
+    target = target or mlmodel.user_defined_metadata.get("deco.deployment_target", implied)
+    compressed, record = compress_model(mlmodel, compression, target)
+    compressed.user_defined_metadata["deco.compression"] = compression
+    with _quiet_logs():
+        compressed.save(str(destination))
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,6 +843,7 @@ def export_coreml(
             )
     licence = license or (source or {}).get("license") or DEFAULT_LICENSE
     modules = graph_modules(model, "fp32")
+    trace_inputs = tracing_inputs(model, height, width, seed)
     with bundle_io.BundleTransaction(bundle, model.config, (height, width), source) as txn:
         for precision in precisions:
             parity: list[GraphParity] = []
@@ -811,9 +852,8 @@ def export_coreml(
                 say(f"converting {name} ({target}, batch {','.join(map(str, sizes))}"
                     f"{', ' + compression if compression != 'none' else ''})")
                 started = time.perf_counter()
-                inputs = example_inputs(model, graph, 2, height, width, seed=seed)
                 mlmodel, report = convert_graph(
-                    modules[graph], graph, inputs, precision=precision, target=target,
+                    modules[graph], graph, trace_inputs[graph], precision=precision, target=target,
                     batch_sizes=sizes, islands=islands, compute_units=compute_units,
                     verbose=verbose)
                 convert_seconds = time.perf_counter() - started
@@ -873,6 +913,16 @@ def export_coreml(
                 txn.record_end_to_end("coreml", precision, {
                     "status": "not run", "reason": NOT_RUN_REASON.format(platform=sys.platform)})
     return Path(bundle)
+
+
+def tracing_inputs(model: DeCo, height: int, width: int, seed: int
+                   ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Batch-2 inputs of every graph from one DiT forward (``example_inputs`` runs the DiT once
+    per graph, which costs more than converting the small graphs of a large model)."""
+    x_t, t, y = example_inputs(model, "dit", 2, height, width, seed=seed)
+    with torch.no_grad():
+        cond, hidden = model.dit(x_t, t, y)
+    return {"dit": (x_t, t, y), "decoder": (x_t, cond), "refresh": (hidden, t)}
 
 
 def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int]) -> dict[str, str]:
@@ -1066,6 +1116,7 @@ __all__ = [
     "ProgramReport",
     "check_ranks",
     "compress_model",
+    "compress_package",
     "convert_graph",
     "coreml_command",
     "coreml_file_name",
