@@ -1,8 +1,28 @@
-"""deco-export: DeCo models, checkpoint IO, exporters and the PyTorch backend."""
+"""deco-export: DeCo models, checkpoint IO, exporters and the PyTorch backend.
+
+The top-level names import torch on first use only, so ``deco --help`` and the CLI's
+process setup run before torch is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .config import DeCoConfig, get_preset
-from .model import DeCo
+_LAZY = {
+    "DeCo": ("deco_export.model", "DeCo"),
+    "DeCoConfig": ("deco_export.config", "DeCoConfig"),
+    "get_preset": ("deco_export.config", "get_preset"),
+}
 
 __all__ = ["DeCo", "DeCoConfig", "__version__", "get_preset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'deco_export' has no attribute {name!r}")

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+
+# On shared or busy machines OpenMP threads that spin while waiting slow every torch call
+# several-fold; waiting passively costs nothing measurable when the machine is idle. This must
+# be set before torch is imported, which is why the package imports torch lazily.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
