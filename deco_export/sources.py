@@ -47,3 +47,29 @@ def load_model(spec: str | Path, weights: str = "ema"):
         source = {"path": str(path.resolve()), "sha256": sha256_file(path),
                   "kind": "reference-lightning", "weights": weights}
     return model, source
+
+
+def bundle_source_model(root: str | Path, manifest: Any, checkpoint: str | None = None):
+    """The PyTorch model a bundle was exported from: the parity reference of every gate.
+
+    The manifest names the source and its sha256; ``checkpoint`` overrides the path when the
+    bundle has moved machines (then the sha256 is not enforced, the model shape still is).
+    """
+    source = checkpoint or (manifest.source or {}).get("path")
+    if not source:
+        raise ValueError(
+            f"{root} does not name its source checkpoint; pass --checkpoint PATH (the parity "
+            "gate compares every artefact with PyTorch)"
+        )
+    model, record = load_model(source)
+    expected = (manifest.source or {}).get("sha256")
+    if checkpoint is None and expected and record.get("sha256") != expected:
+        raise ValueError(
+            f"the checkpoint at {source} is not the one {root} was exported from (sha256 "
+            "differs); pass the original with --checkpoint"
+        )
+    ours = {k: v for k, v in model.config.to_dict().items() if k != "image_size"}
+    theirs = {k: v for k, v in dict(manifest.model).items() if k != "image_size"}
+    if ours != theirs:
+        raise ValueError(f"{source} is a different model from the one in {root}")
+    return model.float().cpu().eval()

@@ -12,7 +12,7 @@ from pathlib import Path
 from runtimes import bundle as rb
 
 from .parity import check_end_to_end_gate, check_graph_gate
-from .sources import load_model
+from .sources import bundle_source_model
 
 
 def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: int = 10,
@@ -31,18 +31,7 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     if hashes_only:
         return lines
 
-    source = checkpoint or (manifest.source or {}).get("path")
-    if not source:
-        raise ValueError(f"{bundle} does not name its source checkpoint; pass --checkpoint PATH")
-    model, record = load_model(source)
-    expected_sha = (manifest.source or {}).get("sha256")
-    if checkpoint is None and expected_sha and record.get("sha256") != expected_sha:
-        raise ValueError(
-            f"the checkpoint at {source} is not the one {bundle} was exported from (sha256 "
-            "differs); pass the original with --checkpoint"
-        )
-    if model.config.to_dict() | {"image_size": None} != manifest.model | {"image_size": None}:
-        raise ValueError(f"{source} is a different model from the one in {bundle}")
+    model = bundle_source_model(bundle, manifest, checkpoint)
 
     from .export.bundle_io import end_to_end_figures
     from .export.onnx import graph_parity

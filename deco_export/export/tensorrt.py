@@ -318,7 +318,9 @@ def export_tensorrt(
         return [f"engines up to date for {env.gpu_name}, TensorRT {env.tensorrt_version}:",
                 *(f"  {item.describe()}" for item in items)]
 
-    model = _parity_model(root, manifest, checkpoint)
+    from ..sources import bundle_source_model
+
+    model = bundle_source_model(root, manifest, checkpoint)
     cache_path = Path(timing_cache) if timing_cache else tk.timing_cache_path(env)
     image_size = manifest.model.image_size
     lines: list[str] = []
@@ -383,30 +385,6 @@ def export_tensorrt(
     for item in items:
         lines.append(f"  {item.describe()}")
     return lines
-
-
-def _parity_model(root: Path, manifest: rb.Manifest, checkpoint: str | None) -> Any:
-    """The PyTorch model the bundle was exported from (the parity reference)."""
-    from ..sources import load_model
-
-    source = checkpoint or (manifest.source or {}).get("path")
-    if not source:
-        raise ValueError(
-            f"{root} does not name its source checkpoint; pass --checkpoint PATH (the parity "
-            "gate compares every engine with PyTorch)"
-        )
-    model, record = load_model(source)
-    expected = (manifest.source or {}).get("sha256")
-    if checkpoint is None and expected and record.get("sha256") != expected:
-        raise ValueError(
-            f"the checkpoint at {source} is not the one {root} was exported from (sha256 "
-            "differs); pass the original with --checkpoint"
-        )
-    ours = {k: v for k, v in model.config.to_dict().items() if k != "image_size"}
-    theirs = {k: v for k, v in dict(manifest.model).items() if k != "image_size"}
-    if ours != theirs:
-        raise ValueError(f"{source} is a different model from the one in {root}")
-    return model.float().cpu().eval()
 
 
 def _link(src: Path, dst: Path) -> None:
