@@ -96,6 +96,7 @@ def extra_for(module: str | None) -> str:
 
 @click.group(cls=DecoGroup, context_settings={"help_option_names": ["-h", "--help"]}, lazy={
     "calibrate": "deco_export.calibrate:calibrate_command",
+    "bench": "deco_export.bench:bench_command",
 })
 @click.version_option(package_name="deco-export")
 def main() -> None:
