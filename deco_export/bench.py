@@ -181,6 +181,7 @@ class BenchSettings:
     steps: tuple[int, ...] = (50,)
     repeats: int = 5
     warmup: int = 1
+    rounds: int = 1
     threads: int | None = None
     sharing: str | None = None
     sharing_mode: str = "reuse"
@@ -221,6 +222,8 @@ class BenchSettings:
                 raise ValueError(f"every {name} must be a positive integer, got {list(values)}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, got {self.rounds}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
@@ -818,7 +821,7 @@ def run_worker(spec: dict[str, Any], work: Path, logs: Path, timeout_s: float,
     spec = {**spec, "result": str(work / f"{key}.result.json")}
     spec_path = work / f"{key}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    log_path = logs / f"{key}.log"
+    log_path = logs / f"{spec.get('log_name', key)}.log"
     env = dict(os.environ)
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
@@ -900,6 +903,35 @@ def _quality(reference: np.ndarray, images: np.ndarray) -> dict[str, float | Non
             "psnr_db": finite(psnr(reference, images, data_range=2.0))}
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One worker result from several rounds: timed runs pooled, per-round medians kept (their
+    spread shows how noisy the machine was), load times and peak memory from every round."""
+    first = rounds[0]
+    ok = [r for r in rounds if r.get("status") == "ok"]
+    if first.get("status") != "ok" or len(rounds) == 1:
+        return first
+    merged = dict(first)
+    merged["rounds"] = len(ok)
+    failed = [r.get("reason", "") for r in rounds if r.get("status") != "ok"]
+    if failed:
+        merged["round_failures"] = failed
+    runs = []
+    for i, run in enumerate(first["runs"]):
+        per = [r["runs"][i] for r in ok]
+        runs.append({**run,
+                     "seconds": [t for p in per for t in p["seconds"]],
+                     "stages": {k: [v for p in per for v in p["stages"][k]]
+                                for k in run["stages"]},
+                     "round_median_s": [statistics.median(p["seconds"]) for p in per]})
+    merged["runs"] = runs
+    merged["load"] = {"cold_s": statistics.median(r["load"]["cold_s"] for r in ok),
+                      "warm_s": statistics.median(r["load"]["warm_s"] for r in ok),
+                      "cold_s_per_round": [r["load"]["cold_s"] for r in ok]}
+    merged["memory"] = {**first["memory"],
+                        "peak_rss_mib": max(r["memory"].get("peak_rss_mib") or 0 for r in ok)}
+    return merged
+
+
 def assemble_rows(results: list[tuple[RowSpec, dict[str, Any]]], work: Path
                   ) -> list[dict[str, Any]]:
     """Rows ordered by (steps, batch) then backend order, the reference leading each group,
@@ -916,6 +948,10 @@ def assemble_rows(results: list[tuple[RowSpec, dict[str, Any]]], work: Path
             if ref_run is not None:
                 ref_ms = 1000.0 * statistics.median(ref_run["seconds"]) / run["batch"]
                 row["speed_up"] = ref_ms / row["ms_per_image"] if row["ms_per_image"] else None
+                if "round_median_s" in run and "round_median_s" in ref_run:
+                    row["speed_up_per_round"] = [
+                        a / b for a, b in zip(ref_run["round_median_s"], run["round_median_s"],
+                                              strict=False)]
                 row.update(_quality(np.load(work / ref_run["images"]),
                                     np.load(work / run["images"])))
             row["load_s"] = result["load"]
@@ -973,6 +1009,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         if r.get("gpu_memory_mib") is not None:
             mem += f" (GPU {r['gpu_memory_mib']:.0f})"
         speed = "" if r.get("speed_up") is None else f"{r['speed_up']:.2f}x"
+        spread = r.get("speed_up_per_round") or []
+        if len(spread) > 1 and r["backend"] != REFERENCE:
+            speed += f" ({min(spread):.2f}–{max(spread):.2f})"
         err = "" if "max_abs_error" not in r else f"{r['max_abs_error']:.1e}"
         lines.append(
             f"| {r['backend']} | {r['precision']} | "
@@ -1002,7 +1041,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         f"**sampler** Euler, CFG {report['guidance']} on "
         f"({report['guidance_interval'][0]}, {report['guidance_interval'][1]}], "
         f"sharing {s['sharing'] or 'off'}; median and p90 of {s['repeats']} runs after "
-        f"{s['warmup']} warm-up run(s); times per image.",
+        f"{s['warmup']} warm-up run(s)"
+        + (f", in each of {s['rounds']} interleaved rounds" if s.get("rounds", 1) > 1 else "")
+        + "; times per image.",
         "",
         f"**Machine** {env['cpu_model']}, {env.get('cpu_affinity', env['cpu_count'])} usable "
         f"cores, threads {s['threads'] or 'library default'}, "
@@ -1147,28 +1188,38 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     }
     per_row = len(settings.batch_sizes) * len(settings.steps) * (
         max(1, settings.warmup) + settings.repeats - (settings.warmup == 0))
-    results: list[tuple[RowSpec, dict[str, Any]]] = []
+    rounds: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in runs}
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=per_row * len(runs), unit="run", disable=not settings.progress,
-                   desc="bench")
+        bar = tqdm(total=per_row * len(runs) * settings.rounds, unit="run",
+                   disable=not settings.progress, desc="bench")
         with bar:
-            for spec in runs:
-                bar.set_description(spec.key)
-                done = [0]
+            # Rounds interleave the rows in time, so a slow drift in the machine's load falls
+            # on every row alike instead of on whichever row ran during it.
+            for rnd in range(settings.rounds):
+                for spec in runs:
+                    done = [0]
+                    if rnd and rounds[spec.key][0].get("status") != "ok":
+                        bar.update(per_row)
+                        continue
+                    bar.set_description(spec.key if settings.rounds == 1
+                                        else f"{spec.key} (round {rnd + 1}/{settings.rounds})")
 
-                def tick(done: list[int] = done) -> None:
-                    done[0] += 1
-                    bar.update(1)
+                    def tick(done: list[int] = done) -> None:
+                        done[0] += 1
+                        bar.update(1)
 
-                result = run_worker({**common, "key": spec.key, "row": asdict(spec)}, work,
-                                    logs, settings.timeout_s, tick)
-                bar.update(per_row - done[0])  # a row that stopped early
-                if spec.backend == REFERENCE and result.get("status") != "ok":
-                    raise BenchError(f"the reference row failed ({result.get('reason')}); "
-                                     f"see {result['log']}")
-                results.append((spec, result))
+                    name = spec.key if settings.rounds == 1 else f"{spec.key}.round{rnd + 1}"
+                    result = run_worker({**common, "key": spec.key, "log_name": name,
+                                         "row": asdict(spec)}, work, logs,
+                                        settings.timeout_s, tick)
+                    bar.update(per_row - done[0])  # a row that stopped early
+                    if spec.backend == REFERENCE and result.get("status") != "ok":
+                        raise BenchError(f"the reference row failed ({result.get('reason')}); "
+                                         f"see {result['log']}")
+                    rounds[spec.key].append(result)
+        results = [(spec, merge_rounds(rounds[spec.key])) for spec in runs]
         rows = assemble_rows(results, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -1248,6 +1299,9 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--steps", default=None, help="comma list of step counts [default: 50; quick 10]")
 @click.option("--repeats", type=int, default=None, help="timed runs per row [default: 5; quick 2]")
 @click.option("--warmup", type=int, default=None, help="untimed runs first [default: 1]")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="run the whole row sequence this many times, interleaved, and pool the runs "
+                   "(steadier ratios on a shared machine)")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for PyTorch and ONNX Runtime (default: each library's own)")
 @click.option("--sharing", default=None,
@@ -1272,7 +1326,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str, ...],
                   precisions: str | None, batch_sizes: str | None, steps: str | None,
-                  repeats: int | None, warmup: int | None, threads: int | None,
+                  repeats: int | None, warmup: int | None, rounds: int, threads: int | None,
                   sharing: str | None, sharing_mode: str, cfg_mode: str, guidance: float | None,
                   device: str, image_size: str | None, checkpoint: str | None, seed: int,
                   timeout: float, quick: bool, no_plots: bool, no_progress: bool) -> None:
@@ -1299,7 +1353,7 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
         batch_sizes=_ints(batch_sizes, "--batch-sizes") or base.batch_sizes,
         steps=_ints(steps, "--steps") or base.steps,
         repeats=base.repeats if repeats is None else repeats,
-        warmup=base.warmup if warmup is None else warmup,
+        warmup=base.warmup if warmup is None else warmup, rounds=rounds,
         threads=threads, sharing=sharing, sharing_mode=sharing_mode, cfg_mode=cfg_mode,
         guidance=guidance, device=device, seed=seed, checkpoint=checkpoint,
         image_size=parse_size(image_size) if image_size else None, timeout_s=timeout,

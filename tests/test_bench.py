@@ -270,3 +270,25 @@ def test_markdown_merges_unavailable_precisions():
     assert "| tensorrt | fp32, fp16 | | | | unavailable: no GPU |" in table
     assert all(line.count("|") == table.splitlines()[0].count("|")
                for line in table.splitlines())
+
+
+def test_rounds_pool_runs_and_keep_the_spread():
+    from deco_export.bench import merge_rounds
+
+    def result(seconds, cold):
+        return {"status": "ok", "load": {"cold_s": cold, "warm_s": 0.1},
+                "memory": {"peak_rss_mib": 100.0 + cold},
+                "runs": [{"batch": 1, "steps": 2, "seconds": seconds, "first_run_s": 1.0,
+                          "stages": {"dit": [0.1] * len(seconds), "decoder": [0.2] * len(seconds),
+                                     "step": [0.0] * len(seconds)},
+                          "calls": {}, "cost": {}, "images": "x.npy"}]}
+
+    merged = merge_rounds([result([1.0, 3.0], 1.0), result([5.0, 7.0], 3.0),
+                           {"status": "failed", "reason": "boom"}])
+    run = merged["runs"][0]
+    assert run["seconds"] == [1.0, 3.0, 5.0, 7.0] and run["round_median_s"] == [2.0, 6.0]
+    assert len(run["stages"]["dit"]) == 4
+    assert merged["rounds"] == 2 and merged["round_failures"] == ["boom"]
+    assert merged["load"]["cold_s"] == 2.0 and merged["memory"]["peak_rss_mib"] == 103.0
+    single = result([1.0], 1.0)
+    assert merge_rounds([single]) is single
