@@ -615,6 +615,34 @@ def largest_divisor(n: int, limit: int) -> int:
 WEIGHT_CONSUMERS = ("linear", "matmul", "conv", "gather", "embedding")
 
 
+def constant_tensors(spec: Any) -> list[tuple[str, tuple[int, ...], bool, set[str]]]:
+    """(op name, shape, is float, consumer op types) of every constant of an ML program spec.
+
+    Read from the protobuf, so no weight is loaded (coremltools' ``get_weights_metadata``
+    loads every weight and sorts it to count distinct values: minutes on a large DiT).
+    """
+    from coremltools.proto import MIL_pb2
+
+    found = []
+    for function in spec.mlProgram.functions.values():
+        operations = function.block_specializations[function.opset].operations
+        consumers: dict[str, set[str]] = {}
+        for op in operations:
+            for argument in op.inputs.values():
+                for binding in argument.arguments:
+                    if binding.WhichOneof("binding") == "name":
+                        consumers.setdefault(binding.name, set()).add(op.type)
+        for op in operations:
+            if op.type != "const" or "val" not in op.attributes:
+                continue
+            ttype = op.attributes["val"].type.tensorType
+            shape = tuple(int(d.constant.size) for d in ttype.dimensions)
+            is_float = MIL_pb2.DataType.Name(ttype.dataType) in ("FLOAT16", "FLOAT32")
+            name = op.attributes["name"].immediateValue.tensor.strings.values[0]
+            found.append((name, shape, is_float, consumers.get(op.outputs[0].name, set())))
+    return found
+
+
 def compression_config(ct: Any, mlmodel: Any, compression: str, target: Any
                        ) -> tuple[Any, dict[str, Any]]:
     """coremltools OptimizationConfig for a compression name, and what to record about it.
@@ -659,20 +687,18 @@ def compression_config(ct: Any, mlmodel: Any, compression: str, target: Any
 
     by_name: dict[str, Any] = {}
     compressed = kept = smaller = 0
-    with _quiet_conversion(False):
-        weights = cto.get_weights_metadata(mlmodel, weight_threshold=WEIGHT_THRESHOLD)
-    for name, meta in weights.items():
-        value = np.asarray(meta.val)
-        consumers = {child.op_type for child in meta.child_ops}
-        if value.ndim < 2 or value.dtype.kind != "f" or not consumers or \
+    for name, shape, is_float, consumers in constant_tensors(mlmodel.get_spec()):
+        if math.prod(shape) <= WEIGHT_THRESHOLD:
+            continue
+        if len(shape) < 2 or not is_float or not consumers or \
                 not consumers <= set(WEIGHT_CONSUMERS):
             by_name[name] = None
             kept += 1
             continue
         compressed += 1
-        if grouped and value.shape[0] % PALETTE_GROUP_SIZE:
+        if grouped and shape[0] % PALETTE_GROUP_SIZE:
             smaller += 1
-        by_name[name] = make(int(value.shape[0]))
+        by_name[name] = make(int(shape[0]))
     record.update(compressed_tensors=compressed, uncompressed_constants=kept)
     if grouped:
         record.update(group_size=PALETTE_GROUP_SIZE, smaller_groups=smaller)
