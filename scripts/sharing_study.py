@@ -166,6 +166,37 @@ def generate_set(pipe: Any, labels: np.ndarray, noise: np.ndarray, schedule: Any
     return np.concatenate(out)
 
 
+def paired_kid_delta(feats: np.ndarray, feats_off: np.ndarray, feats_real: np.ndarray, *,
+                     boots: int = 500, seed: int = 0) -> tuple[float, float, float]:
+    """KID(setting) - KID(off) against the same real set, with a paired bootstrap 90% interval.
+
+    Both sets come from the same noise and labels, so image i of one is the counterpart of image
+    i of the other; resampling the *indices* (the same ones for both) keeps that pairing, and the
+    interval reflects how much of the difference the particular noise draws could explain. The
+    real-real kernel term is common to both KIDs and cancels. Returns (delta, low, high).
+    """
+    d = feats.shape[1]
+
+    def kernels(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (x @ x.T / d + 1) ** 3, ((x @ feats_real.T / d + 1) ** 3).mean(axis=1)
+
+    def terms(k_xx: np.ndarray, k_xr: np.ndarray, idx: np.ndarray) -> float:
+        sub = k_xx[np.ix_(idx, idx)]
+        n = len(idx)
+        return (sub.sum() - np.trace(sub)) / (n * (n - 1)) - 2 * k_xr[idx].mean()
+
+    a, b = kernels(feats), kernels(feats_off)
+    full = np.arange(len(feats))
+    delta = terms(*a, full) - terms(*b, full)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(boots):
+        idx = rng.integers(0, len(feats), len(feats))
+        draws.append(terms(*a, idx) - terms(*b, idx))
+    low, high = np.percentile(draws, [5, 95])
+    return float(delta), float(low), float(high)
+
+
 def grid_image(images: np.ndarray, cols: int, scale: int = 2) -> np.ndarray:
     grid = make_grid(images, cols=cols, padding=2, pad_value=255)
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -301,6 +332,7 @@ def main() -> None:
             if name != "off":
                 diff = np.abs(samples[name].astype(np.int16) - samples["off"].astype(np.int16))
                 row["fid_to_off"] = metrics.fid_from_features(feats[name], feats["off"])
+                row["kid_delta"] = paired_kid_delta(feats[name], feats["off"], feats_real)
                 row["mad_to_off"] = float(diff.mean())
                 row["max_mad_to_off"] = float(diff.reshape(len(diff), -1).mean(1).max())
             results["quality"][name] = row
@@ -316,6 +348,13 @@ def main() -> None:
             img_dir / "compare.png")
 
     out = args.json or work / "results.json"
+    if out.is_file():  # keep the part of an earlier run of the same study that was skipped now
+        old = json.loads(out.read_text())
+        same = all(old.get(k) == json.loads(json.dumps(results[k]))
+                   for k in ("model", "sampler", "settings"))
+        for part in ("latency", "quality", "num_samples", "num_real"):
+            if same and part in old and part not in results:
+                results[part] = old[part]
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
     print(markdown_table(results))
@@ -330,7 +369,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         head += [f"{b} ms / img", f"{b} speed-up"]
     if q:
         n = results.get("num_samples")
-        head += [f"FID (N={n})", "KID x1e3", "FID to off", "pixel MAD to off"]
+        head += [f"FID (N={n})", "KID x1e3", "ΔKID x1e3 vs off [90% CI]", "FID to off",
+                 "pixel MAD to off"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in results["settings"].items():
         cells = [f"`{name}`", str(s["dit_calls"])]
@@ -339,8 +379,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells += [f"{sec[name] * 1e3:.0f}", f"{sec['off'] / sec[name]:.2f}x"]
         if q:
             r = q[name]
+            dk = r.get("kid_delta")
+            delta = "—" if dk is None else (f"{dk[0] * 1e3:+.2f} [{dk[1] * 1e3:+.2f}, "
+                                             f"{dk[2] * 1e3:+.2f}]")
             cells += [f"{r['fid']:.2f}", f"{r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f}",
-                      f"{r.get('fid_to_off', 0.0):.2f}", f"{r.get('mad_to_off', 0.0):.2f}"]
+                      delta, f"{r.get('fid_to_off', 0.0):.2f}", f"{r.get('mad_to_off', 0.0):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
