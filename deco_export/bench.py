@@ -1088,6 +1088,7 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = report["rows"]
     groups = sorted({(r["steps"], r["batch"]) for r in rows})
@@ -1107,25 +1108,40 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("ms per image (median, whisker to p90)", fontsize=8)
         for yi, r in zip(y, sel, strict=True):
             if r.get("speed_up"):
-                ax.text(r["ms_per_image"], yi, f" {r['speed_up']:.2f}x", va="center",
+                ax.text(r["p90_ms_per_image"], yi, f"  {r['speed_up']:.2f}x", va="center",
                         fontsize=7)
+        ax.set_xlim(0, 1.18 * max(r["p90_ms_per_image"] for r in sel))
     fig.tight_layout()
     latency = out / "latency.png"
     fig.savefig(latency, dpi=120)
     plt.close(fig)
 
     cap = 100.0
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = list(dict.fromkeys(row_label(r) for r in rows))
+    groups_order = list(dict.fromkeys((r["steps"], r["batch"]) for r in rows))
+    markers = "osD^v<>pXh"
+    colors = plt.get_cmap("tab10")
     for r in rows:
-        if r.get("speed_up") is None:
+        if r.get("speed_up") is None or r["backend"] == REFERENCE:
             continue
         q = r.get("psnr_db")
         q = cap if q is None or q > cap else q
-        ax.scatter(r["speed_up"], q, s=30)
-        ax.annotate(f"{row_label(r)} b{r['batch']} s{r['steps']}", (r["speed_up"], q),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(r["speed_up"], q, s=36, color=colors(labels.index(row_label(r)) % 10),
+                   marker=markers[groups_order.index((r["steps"], r["batch"])) % len(markers)])
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colors(i % 10), label=label)
+               for i, label in enumerate(labels) if not label.startswith(REFERENCE)]
+    handles += [Line2D([], [], ls="", marker=markers[i % len(markers)], color="#555555",
+                       label=f"{steps} steps, batch {batch}")
+                for i, (steps, batch) in enumerate(groups_order)]
+    ax.legend(handles=handles, fontsize=7, loc="lower left")
     ax.set_xscale("log")
-    ax.set_xlabel("speed-up against the reference sampler (log)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("speed-up against the reference sampler (log scale)")
     ax.set_ylabel(f"PSNR vs PyTorch fp32 (dB, identical shown at {cap:g})")
     ax.axhline(40, color="#cc4444", lw=0.8, ls="--")
     ax.axvline(1, color="#888888", lw=0.8)
@@ -1371,5 +1387,12 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(markdown_table(report), nl=False)
+    env = report["environment"]
+    load = env.get("load_average_start") or [0.0]
+    usable = env.get("cpu_affinity") or env.get("cpu_count") or 1
+    if threads is None and load[0] > usable:
+        click.echo(f"note: load average {load[0]} on {usable} usable cores; the libraries' "
+                   "thread pools spin and slow down badly on a busy machine (compare with "
+                   "--threads 1)", err=True)
     click.echo(f"wrote {report['files']['json']}, {report['files']['markdown']}"
                + ("" if no_plots else " and plots"), err=True)
