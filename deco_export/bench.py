@@ -515,10 +515,15 @@ def plan_rows(settings: BenchSettings, manifest: Any, cuda: bool,
     runs: list[RowSpec] = [RowSpec(REFERENCE, "fp32", "reference")]
     unavailable: list[dict[str, str]] = []
     for kind in BACKENDS:
-        if kind.name == REFERENCE or kind.name not in chosen or kind.name in settings.skip:
+        if kind.name == REFERENCE or kind.name not in chosen:
             continue
         precisions = (list(settings.precisions) if settings.precisions is not None
                       else natural_precisions(kind, manifest, cuda))
+        if kind.name in settings.skip:  # listed, so a reader knows it was left out on purpose
+            unavailable += [{"backend": kind.name, "precision": p, "status": "skipped",
+                             "reason": "left out by --skip (--quick skips torch-compile)"}
+                            for p in precisions]
+            continue
         for precision in precisions:
             reason = unavailable_reason(kind, precision, manifest, cuda, bundle)
             if reason is None:

@@ -260,6 +260,11 @@ def test_plan_puts_the_reference_first_even_when_not_asked():
     runs, unavailable = plan_rows(settings, None, cuda=False)
     assert [r.backend for r in runs] == [REFERENCE, "onnxruntime-cpu"]
     assert unavailable == []
+    quick = BenchSettings.quick(backends=("torch", "torch-compile"))
+    quick.check()
+    runs, unavailable = plan_rows(quick, None, cuda=False)
+    assert [r.backend for r in runs] == [REFERENCE, "torch"]
+    assert [(u["backend"], u["status"]) for u in unavailable] == [("torch-compile", "skipped")]
 
 
 def test_markdown_merges_unavailable_precisions():
