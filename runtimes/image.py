@@ -17,7 +17,7 @@ import numpy as np
 
 from runtimes.bundle import atomic_write_bytes
 
-__all__ = ["make_grid", "save_grid", "save_png", "to_pil", "to_uint8"]
+__all__ = ["legible_scale", "make_grid", "save_grid", "save_png", "to_pil", "to_uint8"]
 
 
 def _pil() -> Any:
@@ -61,11 +61,14 @@ def make_grid(
     cols: int | None = None,
     padding: int = 0,
     pad_value: int = 0,
+    scale: int = 1,
 ) -> Any:
     """Tile images row-major into one grid.
 
     ``images`` is a list of PIL images (returns a PIL image) or a (B, H, W, C) uint8 array
-    (returns an (H', W', C) uint8 array). ``cols`` defaults to ceil(sqrt(B)).
+    (returns an (H', W', C) uint8 array). ``cols`` defaults to ceil(sqrt(B)). ``scale`` enlarges
+    every image by pixel repetition (nearest neighbour) so that small samples stay legible
+    without inventing detail.
     """
     is_pil = not isinstance(images, np.ndarray)
     arr = np.stack([np.asarray(im) for im in images]) if is_pil else np.asarray(images)
@@ -73,6 +76,10 @@ def make_grid(
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[0] == 0:
         raise ValueError(f"make_grid needs a non-empty batch of (H, W, C) images, got {arr.shape}")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = arr.shape
     cols = int(cols) if cols else math.ceil(math.sqrt(n))
     if cols < 1:
@@ -115,6 +122,12 @@ def save_grid(
     path: str | os.PathLike[str],
     cols: int | None = None,
     padding: int = 0,
+    scale: int = 1,
 ) -> Path:
     """`make_grid` then `save_png` (atomic)."""
-    return save_png(make_grid(images, cols=cols, padding=padding), path)
+    return save_png(make_grid(images, cols=cols, padding=padding, scale=scale), path)
+
+
+def legible_scale(height: int, width: int, target: int = 128) -> int:
+    """Integer enlargement that brings the shorter side of a sample to at least ``target``."""
+    return max(1, -(-target // max(1, min(height, width))))

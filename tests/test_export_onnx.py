@@ -110,6 +110,21 @@ def test_cli_sample_same_seed_same_image(tmp_path, golden_bundle):
     assert outs[0] == outs[1]
 
 
+def test_cli_sample_grid_has_a_column_per_label(tmp_path, golden_bundle):
+    from PIL import Image
+
+    from runtimes.bundle import read_manifest
+
+    out = tmp_path / "grid.png"
+    args = ["sample", str(golden_bundle), "--classes", "1,2,5", "--per-class", "2", "--steps", "2",
+            "--scale", "2", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    height, width = read_manifest(golden_bundle).model["image_size"]
+    assert Image.open(out).size == (3 * 2 * width, 2 * 2 * height)
+    assert "6 images" in result.output
+
+
 def test_export_rejects_bad_size(tmp_path, golden_model):
     with pytest.raises(ValueError, match="multiple of the patch size"):
         export_onnx(golden_model, tmp_path / "b", image_size=(60, 64))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes.image import make_grid, save_grid, save_png, to_pil, to_uint8
+from runtimes.image import legible_scale, make_grid, save_grid, save_png, to_pil, to_uint8
 from runtimes.noise import check_noise, sample_noise
 
 GOLDEN = Path(__file__).parent / "fixtures" / "deco_tiny_64.npz"
@@ -67,3 +67,15 @@ def test_grid_and_atomic_png(tmp_path):
     save_grid(pil, tmp_path / "sub" / "grid.png", cols=5)
     assert Image.open(out).size == (5 * 6, 4)
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["grid.png"]
+
+
+def test_grid_scale_repeats_pixels_and_small_samples_get_legible():
+    imgs = (np.arange(2 * 2 * 3 * 3) % 256).astype(np.uint8).reshape(2, 2, 3, 3)
+    grid = make_grid(imgs, cols=2, scale=3)
+    assert grid.shape == (2 * 3, 2 * 3 * 3, 3)
+    assert np.array_equal(grid[0:3, 9:12], np.full((3, 3, 3), imgs[1, 0, 0]))
+    with pytest.raises(ValueError, match="scale"):
+        make_grid(imgs, scale=0)
+    assert legible_scale(32, 32) == 4
+    assert legible_scale(28, 40) == 5
+    assert legible_scale(256, 256) == 1
