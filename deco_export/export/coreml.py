@@ -70,6 +70,7 @@ from .graphs import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     example_inputs,
+    export_image_size,
     graph_modules,
     io_specs,
     reference_outputs,
@@ -866,14 +867,10 @@ def export_coreml(
     islands = parse_islands(fp32_islands)
     sizes = normalise_batch_sizes(batch_sizes)
     model = model.float().cpu().eval()
-    height, width = image_size or model.config.image_size
-    for side in (height, width):
-        if side % model.config.patch_size:
-            raise CoreMLExportError(
-                f"image size {height}x{width} is not a multiple of the patch size "
-                f"{model.config.patch_size}; choose e.g. {model.config.image_size[0]}x"
-                f"{model.config.image_size[1]}"
-            )
+    try:
+        height, width = export_image_size(model.config, image_size)
+    except ValueError as exc:
+        raise CoreMLExportError(str(exc)) from None
     licence = license or (source or {}).get("license") or DEFAULT_LICENSE
     modules = graph_modules(model, "fp32")
     trace_inputs = tracing_inputs(model, height, width, seed)

@@ -62,6 +62,20 @@ INPUT_NAMES = {"dit": ["x_t", "t", "y"], "decoder": ["x_t", "cond"], "refresh": 
 OUTPUT_NAMES = {"dit": ["cond", "hidden"], "decoder": ["v"], "refresh": ["cond"]}
 
 
+def export_image_size(config: DeCoConfig, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The (height, width) a bundle is exported at: ``image_size`` or the model's own.
+
+    The DiT patchifies without padding, so both sides must be multiples of the patch size.
+    """
+    height, width = image_size or config.image_size
+    if height % config.patch_size or width % config.patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the patch size "
+            f"{config.patch_size}; choose e.g. {config.image_size[0]}x{config.image_size[1]}"
+        )
+    return height, width
+
+
 def graph_modules(model: DeCo, precision: str) -> dict[str, nn.Module]:
     """The three graph wrappers around a copy of ``model`` in ``precision``."""
     if precision not in PRECISION_DTYPES:

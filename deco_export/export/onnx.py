@@ -25,6 +25,7 @@ from .graphs import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     example_inputs,
+    export_image_size,
     graph_modules,
     io_specs,
     reference_outputs,
@@ -115,14 +116,7 @@ def export_onnx(
         )
     say = progress or (lambda _msg: None)
     model = model.float().cpu().eval()
-    height, width = image_size or model.config.image_size
-    for side in (height, width):
-        if side % model.config.patch_size:
-            raise ValueError(
-                f"image size {height}x{width} is not a multiple of the patch size "
-                f"{model.config.patch_size}; choose e.g. {model.config.image_size[0]}x"
-                f"{model.config.image_size[1]}"
-            )
+    height, width = export_image_size(model.config, image_size)
     with bundle_io.BundleTransaction(bundle, model.config, (height, width), source) as txn:
         for precision in precisions:
             modules = graph_modules(model, precision)
