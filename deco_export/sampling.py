@@ -29,6 +29,9 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         options: dict[str, Any] = {}
         if providers:
             options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
+        if backend == "onnxruntime":
+            # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch (cli.py).
+            options["allow_spinning"] = False
         return runtimes.load(source, backend=backend, precision=precision, **options)
     backend = backend or "torch"
     if backend != "torch":

@@ -198,6 +198,15 @@ def test_graphs_match_the_numpy_model(bundle, model):
     assert be.describe()["providers"]["dit"] == ["CPUExecutionProvider"]
 
 
+def test_sleeping_pool_threads_give_the_same_graphs(bundle):
+    x, t, y = _inputs()
+    spinning = OnnxRuntimeBackend(bundle, intra_op_threads=2)
+    sleeping = OnnxRuntimeBackend(bundle, intra_op_threads=2, allow_spinning=False)
+    options = sleeping._sessions["dit"].get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_array_equal(sleeping.dit(x, t, y), spinning.dit(x, t, y))
+
+
 def test_pipeline_samples_like_the_numpy_model(bundle, model):
     pipe = runtimes.load(bundle, intra_op_threads=1)
     kw = {"class_labels": [0, 4, 2], "seed": 5, "output_type": "np"}

@@ -318,6 +318,9 @@ class OnnxRuntimeBackend:
     providers: short names ("cpu", "cuda", "tensorrt", "coreml"), full ORT names, or
         (name, options) pairs, in priority order. Default: CPU.
     intra_op_threads / inter_op_threads: ORT thread pools (None: ORT's default).
+    allow_spinning: False makes idle pool threads sleep instead of spin; on a machine whose
+        cores are busy with other work, spinning threads steal the cores the pool waits for and
+        a small graph can run several times slower (docs/benchmarks.md). None: ORT's default.
     session_options: a ready ``onnxruntime.SessionOptions`` (the thread options then apply on
         top of it).
     device_resident: keep arrays on the device between steps (default: on for CUDA/TensorRT).
@@ -335,6 +338,7 @@ class OnnxRuntimeBackend:
         providers: str | Sequence[str | tuple[str, Mapping[str, Any]]] | None = None,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
+        allow_spinning: bool | None = None,
         session_options: Any = None,
         device_resident: bool | None = None,
         device_id: int = 0,
@@ -358,6 +362,10 @@ class OnnxRuntimeBackend:
             so.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads:
             so.inter_op_num_threads = int(inter_op_threads)
+        if allow_spinning is not None:
+            flag = "1" if allow_spinning else "0"
+            so.add_session_config_entry("session.intra_op.allow_spinning", flag)
+            so.add_session_config_entry("session.inter_op.allow_spinning", flag)
         self._sessions: dict[str, Any] = {}
         for graph in ("dit", "decoder", "refresh"):
             art = self.manifest.get_artifact("onnx", graph, precision)
