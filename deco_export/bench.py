@@ -676,6 +676,9 @@ def _open_pipeline(spec: Mapping[str, Any]) -> Any:
         options: dict[str, Any] = {}
         if kind.runtime == "onnx":
             options["providers"] = [kind.provider]
+            # Idle pool threads sleep, as torch's do under OMP_WAIT_POLICY=PASSIVE (cli.py):
+            # both libraries then wait the same way and a busy machine slows neither alone.
+            options["allow_spinning"] = False
             if threads:
                 options["intra_op_threads"] = threads
         backend = {"onnx": "onnxruntime"}.get(kind.runtime or "", kind.runtime or "")
