@@ -54,7 +54,9 @@ def test_train_end_to_end(folder, tmp_path):
                 "checkpoints/step_0000002/state.json", "train_config.json"):  # fmt: skip
         assert (out / rel).is_file(), rel
     rec = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert rec["step"] == 2 and {"loss", "mse", "freq", "repa", "img_per_s", "lr"} <= rec.keys()
+    logged = {"loss", "mse", "freq", "repa", "img_per_s", "lr", "peak_mem_mib"}
+    assert rec["step"] == 2 and logged <= rec.keys()
+    assert 10 < rec["peak_mem_mib"] < 24 * 1024
     res = CliRunner().invoke(train, tiny_args(folder, out, "--steps", "3", "--resume"))
     assert res.exit_code == 0, res.output
     assert (out / "checkpoints" / "step_0000003").is_dir()

@@ -187,6 +187,17 @@ class Trainable(nn.Module):
         return v, self.head(self.hook.pop())
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA allocations on a GPU, resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
+
+
 def _noise_generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -534,7 +545,8 @@ class Trainer:
                     vec /= d.world
                 elapsed = time.perf_counter() - t0
                 rec = {"step": self.step, **{k: float(x) for k, x in zip(keys, vec, strict=True)}}
-                rec.update(lr=self.optimizer.param_groups[0]["lr"], img_per_s=img0 / elapsed)
+                rec.update(lr=self.optimizer.param_groups[0]["lr"], img_per_s=img0 / elapsed,
+                           peak_mem_mib=peak_memory_mib(d.device))
                 rec["time"] = time.time()
                 if d.main:
                     self._log(rec)
