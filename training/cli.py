@@ -193,27 +193,13 @@ def evaluate(
     import numpy as np
     import torch
 
-    from .data import default_cache_dir
-    from .metrics import (
-        fid_from_features,
-        generate,
-        inception_features,
-        kid_from_features,
-        load_generator,
-        load_image_set,
-        load_inception,
-        proportional_labels,
-        real_features,
-    )
+    from .metrics import HeldOutScorer, generate, load_generator, load_image_set
 
     if (samples is None) == (checkpoint is None):
         raise click.UsageError("give exactly one of --samples or --checkpoint")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if threads:
         torch.set_num_threads(threads)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    net = load_inception(dev)
-
     model = None
     if checkpoint is not None:
         model = load_generator(checkpoint, dev)
@@ -221,17 +207,17 @@ def evaluate(
     else:
         images = load_image_set(samples)
         size = images.shape[1:3]
-    feats_real, labels_real = real_features(
-        data, tuple(size), num_real, net, cache_dir=cache, device=dev, batch_size=batch_size,
+    scorer = HeldOutScorer(
+        data,
+        tuple(size),
+        num_real=num_real,
+        cache_dir=cache_dir,
+        device=dev,
+        batch_size=batch_size,
         progress=progress,
-    )  # fmt: skip
+    )
     if model is not None:
-        if labels_real.max() >= model.config.num_classes:
-            raise ValueError(
-                f"'{data}' has more classes than the model ({model.config.num_classes}); "
-                "evaluate against the data it was trained on"
-            )
-        labels = proportional_labels(labels_real, num_samples, model.config.num_classes)
+        labels = scorer.labels(num_samples, model.config.num_classes)
         images = generate(
             model, labels, num_steps=steps, cfg_scale=cfg_scale, seed=seed,
             batch_size=batch_size, device=dev, progress=progress,
@@ -239,17 +225,14 @@ def evaluate(
         if save_samples:
             Path(save_samples).parent.mkdir(parents=True, exist_ok=True)
             np.savez(save_samples, arr_0=images, labels=labels)
-    feats_fake = inception_features(
-        net, images, batch_size=batch_size, device=dev, progress=progress, desc="samples"
-    )
-    fid = fid_from_features(feats_fake, feats_real)
-    kid, kid_std = kid_from_features(feats_fake, feats_real, num_subsets=kid_subsets)
+    scores = scorer.score(images, kid_subsets=kid_subsets)
+    fid, kid, kid_std = scores["fid"], scores["kid"], scores["kid_std"]
     result = {
         "fid": fid,
         "kid": kid,
         "kid_std": kid_std,
         "num_samples": len(images),
-        "num_real": len(feats_real),
+        "num_real": scores["num_real"],
         "data": data,
         "image_size": list(size),
         "source": str(checkpoint or samples),
@@ -258,7 +241,7 @@ def evaluate(
     }
     click.echo(
         f"FID {fid:.2f}   KID {kid * 1e3:.2f} ± {kid_std * 1e3:.2f} (x1e-3)   "
-        f"{len(images)} samples vs {len(feats_real)} held-out '{data}' images"
+        f"{len(images)} samples vs {scores['num_real']} held-out '{data}' images"
     )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

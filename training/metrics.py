@@ -25,6 +25,7 @@ __all__ = [
     "INCEPTION_INSTALL",
     "INCEPTION_SHA1",
     "FeatureStats",
+    "HeldOutScorer",
     "fid_from_features",
     "frechet_distance",
     "inception_features",
@@ -285,6 +286,68 @@ def proportional_labels(labels: np.ndarray, n: int, num_classes: int) -> np.ndar
     for i in np.argsort(-(share - counts), kind="stable")[: n - counts.sum()]:
         counts[i] += 1
     return np.repeat(np.arange(num_classes), counts)
+
+
+class HeldOutScorer:
+    """FID and KID of generated images against a dataset's held-out split.
+
+    Loads the Inception once and the real features from the cache (computing them on first use),
+    so several image sets (one per backend in ``deco bench --fid``, one per setting in a study)
+    are scored against the same reference. ``labels`` gives the held-out class mix to generate,
+    which keeps FID about image quality rather than class balance. ``deco_export`` finds this
+    class through the ``deco.metrics`` entry point, so it never imports ``training``.
+    """
+
+    def __init__(
+        self,
+        data: str,
+        image_size: tuple[int, int],
+        *,
+        num_real: int | None = None,
+        cache_dir: str | Path | None = None,
+        device: str = "auto",
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> None:
+        from .data import default_cache_dir
+
+        self.data = data
+        self.device = (
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        self.batch_size = batch_size
+        self.progress = progress
+        self.net = load_inception(self.device)
+        self.real, self.real_labels = real_features(
+            data, tuple(image_size), num_real, self.net,
+            cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), device=self.device,
+            batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+
+    def labels(self, n: int, num_classes: int) -> np.ndarray:
+        """``n`` class labels in the held-out proportions."""
+        if self.real_labels.max() >= num_classes:
+            raise ValueError(
+                f"'{self.data}' has more classes than the model ({num_classes}); "
+                "evaluate against the data it was trained on"
+            )
+        return proportional_labels(self.real_labels, n, num_classes)
+
+    def score(self, images: np.ndarray, *, kid_subsets: int = 100, desc: str = "samples") -> dict:
+        """uint8 (N, H, W, C) images -> {"fid", "kid", "kid_std", "num_samples", "num_real"}."""
+        feats = inception_features(
+            self.net, images, batch_size=self.batch_size, device=self.device,
+            progress=self.progress, desc=desc,
+        )  # fmt: skip
+        kid, kid_std = kid_from_features(feats, self.real, num_subsets=kid_subsets)
+        return {
+            "fid": fid_from_features(feats, self.real),
+            "kid": kid,
+            "kid_std": kid_std,
+            "num_samples": len(images),
+            "num_real": len(self.real),
+            "data": self.data,
+        }
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
