@@ -124,3 +124,14 @@ def test_inception_is_verified_and_gives_pool3_features(one_thread):
     np.testing.assert_allclose(grey, rgb, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         inception_features(net, torch.zeros(1, 3, 8, 8))
+
+
+def test_load_generator_knows_the_embedded_default():
+    from deco_export.sources import load_model
+    from training.metrics import load_generator
+
+    model = load_generator("default")
+    shipped, _ = load_model("default")
+    assert model.config == shipped.config
+    for (name, a), b in zip(model.state_dict().items(), shipped.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -151,7 +151,10 @@ def train(**kw: Any) -> None:
 @click.option("--data", required=True, help=DATA_HELP + " (held-out split is used)")
 @click.option("--samples", default=None, type=click.Path(), help=".npz (arr_0) / .npy / PNG folder")
 @click.option(
-    "--checkpoint", default=None, type=click.Path(), help="model dir, training run or step dir"
+    "--checkpoint",
+    default=None,
+    type=click.Path(),
+    help="'default', a model dir, a training run or a step dir",
 )
 @click.option("--num-samples", default=1000, show_default=True, help="images to generate")
 @click.option("--num-real", default=None, type=int, help="held-out images [all]")

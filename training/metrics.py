@@ -351,16 +351,17 @@ class HeldOutScorer:
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A DeCo model from a checkpoint directory (``save_pretrained``), a training checkpoint
-    (``.../checkpoints/step_N``, EMA weights) or a run directory (its ``model/`` export, else
-    its newest checkpoint's EMA weights)."""
+    """A DeCo model from 'default' (the embedded model), a checkpoint directory
+    (``save_pretrained``), a training checkpoint (``.../checkpoints/step_N``, EMA weights) or a
+    run directory (its ``model/`` export, else its newest checkpoint's EMA weights)."""
     from deco_export.checkpoint import load_pretrained
     from deco_export.config import DeCoConfig
     from deco_export.model import DeCo
+    from deco_export.sources import DEFAULT_NAME, default_model_dir
 
     from .state import latest_checkpoint, load_checkpoint
 
-    p = Path(path)
+    p = default_model_dir() if str(path) == DEFAULT_NAME else Path(path)
     if (p / "config.json").is_file():
         return load_pretrained(p, device=device)
     if (p / "model" / "config.json").is_file():
