@@ -1294,7 +1294,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     }
     per_row = len(settings.batch_sizes) * len(settings.steps) * (
         max(1, settings.warmup) + settings.repeats - (settings.warmup == 0))
-    scorer = None
+    scorer, fid_ticks = None, 0
     fid_steps = max(settings.steps)
     if settings.fid_data:
         say(f"FID/KID: {settings.fid_samples} images per row at {fid_steps} steps against "
@@ -1304,21 +1304,23 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         labels = scorer.labels(settings.fid_samples, int(manifest.model["num_classes"]))
         common["fid"] = {"labels": [int(v) for v in labels], "batch": fid_batch,
                          "steps": fid_steps}
-        per_row += -(-settings.fid_samples // fid_batch)
+        fid_ticks = -(-settings.fid_samples // fid_batch)  # one per generated batch
     rounds: dict[str, list[dict[str, Any]]] = {spec.key: [] for spec in runs}
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=per_row * len(runs) * settings.rounds, unit="run",
+        bar = tqdm(total=(per_row * settings.rounds + fid_ticks) * len(runs), unit="run",
                    disable=not settings.progress, desc="bench")
         with bar:
             # Rounds interleave the rows in time, so a slow drift in the machine's load falls
             # on every row alike instead of on whichever row ran during it.
             for rnd in range(settings.rounds):
+                # The FID image set is generated once, in the first round.
+                expected = per_row + (fid_ticks if rnd == 0 else 0)
                 for spec in runs:
                     done = [0]
                     if rnd and rounds[spec.key][0].get("status") != "ok":
-                        bar.update(per_row)
+                        bar.update(expected)
                         continue
                     bar.set_description(spec.key if settings.rounds == 1
                                         else f"{spec.key} (round {rnd + 1}/{settings.rounds})")
@@ -1328,10 +1330,12 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
                         bar.update(1)
 
                     name = spec.key if settings.rounds == 1 else f"{spec.key}.round{rnd + 1}"
-                    result = run_worker({**common, "key": spec.key, "log_name": name,
-                                         "row": asdict(spec)}, work, logs,
-                                        settings.timeout_s, tick)
-                    bar.update(per_row - done[0])  # a row that stopped early
+                    row_spec = {**common, "key": spec.key, "log_name": name,
+                                "row": asdict(spec)}
+                    if rnd:
+                        row_spec.pop("fid", None)
+                    result = run_worker(row_spec, work, logs, settings.timeout_s, tick)
+                    bar.update(expected - done[0])  # a row that stopped early
                     if spec.backend == REFERENCE and result.get("status") != "ok":
                         raise BenchError(f"the reference row failed ({result.get('reason')}); "
                                          f"see {result['log']}")

@@ -195,7 +195,7 @@ def test_fid_on_request_scores_every_row_on_the_same_noise(bench, tmp_path):
     args = ["bench", str(out / "bundle"), "--out", str(tmp_path / "b"), "--backends",
             "onnxruntime-cpu", "--batch-sizes", "2", "--steps", "2", "--repeats", "1",
             "--warmup", "0", "--threads", "1", "--no-plots", "--no-progress",
-            "--fid", str(tmp_path / "data"), "--fid-samples", "5"]
+            "--rounds", "2", "--fid", str(tmp_path / "data"), "--fid-samples", "5"]
     result = CliRunner().invoke(main, args, env={"DECO_CACHE": str(tmp_path / "cache")})
     assert result.exit_code == 0, result.output
     fid = json.loads((tmp_path / "b" / "bench.json").read_text())["fid"]
@@ -206,6 +206,8 @@ def test_fid_on_request_scores_every_row_on_the_same_noise(bench, tmp_path):
     # The same noise and labels on both rows: the images agree to ~1e-6, so do the scores.
     assert ort["fid"] == pytest.approx(ref["fid"], rel=1e-3)
     assert "| onnxruntime-cpu | fp32 | fast |" in (tmp_path / "b" / "bench.md").read_text()
+    # Two rounds merged into one row; the image set came from the first.
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["backends"][0]["rounds"] == 2
 
 
 @pytest.mark.parametrize("args, words", [
