@@ -73,6 +73,7 @@ from .graphs import (
     export_image_size,
     graph_modules,
     io_specs,
+    quiet,
     reference_outputs,
 )
 
@@ -144,21 +145,10 @@ def import_coremltools() -> Any:
     return coremltools
 
 
-@contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
+def _quiet_logs() -> contextlib.AbstractContextManager[None]:
     """coremltools logs that its macOS-only proxies are missing on Linux and that it was not
     tested with this torch; both are expected here and drown the useful output."""
-    import logging
-
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    return quiet("coremltools")
 
 
 @contextlib.contextmanager

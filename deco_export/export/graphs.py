@@ -13,7 +13,11 @@ statistics in float32 (stash_type=1).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +64,23 @@ class RefreshGraph(nn.Module):
 GRAPH_CLASSES = {"dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph}
 INPUT_NAMES = {"dit": ["x_t", "t", "y"], "decoder": ["x_t", "cond"], "refresh": ["hidden", "t"]}
 OUTPUT_NAMES = {"dit": ["cond", "hidden"], "decoder": ["v"], "refresh": ["cond"]}
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Silence Python warnings and the named loggers below ERROR while converting: exporters
+    report expected conditions (a missing optional package, an untested torch version) at
+    length, and that drowns the export's own progress lines."""
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def export_image_size(config: DeCoConfig, image_size: tuple[int, int] | None) -> tuple[int, int]:

@@ -9,9 +9,7 @@ a failing one leaves nothing behind and an existing bundle untouched.
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from .graphs import (
     export_image_size,
     graph_modules,
     io_specs,
+    quiet,
     reference_outputs,
 )
 
@@ -49,19 +48,11 @@ def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path,
     dynamic = {name: {0: batch} for name in INPUT_NAMES[graph]}
     # The exporter logs a warning per torchvision op it cannot register when torchvision is
     # absent; DeCo uses none of them, so the notice is noise in every export's output.
-    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration_log.level
-    registration_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, inputs, dynamo=True, opset_version=opset,
-                input_names=INPUT_NAMES[graph], output_names=OUTPUT_NAMES[graph],
-                dynamic_shapes=dynamic, verbose=False,
-            )
-    finally:
-        registration_log.setLevel(level)
+    with quiet("torch.onnx._internal.exporter._registration"):
+        program = torch.onnx.export(
+            module, inputs, dynamo=True, opset_version=opset, input_names=INPUT_NAMES[graph],
+            output_names=OUTPUT_NAMES[graph], dynamic_shapes=dynamic, verbose=False,
+        )
     program.save(str(path), external_data=external_data)
 
 
