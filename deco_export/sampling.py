@@ -93,8 +93,8 @@ def progress_callback(description: str) -> Iterator[Any]:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=num_steps, desc=description, unit="step", leave=False)
+        bar.set_postfix(t=f"{t:.3f}", refresh=False)  # drawn once, by the update
         bar.update(1)
-        bar.set_postfix(t=f"{t:.3f}")
 
     try:
         yield callback
