@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 SCHEMA = "deco-bench/1"
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 CFG_MODES = ("fast", "reference")
 REFERENCE = "torch-reference"
 PROGRESS_MARK = "@deco-bench-progress"
@@ -464,6 +464,9 @@ def unavailable_reason(kind: BackendKind, precision: str, manifest: Any, cuda: b
     """Why ``kind`` at ``precision`` cannot run here, or None when it can (as far as a cheap
     check can tell: a worker that then fails reports its own error)."""
     name = kind.name
+    if precision == "int8" and kind.runtime != "onnx":
+        return ("int8 is ONNX Runtime's dynamically quantized graph; this backend runs fp32, "
+                "fp16 or bf16")
     if kind.family == "torch":
         if find_spec("torch") is None:
             return "No module named 'torch'; pip install 'deco-export[torch]'"
@@ -488,7 +491,7 @@ def unavailable_reason(kind: BackendKind, precision: str, manifest: Any, cuda: b
             return (f"{full} not available (this onnxruntime {onnxruntime.__version__} offers "
                     f"{', '.join(offered)}); {hint}").rstrip("; ")
         if precision == "bf16":
-            return "ONNX export writes fp32 and fp16 graphs only"
+            return "ONNX export writes fp32, fp16 and int8 graphs only"
     elif kind.runtime == "tensorrt":
         if find_spec("tensorrt") is None:
             return ("No module named 'tensorrt'; TensorRT runs on NVIDIA GPUs: pip install "
@@ -632,7 +635,7 @@ def _onnx_precisions_to_build(settings: BenchSettings) -> list[str]:
     if not any(KINDS[n].runtime == "onnx" for n in chosen if n not in settings.skip):
         return []
     asked = settings.precisions if settings.precisions is not None else ("fp32", "fp16")
-    return [p for p in ("fp32", "fp16") if p in asked]
+    return [p for p in ("fp32", "fp16", "int8") if p in asked]
 
 
 def _same_model(model: Any, manifest_model: Mapping[str, Any], checkpoint: str,

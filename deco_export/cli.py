@@ -141,8 +141,9 @@ def export() -> None:
 @export.command("onnx")
 @click.argument("model", metavar="CHECKPOINT")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
-              default=("fp32",), show_default=True, help="repeat for several variants")
+@click.option("--precision", "precisions", multiple=True,
+              type=click.Choice(["fp32", "fp16", "int8"]), default=("fp32",), show_default=True,
+              help="repeat for several variants; int8 = fp32 graph with int8 weights (CPU)")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="18 (portable) or 23 (native Attention op)")
 @click.option("--image-size", default=None, help="HxW to export at (default: the model's)")

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 # Per precision: the worst per-graph max abs error and the lowest end-to-end PSNR (images in
-# [-1, 1]) an export may have. fp16/bf16 per-graph errors are reported, not gated: their
-# quality is judged on the images.
+# [-1, 1]) an export may have. fp16/bf16/int8 per-graph errors are reported, not gated: their
+# quality is judged on the images (int8 at the 40 dB where a difference from fp32 shows only
+# when measured).
 GRAPH_MAX_ABS = {"fp32": 1e-4}
-END_TO_END_MIN_PSNR = {"fp32": 60.0, "fp16": 35.0, "bf16": 30.0}
+END_TO_END_MIN_PSNR = {"fp32": 60.0, "fp16": 35.0, "bf16": 30.0, "int8": 40.0}
 
 
 def max_abs_error(reference: np.ndarray, test: np.ndarray) -> float:

@@ -15,8 +15,9 @@ Layout::
 
 Graphs: "dit" (x_t, t, y -> cond, hidden), "decoder" (x_t, cond -> v), and the optional
 "refresh" (hidden, t -> cond). Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
-"fp16", "bf16". Graph inputs and outputs are float32 / int64 whatever the precision: reduced
-precision lives inside the graph.
+"fp16", "bf16", and "int8" (ONNX graphs with int8 weights, quantized dynamically by ONNX
+Runtime). Graph inputs and outputs are float32 / int64 whatever the precision: reduced precision
+lives inside the graph.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "coreml", "tensorrt")
 GRAPHS = ("dit", "decoder", "refresh")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dit": (("x_t", "t", "y"), ("cond", "hidden")),
     "decoder": (("x_t", "cond"), ("v",)),

@@ -19,12 +19,14 @@ import pytest
 from click.testing import CliRunner
 
 from deco_export.bench import (
+    KINDS,
     REFERENCE,
     BenchSettings,
     TimingBackend,
     expand_backends,
     markdown_table,
     plan_rows,
+    unavailable_reason,
 )
 from deco_export.cli import main
 from runtimes.backend import Backend, supports_refresh, supports_step
@@ -307,6 +309,12 @@ def test_plan_puts_the_reference_first_even_when_not_asked():
     runs, unavailable = plan_rows(quick, None, cuda=False)
     assert [r.backend for r in runs] == [REFERENCE, "torch"]
     assert [(u["backend"], u["status"]) for u in unavailable] == [("torch-compile", "skipped")]
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-compile", "tensorrt", "coreml"])
+def test_int8_is_an_onnxruntime_precision(backend):
+    reason = unavailable_reason(KINDS[backend], "int8", None, cuda=False)
+    assert reason is not None and "ONNX Runtime" in reason
 
 
 def test_markdown_merges_unavailable_precisions():

@@ -65,6 +65,50 @@ def test_fp16_bundle_is_close(golden_bundle, golden):
     assert parity.psnr(golden["sample"], np.asarray(out.images), data_range=2.0) >= 35
 
 
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, golden_model, golden_ckpt):
+    out = tmp_path_factory.mktemp("export-int8") / "bundle"
+    export_onnx(golden_model, out, precisions=("int8",), image_size=(64, 64),
+                source={"path": str(golden_ckpt)}, parity_steps=4)
+    return out
+
+
+def test_int8_graphs_hold_int8_weights_and_pass_the_gate(int8_bundle, golden_ckpt):
+    import onnx
+
+    manifest = json.loads((int8_bundle / "manifest.json").read_text())
+    for graph in ("dit", "decoder"):
+        art = next(a for a in manifest["artifacts"] if (a["graph"], a["precision"]) ==
+                   (graph, "int8"))
+        assert art["file"] == f"{graph}.int8.onnx"
+        assert art["parity"]["end_to_end"]["psnr_db"] >= parity.END_TO_END_MIN_PSNR["int8"]
+        model = onnx.load(str(int8_bundle / art["file"]))
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MatMulInteger") == art["details"]["quantization"]["quantized_matmuls"]
+        assert art["details"]["quantization"]["quantized_matmuls"] > 0
+        int8_weights = [i for i in model.graph.initializer
+                        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+        assert len(int8_weights) >= art["details"]["quantization"]["quantized_matmuls"] - 2
+        assert [i.type.tensor_type.elem_type for i in model.graph.input] == \
+            [onnx.TensorProto.FLOAT if i.name != "y" else onnx.TensorProto.INT64
+             for i in model.graph.input]
+    lines = validate_bundle(int8_bundle, checkpoint=str(golden_ckpt), steps=2)
+    assert any("onnx int8" in line and "passed" in line for line in lines)
+
+
+def test_int8_bundle_samples_close_to_the_golden(int8_bundle, golden):
+    pipe = runtimes.load(int8_bundle, backend="onnxruntime", precision="int8")
+    out = pipe.generate(class_labels=golden["labels"].tolist(), steps=12, guidance=3.2,
+                        noise=golden["noise"], output_type="np")
+    assert parity.psnr(golden["sample"], np.asarray(out.images), data_range=2.0) >= 40
+
+
+def test_export_rejects_an_unknown_precision(tmp_path, golden_model):
+    with pytest.raises(ValueError, match=r"one of \['fp32', 'fp16', 'int8'\], not 'int4'"):
+        export_onnx(golden_model, tmp_path / "b", precisions=("int4",), image_size=(64, 64))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_gate_leaves_nothing(tmp_path, golden_model, monkeypatch):
     monkeypatch.setitem(parity.GRAPH_MAX_ABS, "fp32", 0.0)
     out = tmp_path / "bundle"

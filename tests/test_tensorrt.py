@@ -245,7 +245,7 @@ def test_ort_tensorrt_provider_options(tmp_path):
 
 def _bundle(tmp_path: Path, precisions=("fp32", "fp16"), refresh=True) -> Path:
     root = tmp_path / "bundle"
-    root.mkdir()
+    root.mkdir(parents=True)
     arts = []
     for p in precisions:
         for g in ("dit", "decoder", "refresh") if refresh else ("dit", "decoder"):
@@ -357,6 +357,11 @@ def test_plan_errors_name_the_fix(tmp_path):
     manifest = rb.read_manifest(root)
     with pytest.raises(ValueError, match=r"no bf16 ONNX graphs \(it has fp32\).*--precision bf16"):
         plan_builds(root, manifest, ["bf16"], H100, BuildSettings())
+    int8 = _bundle(tmp_path / "int8", precisions=("fp32", "int8"))
+    with pytest.raises(ValueError, match="int8 graphs are for ONNX Runtime"):
+        plan_builds(int8, rb.read_manifest(int8), ["int8"], H100, BuildSettings())
+    assert {i.precision for i in plan_builds(int8, rb.read_manifest(int8), None, H100,
+                                             BuildSettings())} == {"fp32"}
     empty = tmp_path / "empty"
     empty.mkdir()
     rb.write_manifest(empty, rb.Manifest(model=dict(TINY)))

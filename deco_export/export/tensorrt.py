@@ -111,9 +111,15 @@ class BuildItem:
         return f"{self.graph} {self.precision}: {verb} -> {self.key.relpath}"
 
 
+# int8 ONNX graphs are ONNX Runtime's dynamic quantization (DynamicQuantizeLinear +
+# MatMulInteger); TensorRT's parser takes Q/DQ int8 only, so engines build from the float graphs.
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
 def onnx_precisions(manifest: rb.Manifest) -> list[str]:
-    """Precisions for which the bundle has both the dit and decoder ONNX graphs."""
-    return [p for p in rb.PRECISIONS
+    """Precisions for which the bundle has both the dit and decoder ONNX graphs that TensorRT
+    can build engines from."""
+    return [p for p in ENGINE_PRECISIONS
             if all(manifest.has_artifact("onnx", g, p) for g in ("dit", "decoder"))]
 
 
@@ -128,8 +134,9 @@ def check_sources(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
             f"`deco export onnx CHECKPOINT {bundle_dir}`"
         )
     for precision in wanted:
-        if precision not in rb.PRECISIONS:
-            raise ValueError(f"precision must be one of {rb.PRECISIONS}, not {precision!r}")
+        if precision not in ENGINE_PRECISIONS:
+            raise ValueError(f"TensorRT engines build at {', '.join(ENGINE_PRECISIONS)}, not "
+                             f"{precision!r} (int8 graphs are for ONNX Runtime)")
         if precision not in have:
             raise ValueError(
                 f"{bundle_dir} has no {precision} ONNX graphs (it has "
@@ -423,7 +430,7 @@ def _tools(trt: Any, env: tk.EngineEnvironment) -> dict[str, str]:
 @click.command("tensorrt")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--precision", "precisions", multiple=True,
-              type=click.Choice(list(rb.PRECISIONS)),
+              type=click.Choice(list(ENGINE_PRECISIONS)),
               help="repeat for several; default: every precision the bundle has ONNX graphs for")
 @click.option("--batch-buckets", default=",".join(map(str, tk.DEFAULT_BATCH_BUCKETS)),
               show_default=True,
