@@ -98,11 +98,12 @@ def markdown_section(results: list[dict[str, Any]], args: argparse.Namespace) ->
     cores = env.get("cpu_affinity", env["cpu_count"])
     lines = [
         "",
-        f"## {time.strftime('%Y-%m-%d')} — {env['cpu_model']}, {cores} cores (shared, noisy) — "
+        f"## {time.strftime('%Y-%m-%d')} — {env['cpu_model']}, {cores} cores — "
         "ONNX Runtime CPU vs the reference loop (issue 3 §6)",
         "",
         f"`python scripts/bench_cpu.py --steps {args.steps} --batch {args.batch} --repeats "
-        f"{args.repeats} --rounds {args.rounds} --threads {args.threads}"
+        f"{args.repeats} --rounds {args.rounds} --threads {args.threads} "
+        f"--precisions {args.precisions}"
         f"{' --compile' if args.compile else ''}`: {args.steps} Euler "
         f"steps, CFG 3.2 on (0.1, 1], batch {args.batch}; per row {args.warmup} warm-up and "
         f"{args.repeats} timed runs in each of {args.rounds} interleaved round(s), median of "
