@@ -1421,8 +1421,8 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 @click.option("--skip", multiple=True, help="backends to leave out, e.g. torch-compile "
                                             "(comma list or repeated)")
 @click.option("--precisions", default=None,
-              help="comma list of fp32, bf16, fp16 (default: each backend's own: PyTorch fp32 "
-                   "on the CPU, what the bundle holds for the runtimes)")
+              help="comma list of fp32, bf16, fp16, int8 (default: each backend's own: "
+                   "PyTorch fp32 on the CPU, what the bundle holds for the runtimes)")
 @click.option("--batch-sizes", default=None, help="comma list [default: 1,4]")
 @click.option("--steps", default=None, help="comma list of step counts [default: 50; quick 10]")
 @click.option("--repeats", type=int, default=None, help="timed runs per row [default: 5; quick 2]")
