@@ -51,6 +51,8 @@ from typing import Any, ClassVar
 import click
 import numpy as np
 
+from runtimes.bundle import ONNX_PRECISIONS
+
 __all__ = [
     "BACKENDS",
     "BenchError",
@@ -490,8 +492,8 @@ def unavailable_reason(kind: BackendKind, precision: str, manifest: Any, cuda: b
                     "coreml": "only macOS builds of onnxruntime have it"}.get(kind.provider, "")
             return (f"{full} not available (this onnxruntime {onnxruntime.__version__} offers "
                     f"{', '.join(offered)}); {hint}").rstrip("; ")
-        if precision == "bf16":
-            return "ONNX export writes fp32, fp16 and int8 graphs only"
+        if precision not in ONNX_PRECISIONS:
+            return f"ONNX export writes {', '.join(ONNX_PRECISIONS)} graphs only"
     elif kind.runtime == "tensorrt":
         if find_spec("tensorrt") is None:
             return ("No module named 'tensorrt'; TensorRT runs on NVIDIA GPUs: pip install "
@@ -635,7 +637,7 @@ def _onnx_precisions_to_build(settings: BenchSettings) -> list[str]:
     if not any(KINDS[n].runtime == "onnx" for n in chosen if n not in settings.skip):
         return []
     asked = settings.precisions if settings.precisions is not None else ("fp32", "fp16")
-    return [p for p in ("fp32", "fp16", "int8") if p in asked]
+    return [p for p in ONNX_PRECISIONS if p in asked]
 
 
 def _same_model(model: Any, manifest_model: Mapping[str, Any], checkpoint: str,

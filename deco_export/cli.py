@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from runtimes.backend import BackendError
-from runtimes.bundle import BundleError
+from runtimes.bundle import ONNX_PRECISIONS, BundleError
 
 # Errors a user can cause and fix: shown as one line, never as a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -142,7 +142,7 @@ def export() -> None:
 @click.argument("model", metavar="CHECKPOINT")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--precision", "precisions", multiple=True,
-              type=click.Choice(["fp32", "fp16", "int8"]), default=("fp32",), show_default=True,
+              type=click.Choice(list(ONNX_PRECISIONS)), default=("fp32",), show_default=True,
               help="repeat for several variants; int8 = fp32 graph with int8 weights (CPU)")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="18 (portable) or 23 (native Attention op)")

@@ -36,6 +36,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GRAPHS",
     "MANIFEST_NAME",
+    "ONNX_PRECISIONS",
     "PRECISIONS",
     "RUNTIMES",
     "Artifact",
@@ -60,6 +61,7 @@ MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "coreml", "tensorrt")
 GRAPHS = ("dit", "decoder", "refresh")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")  # the variants `deco export onnx` writes
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dit": (("x_t", "t", "y"), ("cond", "hidden")),
     "decoder": (("x_t", "cond"), ("v",)),

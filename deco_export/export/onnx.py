@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from runtimes.bundle import ONNX_PRECISIONS
+
 from ..model import DeCo
 from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
 from . import bundle_io
@@ -41,7 +43,7 @@ SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
 PARITY_BATCHES = (1, 3)
 QUANTIZED_FROM = {"int8": "fp32"}  # quantized precision -> the precision its graph is exported in
-PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 Progress = Callable[[str], None]
 
@@ -78,12 +80,12 @@ def quantize_int8(path: Path, external_data: bool) -> dict:
     for stale in [path, *path.parent.glob(path.name + ".data")]:
         stale.unlink()
     with quiet(""):  # the quantizer suggests its pre-processing pass on the root logger
-        quantize_dynamic(model, path, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+        quantize_dynamic(model, path, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                          weight_type=QuantType.QInt8, use_external_data_format=external_data)
     quantized = onnx.load(str(path), load_external_data=False)
     ops = [n.op_type for n in quantized.graph.node]
     return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per channel",
-            "activations": "uint8 per tensor, dynamic", "ops": ["MatMul", "Gemm"],
+            "activations": "uint8 per tensor, dynamic", "ops": QUANTIZED_OPS,
             "quantized_matmuls": ops.count("MatMulInteger"),
             "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
 
@@ -142,8 +144,8 @@ def export_onnx(
     height, width = export_image_size(model.config, image_size)
     with bundle_io.BundleTransaction(bundle, model.config, (height, width), source) as txn:
         for precision in precisions:
-            if precision not in PRECISIONS:
-                raise ValueError(f"ONNX precision must be one of {list(PRECISIONS)}, "
+            if precision not in ONNX_PRECISIONS:
+                raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "
                                  f"not {precision!r}")
             modules = graph_modules(model, QUANTIZED_FROM.get(precision, precision))
             weight_bytes = sum(p.numel() * p.element_size() for p in modules["dit"].parameters())
