@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures"
-GOLDEN_CKPT = FIXTURES / "deco_tiny_64.ckpt"
+from tests.helpers import FIXTURES, GOLDEN_CKPT
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""An analytic DeCo-shaped model for sampler tests, and checks of the model itself.
+"""What several test packages share: the fixture paths and an analytic DeCo-shaped model.
+
+The analytic model (``GaussianFlowBackend``) exists for sampler tests.
 
 Data of class y is Gaussian, x ~ N(mu_y, s^2 I), with noise eps ~ N(0, I) and
 x_t = t x + (1 - t) eps (t = 0 noise, t = 1 data). The flow-matching velocity is then closed
@@ -16,8 +18,13 @@ cond = SiLU(e_t + h).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GOLDEN_CKPT = FIXTURES / "deco_tiny_64.ckpt"
 
 
 def patchify(x: np.ndarray, p: int) -> np.ndarray:
@@ -120,23 +127,3 @@ class GaussianFlowBackend:
     def batches(self, kind: str) -> list[int]:
         return [n for k, n in self.calls if k == kind]
 
-
-def test_velocity_matches_the_exact_flow():
-    be = GaussianFlowBackend()
-    rng = np.random.default_rng(1)
-    eps = rng.standard_normal((2, 3, 8, 8))
-    y = np.array([0, 2])
-    mu = be.means[y]
-    for t in (0.0, 0.3, 0.9):
-        sigma = np.sqrt(t * t * be.s**2 + (1 - t) ** 2)
-        x_t = t * mu + sigma * eps
-        dsigma = (t * be.s**2 - (1 - t)) / sigma
-        v_true = mu + dsigma * eps
-        tt = np.full(2, t, np.float32)
-        v = be.decoder(x_t.astype(np.float32), be.dit(x_t.astype(np.float32), tt, y))
-        np.testing.assert_allclose(v, v_true, atol=2e-6)
-
-
-def test_patchify_round_trip():
-    x = np.arange(2 * 3 * 8 * 8, dtype=np.float32).reshape(2, 3, 8, 8)
-    assert np.array_equal(unpatchify(patchify(x, 4), 3, 8, 8, 4), x)

@@ -6,16 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import runtimes
 from runtimes.bundle import Manifest, read_manifest, verify, write_manifest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_runtime_analytic import GaussianFlowBackend
+from tests.helpers import REPO, GaussianFlowBackend
 
 
 def _pipe(**defaults):
@@ -177,7 +174,7 @@ NUMPY_ONLY = textwrap.dedent(
 
 
 def test_runtimes_needs_only_numpy(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", NUMPY_ONLY], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

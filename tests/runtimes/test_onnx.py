@@ -20,8 +20,8 @@ import runtimes  # noqa: E402
 from runtimes.backend import Backend, BackendError  # noqa: E402
 from runtimes.backends.onnxruntime import OnnxRuntimeBackend, _one_node_model  # noqa: E402
 from runtimes.bundle import Artifact, BundleError, Manifest, write_manifest  # noqa: E402
+from tests.helpers import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 C, H, P, D, CLASSES = 3, 8, 4, 8, 5
 L, PATCH = (H // P) ** 2, C * P * P
 

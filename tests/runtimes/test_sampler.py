@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,9 +14,7 @@ from runtimes.sampler import (
     torch_linspace,
 )
 from runtimes.sharing import explicit_schedule, uniform_schedule
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_runtime_analytic import GaussianFlowBackend
+from tests.helpers import GaussianFlowBackend
 
 NULL = 3
 

@@ -16,10 +16,9 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.helpers import REPO
 from training.state import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.trainer import TrainConfig, export_ema, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class TinyEncoder(nn.Module):

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends import tensorrt_keys as tk
+from tests.helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 64, "num_heads": 4, "dit_depth": 2, "decoder_hidden_size": 32,
         "decoder_depth": 3, "patch_size": 16, "num_classes": 10, "in_channels": 3,
         "image_size": [64, 64]}

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from runtimes.image import legible_scale, make_grid, save_grid, save_png, to_pil, to_uint8
 from runtimes.noise import check_noise, sample_noise
+from tests.helpers import FIXTURES
 
-GOLDEN = Path(__file__).parent / "fixtures" / "deco_tiny_64.npz"
+GOLDEN = FIXTURES / "deco_tiny_64.npz"
 
 
 def test_uint8_matches_the_reference_golden_image():
