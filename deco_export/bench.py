@@ -52,6 +52,7 @@ import click
 import numpy as np
 
 from runtimes.bundle import ONNX_PRECISIONS
+from runtimes.fileio import atomic_write_text
 
 __all__ = [
     "BACKENDS",
@@ -879,9 +880,7 @@ def worker_main(argv: Sequence[str]) -> int:
         loading = isinstance(exc, ImportError) or type(exc).__name__ == "BackendError"
         record = {"status": "unavailable" if loading else "failed", "reason": _one_line(exc),
                   "memory": {"peak_rss_mib": peak_rss_mib()}}
-    tmp = Path(spec["result"] + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, spec["result"])
+    atomic_write_text(spec["result"], json.dumps(record, indent=1))
     return 0
 
 
@@ -1384,8 +1383,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
             latency, quality = write_plots(report, out)
             files.update(latency_plot=latency, speed_quality_plot=quality)
     report["files"] = {k: str(v) for k, v in files.items()}
-    files["markdown"].write_text(markdown_report(report))
-    files["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(files["markdown"], markdown_report(report))
+    atomic_write_text(files["json"], json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 

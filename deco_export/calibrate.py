@@ -72,7 +72,9 @@ def model_hash(source: str | Path, pipe: Any) -> str:
         raise ValueError(
             "this bundle's manifest names no source sha256 and no DiT graph hash; re-export it"
         )
-    from .checkpoint import read_metadata, sha256_file
+    from runtimes.fileio import sha256_file
+
+    from .checkpoint import read_metadata
     from .sources import DEFAULT_NAME, default_model_dir
 
     path = default_model_dir() if str(source) == DEFAULT_NAME else Path(source)

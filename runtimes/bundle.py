@@ -22,14 +22,20 @@ lives inside the graph.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from runtimes.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    path_size,
+    sha256_file,
+    sha256_path,
+)
 
 __all__ = [
     "FORMAT",
@@ -78,71 +84,6 @@ class BundleError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (bundles hold multi-GB graphs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tree(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
-
-
-def sha256_path(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, or of a directory tree (e.g. ``.mlpackage``): the hash of the sorted
-    lines "relative/path<TAB>sha256-of-file", so any changed, added or removed member shows."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    lines = [f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}" for p in _tree(path)]
-    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
-
-
-def path_size(path: str | os.PathLike[str]) -> int:
-    """Size in bytes of a file, or the summed size of the files under a directory."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in _tree(path))
-
-
-def _default_mode() -> int:
-    """0o666 minus the process umask: what ``open(path, "w")`` would have created."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename over ``path``:
-    a crash leaves either the old file or the new one, never a torn one. The file gets the
-    usual permissions (temporary files are created private)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _check_relative(file: str, what: str) -> str:

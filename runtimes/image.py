@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.bundle import atomic_write_bytes
+from runtimes.fileio import atomic_write_bytes
 
 __all__ = ["legible_scale", "make_grid", "save_grid", "save_png", "to_pil", "to_uint8"]
 

@@ -356,7 +356,7 @@ def _read_schedules(path: Path) -> dict[str, Any]:
 def save_schedule(path: str | os.PathLike[str], key: str, schedule: SharingSchedule) -> None:
     """Store ``schedule`` under ``key`` in the JSON file ``path`` (other keys are kept; the file
     is replaced atomically)."""
-    from runtimes.bundle import atomic_write_text
+    from runtimes.fileio import atomic_write_text
 
     path = Path(path)
     data: dict[str, Any] = {

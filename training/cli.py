@@ -247,8 +247,9 @@ def evaluate(
         f"{len(images)} samples vs {scores['num_real']} held-out '{data}' images"
     )
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        from runtimes.fileio import atomic_write_text
+
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 main = click.Group(name="deco-training", commands=[train, evaluate])

@@ -41,6 +41,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from runtimes.fileio import atomic_open
+
 __all__ = [
     "EMOJI_FONT",
     "EMOJI_TEST",
@@ -328,11 +330,8 @@ def emoji(
         images = np.load(cache)
     else:
         images = render_emoji(seqs, image_size, EMOJI_FONT)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(cache, "wb") as f:
             np.save(f, images)
-        os.replace(tmp, cache)
     labels = np.array([order.index(g) for g in groups], dtype=np.int64)
     base = ["".join(c for c in s if c not in _SKIN_TONES) for s in seqs]
     keep = np.array(

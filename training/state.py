@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from runtimes.fileio import fsync_dir, fsync_file
+
 __all__ = [
     "CheckpointData",
     "capture_rng",
@@ -112,22 +114,14 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(_cpu(tensors), str(path), metadata={"format": "pt"})
-    _fsync(path)
+    fsync_file(path)
 
 
 def _save_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    _fsync(path)
+    fsync_file(path)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -214,11 +208,11 @@ def save_checkpoint(
             },
             tmp / "state.json",
         )
-        _fsync(tmp)
+        fsync_dir(tmp)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        _fsync(d)
+        fsync_dir(d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -396,12 +396,17 @@ def export_tensorrt(
 
 def _link(src: Path, dst: Path) -> None:
     """Put an existing bundle file into the staging tree (hard link; copy across devices)."""
-    import shutil
+    from runtimes.fileio import copy_tree_into
 
+    if src.is_dir():
+        copy_tree_into(src, dst)
+        return
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
+        import shutil
+
         shutil.copy2(src, dst)
 
 

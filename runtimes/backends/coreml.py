@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from runtimes import fileio
 from runtimes.backend import BackendError
 from runtimes.bundle import GRAPH_IO, BundleError, Manifest, read_manifest, sha256_path
 
@@ -235,14 +236,12 @@ class CoreMLBackend:
         a concurrent reader never sees a half-copied directory."""
         compiled = Path(model.get_compiled_model_path())
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            shutil.copytree(compiled, tmp / "model.mlmodelc")
-            os.replace(tmp / "model.mlmodelc", target)
+            with fileio.staging_dir(target, "tmp") as tmp:
+                shutil.copytree(compiled, tmp.path / "model.mlmodelc")
+                os.replace(tmp.path / "model.mlmodelc", target)
         except OSError:
             pass  # another process cached it first, or the cache is read-only: load anyway
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- running -------------------------------------------------------------------------------
 
