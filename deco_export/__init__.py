@@ -14,9 +14,11 @@ _LAZY = {
     "DeCo": ("deco_export.model", "DeCo"),
     "DeCoConfig": ("deco_export.config", "DeCoConfig"),
     "get_preset": ("deco_export.config", "get_preset"),
+    # A checkpoint directory or a reference .ckpt of either family -> DeCo (eval mode).
+    "load_model": ("deco_export.checkpoint", "load_any"),
 }
 
-__all__ = ["DeCo", "DeCoConfig", "__version__", "get_preset"]
+__all__ = ["DeCo", "DeCoConfig", "__version__", "get_preset", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

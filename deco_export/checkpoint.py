@@ -210,36 +210,64 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of ``prefix{i}.*`` blocks (0 when there are none)."""
+    depth = len(prefix.split("."))
+    indices = {int(k.split(".")[depth - 1]) for k in state if k.startswith(prefix)}
+    return 1 + max(indices) if indices else 0
+
+
+def detect_family(state: dict[str, torch.Tensor]) -> str:
+    """"t2i" when the (our-key) state dict has a text embedder, else "c2i"."""
+    return "t2i" if "dit.y_embedder.proj.weight" in state else "c2i"
+
+
 def infer_config(state: dict[str, torch.Tensor], image_size: tuple[int, int] | None = None
                  ) -> DeCoConfig:
-    """Recover the model shape from a (our-key) state dict."""
+    """Recover the model shape (and family, from the keys) from a (our-key) state dict."""
+    family = detect_family(state)
+    text: dict[str, Any] = {}
     try:
         hidden = state["dit.s_embedder.proj.weight"].shape[0]
         patch_in = state["dit.s_embedder.proj.weight"].shape[1]
         head_dim = state["dit.blocks.0.attn.q_norm.weight"].shape[0]
-        num_classes = state["dit.y_embedder.embedding_table.weight"].shape[0] - 1
         dec_hidden = state["decoder.input_proj.weight"].shape[0]
         in_channels = state["decoder.final_layer.linear.weight"].shape[0]
+        if family == "t2i":
+            num_classes = 0
+            text = {
+                "family": "t2i",
+                "text_dim": state["dit.y_embedder.proj.weight"].shape[1],
+                "text_len": state["dit.y_pos_embedding"].shape[1],
+                "refine_depth": _count_blocks(state, "dit.text_refine_blocks."),
+            }
+        else:
+            num_classes = state["dit.y_embedder.embedding_table.weight"].shape[0] - 1
     except KeyError as err:
+        kind = "text-to-image" if family == "t2i" else "class-conditional"
         raise CheckpointError(
-            f"the checkpoint has no tensor {err.args[0]!r}: it is not a class-conditional DeCo "
-            "model (text-to-image and PixNerd checkpoints are not supported)"
+            f"the checkpoint has no tensor {err.args[0]!r}: it is not a {kind} DeCo model "
+            "(PixNerd and baseline checkpoints are not supported)"
         ) from None
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("dit.blocks."))
-    dec_depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.res_blocks."))
     patch = round((patch_in / in_channels) ** 0.5)
     if image_size is None:
-        image_size = (256, 256) if patch == 16 else (patch * 8, patch * 8)
+        native = 512 if family == "t2i" else 256
+        image_size = (native, native) if patch == 16 else (patch * 8, patch * 8)
     return DeCoConfig(
-        hidden_size=hidden, num_heads=hidden // head_dim, dit_depth=depth,
-        decoder_hidden_size=dec_hidden, decoder_depth=dec_depth, patch_size=patch,
-        num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+        hidden_size=hidden, num_heads=hidden // head_dim,
+        dit_depth=_count_blocks(state, "dit.blocks."),
+        decoder_hidden_size=dec_hidden, decoder_depth=_count_blocks(state, "decoder.res_blocks."),
+        patch_size=patch, num_classes=num_classes, in_channels=in_channels,
+        image_size=image_size, **text,
     )
 
 
 def load_reference(path: str | Path, weights: str = "ema",
                    image_size: tuple[int, int] | None = None) -> DeCo:
     """Load a reference Lightning checkpoint (``zehongma/DeCo`` layout) into :class:`DeCo`.
+
+    The family (class labels or text) is read from the keys: a ``y_embedder.proj`` means the
+    text-to-image model (``t2i_DeCo.ckpt``).
 
     ``weights="ema"`` takes ``ema_denoiser.*`` (what every reported result used);
     ``"online"`` takes ``denoiser.*``.

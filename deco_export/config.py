@@ -12,13 +12,24 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+FAMILIES = ("c2i", "t2i")
+
+# Fields added after the first release: omitted from to_dict when they hold their default, so
+# class-conditional config.json files and manifests stay byte-identical.
+_OPTIONAL_DEFAULTS: dict[str, Any] = {
+    "family": "c2i", "text_len": 0, "text_dim": 0, "refine_depth": 0,
+}
+
 
 @dataclass(frozen=True)
 class DeCoConfig:
-    """Shape of a class-conditional DeCo model (the reference's ``PixNerDiT`` for c2i).
+    """Shape of a DeCo model: class-conditional (``family="c2i"``, the reference's
+    ``dit_c2i_DeCo.PixNerDiT``) or text-to-image (``family="t2i"``, ``dit_t2i_DeCo.PixNerDiT``).
 
     ``image_size`` is the native (height, width) the model was trained at; the model itself
-    runs at any multiple of ``patch_size`` because its RoPE positions are normalised.
+    runs at any multiple of ``patch_size`` (c2i RoPE positions are normalised, t2i ones count
+    tokens). The t2i fields: ``text_len`` tokens of width ``text_dim`` from the text encoder,
+    ``refine_depth`` text-refine blocks; ``num_classes`` is unused there (0 in the presets).
     """
 
     hidden_size: int = 1152
@@ -30,9 +41,26 @@ class DeCoConfig:
     num_classes: int = 1000
     in_channels: int = 3
     image_size: tuple[int, int] = (256, 256)
+    family: str = "c2i"
+    text_len: int = 0
+    text_dim: int = 0
+    refine_depth: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, not {self.family!r}")
+        text_fields = {"text_len": self.text_len, "text_dim": self.text_dim}
+        if self.family == "t2i" and min(text_fields.values()) < 1:
+            raise ValueError(
+                f"a t2i config needs text_len and text_dim >= 1 (got {text_fields}); give the "
+                "text encoder's sequence length and width"
+            )
+        if self.family == "c2i" and (any(text_fields.values()) or self.refine_depth):
+            raise ValueError(
+                "text_len, text_dim and refine_depth are t2i fields; set family='t2i' or leave "
+                "them at 0"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
@@ -59,8 +87,15 @@ class DeCoConfig:
         return self.num_classes
 
     @property
+    def is_t2i(self) -> bool:
+        return self.family == "t2i"
+
+    @property
     def mlp_hidden_size(self) -> int:
-        """SwiGLU width: int(2 * 4D / 3), without rounding to a multiple (3072 for D=1152)."""
+        """SwiGLU width. c2i: int(2 * 4D / 3), without rounding (3072 for D=1152); t2i: the
+        fused w12 SwiGLU of the text-to-image model uses 4D (6144 for D=1536)."""
+        if self.is_t2i:
+            return 4 * self.hidden_size
         return int(2 * (4 * self.hidden_size) / 3)
 
     def num_tokens(self, height: int, width: int) -> int:
@@ -69,6 +104,9 @@ class DeCoConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        for key, default in _OPTIONAL_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -101,6 +139,15 @@ PRESETS: dict[str, DeCoConfig] = {
     "DeCo-XS/4": DeCoConfig(192, 3, 6, 32, 3, 4, 9, 3, (32, 32)),
     "DeCo-T/4": DeCoConfig(128, 2, 6, 32, 3, 4, 9, 3, (32, 32)),
     "DeCo-XS/8": DeCoConfig(192, 3, 6, 32, 3, 8, 9, 3, (64, 64)),
+    # Text-to-image. The release (configs_t2i/sft_res512.yaml, 1,133,759,395 parameters): Qwen3
+    # last hidden states of 128 x 2048, 4 text-refine blocks, trained last at 512x512.
+    "DeCo-T2I": DeCoConfig(1536, 24, 16, 32, 3, 16, 0, 3, (512, 512), family="t2i",
+                           text_len=128, text_dim=2048, refine_depth=4),
+    # The golden fixture's size, and a small one on all-MiniLM-L6-v2 tokens (384 wide).
+    "DeCo-T2I-tiny/16": DeCoConfig(64, 4, 2, 32, 3, 16, 0, 3, (64, 64), family="t2i",
+                                   text_len=8, text_dim=48, refine_depth=2),
+    "DeCo-T2I-S/8": DeCoConfig(192, 3, 6, 32, 3, 8, 0, 3, (64, 64), family="t2i",
+                               text_len=32, text_dim=384, refine_depth=2),
 }
 
 

@@ -122,22 +122,31 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def rope_from_positions(x_pos: Tensor, y_pos: Tensor, head_dim: int,
+                        theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (L, head_dim/2) of the 2-D RoPE for per-token positions (L,) in float32.
+
+    Pair j rotates by x*f_{j/2} for even j and y*f_{(j-1)/2} for odd j, f_k = theta^(-4k/hd).
+    """
+    k = torch.arange(0, head_dim, 4, dtype=torch.float32, device=x_pos.device)[: head_dim // 4]
+    freqs = 1.0 / (theta ** (k / head_dim))
+    x_angles = x_pos.reshape(-1, 1) * freqs[None, :]
+    y_angles = y_pos.reshape(-1, 1) * freqs[None, :]
+    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(x_pos.numel(), head_dim // 2)
+    return torch.cos(angles), torch.sin(angles)
+
+
 def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
                 span: float = 16.0, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos/sin tables (L, head_dim/2) for the c2i 2-D RoPE.
 
     Positions are normalised to [0, span] whatever the grid size, so 256 and 512 share one
-    position range. Pair j rotates by x*f_{j/2} for even j and y*f_{(j-1)/2} for odd j.
+    position range.
     """
     x_pos = torch.linspace(0, span, grid_w, dtype=torch.float32, device=device)
     y_pos = torch.linspace(0, span, grid_h, dtype=torch.float32, device=device)
     y_pos, x_pos = torch.meshgrid(y_pos, x_pos, indexing="ij")
-    k = torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4]
-    freqs = 1.0 / (theta ** (k / head_dim))
-    x_angles = x_pos.reshape(-1, 1) * freqs[None, :]
-    y_angles = y_pos.reshape(-1, 1) * freqs[None, :]
-    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(grid_h * grid_w, head_dim // 2)
-    return torch.cos(angles), torch.sin(angles)
+    return rope_from_positions(x_pos, y_pos, head_dim, theta)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -276,15 +285,17 @@ def dct_position_features(p: int, max_freqs: int = 8, dtype: torch.dtype = torch
 
 
 class PixelEmbedder(nn.Module):
-    """Per-pixel Linear(C + 64 -> d) on [noisy RGB | DCT position features] (NerfEmbedder)."""
+    """Per-pixel Linear(C + 64 -> d) on [noisy RGB | position features] (NerfEmbedder).
 
-    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, max_freqs: int = 8):
+    ``features`` is the (p*p, 64) table of the pixel position inside a patch: the DCT basis for
+    c2i, the cosines of a RoPE table for t2i (same width, different values). It is a fixed
+    function of the patch size, so it is a non-persistent buffer named ``dct`` in both.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, features: Tensor):
         super().__init__()
-        self.max_freqs = max_freqs
-        self.embedder = nn.Sequential(nn.Linear(in_channels + max_freqs**2, hidden_size))
-        self.register_buffer(
-            "dct", dct_position_features(patch_size, max_freqs), persistent=False
-        )
+        self.embedder = nn.Sequential(nn.Linear(in_channels + features.shape[-1], hidden_size))
+        self.register_buffer("dct", features, persistent=False)
 
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels (B, L, p*p, C) -> (B, L, p*p, d)."""
@@ -332,7 +343,13 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.config = config
         d, p = config.decoder_hidden_size, config.patch_size
-        self.x_embedder = PixelEmbedder(config.in_channels, d, p)
+        if config.is_t2i:
+            from .model_t2i import rope_position_features
+
+            features = rope_position_features(p)
+        else:
+            features = dct_position_features(p)
+        self.x_embedder = PixelEmbedder(config.in_channels, d, features)
         self.cond_embed = nn.Linear(config.hidden_size, p * p * d)
         self.input_proj = nn.Linear(d, d)
         self.res_blocks = nn.ModuleList(DecoderBlock(d) for _ in range(config.decoder_depth))
@@ -356,13 +373,26 @@ class PixelDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def make_dit(config: DeCoConfig) -> nn.Module:
+    """The DiT of the config's family: labels (c2i) or text embeddings (t2i) in."""
+    if config.is_t2i:
+        from .model_t2i import TextDiT
+
+        return TextDiT(config)
+    return DiT(config)
+
+
 class DeCo(nn.Module):
-    """Velocity model v(x_t, t, y) with t = 0 noise and t = 1 data (v = x - noise)."""
+    """Velocity model v(x_t, t, y) with t = 0 noise and t = 1 data (v = x - noise).
+
+    ``y`` is the class labels (B,) int64 for c2i and the text encoder's hidden states
+    (B, text_len, text_dim) float32 for t2i; everything after the DiT is shared.
+    """
 
     def __init__(self, config: DeCoConfig):
         super().__init__()
         self.config = config
-        self.dit = DiT(config)
+        self.dit = make_dit(config)
         self.decoder = PixelDecoder(config)
         self.initialize_weights()
 
@@ -374,7 +404,8 @@ class DeCo(nn.Module):
         """The reference initialisation (DiT adaLN is *not* zeroed; the decoder's is)."""
         nn.init.xavier_uniform_(self.dit.s_embedder.proj.weight)
         nn.init.zeros_(self.dit.s_embedder.proj.bias)
-        nn.init.normal_(self.dit.y_embedder.embedding_table.weight, std=0.02)
+        if not self.config.is_t2i:
+            nn.init.normal_(self.dit.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.dit.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.dit.t_embedder.mlp[2].weight, std=0.02)
         dec = self.decoder

@@ -27,6 +27,7 @@ __all__ = [
     "Evaluation",
     "SamplerConfig",
     "SamplingPlan",
+    "condition_inputs",
     "guidance_flags",
     "make_plan",
     "sample",
@@ -343,6 +344,46 @@ def make_plan(config: SamplerConfig, sharing: SharingSchedule | None = None) -> 
     )
 
 
+def condition_inputs(
+    noise: np.ndarray,
+    labels: np.ndarray | Sequence[int],
+    null_class: int | None,
+    uncond: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cond, uncond) DiT inputs of batch B: class labels (B,) int64 with the null class, or
+    text embeddings (B, L, C) float32 with the unconditional embeddings (B or 1 rows).
+
+    Exactly one of ``null_class`` (labels) and ``uncond`` (embeddings) is given.
+    """
+    b = noise.shape[0] if noise.ndim == 4 else -1
+    if (null_class is None) == (uncond is None):
+        raise ValueError(
+            "pass null_class with class labels or uncond with text embeddings (one of the two)"
+        )
+    if uncond is None:
+        cond = np.asarray(labels, dtype=np.int64)
+        if noise.ndim != 4 or cond.shape != (b,):
+            raise ValueError(
+                f"noise must be (B, C, H, W) and labels (B,), got {noise.shape} and {cond.shape}"
+            )
+        return cond, np.full(b, null_class, dtype=np.int64)
+    cond = np.ascontiguousarray(labels, dtype=np.float32)
+    negative = np.ascontiguousarray(uncond, dtype=np.float32)
+    if noise.ndim != 4 or cond.ndim != 3 or cond.shape[0] != b:
+        raise ValueError(
+            f"noise must be (B, C, H, W) and text embeddings (B, L, C), got {noise.shape} and "
+            f"{cond.shape}"
+        )
+    if negative.shape[0] == 1 and b > 1:
+        negative = np.ascontiguousarray(np.broadcast_to(negative, cond.shape))
+    if negative.shape != cond.shape:
+        raise ValueError(
+            f"the unconditional embeddings must be {cond.shape} or (1, *{cond.shape[1:]}), got "
+            f"{negative.shape}"
+        )
+    return cond, negative
+
+
 class _Velocity:
     """Evaluates the guided velocity at evaluation k, caching the DiT output between calls."""
 
@@ -350,13 +391,13 @@ class _Velocity:
         self,
         backend: Any,
         plan: SamplingPlan,
-        labels: np.ndarray,
-        null_class: int,
+        cond: np.ndarray,
+        uncond: np.ndarray,
         on_condition: ConditionHook | None,
     ) -> None:
         self.backend = backend
         self.plan = plan
-        self.batch = int(labels.shape[0])
+        self.batch = int(cond.shape[0])
         self.on_condition = on_condition
         self.fresh_t = plan.sharing_mode == "fresh_t"
         if self.fresh_t and not supports_refresh(backend):
@@ -366,8 +407,6 @@ class _Velocity:
                 "use mode 'reuse'"
             )
         b = self.batch
-        uncond = np.full(b, null_class, dtype=np.int64)
-        cond = labels.astype(np.int64)
         self.y_cond = backend.from_numpy(cond)
         self.y_both = backend.from_numpy(np.concatenate([uncond, cond]))
         # Time arrays for every evaluation, made before the loop (no host work inside it).
@@ -432,7 +471,8 @@ def sample(
     labels: np.ndarray | Sequence[int],
     config: SamplerConfig | SamplingPlan,
     *,
-    null_class: int,
+    null_class: int | None = None,
+    uncond: np.ndarray | None = None,
     sharing: SharingSchedule | None = None,
     callback: ProgressCallback | None = None,
     on_condition: ConditionHook | None = None,
@@ -440,10 +480,12 @@ def sample(
 ) -> np.ndarray:
     """Integrate from ``noise`` (t = 0) to a sample (t = 1) and return it as float32 numpy.
 
-    ``noise`` is (B, C, H, W); ``labels`` (B,) class indices; ``null_class`` the unconditional
-    label (the model's num_classes). ``callback(step_index, num_steps, t)`` runs after each
-    step; ``on_condition(k, cond)`` receives the native condition of every evaluation k that
-    ran the DiT (used for sharing calibration). Pass a precomputed `SamplingPlan` to skip
+    ``noise`` is (B, C, H, W); ``labels`` (B,) class indices with ``null_class`` the
+    unconditional label (the model's num_classes), or text embeddings (B, L, C) with ``uncond``
+    the unconditional (empty or negative prompt) embeddings, (B, L, C) or (1, L, C).
+    ``callback(step_index, num_steps, t)`` runs after each step; ``on_condition(k, cond)``
+    receives the native condition of every evaluation k that ran the DiT (used for sharing
+    calibration). Pass a precomputed `SamplingPlan` to skip
     planning (``sharing`` must then be None; the plan already holds it).
 
     ``fused_step``: use the backend's whole-step ``step`` capability where it applies (Euler,
@@ -457,11 +499,7 @@ def sample(
     else:
         plan = make_plan(config, sharing)
     noise = np.ascontiguousarray(noise, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
-    if noise.ndim != 4 or labels.shape != (noise.shape[0],):
-        raise ValueError(
-            f"noise must be (B, C, H, W) and labels (B,), got {noise.shape} and {labels.shape}"
-        )
+    cond, negative = condition_inputs(noise, labels, null_class, uncond)
     fusable = (
         plan.config.solver == "euler"
         and all(plan.run_dit)
@@ -474,8 +512,8 @@ def sample(
             "sharing and no on_condition hook"
         )
     if fusable and fused_step is not False:
-        return _sample_fused(backend, noise, labels, plan, null_class, callback)
-    velocity = _Velocity(backend, plan, labels, null_class, on_condition)
+        return _sample_fused(backend, noise, cond, negative, plan, callback)
+    velocity = _Velocity(backend, plan, cond, negative, on_condition)
     x = backend.from_numpy(noise)
     solver = plan.config.solver
     n = plan.num_steps
@@ -517,17 +555,14 @@ def sample(
 def _sample_fused(
     backend: Any,
     noise: np.ndarray,
-    labels: np.ndarray,
+    cond: np.ndarray,
+    uncond: np.ndarray,
     plan: SamplingPlan,
-    null_class: int,
     callback: ProgressCallback | None,
 ) -> np.ndarray:
     """Euler through the backend's fused ``step``: the same arithmetic, one call per step."""
-    b = labels.shape[0]
-    y_cond = backend.from_numpy(labels.astype(np.int64))
-    y_both = backend.from_numpy(
-        np.concatenate([np.full(b, null_class, dtype=np.int64), labels.astype(np.int64)])
-    )
+    y_cond = backend.from_numpy(cond)
+    y_both = backend.from_numpy(np.concatenate([uncond, cond]))
     x = backend.from_numpy(noise)
     n = plan.num_steps
     for i in range(n):
