@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import FIXTURES, GOLDEN_CKPT
+from tests.helpers import FIXTURES, GOLDEN_CKPT, GOLDEN_T2I_CKPT
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +30,6 @@ def golden_model():
     from deco_export.checkpoint import load_reference
 
     return load_reference(GOLDEN_CKPT, image_size=(64, 64))
-
-
-GOLDEN_T2I_CKPT = FIXTURES / "deco_t2i_tiny_64.ckpt"
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOLDEN_CKPT = FIXTURES / "deco_tiny_64.ckpt"
+GOLDEN_T2I_CKPT = FIXTURES / "deco_t2i_tiny_64.ckpt"
 
 
 def patchify(x: np.ndarray, p: int) -> np.ndarray:
