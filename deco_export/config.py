@@ -87,14 +87,10 @@ class DeCoConfig:
         return self.num_classes
 
     @property
-    def is_t2i(self) -> bool:
-        return self.family == "t2i"
-
-    @property
     def mlp_hidden_size(self) -> int:
         """SwiGLU width. c2i: int(2 * 4D / 3), without rounding (3072 for D=1152); t2i: the
         fused w12 SwiGLU of the text-to-image model uses 4D (6144 for D=1536)."""
-        if self.is_t2i:
+        if self.family == "t2i":
             return 4 * self.hidden_size
         return int(2 * (4 * self.hidden_size) / 3)
 

@@ -343,7 +343,7 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.config = config
         d, p = config.decoder_hidden_size, config.patch_size
-        if config.is_t2i:
+        if config.family == "t2i":
             from .model_t2i import rope_position_features
 
             features = rope_position_features(p)
@@ -375,7 +375,7 @@ class PixelDecoder(nn.Module):
 
 def make_dit(config: DeCoConfig) -> nn.Module:
     """The DiT of the config's family: labels (c2i) or text embeddings (t2i) in."""
-    if config.is_t2i:
+    if config.family == "t2i":
         from .model_t2i import TextDiT
 
         return TextDiT(config)
@@ -404,7 +404,7 @@ class DeCo(nn.Module):
         """The reference initialisation (DiT adaLN is *not* zeroed; the decoder's is)."""
         nn.init.xavier_uniform_(self.dit.s_embedder.proj.weight)
         nn.init.zeros_(self.dit.s_embedder.proj.bias)
-        if not self.config.is_t2i:
+        if self.config.family != "t2i":
             nn.init.normal_(self.dit.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.dit.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.dit.t_embedder.mlp[2].weight, std=0.02)

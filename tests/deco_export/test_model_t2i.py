@@ -92,7 +92,7 @@ def test_config_fields_and_serialisation():
     assert not {"family", "text_len", "text_dim", "refine_depth"} & set(c2i)
     with pytest.raises(ValueError, match="text_len and text_dim"):
         DeCoConfig(hidden_size=64, num_heads=4, family="t2i")
-    with pytest.raises(ValueError, match="t2i fields"):
+    with pytest.raises(ValueError, match="t2i"):
         DeCoConfig(hidden_size=64, num_heads=4, text_len=8)
     with pytest.raises(ValueError, match="family must be"):
         DeCoConfig(family="t2v")
