@@ -90,7 +90,7 @@ def extra_for(module: str | None) -> str:
     return {
         "torch": "torch", "safetensors": "torch", "onnx": "onnx", "onnxruntime": "onnx",
         "onnxscript": "onnx", "coremltools": "coreml", "tensorrt": "tensorrt",
-        "matplotlib": "train", "scipy": "eval", "tqdm": "torch",
+        "openvino": "openvino", "matplotlib": "train", "scipy": "eval", "tqdm": "torch",
     }.get(top, "dev")
 
 
@@ -179,12 +179,23 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
 @click.option("--hashes-only", is_flag=True, help="verify the files' sha256 and stop")
 @click.option("--checkpoint", default=None,
               help="the source checkpoint, when the manifest's path is not valid here")
-def validate(bundle: Path, steps: int, hashes_only: bool, checkpoint: str | None) -> None:
-    """Verify every file's sha256 and re-run the parity gate of each ONNX artefact."""
-    from .validate import validate_bundle
+@click.option("--backend", default=None,
+              help="gate this runtime backend on the bundle instead, e.g. openvino")
+@click.option("--precision", default="fp32", show_default=True,
+              help="with --backend: the precision to gate (openvino: fp32 or bf16)")
+def validate(bundle: Path, steps: int, hashes_only: bool, checkpoint: str | None,
+             backend: str | None, precision: str) -> None:
+    """Verify every file's sha256 and re-run the parity gate of each ONNX artefact, or gate a
+    runtime backend (--backend) per graph and end to end."""
+    from .validate import validate_backend, validate_bundle
 
-    report = validate_bundle(bundle, checkpoint=checkpoint, steps=steps, hashes_only=hashes_only,
-                             progress=lambda msg: click.echo(f"  {msg}", err=True))
+    progress = lambda msg: click.echo(f"  {msg}", err=True)  # noqa: E731
+    if backend is not None and not hashes_only:
+        report, _ = validate_backend(bundle, backend, precision, checkpoint=checkpoint,
+                                     steps=steps, progress=progress)
+    else:
+        report = validate_bundle(bundle, checkpoint=checkpoint, steps=steps,
+                                 hashes_only=hashes_only, progress=progress)
     for line in report:
         click.echo(line)
 

@@ -1,17 +1,24 @@
-"""`deco validate`: verify a bundle's hashes and re-run the parity gate of its ONNX artefacts.
+"""`deco validate`: verify a bundle's hashes and re-run the parity gate of its ONNX artefacts,
+or gate a runtime backend that runs them (``--backend openvino --precision bf16``).
 
 The gate needs the PyTorch model the bundle was exported from; the manifest records its path
-and sha256, and ``--checkpoint`` points elsewhere when the bundle has moved machines.
+and sha256, and ``--checkpoint`` points elsewhere when the bundle has moved machines. A backend
+whose precision is a runtime setting rather than an exported artefact (OpenVINO's bf16 on the
+fp32 graphs) has no export step to hold its gate, so this is where it is held: every graph
+through the backend against PyTorch eager fp32 at batch 1 and 3, then the whole sampler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from runtimes import bundle as rb
 
-from .parity import check_end_to_end_gate, check_graph_gate
+from .parity import GraphParity, check_end_to_end_gate, check_graph_gate, max_abs_error, psnr
 from .sources import bundle_source_model
 
 
@@ -59,3 +66,85 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
         lines.append(f"{runtime}: hashes verified; its parity figures are in the manifest "
                      "(re-run them with its exporter on a machine that runs it)")
     return lines
+
+
+PARITY_BATCHES = (1, 3)
+_CONSEQUENCE = "this backend and precision must not be used for this bundle"
+
+
+def backend_graph_parity(model: Any, backend: Any, height: int, width: int,
+                         seed: int = 1) -> list[GraphParity]:
+    """Each graph call of a runtime ``backend`` (numpy in, numpy out) against PyTorch eager
+    fp32 at batch 1 and 3, on the exporters' realistic inputs."""
+    from .export.graphs import example_inputs, reference_outputs
+
+    calls: dict[str, list[tuple[str, Callable[..., Any]]]] = {
+        "dit": [("cond", backend.dit)], "decoder": [("v", backend.decoder)]}
+    if getattr(backend, "supports_refresh", False):
+        calls["dit"].append(("hidden", backend.dit_hidden))
+        calls["refresh"] = [("cond", backend.refresh_condition)]
+    results = []
+    for batch in PARITY_BATCHES:
+        for graph, outputs in calls.items():
+            inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
+            expected = reference_outputs(model, graph, inputs)
+            feeds = [backend.from_numpy(x.numpy()) for x in inputs]
+            for (name, call), ref in zip(outputs, expected, strict=False):
+                got = np.asarray(backend.to_numpy(call(*feeds)))
+                label = f"{graph}.{name}" if graph == "dit" else graph
+                ref_np = ref.numpy()
+                results.append(GraphParity(label, batch, max_abs_error(ref_np, got),
+                                           psnr(ref_np, got)))
+    return results
+
+
+def gate_backend(model: Any, open_pipeline: Callable[[], Any], precision: str,
+                 image_size: tuple[int, int], *, steps: int = 10, seed: int = 1,
+                 what: str = "backend", progress: Callable[[str], None] | None = None,
+                 ) -> tuple[list[str], dict[str, Any]]:
+    """The parity gate of one backend at one precision: every graph call against PyTorch fp32
+    (`backend_graph_parity`), then the whole sampler end to end, with the thresholds of
+    `deco_export.parity`. ``open_pipeline()`` returns a fresh `runtimes.DeCoPipeline` on the
+    backend (called twice: each check closes its own). Returns the report lines and the
+    figures; raises ParityError below a gate."""
+    from .export.bundle_io import end_to_end_figures
+
+    say = progress or (lambda _msg: None)
+    height, width = image_size
+    say(f"running every graph through {what} against PyTorch")
+    pipe = open_pipeline()
+    try:
+        results = backend_graph_parity(model, pipe.backend, height, width, seed)
+    finally:
+        pipe.close()
+    check_graph_gate(precision, results, what=what, consequence=_CONSEQUENCE)
+    say(f"sampling end to end through {what} ({steps} steps)")
+    figures = end_to_end_figures(model, open_pipeline(), (height, width), steps, seed)
+    check_end_to_end_gate(precision, figures["psnr_db"], what=what, consequence=_CONSEQUENCE)
+    worst_err = max(r.max_abs_error for r in results)
+    worst_db = min(r.psnr_db for r in results)
+    line = (f"{what}: worst graph error {worst_err:.2e} ({worst_db:.1f} dB), end to end "
+            f"{figures['psnr_db']:.1f} dB over {steps} steps: passed")
+    return [line], {"graphs": [r.to_dict() for r in results], "end_to_end": figures}
+
+
+def validate_backend(bundle: str | Path, backend: str, precision: str,
+                     checkpoint: str | None = None, steps: int = 10, seed: int = 1,
+                     progress: Callable[[str], None] | None = None,
+                     **backend_options: Any) -> tuple[list[str], dict[str, Any]]:
+    """Gate the runtime ``backend`` (a `runtimes.load` name) at ``precision`` on ``bundle``
+    (see `gate_backend`); the first load verifies the files it reads."""
+    import runtimes
+
+    bundle = Path(bundle)
+    manifest = rb.read_manifest(bundle)
+    model = bundle_source_model(bundle, manifest, checkpoint)
+    height, width = manifest.model["image_size"]
+    loads = iter([True])
+
+    def open_pipeline() -> Any:
+        return runtimes.load(bundle, backend=backend, precision=precision,
+                             verify=next(loads, False), **backend_options)
+
+    return gate_backend(model, open_pipeline, precision, (height, width), steps=steps,
+                        seed=seed, what=f"{bundle} {backend} {precision}", progress=progress)

@@ -59,6 +59,7 @@ _REGISTRY: dict[str, _Entry] = {
     "onnxruntime": _Entry("runtimes.backends.onnxruntime:OnnxRuntimeBackend", "onnx"),
     "tensorrt": _Entry("runtimes.backends.tensorrt:TensorRTBackend", "tensorrt"),
     "coreml": _Entry("runtimes.backends.coreml:CoreMLBackend", "coreml"),
+    "openvino": _Entry("runtimes.backends.openvino:OpenVinoBackend", "onnx"),
 }
 _ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime"}
 
@@ -72,7 +73,9 @@ def register_backend(
     ``factory(bundle_dir, manifest, precision=precision, **backend_options)`` (``providers`` is
     among the options when the caller gave it) and must return a `Backend`. ``runtime`` names
     the manifest runtime whose artifacts the backend reads ("onnx", "coreml", "tensorrt"), so
-    ``load`` verifies only those files; None verifies the whole bundle.
+    ``load`` verifies only those files; None verifies the whole bundle. A factory whose
+    precisions read another precision's artefacts (OpenVINO's bf16 reads the fp32 graphs)
+    offers ``artifact_precision(precision)``, so ``load`` verifies those.
     """
     if not name or not isinstance(name, str):
         raise ValueError("a backend name must be a non-empty string")
@@ -460,9 +463,14 @@ def load(
     root = Path(bundle_dir)
     manifest = _bundle.read_manifest(root)
     factory, runtime = _factory(backend)
+    # A backend whose precision is a setting on another precision's artefacts (OpenVINO's bf16
+    # runs the fp32 ONNX graphs) names the artefacts it reads, so those are the ones verified.
+    reads = getattr(factory, "artifact_precision", None)
+    artifact_precision = reads(precision) if callable(reads) else precision
     if verify:
         problems = _bundle.verify(
-            root, runtime=runtime, precision=precision if runtime else None, manifest=manifest
+            root, runtime=runtime, precision=artifact_precision if runtime else None,
+            manifest=manifest,
         )
         if problems:
             raise BundleError(
