@@ -1,0 +1,94 @@
+"""Analytic FLOP counts of the graphs, from the model config alone (no torch, no tracing).
+
+Counted as a profiler counts them (``torch.utils.flop_counter.FlopCounterMode``): two FLOPs
+per multiply-add of every matrix product (linear layers, attention's QK^T and AV), nothing
+for elementwise work, norms or softmax. That is the work a GEMM peak bounds, so
+``achieved GFLOP/s / measured peak`` is a roofline fraction: how close a backend runs to what
+the machine's matrix units can do.
+
+The decoder is counted in two parts, the way DiT sharing can split it:
+
+* ``decoder_cond``: what depends only on the DiT's condition: ``cond_embed`` (D -> p*p*d per
+  token, i.e. per pixel) and the three per-pixel adaLN modulations (d -> 3d each);
+* ``decoder_pixel``: what depends on x_t: the pixel embedding, ``input_proj``, the blocks'
+  MLPs and the final layer.
+
+A config is a `DeCoConfig`, a `runtimes.ModelConfig` or any mapping with its field names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["GRAPHS", "graph_flops", "sampling_flops"]
+
+GRAPHS = ("dit", "decoder", "decoder_cond", "decoder_pixel", "refresh")
+FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
+DCT_FEATURES = 64  # PixelEmbedder's 8 x 8 DCT position features
+
+
+def _field(config: Any, name: str) -> int:
+    value = config[name] if isinstance(config, Mapping) else getattr(config, name)
+    return int(value)
+
+
+def _timestep_mlp(d: int) -> int:
+    return 2 * (FREQUENCY_SIZE * d + d * d)
+
+
+def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) -> int:
+    """FLOPs of one call of ``graph`` on ``batch`` images of ``height`` x ``width``."""
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown graph {graph!r}; expected one of {', '.join(GRAPHS)}")
+    d_model = _field(config, "hidden_size")
+    p = _field(config, "patch_size")
+    c = _field(config, "in_channels")
+    d = _field(config, "decoder_hidden_size")
+    if height % p or width % p:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+    tokens = (height // p) * (width // p)
+    pixels = height * width
+    b = int(batch)
+    if graph == "refresh":
+        return b * _timestep_mlp(d_model)
+    if graph == "dit":
+        depth = _field(config, "dit_depth")
+        mlp = int(2 * (4 * d_model) / 3)  # SwiGLU width, as DeCoConfig.mlp_hidden_size
+        per_block = (2 * d_model * 6 * d_model  # adaLN on the per-sample vector
+                     + 2 * tokens * d_model * 3 * d_model  # qkv
+                     + 4 * tokens * tokens * d_model  # QK^T and AV over all heads
+                     + 2 * tokens * d_model * d_model  # proj
+                     + 3 * 2 * tokens * d_model * mlp)  # SwiGLU w1, w3, w2
+        per_sample = (2 * tokens * c * p * p * d_model + _timestep_mlp(d_model)
+                      + depth * per_block)
+        return b * per_sample
+    depth = _field(config, "decoder_depth")
+    cond = pixels * (2 * d_model * d + depth * 2 * d * 3 * d)
+    pixel = pixels * (2 * c * d + 2 * d * d + depth * 2 * 2 * d * d + 2 * d * c)
+    position = 2 * p * p * DCT_FEATURES * d  # the DCT position term: once per call
+    if graph == "decoder_cond":
+        return b * cond
+    if graph == "decoder_pixel":
+        return b * pixel + position
+    return b * (cond + pixel) + position
+
+
+def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int,
+                   decoder_cond_samples: int | None = None) -> int:
+    """FLOPs of one whole generation from a sampling plan's ``cost`` (`SamplingPlan.cost`):
+    each graph's per-sample count times the samples it ran, plus the per-call terms.
+
+    ``decoder_cond_samples``: when the decoder's condition part runs apart from its pixel part
+    (DiT sharing with a cached modulation), the samples it ran; None counts it on every
+    decoder sample.
+    """
+    dit = graph_flops(config, "dit", 1, height, width)
+    dec_pixel_one = graph_flops(config, "decoder_pixel", 1, height, width)
+    position = graph_flops(config, "decoder_pixel", 0, height, width)
+    dec_cond = graph_flops(config, "decoder_cond", 1, height, width)
+    dec_samples = int(cost["decoder_samples"])
+    cond_samples = dec_samples if decoder_cond_samples is None else int(decoder_cond_samples)
+    return (int(cost["dit_samples"]) * dit
+            + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
+            + cond_samples * dec_cond)
