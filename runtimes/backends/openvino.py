@@ -41,14 +41,8 @@ import numpy as np
 
 from runtimes.backend import BackendError
 from runtimes.backends.tensorrt_keys import key_digest
-from runtimes.bundle import (
-    GRAPH_IO,
-    BundleError,
-    Manifest,
-    atomic_write_bytes,
-    atomic_write_text,
-    read_manifest,
-)
+from runtimes.bundle import GRAPH_IO, BundleError, Manifest, read_manifest
+from runtimes.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend", "default_cache_dir"]
 
