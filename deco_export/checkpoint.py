@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import DeCoConfig
-from .model import DeCo
+from .model import DeCo, PixelDiT, build_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -84,7 +84,7 @@ def staging_directory(out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_pretrained(model: DeCo, path: str | Path, source: str | None = None,
+def save_pretrained(model: DeCo | PixelDiT, path: str | Path, source: str | None = None,
                     extra_metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a checkpoint directory at ``path`` (atomically)."""
     out = Path(path)
@@ -126,8 +126,9 @@ def load_config(path: str | Path) -> DeCoConfig:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    verify: bool = True) -> DeCo:
-    """Load a checkpoint directory; checks the weights' sha256 against the metadata."""
+                    verify: bool = True) -> DeCo | PixelDiT:
+    """Load a checkpoint directory (DeCo or the plain-DiT baseline, as its config says); checks
+    the weights' sha256 against the metadata."""
     path = Path(path)
     config = load_config(path)
     weights = path / WEIGHTS_NAME
@@ -144,12 +145,12 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {weights}: {err}") from None
-    model = DeCo(config)
+    model = build_model(config)
     load_state_strict(model, state, source=str(weights))
     return model.to(device).eval()
 
 
-def load_state_strict(model: DeCo, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state_strict(model: DeCo | PixelDiT, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict that lists every missing, unexpected and mis-shaped tensor."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -303,7 +304,8 @@ def convert_reference(path: str | Path, out: str | Path, weights: str = "ema",
     )
 
 
-def load_any(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> DeCo:
+def load_any(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+             ) -> DeCo | PixelDiT:
     """A checkpoint directory of ours, or a reference ``.ckpt`` file."""
     path = Path(path)
     if path.is_dir():

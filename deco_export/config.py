@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("c2i", "t2i")
+ARCHITECTURES = ("deco", "dit")
 
 # Fields added after the first release: omitted from to_dict when they hold their default, so
 # class-conditional config.json files and manifests stay byte-identical.
 _OPTIONAL_DEFAULTS: dict[str, Any] = {
-    "family": "c2i", "text_len": 0, "text_dim": 0, "refine_depth": 0,
+    "family": "c2i", "text_len": 0, "text_dim": 0, "refine_depth": 0, "architecture": "deco",
 }
 
 
@@ -30,6 +31,10 @@ class DeCoConfig:
     runs at any multiple of ``patch_size`` (c2i RoPE positions are normalised, t2i ones count
     tokens). The t2i fields: ``text_len`` tokens of width ``text_dim`` from the text encoder,
     ``refine_depth`` text-refine blocks; ``num_classes`` is unused there (0 in the presets).
+
+    ``architecture`` is "deco" (DiT + pixel decoder) or "dit", the plain pixel DiT that DeCo is
+    measured against (the reference ``FlattenDiT``, c2i only): ``dit_depth`` blocks, then a
+    final layer straight to pixels, one graph; the decoder fields are unused there.
     """
 
     hidden_size: int = 1152
@@ -45,11 +50,19 @@ class DeCoConfig:
     text_len: int = 0
     text_dim: int = 0
     refine_depth: int = 0
+    architecture: str = "deco"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, not {self.family!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; choose one of "
+                f"{', '.join(ARCHITECTURES)}"
+            )
+        if self.architecture == "dit" and self.family != "c2i":
+            raise ValueError("the plain DiT baseline is class-conditional; use family='c2i'")
         text_fields = {"text_len": self.text_len, "text_dim": self.text_dim}
         if self.family == "t2i" and min(text_fields.values()) < 1:
             raise ValueError(
@@ -123,7 +136,15 @@ class DeCoConfig:
         return cls.from_dict(json.loads(text))
 
 
-PRESETS: dict[str, DeCoConfig] = {
+def baseline_of(config: DeCoConfig) -> DeCoConfig:
+    """The plain pixel DiT at DeCo's cost: the pixel decoder replaced by two more DiT blocks
+    (the paper's equal-compute comparison, Table 1)."""
+    if config.architecture != "deco":
+        raise ValueError("baseline_of takes a DeCo config; this one is already a plain DiT")
+    return dataclasses.replace(config, architecture="dit", dit_depth=config.dit_depth + 2)
+
+
+_DECO_PRESETS: dict[str, DeCoConfig] = {
     # The released sizes (reference configs_c2i/DeCo_XL.yaml and DeCo_large.yaml).
     "DeCo-XL/16": DeCoConfig(1152, 16, 28, 32, 3, 16, 1000, 3, (256, 256)),
     "DeCo-XL/16-512": DeCoConfig(1152, 16, 28, 32, 3, 16, 1000, 3, (512, 512)),
@@ -145,6 +166,25 @@ PRESETS: dict[str, DeCoConfig] = {
     "DeCo-T2I-S/8": DeCoConfig(192, 3, 6, 32, 3, 8, 0, 3, (64, 64), family="t2i",
                                text_len=32, text_dim=384, refine_depth=2),
 }
+
+# One plain-DiT baseline per class-conditional DeCo size: "DiT-T/4" has DeCo-T/4's 6 blocks + 2
+# instead of the decoder.
+PRESETS: dict[str, DeCoConfig] = {
+    **_DECO_PRESETS,
+    **{"DiT" + name[len("DeCo"):]: baseline_of(c) for name, c in _DECO_PRESETS.items()
+       if c.family == "c2i"},
+}
+
+
+def baseline_preset(name: str) -> str:
+    """The baseline preset that matches a DeCo preset ("DeCo-T/4" -> "DiT-T/4")."""
+    if name in PRESETS and PRESETS[name].architecture == "dit":
+        return name
+    base = "DiT" + name[len("DeCo"):]
+    if not name.startswith("DeCo-") or base not in PRESETS:
+        choices = ", ".join(n for n, c in PRESETS.items() if c.architecture == "dit")
+        raise ValueError(f"no baseline for preset {name!r}; the baselines are {choices}")
+    return base
 
 
 def get_preset(name: str, **overrides: Any) -> DeCoConfig:

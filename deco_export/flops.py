@@ -13,6 +13,9 @@ The decoder is counted in two parts, the way DiT sharing can split it:
 * ``decoder_pixel``: what depends on x_t: the pixel embedding, ``input_proj``, the blocks'
   MLPs and the final layer.
 
+The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
+blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
+
 A config is a `DeCoConfig`, a `runtimes.ModelConfig` or any mapping with its field names.
 """
 
@@ -21,9 +24,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GRAPHS", "graph_flops", "sampling_flops"]
+__all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "training_flops"]
 
-GRAPHS = ("dit", "decoder", "decoder_cond", "decoder_pixel", "refresh")
+GRAPHS = ("dit", "decoder", "decoder_cond", "decoder_pixel", "refresh", "pixel_dit")
+# Forward + backward: the backward pass does two matrix products per forward product.
+TRAINING_FACTOR = 3
 FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
 DCT_FEATURES = 64  # PixelEmbedder's 8 x 8 DCT position features
 
@@ -52,6 +57,9 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
     b = int(batch)
     if graph == "refresh":
         return b * _timestep_mlp(d_model)
+    if graph == "pixel_dit":
+        final = 2 * d_model * 2 * d_model + 2 * tokens * d_model * c * p * p
+        return graph_flops(config, "dit", b, height, width) + b * final
     if graph == "dit":
         depth = _field(config, "dit_depth")
         mlp = int(2 * (4 * d_model) / 3)  # SwiGLU width, as DeCoConfig.mlp_hidden_size
@@ -92,3 +100,21 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
     return (int(cost["dit_samples"]) * dit
             + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
             + cond_samples * dec_cond)
+
+
+def _architecture(config: Any) -> str:
+    if isinstance(config, Mapping):
+        return str(config.get("architecture", "deco"))
+    return str(getattr(config, "architecture", "deco"))
+
+
+def training_flops(config: Any, height: int, width: int) -> int:
+    """Forward + backward FLOPs of one training image: the whole network once, times
+    :data:`TRAINING_FACTOR`. DeCo and its plain-DiT baseline compare at equal compute on this."""
+    if _architecture(config) == "dit":
+        forward = graph_flops(config, "pixel_dit", 1, height, width)
+    else:
+        forward = graph_flops(config, "dit", 1, height, width) + graph_flops(
+            config, "decoder", 1, height, width
+        )
+    return TRAINING_FACTOR * forward

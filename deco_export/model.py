@@ -243,6 +243,12 @@ class DiT(nn.Module):
         )
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, e_t, _ = self.trunk(x_t, t, y)
+        return F.silu(e_t + x), x
+
+    def trunk(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The blocks' output h (B, L, D) with e_t (B, 1, D) and the block condition
+        c = SiLU(e_t + e_y) (B, 1, D): what DeCo's head and the plain DiT's final layer need."""
         b, c, h, w = x_t.shape
         p = self.config.patch_size
         cos, sin = rope_tables(h // p, w // p, self.config.head_dim, x_t.device)
@@ -252,7 +258,7 @@ class DiT(nn.Module):
         c_vec = F.silu(e_t + self.y_embedder(y).unsqueeze(1))
         for block in self.blocks:
             x = block(x, c_vec, cos, sin)
-        return F.silu(e_t + x), x
+        return x, e_t, c_vec
 
     def refresh_condition(self, hidden: Tensor, t: Tensor) -> Tensor:
         """cond for a new timestep from a cached last-block output: SiLU(e_t + h)."""
@@ -391,6 +397,10 @@ class DeCo(nn.Module):
 
     def __init__(self, config: DeCoConfig):
         super().__init__()
+        if config.architecture != "deco":
+            raise ValueError(
+                f"a {config.architecture!r} config builds a PixelDiT, not DeCo; use build_model"
+            )
         self.config = config
         self.dit = make_dit(config)
         self.decoder = PixelDecoder(config)
@@ -424,9 +434,84 @@ class DeCo(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DeCo:
         from .checkpoint import load_pretrained
 
-        return load_pretrained(path, device=device)
+        return load_pretrained(path, device=device)  # type: ignore[return-value]
 
     def save_pretrained(self, path: str | Path, **metadata) -> Path:
         from .checkpoint import save_pretrained
 
         return save_pretrained(self, path, **metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# PixelDiT: the plain pixel DiT that DeCo is measured against (reference FlattenDiT)
+# ---------------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) -> adaLN shift/scale from c -> Linear(D -> p*p*C), per token.
+
+    Like the blocks' modulation it has no SiLU inside: c is already SiLU(e_t + e_y).
+    """
+
+    def __init__(self, hidden_size: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.linear = nn.Linear(hidden_size, out_features, bias=True)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PixelDiT(nn.Module):
+    """v(x_t, t, y) from DiT tokens alone: the same embedders, RoPE and blocks as DeCo's DiT,
+    then :class:`FinalLayer` and unpatchify. One network, no pixel decoder, so every pixel of a
+    patch comes from one linear map of its token; that is the bottleneck DeCo's decoder removes.
+    """
+
+    def __init__(self, config: DeCoConfig):
+        super().__init__()
+        if config.architecture != "dit":
+            raise ValueError(
+                f"a {config.architecture!r} config builds DeCo, not a PixelDiT; use build_model"
+            )
+        self.config = config
+        p, c = config.patch_size, config.in_channels
+        self.dit = DiT(config)
+        self.final_layer = FinalLayer(config.hidden_size, c * p * p)
+        self.initialize_weights()
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        b, c, h, w = x_t.shape
+        p = self.config.patch_size
+        x, _, c_vec = self.dit.trunk(x_t, t, y)
+        out = self.final_layer(x, c_vec)  # (B, L, C*p*p), channel-major as the patch embedder
+        return unpatchify(out.reshape(b, -1, c, p * p).permute(0, 2, 1, 3), p, h, w)
+
+    def initialize_weights(self) -> None:
+        """The DiT part as DeCo's; the final layer zero-initialised (v = 0 at step 0), as DiT."""
+        nn.init.xavier_uniform_(self.dit.s_embedder.proj.weight)
+        nn.init.zeros_(self.dit.s_embedder.proj.bias)
+        nn.init.normal_(self.dit.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.dit.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.dit.t_embedder.mlp[2].weight, std=0.02)
+        for module in (self.final_layer.adaLN_modulation[0], self.final_layer.linear):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | Path, **metadata) -> Path:
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **metadata)
+
+
+VelocityModel = DeCo | PixelDiT
+
+
+def build_model(config: DeCoConfig) -> DeCo | PixelDiT:
+    """The network a config describes: DeCo for "deco", PixelDiT for "dit"."""
+    return PixelDiT(config) if config.architecture == "dit" else DeCo(config)

@@ -81,6 +81,12 @@ DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder p
 
 @click.command()
 @click.option("--preset", default="DeCo-XS/4", show_default=True, help="model size preset")
+@click.option(
+    "--model", "model_kind", type=click.Choice(["deco", "baseline"]), default="deco",
+    show_default=True,
+    help="baseline = the plain pixel DiT of the preset's size (DeCo-T/4 -> DiT-T/4: two more "
+    "blocks instead of the decoder)",
+)  # fmt: skip
 @click.option("--data", default="emoji", show_default=True, help=DATA_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
 @click.option("--steps", default=1000, show_default=True, help="optimizer steps in total")
@@ -93,7 +99,10 @@ DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder p
 @click.option("--ema-decay", default=0.9999, show_default=True)
 @click.option("--label-dropout", default=0.1, show_default=True, help="CFG null-label rate")
 @click.option("--time-shift", default=1.0, show_default=True, help="t/(t+(1-t)s) shift")
-@click.option("--freq-weight", default=1.0, show_default=True, help="frequency-loss weight")
+@click.option(
+    "--freq-weight", default=None, type=float,
+    help="frequency-loss weight; 0 turns it off [1 for DeCo, 0 for the plain DiT]",
+)  # fmt: skip
 @click.option("--repa-weight", default=0.5, show_default=True)
 @click.option(
     "--repa-encoder",
@@ -124,15 +133,23 @@ DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder p
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @one_line_errors
 def train(**kw: Any) -> None:
-    """Train a DeCo model (flow matching + frequency-aware loss + optional REPA).
+    """Train a DeCo model (flow matching + frequency-aware loss + optional REPA), or with
+    --model baseline the plain pixel DiT of the same size (flow matching alone).
 
     Writes OUT/log.jsonl, OUT/loss.png, OUT/samples/*.png, OUT/checkpoints/step_N/ and, at the
     end, the EMA weights as a model checkpoint in OUT/model.
     """
+    from deco_export.config import baseline_preset, get_preset
+
     from .trainer import TrainConfig
     from .trainer import train as run
 
     resume = kw.pop("resume")
+    if kw.pop("model_kind") == "baseline":
+        kw["preset"] = baseline_preset(kw["preset"])
+    if kw["freq_weight"] is None:
+        # The reference trains its plain-DiT baselines with flow matching alone.
+        kw["freq_weight"] = 0.0 if get_preset(kw["preset"]).architecture == "dit" else 1.0
     kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")

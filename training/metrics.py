@@ -351,12 +351,13 @@ class HeldOutScorer:
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A DeCo model from 'default' (the embedded model), a checkpoint directory
-    (``save_pretrained``), a training checkpoint (``.../checkpoints/step_N``, EMA weights) or a
-    run directory (its ``model/`` export, else its newest checkpoint's EMA weights)."""
+    """A DeCo (or plain-DiT baseline) model from 'default' (the embedded model), a checkpoint
+    directory (``save_pretrained``), a training checkpoint (``.../checkpoints/step_N``, EMA
+    weights) or a run directory (its ``model/`` export, else its newest checkpoint's EMA
+    weights)."""
     from deco_export.checkpoint import load_pretrained
     from deco_export.config import DeCoConfig
-    from deco_export.model import DeCo
+    from deco_export.model import build_model
     from deco_export.sources import DEFAULT_NAME, default_model_dir
 
     from .state import latest_checkpoint, load_checkpoint
@@ -372,7 +373,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
             f"{p} is neither a model checkpoint (config.json) nor a training run with checkpoints"
         )
     data = load_checkpoint(step)
-    model = DeCo(DeCoConfig.from_dict(data.state["model_config"]))
+    model = build_model(DeCoConfig.from_dict(data.state["model_config"]))
     model.load_state_dict(data.ema)
     return model.to(device).eval()
 

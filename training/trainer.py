@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from deco_export.config import DeCoConfig, get_preset
-from deco_export.model import DeCo
+from deco_export.model import DeCo, PixelDiT, build_model
 
 from . import state as ckpt
 from .data import collate, load_dataset, to_model_input, to_unit_range
@@ -173,7 +173,9 @@ class Trainable(nn.Module):
     ``forward`` returns the velocity and the projected block-k tokens (None without REPA).
     """
 
-    def __init__(self, model: DeCo, head: ProjectionHead | None, layer: int | None) -> None:
+    def __init__(
+        self, model: DeCo | PixelDiT, head: ProjectionHead | None, layer: int | None
+    ) -> None:
         super().__init__()
         self.model, self.head = model, head
         self.hook = FeatureHook(model.dit.blocks[layer - 1]) if head is not None else None
@@ -248,8 +250,8 @@ class Trainer:
 
         # Model, EMA, REPA, optimizer. Same seed on every rank: identical initial weights.
         torch.manual_seed(cfg.seed)
-        model = DeCo(self.model_config).to(d.device)
-        self.ema = EMA(model, DeCo(self.model_config).to(d.device), cfg.ema_decay)
+        model = build_model(self.model_config).to(d.device)
+        self.ema = EMA(model, build_model(self.model_config).to(d.device), cfg.ema_decay)
         self.encoder: FrozenEncoder | None = None
         head = None
         self.repa_layer = None
@@ -630,7 +632,7 @@ def export_ema(trainer_or_ckpt: Trainer | str | Path, out_dir: str | Path) -> Pa
                 raise FileNotFoundError(f"no training checkpoint under {path}")
             path = found
         data = ckpt.load_checkpoint(path)
-        model = DeCo(DeCoConfig.from_dict(data.state["model_config"]))
+        model = build_model(DeCoConfig.from_dict(data.state["model_config"]))
         model.load_state_dict(data.ema)
         step, train_cfg = data.step, data.state["train"]
     source = f"deco train: {train_cfg['data']}, {step} steps (EMA weights)"
