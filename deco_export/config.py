@@ -165,6 +165,9 @@ _DECO_PRESETS: dict[str, DeCoConfig] = {
                                    text_len=8, text_dim=48, refine_depth=2),
     "DeCo-T2I-S/8": DeCoConfig(192, 3, 6, 32, 3, 8, 0, 3, (64, 64), family="t2i",
                                text_len=32, text_dim=384, refine_depth=2),
+    # The embedded text-to-image default's shape: 16 MiniLM tokens, 32x32, ~3M parameters.
+    "DeCo-T2I-T/4": DeCoConfig(128, 2, 6, 32, 3, 4, 0, 3, (32, 32), family="t2i",
+                               text_len=16, text_dim=384, refine_depth=2),
 }
 
 # One plain-DiT baseline per class-conditional DeCo size: "DiT-T/4" has DeCo-T/4's 6 blocks + 2

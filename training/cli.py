@@ -76,11 +76,35 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return sizes[0], sizes[1]
 
 
-DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder per class"
+DATA_HELP = (
+    "emoji | emoji-base | fashion-mnist | a folder with one sub-folder per class; t2i: emoji | "
+    "emoji-base (captioned) | a .jsonl of path + caption | a folder of images with .txt captions"
+)
+DEFAULT_PRESETS = {"c2i": "DeCo-XS/4", "t2i": "DeCo-T2I-T/4"}
+
+
+def resolve_preset(preset: str | None, family: str | None) -> str:
+    """The preset of a run: the family's default when none is given; a preset of another
+    family than ``--family`` is an error (the preset decides the model)."""
+    from deco_export.config import get_preset
+
+    if preset is None:
+        return DEFAULT_PRESETS[family or "c2i"]
+    actual = get_preset(preset).family
+    if family is not None and actual != family:
+        raise click.BadParameter(
+            f"preset {preset} is a {actual} model; drop --family or pass a {family} preset "
+            f"such as {DEFAULT_PRESETS[family]}"
+        )
+    return preset
 
 
 @click.command()
-@click.option("--preset", default="DeCo-XS/4", show_default=True, help="model size preset")
+@click.option("--preset", default=None, help="model size preset [DeCo-XS/4; t2i: DeCo-T2I-T/4]")
+@click.option(
+    "--family", type=click.Choice(["c2i", "t2i"]), default=None,
+    help="class labels or text (implied by --preset)",
+)  # fmt: skip
 @click.option(
     "--model", "model_kind", type=click.Choice(["deco", "baseline"]), default="deco",
     show_default=True,
@@ -97,7 +121,14 @@ DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder p
 @click.option("--warmup-steps", default=0, show_default=True, help="linear LR warm-up")
 @click.option("--grad-clip", default=0.0, show_default=True, help="max grad norm (0 = off)")
 @click.option("--ema-decay", default=0.9999, show_default=True)
-@click.option("--label-dropout", default=0.1, show_default=True, help="CFG null-label rate")
+@click.option(
+    "--label-dropout", default=0.1, show_default=True,
+    help="CFG dropout rate: null label (c2i) or empty prompt (t2i)",
+)  # fmt: skip
+@click.option(
+    "--text-encoder", default="minilm", show_default=True,
+    help="t2i: minilm (all-MiniLM-L6-v2) or a local Qwen3 directory",
+)  # fmt: skip
 @click.option("--time-shift", default=1.0, show_default=True, help="t/(t+(1-t)s) shift")
 @click.option(
     "--freq-weight", default=None, type=float,
@@ -128,7 +159,7 @@ DATA_HELP = "emoji | emoji-base | fashion-mnist | a folder with one sub-folder p
 @click.option("--keep", default=2, show_default=True, help="checkpoints kept (0 = all)")
 @click.option("--sample-steps", default=32, show_default=True, help="Euler steps for grids")
 @click.option("--sample-cfg", default=3.0, show_default=True, help="CFG scale for grids")
-@click.option("--cache-dir", default=None, help="dataset cache [~/.cache/deco]")
+@click.option("--cache-dir", default=None, help="dataset and text-embedding cache [~/.cache/deco]")
 @click.option("--progress/--no-progress", default=True)
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @one_line_errors
@@ -145,6 +176,7 @@ def train(**kw: Any) -> None:
     from .trainer import train as run
 
     resume = kw.pop("resume")
+    kw["preset"] = resolve_preset(kw["preset"], kw.pop("family"))
     if kw.pop("model_kind") == "baseline":
         kw["preset"] = baseline_preset(kw["preset"])
     if kw["freq_weight"] is None:

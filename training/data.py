@@ -55,6 +55,7 @@ __all__ = [
     "center_crop_arr",
     "collate",
     "default_cache_dir",
+    "emoji_split",
     "load_dataset",
     "to_model_input",
     "to_unit_range",
@@ -320,6 +321,21 @@ def emoji(
     holdout: float = 0.1,
     cache_dir: str | Path | None = None,
 ) -> ArrayDataset:
+    """The emoji split with group labels (see the module docstring)."""
+    return emoji_split(
+        split, image_size, skin_tones=skin_tones, holdout=holdout, cache_dir=cache_dir
+    )[0]
+
+
+def emoji_split(
+    split: str,
+    image_size: tuple[int, int],
+    *,
+    skin_tones: bool = True,
+    holdout: float = 0.1,
+    cache_dir: str | Path | None = None,
+) -> tuple[ArrayDataset, list[str]]:
+    """The emoji split and each kept image's emoji sequence (for captions)."""
     if not EMOJI_FONT.is_file():
         raise DatasetMissingError("Noto Color Emoji font", EMOJI_FONT)
     seqs, groups, order = read_emoji_test()
@@ -341,7 +357,7 @@ def emoji(
         ]
     )
     ds = ArrayDataset(torch.from_numpy(images), torch.from_numpy(labels), tuple(order))
-    return ds.subset(keep)
+    return ds.subset(keep), [s for s, k in zip(seqs, keep, strict=True) if k]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,14 +31,21 @@ def euler_sample(
     interval_low: float = 0.1,
     null_class: int | None = None,
     autocast: bool = False,
+    uncond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t, y) from t = 0 (``noise``) to t = 1; returns (B, C, H, W)."""
-    null = model.config.null_class if null_class is None else null_class
+    """Integrate dx/dt = v(x, t, y) from t = 0 (``noise``) to t = 1; returns (B, C, H, W).
+
+    ``labels`` are class labels (B,) or, for text-to-image, text embeddings (B, L, C) with
+    ``uncond`` the unconditional (empty-prompt) embeddings of the same shape.
+    """
     grid = torch.cat([torch.linspace(0.0, 1.0 - 1.0 / num_steps, num_steps), torch.ones(1)])
     x = noise.float()
     b = x.shape[0]
     guided = cfg_scale != 1.0
-    y = torch.cat([torch.full_like(labels, null), labels]) if guided else labels
+    if uncond is None and guided:
+        null = model.config.null_class if null_class is None else null_class
+        uncond = torch.full_like(labels, null)
+    y = torch.cat([uncond, labels]) if guided else labels
     dev = x.device
     for i in range(num_steps):
         t_cur = grid[i]

@@ -36,11 +36,13 @@ from deco_export.config import DeCoConfig, get_preset
 from deco_export.model import DeCo, PixelDiT, build_model
 
 from . import state as ckpt
-from .data import collate, load_dataset, to_model_input, to_unit_range
+from .captions import load_captioned
+from .data import collate, default_cache_dir, load_dataset, to_model_input, to_unit_range
 from .ema import EMA
 from .losses import FrequencyLoss, drop_labels, interpolate, sample_t
 from .repa import FeatureHook, FrozenEncoder, ProjectionHead, load_encoder, repa_loss
 from .sample import euler_sample, grid_labels, save_grid, to_uint8
+from .text_cond import TextConditioning, load_text_encoder
 
 __all__ = ["TrainConfig", "Trainer", "default_repa_layer", "export_ema", "train"]
 
@@ -83,6 +85,7 @@ class TrainConfig:
     sample_steps: int = 32
     sample_cfg: float = 3.0
     sample_per_class: int = 8
+    text_encoder: str = "minilm"
     cache_dir: str | None = None
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +112,10 @@ RESUMABLE_CHANGES = {
     "ckpt_every", "keep_checkpoints", "sample_steps", "sample_cfg", "sample_per_class",
     "cache_dir", "progress", "compile", "repa_encoder",
 }  # fmt: skip
+
+# Text-to-image runs: the CFG dropout replaces the caption by the empty prompt (the reference's
+# 10 %), and sample grids show these many prompts (rows) from the training captions.
+SAMPLE_PROMPTS = 8
 
 
 def default_repa_layer(depth: int) -> int:
@@ -214,7 +221,11 @@ def _noise_generator(seed: int, device: torch.device) -> torch.Generator:
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs to ``cfg.steps``."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, text_encoder: Any = None
+    ) -> None:
+        """``text_encoder`` replaces the one ``cfg.text_encoder`` names (t2i presets only):
+        any object with ``encode(prompts)``, ``max_length``, ``dim`` and an ``identity``."""
         self.cfg = cfg
         self.dist = d = setup_distributed(cfg.device)
         self.out = Path(cfg.out)
@@ -238,15 +249,27 @@ class Trainer:
         # Data (train split) and the model config it implies.
         base = get_preset(cfg.preset, **cfg.model_overrides)
         size = tuple(cfg.image_size) if cfg.image_size else base.image_size
-        self.dataset = load_dataset(cfg.data, "train", size, cache_dir=cfg.cache_dir)
+        self.text: TextConditioning | None = None
+        if base.family == "t2i":
+            self.dataset = load_captioned(cfg.data, "train", size, cache_dir=cfg.cache_dir)
+            self.model_config = dataclasses.replace(base, image_size=size)
+        else:
+            self.dataset = load_dataset(cfg.data, "train", size, cache_dir=cfg.cache_dir)
+            self.model_config = dataclasses.replace(
+                base, image_size=size, num_classes=self.dataset.num_classes
+            )
         if len(self.dataset) < cfg.batch_size:
             raise ValueError(
                 f"dataset '{cfg.data}' has {len(self.dataset)} training images, fewer than "
                 f"--batch-size {cfg.batch_size}"
             )
-        self.model_config = dataclasses.replace(
-            base, image_size=size, num_classes=self.dataset.num_classes
-        )
+        if base.family == "t2i":
+            c = self.model_config
+            encoder = text_encoder or load_text_encoder(cfg.text_encoder, c.text_len)
+            self.text = TextConditioning(
+                self.dataset.captions, encoder, cfg.cache_dir or default_cache_dir(),
+                text_len=c.text_len, text_dim=c.text_dim, progress=cfg.progress and d.main,
+            )  # fmt: skip
 
         # Model, EMA, REPA, optimizer. Same seed on every rank: identical initial weights.
         torch.manual_seed(cfg.seed)
@@ -353,9 +376,20 @@ class Trainer:
                 "train": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict(),
                 "world_size": self.dist.world,
+                **({"text_encoder": self._text_meta()} if self.text is not None else {}),
             },
             keep=self.cfg.keep_checkpoints,
         )
+
+    def _text_meta(self) -> dict[str, Any]:
+        """What a sampler needs to rebuild the conditioning: the encoder and its length."""
+        assert self.text is not None
+        return {
+            "name": self.cfg.text_encoder,
+            "max_length": int(self.text.encoder.max_length),
+            "dim": int(self.text.encoder.dim),
+            "identity": self.text.identity,
+        }
 
     def _load(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, self.dist.rank)
@@ -365,6 +399,13 @@ class Trainer:
                 f"{path} holds a {saved_model} model, not {self.model_config}; use the run's "
                 "preset and data"
             )
+        if self.text is not None:
+            saved = data.state.get("text_encoder", {}).get("identity")
+            if saved != self.text.identity:
+                raise ValueError(
+                    f"{path} was trained with another text encoder ({saved}, this one is "
+                    f"{self.text.identity}); resume with the run's --text-encoder"
+                )
         self.model.load_state_dict(data.model)
         self.ema.model.load_state_dict(data.ema)
         if self.module.head is not None:
@@ -413,12 +454,15 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------------
 
     def _draw(self, n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """Global-batch randomness, identical on every rank: (t, ε, dropout coins)."""
+        """Global-batch randomness, identical on every rank: (t, ε, dropout coins) and, for
+        text, the caption coins (drawn last, so the class-label stream is unchanged)."""
         g, dev = self.noise_gen, self.dist.device
         t = sample_t(n, shift=self.cfg.time_shift, generator=g, device=dev)
         noise = torch.randn((n, *shape), generator=g, device=dev)
         coins = torch.rand(n, generator=g, device=dev)
-        return t, noise, coins
+        if self.text is None:
+            return t, noise, coins, coins
+        return t, noise, coins, torch.rand(n, generator=g, device=dev)
 
     def train_step(
         self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -426,7 +470,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         c = self.model_config
         shape = (c.in_channels, *c.image_size)
-        t_all, noise_all, coins_all = self._draw(cfg.batch_size, shape)
+        t_all, noise_all, coins_all, caption_all = self._draw(cfg.batch_size, shape)
         lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -440,7 +484,11 @@ class Trainer:
             start = d.world * m * self.micro + d.rank
             rows = slice(start, start + d.world * self.micro, d.world)
             t, noise, coins = t_all[rows], noise_all[rows], coins_all[rows]
-            y = drop_labels(labels, cfg.label_dropout, c.null_class, coins=coins)
+            if self.text is not None:
+                y = self.text.pick(labels, caption_all[rows], coins, cfg.label_dropout)
+                y = y.to(d.device, non_blocking=True)
+            else:
+                y = drop_labels(labels, cfg.label_dropout, c.null_class, coins=coins)
             x = to_model_input(images)
             x_t, target = interpolate(x, noise, t)
             sync = m == cfg.grad_accum - 1 or d.world == 1
@@ -473,16 +521,24 @@ class Trainer:
     # -- outputs ---------------------------------------------------------------------------------
 
     def sample_grid(self) -> Path:
-        """EMA samples, one row per class, fixed noise so grids are comparable across steps."""
+        """EMA samples, one row per class (or training prompt), fixed noise so grids are
+        comparable across steps."""
         c = self.model_config
-        labels = grid_labels(c.num_classes, self.cfg.sample_per_class).to(self.dist.device)
+        uncond = None
+        if self.text is not None:
+            prompts = self.text.first_captions(SAMPLE_PROMPTS)
+            per = self.cfg.sample_per_class
+            labels = self.text.embed(prompts).repeat_interleave(per, 0).to(self.dist.device)
+            uncond = self.text.empty.expand_as(labels).to(self.dist.device)
+        else:
+            labels = grid_labels(c.num_classes, self.cfg.sample_per_class).to(self.dist.device)
         if self._sample_noise is None:
             g = torch.Generator().manual_seed(1234)
             shape = (len(labels), c.in_channels, *c.image_size)
             self._sample_noise = torch.randn(shape, generator=g).to(self.dist.device)
         x = euler_sample(
             self.ema.model, self._sample_noise, labels, num_steps=self.cfg.sample_steps,
-            cfg_scale=self.cfg.sample_cfg, autocast=self.amp,
+            cfg_scale=self.cfg.sample_cfg, autocast=self.amp, uncond=uncond,
         )  # fmt: skip
         scale = max(1, 128 // max(c.image_size))
         path = self.out / "samples" / f"step_{self.step:07d}.png"
@@ -624,6 +680,7 @@ def export_ema(trainer_or_ckpt: Trainer | str | Path, out_dir: str | Path) -> Pa
     if isinstance(trainer_or_ckpt, Trainer):
         tr = trainer_or_ckpt
         model, step, train_cfg = tr.ema.model, tr.step, tr.cfg.to_dict()
+        text = tr._text_meta() if tr.text is not None else None
     else:
         path = Path(trainer_or_ckpt)
         if not (path / "state.json").is_file():
@@ -635,14 +692,19 @@ def export_ema(trainer_or_ckpt: Trainer | str | Path, out_dir: str | Path) -> Pa
         model = build_model(DeCoConfig.from_dict(data.state["model_config"]))
         model.load_state_dict(data.ema)
         step, train_cfg = data.step, data.state["train"]
+        text = data.state.get("text_encoder")
     source = f"deco train: {train_cfg['data']}, {step} steps (EMA weights)"
-    meta = {"training": {"step": step, "ema_decay": train_cfg["ema_decay"], "config": train_cfg}}
+    meta: dict[str, Any] = {
+        "training": {"step": step, "ema_decay": train_cfg["ema_decay"], "config": train_cfg}
+    }
+    if text is not None:
+        meta["text_encoder"] = text
     return save_pretrained(model, out_dir, source=source, extra_metadata=meta)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, text_encoder: Any = None) -> Path:
     """Build a :class:`Trainer`, run it and return the exported EMA model directory."""
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, text_encoder=text_encoder)
     try:
         return trainer.fit()
     finally:
