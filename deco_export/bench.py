@@ -48,7 +48,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, ClassVar
 
-import click
 import numpy as np
 
 from runtimes.bundle import ONNX_PRECISIONS
@@ -60,7 +59,6 @@ __all__ = [
     "BenchSettings",
     "RowSpec",
     "TimingBackend",
-    "bench_command",
     "environment",
     "markdown_report",
     "run_benchmark",
@@ -1386,129 +1384,3 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     atomic_write_text(files["markdown"], markdown_report(report))
     atomic_write_text(files["json"], json.dumps(report, indent=2, default=str) + "\n")
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
-def _csv(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(p) for p in _csv(text) or [])
-    except ValueError:
-        raise ValueError(f"cannot read {what} {text!r}; write integers separated by commas, "
-                         "e.g. 1,4") from None
-    if not values:
-        raise ValueError(f"{what} is empty; write integers separated by commas, e.g. 1,4")
-    return values
-
-
-@click.command("bench")
-@click.argument("source", metavar="[BUNDLE_OR_CHECKPOINT]", default="default")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"),
-              show_default=True, help="folder for bench.json, bench.md, the plots and logs")
-@click.option("--backends", default=None,
-              help="comma list (default: all): " + ", ".join(KINDS) + "; 'onnxruntime' = all "
-                   "its providers")
-@click.option("--skip", multiple=True, help="backends to leave out, e.g. torch-compile "
-                                            "(comma list or repeated)")
-@click.option("--precisions", default=None,
-              help="comma list of fp32, bf16, fp16, int8 (default: each backend's own: "
-                   "PyTorch fp32 on the CPU, what the bundle holds for the runtimes)")
-@click.option("--batch-sizes", default=None, help="comma list [default: 1,4]")
-@click.option("--steps", default=None, help="comma list of step counts [default: 50; quick 10]")
-@click.option("--repeats", type=int, default=None, help="timed runs per row [default: 5; quick 2]")
-@click.option("--warmup", type=int, default=None, help="untimed runs first [default: 1]")
-@click.option("--rounds", type=int, default=1, show_default=True,
-              help="run the whole row sequence this many times, interleaved, and pool the runs "
-                   "(steadier ratios on a shared machine)")
-@click.option("--threads", type=int, default=None,
-              help="CPU threads for PyTorch and ONNX Runtime (default: each library's own)")
-@click.option("--sharing", default=None,
-              help="DiT sharing for every row but the reference: a ratio (0.5), 'every:K', "
-                   "'0,2,4' or a schedule JSON / key")
-@click.option("--sharing-mode", type=click.Choice(["reuse", "fresh_t"]), default="reuse",
-              show_default=True)
-@click.option("--cfg-mode", type=click.Choice(list(CFG_MODES)), default="fast", show_default=True,
-              help="CFG of every row but the reference (which always runs both halves)")
-@click.option("--guidance", type=float, default=None, help="default: the bundle's sampler default")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="device of the PyTorch rows")
-@click.option("--image-size", default=None, help="HxW to export a checkpoint at")
-@click.option("--checkpoint", default=None,
-              help="the bundle's source checkpoint, when the manifest's path is not valid here")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--timeout", type=float, default=1800.0, show_default=True,
-              help="seconds one backend may take")
-@click.option("--quick", is_flag=True,
-              help="batch 1 and 4, 10 steps, 2 repeats, no torch.compile")
-@click.option("--fid", "fid_data", default=None, metavar="DATA",
-              help="also score each row's images with FID/KID against held-out DATA (emoji, "
-                   "fashion-mnist or a class folder; the eval extra)")
-@click.option("--fid-samples", type=int, default=500, show_default=True,
-              help="images per row for --fid")
-@click.option("--no-plots", is_flag=True, help="skip the PNG plots")
-@click.option("--no-progress", is_flag=True, help="no progress bar")
-def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str, ...],
-                  precisions: str | None, batch_sizes: str | None, steps: str | None,
-                  repeats: int | None, warmup: int | None, rounds: int, threads: int | None,
-                  sharing: str | None, sharing_mode: str, cfg_mode: str, guidance: float | None,
-                  device: str, image_size: str | None, checkpoint: str | None, seed: int,
-                  timeout: float, quick: bool, fid_data: str | None, fid_samples: int,
-                  no_plots: bool, no_progress: bool) -> None:
-    """Benchmark every backend x precision x batch size x step count on one model and noise.
-
-    BUNDLE_OR_CHECKPOINT is a bundle (its source checkpoint runs the PyTorch rows), a
-    checkpoint (its ONNX graphs are exported into OUT/bundle first; that is the build time) or
-    'default'. The first row is the reference sampler (PyTorch eager fp32, both CFG halves
-    every step); every row shows its speed-up and its image change (max abs error, PSNR)
-    against it. Backends this machine cannot run are listed with the reason.
-
-    Writes OUT/bench.json (with the environment), OUT/bench.md and PNG plots, and prints the
-    table. With --fid DATA each row also samples --fid-samples images (same noise on every row)
-    and scores them with FID/KID against DATA's held-out images.
-    """
-    from .cli import parse_size
-
-    base = BenchSettings.quick() if quick else BenchSettings()
-    skips = [p for s in skip for p in (_csv(s) or [])]
-    settings = replace(
-        base,
-        backends=tuple(_csv(backends) or ()) if backends is not None else None,
-        skip=tuple(dict.fromkeys([*base.skip, *skips])),
-        precisions=tuple(_csv(precisions) or ()) if precisions is not None else None,
-        batch_sizes=_ints(batch_sizes, "--batch-sizes") or base.batch_sizes,
-        steps=_ints(steps, "--steps") or base.steps,
-        repeats=base.repeats if repeats is None else repeats,
-        warmup=base.warmup if warmup is None else warmup, rounds=rounds,
-        threads=threads, sharing=sharing, sharing_mode=sharing_mode, cfg_mode=cfg_mode,
-        guidance=guidance, device=device, seed=seed, checkpoint=checkpoint,
-        image_size=parse_size(image_size) if image_size else None, timeout_s=timeout,
-        plots=not no_plots, progress=not no_progress, fid_data=fid_data,
-        fid_samples=fid_samples,
-    )
-    try:
-        report = run_benchmark(source, out, settings, say=lambda m: click.echo(m, err=True))
-    except BenchError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(markdown_table(report), nl=False)
-    if report.get("fid"):
-        click.echo("\n" + fid_table(report["fid"]), nl=False)
-    env = report["environment"]
-    load = env.get("load_average_start") or [0.0]
-    usable = env.get("cpu_affinity") or env.get("cpu_count") or 1
-    if threads is None and load[0] > usable:
-        click.echo(f"note: load average {load[0]} on {usable} usable cores; the libraries' "
-                   "thread pools spin and slow down badly on a busy machine (compare with "
-                   "--threads 1)", err=True)
-    click.echo(f"wrote {report['files']['json']}, {report['files']['markdown']}"
-               + ("" if no_plots else " and plots"), err=True)

@@ -24,6 +24,7 @@ from runtimes.sharing import SharingSchedule
 __all__ = [
     "CFG_MODES",
     "SOLVERS",
+    "SOLVER_ALIASES",
     "Evaluation",
     "SamplerConfig",
     "SamplingPlan",
@@ -37,7 +38,8 @@ __all__ = [
 
 SOLVERS = ("euler", "heun", "heun_reuse", "ab2")
 CFG_MODES = ("fast", "reference")
-_SOLVER_ALIASES = {
+# Older spellings, still accepted (the CLI lists only SOLVERS).
+SOLVER_ALIASES = {
     "heun_exact": "heun",
     "heun2": "heun",
     "heun_cheap": "heun_reuse",
@@ -149,7 +151,7 @@ class SamplerConfig:
     accumulate_time: bool = False
 
     def __post_init__(self) -> None:
-        solver = _SOLVER_ALIASES.get(self.solver, self.solver)
+        solver = SOLVER_ALIASES.get(self.solver, self.solver)
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
         object.__setattr__(self, "solver", solver)

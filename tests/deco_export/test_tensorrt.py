@@ -380,10 +380,10 @@ def no_tensorrt(monkeypatch):
 
 
 def test_export_without_tensorrt_fails_with_one_line(tmp_path, no_tensorrt):
-    from deco_export.export.tensorrt import tensorrt_command
+    from deco_export.cli import main
 
     root = _bundle(tmp_path)
-    result = CliRunner().invoke(tensorrt_command, [str(root)])
+    result = CliRunner().invoke(main, ["export", "tensorrt", str(root)])
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1, result.output

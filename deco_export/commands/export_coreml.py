@@ -1,0 +1,70 @@
+"""``deco export coreml``: Core ML packages (ML programs) for a bundle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..export.coreml import (
+    COMPRESSIONS,
+    COMPUTE_UNITS,
+    DEFAULT_COMPUTE_UNITS,
+    DEFAULT_TARGET,
+    DEPLOYMENT_TARGETS,
+    FP32_ISLANDS,
+    PRECISIONS,
+)
+from .options import parse_int_list, parse_size
+
+
+@click.command("coreml")
+@click.argument("source", metavar="CHECKPOINT_OR_BUNDLE")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS),
+              default=("fp16",), show_default=True, help="repeat for several variants")
+@click.option("--target", type=click.Choice(DEPLOYMENT_TARGETS), default=DEFAULT_TARGET,
+              show_default=True, help="minimum deployment target")
+@click.option("--batch-sizes", default="", help="batch sizes beyond 1 and 2, e.g. 4,8")
+@click.option("--compute-units", type=click.Choice(COMPUTE_UNITS),
+              default=DEFAULT_COMPUTE_UNITS, show_default=True,
+              help="recorded for the runtime (CPU_AND_NE: consider --fp32-islands none)")
+@click.option("--compress", "compression", type=click.Choice(COMPRESSIONS), default="none",
+              show_default=True, help="8-bit linear weights, or 6-/4-bit palettes")
+@click.option("--fp32-islands", default="all", show_default=True,
+              help=f"what stays fp32 in fp16 packages: all, none or {','.join(FP32_ISLANDS)}")
+@click.option("--image-size", default=None, help="HxW (default: the model's, or the bundle's)")
+@click.option("--license", "license_text", default=None, help="licence text for the metadata")
+@click.option("--parity-steps", type=int, default=10, show_default=True,
+              help="sampler steps of the end-to-end gate (macOS)")
+@click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
+              help="for reference .ckpt files")
+@click.option("--checkpoint", default=None,
+              help="the checkpoint behind a bundle, when its recorded path is not valid here")
+@click.option("--verbose", is_flag=True, help="show coremltools' progress bars")
+def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: str,
+                   batch_sizes: str, compute_units: str, compression: str, fp32_islands: str,
+                   image_size: str | None, license_text: str | None, parity_steps: int,
+                   weights: str, checkpoint: str | None, verbose: bool) -> None:
+    """Write dit, decoder and refresh .mlpackage files (ML programs) into the bundle OUT.
+
+    CHECKPOINT_OR_BUNDLE is 'default', a checkpoint directory, a reference .ckpt, or an
+    exported bundle (its recorded checkpoint is used; OUT may be that same bundle). fp16
+    packages are named dit.fp16.mlpackage, fp32 ones dit.mlpackage. On macOS the export is
+    gated on parity with PyTorch; elsewhere only its structure is checked.
+    """
+    from ..export.coreml import export_coreml, import_coremltools, load_source
+
+    import_coremltools()
+    model, record, bundle_size = load_source(source, weights=weights, checkpoint=checkpoint)
+    size = parse_size(image_size) if image_size else bundle_size
+    started = time.perf_counter()
+    export_coreml(
+        model, out, precisions=precisions, image_size=size, source=record, target=target,
+        batch_sizes=parse_int_list(batch_sizes, "batch sizes"), compute_units=compute_units,
+        compression=compression, fp32_islands=fp32_islands, license=license_text,
+        parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
+        verbose=verbose,
+    )
+    click.echo(f"wrote {out} ({time.perf_counter() - started:.0f} s)")

@@ -1,0 +1,41 @@
+"""``deco export onnx``: a checkpoint -> a bundle of parity-gated ONNX graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from runtimes.bundle import ONNX_PRECISIONS
+
+from .options import parse_size
+
+
+@click.command("onnx")
+@click.argument("model", metavar="CHECKPOINT")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", "precisions", multiple=True,
+              type=click.Choice(list(ONNX_PRECISIONS)), default=("fp32",), show_default=True,
+              help="repeat for several variants; int8 = fp32 graph with int8 weights (CPU)")
+@click.option("--opset", type=int, default=18, show_default=True,
+              help="18 (portable) or 23 (native Attention op)")
+@click.option("--image-size", default=None, help="HxW to export at (default: the model's)")
+@click.option("--parity-steps", type=int, default=10, show_default=True,
+              help="sampler steps of the end-to-end parity gate")
+@click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
+              help="for reference .ckpt files")
+def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
+                        image_size: str | None, parity_steps: int, weights: str) -> None:
+    """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE.
+
+    CHECKPOINT is 'default' (the embedded model), a checkpoint directory or a reference .ckpt.
+    The export is gated on parity with PyTorch; a failing export leaves nothing behind.
+    """
+    from ..export.onnx import export_onnx
+    from ..sources import load_model
+
+    net, source = load_model(model, weights=weights)
+    size = parse_size(image_size) if image_size else None
+    export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
+                parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    click.echo(f"wrote {bundle}")

@@ -1,0 +1,67 @@
+"""Option types and parsers shared by several verbs: sizes, integer lists, solver names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from runtimes.sampler import SOLVER_ALIASES, SOLVERS
+
+
+class SolverChoice(click.Choice):
+    """The sampler's solvers by their real names; the older spellings (``adams2``,
+    ``heun_cheap``, ...) are still accepted but not listed."""
+
+    def __init__(self) -> None:
+        super().__init__(list(SOLVERS))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in SOLVER_ALIASES:
+            return value  # SamplerConfig resolves it
+        return super().convert(value, param, ctx)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256' or '256x192' (height x width)."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64")
+    return sizes[0], sizes[1]
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'1,2, 4' -> [1, 2, 4]; an empty string is an empty list."""
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise ValueError(
+            f"cannot read {what} {text!r}; write integers separated by commas"
+        ) from None
+
+
+def parse_csv(text: str | None) -> list[str] | None:
+    """'a, b,,c' -> ['a', 'b', 'c']; None stays None (the option was not given)."""
+    if text is None:
+        return None
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    """A non-empty comma list of integers, or None when the option was not given."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(p) for p in parse_csv(text) or [])
+    except ValueError:
+        raise ValueError(f"cannot read {what} {text!r}; write integers separated by commas, "
+                         "e.g. 1,4") from None
+    if not values:
+        raise ValueError(f"{what} is empty; write integers separated by commas, e.g. 1,4")
+    return values

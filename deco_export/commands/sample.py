@@ -1,0 +1,64 @@
+"""``deco sample``: a grid of images from a bundle (any runtime) or a checkpoint (PyTorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import SolverChoice, parse_int_list
+
+
+@click.command()
+@click.argument("source", metavar="BUNDLE_OR_CHECKPOINT", default="default")
+@click.option("--backend", default=None,
+              help="onnxruntime, coreml, tensorrt (bundles) or torch (checkpoints); "
+                   "default: onnxruntime for bundles, torch for checkpoints")
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu")
+@click.option("--device", default="cpu", show_default=True, help="torch backend device")
+@click.option("--classes", default=None,
+              help="comma-separated labels [every class of a model with <= 16, else 0..7]")
+@click.option("--per-class", type=int, default=1, show_default=True,
+              help="images per label; the grid then has one column per label")
+@click.option("--steps", type=int, default=None, help="default: the bundle's sampler default")
+@click.option("--guidance", type=float, default=None)
+@click.option("--solver", type=SolverChoice(), default=None)
+@click.option("--shift", type=float, default=None)
+@click.option("--sharing", default=None,
+              help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
+                   "JSON written by `deco calibrate`")
+@click.option("--sharing-mode", type=click.Choice(["reuse", "fresh_t"]), default="reuse",
+              show_default=True, help="reuse the condition, or cache h and refresh e_t")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"),
+              show_default=True)
+@click.option("--cols", type=int, default=None, help="grid columns")
+@click.option("--scale", type=int, default=None,
+              help="enlarge each image by pixel repetition [small images to >= 128 px]")
+def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
+           classes: str | None, per_class: int, steps: int | None, guidance: float | None,
+           solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
+           seed: int, out: Path, cols: int | None, scale: int | None) -> None:
+    """Sample a grid of images; the same seed gives the same image on every backend."""
+    from ..sampling import open_pipeline, parse_sharing, progress_callback
+
+    pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
+                         device=device)
+    if per_class < 1 or (scale is not None and scale < 1):
+        raise click.UsageError("--per-class and --scale must be >= 1")
+    num_classes = pipe.model_config["num_classes"]
+    distinct = parse_int_list(classes, "classes") if classes else list(
+        range(num_classes if num_classes <= 16 else 8))
+    labels = [c for _ in range(per_class) for c in distinct]
+    if per_class > 1 and cols is None:
+        cols = len(distinct)
+    with progress_callback("sampling") as callback:
+        result = pipe.generate(class_labels=labels, steps=steps, guidance=guidance,
+                               solver=solver, shift=shift, seed=seed,
+                               sharing=parse_sharing(sharing, sharing_mode), callback=callback)
+    from runtimes.image import legible_scale, save_grid
+
+    width, height = result.images[0].size
+    save_grid(result.images, out, cols=cols, scale=scale or legible_scale(height, width))
+    click.echo(f"wrote {out} ({len(labels)} images, seed {seed})")
