@@ -30,7 +30,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         if providers:
             options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
         if backend == "onnxruntime":
-            # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch (cli.py).
+            # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch
+            # (deco_export.commands).
             options["allow_spinning"] = False
         return runtimes.load(source, backend=backend, precision=precision, **options)
     backend = backend or "torch"

@@ -1,0 +1,129 @@
+"""The Markdown report and the table the CLI prints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .catalogue import REFERENCE
+
+
+def _ms(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return ""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _s(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def _db(row: Mapping[str, Any]) -> str:
+    if "max_abs_error" not in row:
+        return ""
+    if row.get("psnr_db") is None:
+        return "identical" if row["max_abs_error"] == 0 else "inf"
+    return f"{row['psnr_db']:.1f}"
+
+
+def row_label(row: Mapping[str, Any]) -> str:
+    cfg = "ref" if row["cfg_mode"] == "reference" else "fast"
+    return f"{row['backend']} {row['precision']} ({cfg} CFG)"
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """The results table (reference row first; unavailable backends last, with the reason)."""
+    head = ("| backend | precision | CFG | batch | steps | ms/image | p90 | images/s | speed-up "
+            "| DiT / decoder / other ms | PSNR dB | max abs err | load s cold / warm "
+            "| first run s | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 3 + "---:|" * 12]
+    for r in report["rows"]:
+        st = r["stages_ms_per_image"]
+        stage = f"{_ms(st['dit'])} / {_ms(st['decoder'])} / {_ms(st['sampler_overhead'])}"
+        if st["fused_step"]:
+            stage = f"fused step {_ms(st['fused_step'])} / other {_ms(st['sampler_overhead'])}"
+        mem = "" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
+        if r.get("gpu_memory_mib") is not None:
+            mem += f" (GPU {r['gpu_memory_mib']:.0f})"
+        speed = "" if r.get("speed_up") is None else f"{r['speed_up']:.2f}x"
+        spread = r.get("speed_up_per_round") or []
+        if len(spread) > 1 and r["backend"] != REFERENCE:
+            speed += f" ({min(spread):.2f}–{max(spread):.2f})"
+        err = "" if "max_abs_error" not in r else f"{r['max_abs_error']:.1e}"
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | "
+            f"{'reference' if r['cfg_mode'] == 'reference' else 'fast'} | {r['batch']} | "
+            f"{r['steps']} | {_ms(r['ms_per_image'])} | {_ms(r['p90_ms_per_image'])} | "
+            f"{r['images_per_s']:.2f} | {speed} | {stage} | {_db(r)} | {err} | "
+            f"{_s(r['load_s']['cold_s'])} / {_s(r['load_s']['warm_s'])} | "
+            f"{_s(r['first_run_s'])} | {mem} |")
+    merged: dict[tuple[str, str, str], list[str]] = {}  # one line per backend and reason
+    for u in report["unavailable"]:
+        merged.setdefault((u["backend"], u["status"], u["reason"]), []).append(u["precision"])
+    for (backend, status, reason), precisions in merged.items():
+        lines.append(f"| {backend} | {', '.join(precisions)} | | | | {status}: {reason} |"
+                     + " |" * 9)
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """A self-contained Markdown section: what was measured, where, the table, the notes."""
+    env, s, model = report["environment"], report["settings"], report["model"]
+    gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in env.get("gpus") or [])
+    libs = env["libraries"]
+    size = "x".join(str(v) for v in model.get("image_size") or [])
+    lines = [
+        f"**Model** {report['source']['input']} ({model['hidden_size']} wide, "
+        f"{model['dit_depth']} DiT blocks, patch {model['patch_size']}) at {size}; "
+        f"**sampler** Euler, CFG {report['guidance']} on "
+        f"({report['guidance_interval'][0]}, {report['guidance_interval'][1]}], "
+        f"sharing {s['sharing'] or 'off'}; median and p90 of {s['repeats']} runs after "
+        f"{s['warmup']} warm-up run(s)"
+        + (f", in each of {s['rounds']} interleaved rounds" if s.get("rounds", 1) > 1 else "")
+        + "; times per image.",
+        "",
+        f"**Machine** {env['cpu_model']}, {env.get('cpu_affinity', env['cpu_count'])} usable "
+        f"cores, threads {s['threads'] or 'library default'}, "
+        f"{'GPU ' + gpus if gpus else 'no GPU'}; {env['os']}; Python {env['python']}, "
+        + ", ".join(f"{k} {libs[k]}" for k in ("torch", "onnxruntime", "onnxruntime-gpu",
+                                               "tensorrt", "coremltools") if k in libs)
+        + f". Load average {env.get('load_average_start')} at the start, "
+        f"{env.get('load_average_end')} at the end.",
+        "",
+        markdown_table(report),
+    ]
+    load = env.get("load_average_start") or []
+    usable = env.get("cpu_affinity", env["cpu_count"]) or 1
+    if load and load[0] > usable and not s["threads"]:
+        lines += [f"Note: the load average ({load[0]}) exceeded the {usable} usable cores. "
+                  "Spinning thread pools (PyTorch's OpenMP, ONNX Runtime's intra-op pool) slow "
+                  "down badly on an oversubscribed machine; compare with `--threads 1`.", ""]
+    builds = [b for b in report["source"].get("build", []) if b.get("seconds") is not None]
+    if builds:
+        lines.append("Build: " + "; ".join(
+            f"{b['runtime']} {b.get('graph', '')} {b['precision']} {b['seconds']:.1f} s "
+            f"({b['status']})".replace("  ", " ") for b in builds) + ".")
+        lines.append("")
+    lines.append(
+        "Speed-up and image change are against the first row of the same batch and steps "
+        "(PyTorch eager fp32, both CFG halves every step, as the reference samples). "
+        "PSNR is on [-1, 1] images.")
+    if report.get("fid"):
+        lines += ["", fid_table(report["fid"])]
+    return "\n".join(lines) + "\n"
+
+
+def fid_table(fid: Mapping[str, Any]) -> str:
+    """FID/KID per backend and precision (``deco bench --fid``)."""
+    rows = list(fid["rows"].values())
+    real = rows[0]["num_real"] if rows else 0
+    lines = [f"FID/KID of {fid['samples']} images per row ({fid['steps']} steps, the held-out "
+             f"class mix, the same noise on every row) against {real} held-out "
+             f"'{fid['data']}' images, with the offline FID Inception:", "",
+             "| backend | precision | CFG | FID | KID x1e3 |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        cfg = "reference" if r["cfg_mode"] == "reference" else "fast"
+        lines.append(f"| {r['backend']} | {r['precision']} | {cfg} | {r['fid']:.2f} | "
+                     f"{r['kid'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} |")
+    return "\n".join(lines) + "\n"

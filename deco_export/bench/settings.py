@@ -1,0 +1,81 @@
+"""What a benchmark measures: ``BenchSettings`` and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .catalogue import CFG_MODES, PRECISIONS, REFERENCE, expand_backends
+
+
+@dataclass
+class BenchSettings:
+    """What to measure. ``backends=None`` means every known backend; ``precisions=None`` means
+    each backend's natural ones (fp32 for PyTorch on the CPU, what the bundle holds for the
+    runtimes)."""
+
+    backends: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()
+    precisions: tuple[str, ...] | None = None
+    batch_sizes: tuple[int, ...] = (1, 4)
+    steps: tuple[int, ...] = (50,)
+    repeats: int = 5
+    warmup: int = 1
+    rounds: int = 1
+    threads: int | None = None
+    sharing: str | None = None
+    sharing_mode: str = "reuse"
+    cfg_mode: str = "fast"
+    device: str = "auto"
+    guidance: float | None = None
+    seed: int = 0
+    image_size: tuple[int, int] | None = None
+    checkpoint: str | None = None
+    timeout_s: float = 1800.0
+    plots: bool = True
+    progress: bool = True
+    fid_data: str | None = None
+    fid_samples: int = 500
+
+    QUICK: ClassVar[dict[str, Any]] = {"batch_sizes": (1, 4), "steps": (10,), "repeats": 2,
+                                       "warmup": 1, "skip": ("torch-compile",)}
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchSettings:
+        """`--quick`: batch 1 and 4, 10 steps, 2 repeats, no torch.compile (well under two
+        minutes for a small model on two busy cores)."""
+        return cls(**{**cls.QUICK, **overrides})
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad setting (one line, for the CLI)."""
+        if self.backends is not None:
+            self.backends = tuple(expand_backends(self.backends))
+        self.skip = tuple(expand_backends(self.skip))
+        if REFERENCE in self.skip:
+            raise ValueError(f"{REFERENCE} cannot be skipped: every speed-up and image "
+                             "difference is measured against it")
+        if self.precisions is not None:
+            bad = [p for p in self.precisions if p not in PRECISIONS]
+            if bad or not self.precisions:
+                raise ValueError(f"unknown precision {bad[0] if bad else '(none)'}; choose from "
+                                 f"{', '.join(PRECISIONS)}")
+        for name, values in (("batch size", self.batch_sizes), ("step count", self.steps)):
+            if not values or any(int(v) != v or v < 1 for v in values):
+                raise ValueError(f"every {name} must be a positive integer, got {list(values)}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"--cfg-mode must be one of {', '.join(CFG_MODES)}, not "
+                             f"{self.cfg_mode!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.fid_data is not None and self.fid_samples < 2:
+            raise ValueError(f"--fid-samples must be at least 2, got {self.fid_samples}")
+        if self.sharing_mode not in ("reuse", "fresh_t"):
+            raise ValueError(f"--sharing-mode must be reuse or fresh_t, not {self.sharing_mode!r}")

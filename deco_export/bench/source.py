@@ -1,0 +1,118 @@
+"""The model a benchmark runs: a bundle and its checkpoint, or a checkpoint exported here
+(and timed as build time)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtimes.bundle import ONNX_PRECISIONS
+
+from .availability import has_artifacts
+from .catalogue import KINDS
+from .settings import BenchSettings
+
+ONNX_PARITY_STEPS = 4  # end-to-end gate of an export made by the benchmark (part of build time)
+
+
+@dataclass
+class Source:
+    input: str
+    kind: str  # "bundle" or "checkpoint"
+    bundle: Path
+    checkpoint: str
+    build: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
+                   say: Callable[[str], None]) -> tuple[Source, Any]:
+    """Resolve ``source``; export a checkpoint's ONNX graphs into ``out/bundle`` (build time).
+
+    Returns the source record and the bundle's manifest. The checkpoint is loaded here once to
+    check that it is the model the bundle holds (the workers load their own copies).
+    """
+    from runtimes import bundle as rb
+
+    from ..sources import is_bundle, load_model
+
+    text = str(source)
+    if is_bundle(text):
+        bundle = Path(text)
+        manifest = rb.read_manifest(bundle)
+        checkpoint = settings.checkpoint or (manifest.source or {}).get("path")
+        if not checkpoint:
+            raise ValueError(f"{bundle} does not name its source checkpoint, which the reference "
+                             "row runs; pass --checkpoint PATH")
+        model, record = load_model(checkpoint)
+        expected = (manifest.source or {}).get("sha256")
+        if settings.checkpoint is None and expected and record.get("sha256") != expected:
+            raise ValueError(f"the checkpoint at {checkpoint} is not the one {bundle} was "
+                             "exported from (sha256 differs); pass the original with --checkpoint")
+        _same_model(model, manifest.model, checkpoint, bundle)
+        size = list(manifest.model.get("image_size") or [])
+        if settings.image_size is not None and list(settings.image_size) != size:
+            raise ValueError(f"{bundle} runs at {'x'.join(map(str, size))}, the size it was "
+                             "exported at; --image-size applies to checkpoints")
+        src = Source(text, "bundle", bundle, str(checkpoint))
+        for art in manifest.artifacts:
+            seconds = (art.details or {}).get("export_seconds")
+            if art.runtime == "onnx" and seconds is not None:
+                src.build.append({"runtime": "onnx", "graph": art.graph,
+                                  "precision": art.precision, "status": "from manifest",
+                                  "seconds": seconds})
+        return src, manifest
+
+    model, record = load_model(text)
+    size = settings.image_size or tuple(model.config.image_size)
+    bundle = out / "bundle"
+    src = Source(text, "checkpoint", bundle, text)
+    manifest = rb.read_manifest(bundle) if is_bundle(bundle) else None
+    if manifest is not None:
+        same = ((manifest.source or {}).get("sha256") == record.get("sha256")
+                and list(manifest.model.get("image_size") or []) == list(size))
+        if not same:
+            raise ValueError(f"{bundle} holds another model or size; remove it or choose "
+                             "another --out")
+    wanted = _onnx_precisions_to_build(settings)
+    from ..export.onnx import export_onnx
+
+    for precision in wanted:
+        if manifest is not None and has_artifacts(manifest, "onnx", precision):
+            src.build.append({"runtime": "onnx", "precision": precision, "status": "reused",
+                              "seconds": None})
+            continue
+        say(f"exporting ONNX {precision} graphs into {bundle} (build time)")
+        started = time.perf_counter()
+        export_onnx(model, bundle, precisions=(precision,), image_size=size, source=record,
+                    parity_steps=ONNX_PARITY_STEPS)
+        src.build.append({"runtime": "onnx", "precision": precision, "status": "built",
+                          "seconds": round(time.perf_counter() - started, 2),
+                          "parity_steps": ONNX_PARITY_STEPS})
+        manifest = rb.read_manifest(bundle)
+    if manifest is None:  # no ONNX row asked for: an empty manifest still describes the model
+        from ..export.bundle_io import default_sampler_settings
+
+        d = model.config.to_dict()
+        d["image_size"] = list(size)
+        manifest = rb.Manifest(model=d, sampler_defaults=default_sampler_settings(model.config),
+                               source=record)
+    return src, manifest
+
+
+def _onnx_precisions_to_build(settings: BenchSettings) -> list[str]:
+    chosen = settings.backends if settings.backends is not None else tuple(KINDS)
+    if not any(KINDS[n].runtime == "onnx" for n in chosen if n not in settings.skip):
+        return []
+    asked = settings.precisions if settings.precisions is not None else ("fp32", "fp16")
+    return [p for p in ONNX_PRECISIONS if p in asked]
+
+
+def _same_model(model: Any, manifest_model: Mapping[str, Any], checkpoint: str,
+                bundle: Path) -> None:
+    ours = {**model.config.to_dict(), "image_size": None}
+    theirs = {**dict(manifest_model), "image_size": None}
+    if ours != theirs:
+        raise ValueError(f"{checkpoint} is a different model from the one in {bundle}")

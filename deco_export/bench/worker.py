@@ -1,0 +1,220 @@
+"""One backend x precision in a fresh process: ``python -m deco_export.bench.worker --worker
+SPEC.json`` loads the row's backend, times every batch x steps and writes the result JSON.
+
+Runtime rows stay torch-free (nothing here imports torch at module level, nor does the
+``deco_export`` package); PyTorch rows import what they need."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes.fileio import atomic_write_text
+
+from .catalogue import KINDS, PROGRESS_MARK, REFERENCE
+from .machine import peak_rss_mib, process_gpu_mib, rss_mib
+from .timing import TimingBackend
+
+
+def labels_for(batch: int, num_classes: int) -> list[int]:
+    """Fixed, spread-out class labels (never the null class)."""
+    return [(i * 37) % num_classes for i in range(batch)]
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def open_pipeline(spec: Mapping[str, Any]) -> Any:
+    """A DeCoPipeline for the worker's row (the first call also imports its runtime)."""
+    import runtimes
+
+    row = spec["row"]
+    kind = KINDS[row["backend"]]
+    threads = spec.get("threads")
+    if kind.family == "bundle":
+        options: dict[str, Any] = {}
+        if kind.runtime == "onnx":
+            options["providers"] = [kind.provider]
+            # Idle pool threads sleep, as torch's do under OMP_WAIT_POLICY=PASSIVE
+            # (deco_export.commands):
+            # both libraries then wait the same way and a busy machine slows neither alone.
+            options["allow_spinning"] = False
+            if threads:
+                options["intra_op_threads"] = threads
+        backend = {"onnx": "onnxruntime"}.get(kind.runtime or "", kind.runtime or "")
+        return runtimes.load(spec["bundle"], backend=backend, precision=row["precision"],
+                             **options)
+
+    import torch
+
+    from deco_export.sources import load_model
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, _ = load_model(spec["checkpoint"])
+    device = spec["device"]
+    if kind.name == "torch-cuda":
+        from deco_export.cuda_backend import CudaGraphBackend
+
+        backend_obj: Any = CudaGraphBackend(model, device=device, precision=row["precision"])
+    else:
+        from deco_export.torch_backend import TorchBackend
+
+        backend_obj = TorchBackend(model, device=device, precision=row["precision"],
+                                   compile=kind.name == "torch-compile")
+    return runtimes.DeCoPipeline(backend_obj, model_config=spec["model"],
+                                 sampler_defaults=spec["sampler_defaults"])
+
+
+def _close(pipe: Any) -> None:
+    with contextlib.suppress(Exception):
+        pipe.close()
+
+
+def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
+            ) -> dict[str, Any]:
+    """Load the row's backend cold and warm, then time every batch x steps (in this process)."""
+    import runtimes
+
+    tick = progress or (lambda: None)
+    row = spec["row"]
+    started = time.perf_counter()
+    pipe = open_pipeline(spec)
+    cold = time.perf_counter() - started
+    _close(pipe)
+    del pipe
+    started = time.perf_counter()
+    pipe = open_pipeline(spec)
+    warm = time.perf_counter() - started
+    proxy = TimingBackend(pipe.backend)
+    pipe.backend = proxy
+    rss_loaded = rss_mib()
+    model = spec["model"]
+    c, (h, w) = int(model["in_channels"]), spec["image_size"]
+    out_dir = Path(spec["outputs"])
+    runs = []
+    for steps in spec["steps"]:
+        for batch in spec["batch_sizes"]:
+            noise = runtimes.sample_noise(spec["seed"], batch, c, h, w)
+            labels = labels_for(batch, int(model["num_classes"]))
+
+            def once(noise: np.ndarray = noise, labels: list[int] = labels,
+                     steps: int = steps) -> tuple[float, dict[str, float], Any]:
+                proxy.reset()
+                proxy.synchronize()
+                start = time.perf_counter()
+                out = pipe.generate(class_labels=labels, steps=steps, guidance=spec["guidance"],
+                                    noise=noise, output_type="np", cfg_mode=row["cfg_mode"],
+                                    sharing=spec["sharing"] if row["backend"] != REFERENCE
+                                    else None)
+                proxy.synchronize()
+                total = time.perf_counter() - start
+                tick()
+                return total, dict(proxy.seconds), out
+
+            first_s, first_stages, result = once()
+            # warmup 0: the first run is a measured one; otherwise warm-up runs are untimed.
+            totals, stages = ([first_s], [first_stages]) if spec["warmup"] == 0 else ([], [])
+            for _ in range(spec["warmup"] - 1):
+                once()
+            while len(totals) < spec["repeats"]:
+                total, seconds, result = once()
+                totals.append(total)
+                stages.append(seconds)
+            path = out_dir / f"{spec['key']}_s{steps}_b{batch}.npy"
+            np.save(path, np.asarray(result.images, dtype=np.float32))
+            runs.append({
+                "batch": batch, "steps": steps, "seconds": totals, "first_run_s": first_s,
+                "stages": {k: [s[k] for s in stages] for k in ("dit", "decoder", "step")},
+                "calls": dict(proxy.calls), "cost": dict(result.cost), "images": path.name,
+            })
+    fid_images = None
+    if spec.get("fid"):
+        fid_images = generate_fid_set(pipe, spec, out_dir / f"{spec['key']}_fid.npy", tick)
+    record: dict[str, Any] = {
+        "status": "ok",
+        "fid_images": fid_images,
+        "load": {"cold_s": cold, "warm_s": warm},
+        "memory": {"rss_after_load_mib": rss_loaded},
+        "runs": runs,
+        "torch_imported": "torch" in sys.modules,
+    }
+    describe = getattr(proxy.inner, "describe", None)
+    if callable(describe):
+        with contextlib.suppress(Exception):
+            record["describe"] = describe()
+    threads: dict[str, Any] = {"requested": spec.get("threads")}
+    if "torch" in sys.modules:
+        import torch
+
+        threads["torch"] = torch.get_num_threads()
+        if torch.cuda.is_available() and str(spec["device"]).startswith("cuda"):
+            record["memory"]["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20,
+                                                     1)
+    if "onnxruntime" in sys.modules:
+        threads["onnxruntime_intra_op"] = spec.get("threads") or "onnxruntime default"
+    record["threads"] = threads
+    if "gpu_peak_mib" not in record["memory"]:
+        gpu = process_gpu_mib()
+        if gpu is not None:
+            record["memory"]["gpu_mib_at_end"] = gpu
+    _close(pipe)
+    record["memory"]["peak_rss_mib"] = peak_rss_mib()
+    return record
+
+
+def generate_fid_set(pipe: Any, spec: Mapping[str, Any], path: Path,
+                     tick: Callable[[], None]) -> str:
+    """The row's FID/KID image set: the held-out class mix, image i from noise seed
+    ``seed + 1000 + i`` on every row (so rows differ only by backend), saved as uint8."""
+    from runtimes.image import to_uint8
+
+    fid = spec["fid"]
+    labels, batch, base = fid["labels"], fid["batch"], spec["seed"] + 1000
+    chunks = []
+    for start in range(0, len(labels), batch):
+        part = labels[start:start + batch]
+        out = pipe.generate(class_labels=part, steps=fid["steps"], guidance=spec["guidance"],
+                            seed=[base + start + i for i in range(len(part))], output_type="np",
+                            cfg_mode=spec["row"]["cfg_mode"],
+                            sharing=spec["sharing"] if spec["row"]["backend"] != REFERENCE
+                            else None)
+        chunks.append(to_uint8(np.asarray(out.images)))
+        tick()
+    np.save(path, np.concatenate(chunks))
+    return path.name
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """Entry point of a worker process: ``--worker SPEC.json``; writes ``spec['result']``."""
+    if len(argv) != 2 or argv[0] != "--worker":
+        print("usage: python -m deco_export.bench.worker --worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[1]).read_text())
+
+    def tick() -> None:
+        print(PROGRESS_MARK, flush=True)
+
+    try:
+        record = measure(spec, tick)
+    except Exception as exc:  # a row that says why, not a crashed benchmark
+        traceback.print_exc()
+        loading = isinstance(exc, ImportError) or type(exc).__name__ == "BackendError"
+        record = {"status": "unavailable" if loading else "failed", "reason": one_line(exc),
+                  "memory": {"peak_rss_mib": peak_rss_mib()}}
+    atomic_write_text(spec["result"], json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
