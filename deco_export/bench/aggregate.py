@@ -1,5 +1,7 @@
 """Runs -> rows: medians and p90 per batch x steps, pooled rounds, image change against
-the reference row."""
+the reference row, and the roofline: achieved GFLOP/s (the analytic FLOPs of what the row ran,
+`deco_export.flops`, over its median time) and the percentage of this machine's measured GEMM
+peak at the row's precision, for the whole generation and for the DiT calls alone."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .catalogue import RowSpec
+from ..flops import graph_flops, sampling_flops
+from ..machine import roofline as roofline_of
+from .catalogue import KINDS, PEAK_PRECISION, RowSpec
 
 
 def _p90(values: Sequence[float]) -> float:
@@ -44,6 +48,32 @@ def summarise_run(row: RowSpec, run: Mapping[str, Any]) -> dict[str, Any]:
         "first_run_s": run["first_run_s"],
         "calls": run["calls"], "cost": run["cost"],
     }
+
+
+def roofline_figures(row: Mapping[str, Any], run: Mapping[str, Any],
+                     context: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's achieved GFLOP/s and % of peak (whole generation, and the DiT calls alone).
+
+    ``context``: the model config, image size, measured peaks and the torch rows' device.
+    The percentage is left out where the CPU's peak does not bound the row (a GPU row) or
+    where no peak was measured at its precision.
+    """
+    model, (height, width) = context["model"], context["image_size"]
+    cost = run["cost"]
+    kind = KINDS[row["backend"]]
+    on_cpu = kind.on_cpu and (kind.family != "torch" or context.get("device", "cpu") == "cpu")
+    peak_precision = PEAK_PRECISION.get(row["precision"], "fp32")
+    peak = (context.get("peaks") or {}).get(peak_precision, {}).get("gflops") if on_cpu else None
+    total = sampling_flops(model, cost, height, width)
+    whole = roofline_of(total, statistics.median(run["seconds"]), peak)
+    dit_flops = int(cost["dit_samples"]) * graph_flops(model, "dit", 1, height, width)
+    dit_s = statistics.median(run["stages"]["dit"])
+    dit = roofline_of(dit_flops, dit_s, peak) if dit_s > 0 else {"gflops": None,
+                                                                "percent_of_peak": None}
+    return {"gflop_per_image": total / run["batch"] / 1e9, "gflops": whole["gflops"],
+            "percent_of_peak": whole["percent_of_peak"], "dit_gflops": dit["gflops"],
+            "dit_percent_of_peak": dit["percent_of_peak"],
+            "peak_precision": peak_precision if peak else None}
 
 
 def _quality(reference: np.ndarray, images: np.ndarray) -> dict[str, float | None]:
@@ -82,10 +112,11 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def assemble_rows(results: list[tuple[RowSpec, dict[str, Any]]], work: Path
-                  ) -> list[dict[str, Any]]:
+def assemble_rows(results: list[tuple[RowSpec, dict[str, Any]]], work: Path,
+                  roofline: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows ordered by (steps, batch) then backend order, the reference leading each group,
-    with speed-up and image change against that group's reference row."""
+    with speed-up and image change against that group's reference row; with ``roofline``
+    (see `roofline_figures`) also the achieved GFLOP/s and % of peak."""
     ref_result = results[0][1]
     reference = {(r["steps"], r["batch"]): r for r in ref_result["runs"]}
     rows = []
@@ -94,6 +125,8 @@ def assemble_rows(results: list[tuple[RowSpec, dict[str, Any]]], work: Path
             continue
         for run in result["runs"]:
             row = summarise_run(spec, run)
+            if roofline is not None and roofline.get("image_size"):
+                row.update(roofline_figures(row, run, roofline))
             ref_run = reference.get((run["steps"], run["batch"]))
             if ref_run is not None:
                 ref_ms = 1000.0 * statistics.median(ref_run["seconds"]) / run["batch"]

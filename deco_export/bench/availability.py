@@ -10,9 +10,11 @@ from typing import Any
 
 from runtimes.bundle import ONNX_PRECISIONS
 
+from ..machine import has_bf16, missing_bf16_reason
 from .catalogue import (
     BACKENDS,
     KINDS,
+    OPENVINO_PRECISIONS,
     ORT_PROVIDER_NAMES,
     PRECISIONS,
     REFERENCE,
@@ -38,7 +40,10 @@ def natural_precisions(kind: BackendKind, manifest: Any, cuda: bool) -> list[str
     if kind.name == "torch-cuda":
         return ["bf16"]
     if kind.family == "torch":
-        return ["fp32", "bf16"] if cuda else ["fp32"]
+        return ["fp32", "bf16"] if cuda or has_bf16() else ["fp32"]
+    if kind.loader == "openvino":
+        # bf16 is listed even where the CPU lacks it: its row then says why it did not run.
+        return list(OPENVINO_PRECISIONS)
     have = _bundle_precisions(manifest, kind.runtime or "") if manifest is not None else []
     if have:
         return have
@@ -50,7 +55,7 @@ def unavailable_reason(kind: BackendKind, precision: str, manifest: Any, cuda: b
     """Why ``kind`` at ``precision`` cannot run here, or None when it can (as far as a cheap
     check can tell: a worker that then fails reports its own error)."""
     name = kind.name
-    if precision == "int8" and kind.runtime != "onnx":
+    if precision == "int8" and (kind.runtime != "onnx" or kind.loader is not None):
         return ("int8 is ONNX Runtime's dynamically quantized graph; this backend runs fp32, "
                 "fp16 or bf16")
     if kind.family == "torch":
@@ -58,11 +63,22 @@ def unavailable_reason(kind: BackendKind, precision: str, manifest: Any, cuda: b
             return "No module named 'torch'; pip install 'deco-export[torch]'"
         if name == "torch-cuda" and not cuda:
             return "needs a CUDA GPU: torch.cuda.is_available() is False"
+        if precision == "bf16" and not cuda and not has_bf16():
+            return f"{missing_bf16_reason()}; PyTorch would emulate it"
         if name == "torch-compile" and not cuda and not any(
                 shutil.which(c) for c in ("c++", "g++", "clang++")):
             return "torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH"
         return None
-    if kind.runtime == "onnx":
+    if kind.loader == "openvino":
+        if find_spec("openvino") is None:
+            return "No module named 'openvino'; pip install 'deco-export[openvino]'"
+        if precision not in OPENVINO_PRECISIONS:
+            return (f"OpenVINO runs {' or '.join(OPENVINO_PRECISIONS)} (bf16 as an inference "
+                    f"precision on the fp32 graphs)")
+        if precision == "bf16" and not has_bf16():
+            return f"{missing_bf16_reason()}; the openvino backend refuses to run it"
+        precision = "fp32"  # the artefacts it reads
+    elif kind.runtime == "onnx":
         if find_spec("onnxruntime") is None:
             return "No module named 'onnxruntime'; pip install onnxruntime"
         import onnxruntime

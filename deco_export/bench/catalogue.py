@@ -22,6 +22,9 @@ class BackendKind:
     family: "torch" (runs the checkpoint) or "bundle" (runs the bundle's artefacts).
     runtime: the manifest runtime whose artefacts a bundle row reads.
     provider: ONNX Runtime execution provider short name, for onnxruntime rows.
+    loader: the `runtimes.load` backend name of a bundle row (None: the runtime's own).
+    on_cpu: the row's matrix work runs on this machine's CPU (a torch row: on a CPU device),
+        so the CPU's measured GEMM peak is its roofline.
     """
 
     name: str
@@ -29,15 +32,23 @@ class BackendKind:
     description: str
     runtime: str | None = None
     provider: str | None = None
+    loader: str | None = None
+    on_cpu: bool = False
 
 
 BACKENDS: tuple[BackendKind, ...] = (
     BackendKind(REFERENCE, "torch",
-                "PyTorch eager fp32, [uncond; cond] every step (the reference sampler)"),
-    BackendKind("torch", "torch", "PyTorch eager"),
-    BackendKind("torch-compile", "torch", "PyTorch, DiT and decoder under torch.compile"),
+                "PyTorch eager fp32, [uncond; cond] every step (the reference sampler)",
+                on_cpu=True),
+    BackendKind("torch", "torch", "PyTorch eager (bf16: CPU or CUDA autocast)", on_cpu=True),
+    BackendKind("torch-compile", "torch", "PyTorch, DiT and decoder under torch.compile",
+                on_cpu=True),
     BackendKind("torch-cuda", "torch", "PyTorch CUDA: compiled, one CUDA graph per whole step"),
-    BackendKind("onnxruntime-cpu", "bundle", "ONNX Runtime, CPUExecutionProvider", "onnx", "cpu"),
+    BackendKind("onnxruntime-cpu", "bundle", "ONNX Runtime, CPUExecutionProvider", "onnx", "cpu",
+                on_cpu=True),
+    BackendKind("openvino-cpu", "bundle",
+                "OpenVINO CPU on the fp32 ONNX graphs (bf16: inference precision)", "onnx",
+                loader="openvino", on_cpu=True),
     BackendKind("onnxruntime-cuda", "bundle", "ONNX Runtime, CUDAExecutionProvider", "onnx",
                 "cuda"),
     BackendKind("onnxruntime-tensorrt", "bundle", "ONNX Runtime, TensorrtExecutionProvider",
@@ -56,7 +67,12 @@ ALIASES = {
     "ort-cpu": ("onnxruntime-cpu",),
     "ort-cuda": ("onnxruntime-cuda",),
     "trt": ("tensorrt",),
+    "openvino": ("openvino-cpu",),
+    "ov": ("openvino-cpu",),
 }
+# The GEMM peak that bounds a row of each precision (fp16 on a CPU computes in fp32).
+PEAK_PRECISION = {"fp32": "fp32", "fp16": "fp32", "bf16": "bf16", "int8": "int8"}
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 ORT_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                       "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 

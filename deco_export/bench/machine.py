@@ -13,6 +13,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from ..machine import cpu_features
+
 
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
@@ -58,7 +60,7 @@ def _version(dist: str) -> str | None:
 
 
 LIBRARIES = ("deco-export", "numpy", "torch", "onnx", "onnxscript", "onnxruntime",
-             "onnxruntime-gpu", "coremltools", "tensorrt", "matplotlib")
+             "onnxruntime-gpu", "openvino", "coremltools", "tensorrt", "matplotlib")
 
 
 def environment(threads: int | None = None) -> dict[str, Any]:
@@ -77,12 +79,27 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         "threads_requested": threads,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "gpus": _gpus(),
+        "cpu_flags": cpu_features(),
     }
     if hasattr(os, "sched_getaffinity"):
         env["cpu_affinity"] = len(os.sched_getaffinity(0))
     if hasattr(os, "getloadavg"):
         env["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
     return env
+
+
+def measure_peaks(threads: int | None, size: int) -> dict[str, Any]:
+    """This machine's GEMM peak per precision (`deco_export.machine.gemm_peak`), measured
+    once per benchmark at the rows' thread count; {} when ``size`` is 0, and the reason when
+    torch (which the probe multiplies with) is missing."""
+    if not size:
+        return {}
+    if find_spec("torch") is None:
+        return {p: {"gflops": None, "reason": "No module named 'torch'"}
+                for p in ("fp32", "bf16", "int8")}
+    from ..machine import gemm_peak
+
+    return gemm_peak(threads=threads or os.cpu_count(), size=size)
 
 
 def peak_rss_mib() -> float | None:

@@ -27,6 +27,33 @@ def _db(row: Mapping[str, Any]) -> str:
     return f"{row['psnr_db']:.1f}"
 
 
+def _gflops(row: Mapping[str, Any]) -> str:
+    return "" if row.get("gflops") is None else f"{row['gflops']:.1f}"
+
+
+def _percent(row: Mapping[str, Any]) -> str:
+    """'% of peak (DiT calls alone)' of a row, '' where no peak bounds it."""
+    whole, dit = row.get("percent_of_peak"), row.get("dit_percent_of_peak")
+    if whole is None:
+        return ""
+    return f"{whole:.0f}%" + ("" if dit is None else f" ({dit:.0f}%)")
+
+
+def peaks_line(env: Mapping[str, Any]) -> str:
+    """'GEMM peak fp32 91 GFLOP/s, bf16 205, int8 (reason)' and the CPU flags that matter."""
+    flags = env.get("cpu_flags") or {}
+    have = [name for name, on in flags.items() if on]
+    text = f"CPU flags {', '.join(have) or 'none of ' + ', '.join(flags)}"
+    peaks = env.get("gemm_peak") or {}
+    if peaks:
+        parts = [f"{p} {v['gflops']:.0f}" if v.get("gflops") else f"{p} not measured "
+                 f"({v.get('reason', '')})" for p, v in peaks.items()]
+        size = next((v["size"] for v in peaks.values() if v.get("size")), None)
+        text += (f"; measured GEMM peak (GFLOP/s, {size}^3 products, best of the probe's "
+                 f"runs) " + ", ".join(parts))
+    return text
+
+
 def row_label(row: Mapping[str, Any]) -> str:
     cfg = "ref" if row["cfg_mode"] == "reference" else "fast"
     return f"{row['backend']} {row['precision']} ({cfg} CFG)"
@@ -35,9 +62,9 @@ def row_label(row: Mapping[str, Any]) -> str:
 def markdown_table(report: Mapping[str, Any]) -> str:
     """The results table (reference row first; unavailable backends last, with the reason)."""
     head = ("| backend | precision | CFG | batch | steps | ms/image | p90 | images/s | speed-up "
-            "| DiT / decoder / other ms | PSNR dB | max abs err | load s cold / warm "
-            "| first run s | peak RSS MiB |")
-    lines = [head, "|" + "---|" * 3 + "---:|" * 12]
+            "| DiT / decoder / other ms | GFLOP/s | % of peak (DiT) | PSNR dB | max abs err "
+            "| load s cold / warm | first run s | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 3 + "---:|" * 14]
     for r in report["rows"]:
         st = r["stages_ms_per_image"]
         stage = f"{_ms(st['dit'])} / {_ms(st['decoder'])} / {_ms(st['sampler_overhead'])}"
@@ -55,7 +82,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             f"| {r['backend']} | {r['precision']} | "
             f"{'reference' if r['cfg_mode'] == 'reference' else 'fast'} | {r['batch']} | "
             f"{r['steps']} | {_ms(r['ms_per_image'])} | {_ms(r['p90_ms_per_image'])} | "
-            f"{r['images_per_s']:.2f} | {speed} | {stage} | {_db(r)} | {err} | "
+            f"{r['images_per_s']:.2f} | {speed} | {stage} | {_gflops(r)} | {_percent(r)} | "
+            f"{_db(r)} | {err} | "
             f"{_s(r['load_s']['cold_s'])} / {_s(r['load_s']['warm_s'])} | "
             f"{_s(r['first_run_s'])} | {mem} |")
     merged: dict[tuple[str, str, str], list[str]] = {}  # one line per backend and reason
@@ -63,7 +91,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         merged.setdefault((u["backend"], u["status"], u["reason"]), []).append(u["precision"])
     for (backend, status, reason), precisions in merged.items():
         lines.append(f"| {backend} | {', '.join(precisions)} | | | | {status}: {reason} |"
-                     + " |" * 9)
+                     + " |" * 11)
     return "\n".join(lines) + "\n"
 
 
@@ -87,9 +115,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         f"cores, threads {s['threads'] or 'library default'}, "
         f"{'GPU ' + gpus if gpus else 'no GPU'}; {env['os']}; Python {env['python']}, "
         + ", ".join(f"{k} {libs[k]}" for k in ("torch", "onnxruntime", "onnxruntime-gpu",
-                                               "tensorrt", "coremltools") if k in libs)
+                                               "openvino", "tensorrt", "coremltools") if k in libs)
         + f". Load average {env.get('load_average_start')} at the start, "
-        f"{env.get('load_average_end')} at the end.",
+        f"{env.get('load_average_end')} at the end. {peaks_line(env)}.",
         "",
         markdown_table(report),
     ]
@@ -108,7 +136,10 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     lines.append(
         "Speed-up and image change are against the first row of the same batch and steps "
         "(PyTorch eager fp32, both CFG halves every step, as the reference samples). "
-        "PSNR is on [-1, 1] images.")
+        "PSNR is on [-1, 1] images. GFLOP/s: the analytic matrix-product FLOPs of the "
+        "generation (deco_export.flops) over its median time; % of peak: against the measured "
+        "GEMM peak at the row's precision (fp16 rows against fp32), in brackets the DiT calls "
+        "alone.")
     if report.get("fid"):
         lines += ["", fid_table(report["fid"])]
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from .aggregate import assemble_rows, merge_rounds
 from .availability import plan_rows
 from .catalogue import PROGRESS_MARK, REFERENCE, BenchError
 from .fid import held_out_scorer, score_fid_sets
-from .machine import cuda_available, environment
+from .machine import cuda_available, environment, measure_peaks
 from .plots import write_plots
 from .report import markdown_report
 from .settings import BenchSettings
@@ -95,6 +95,10 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     out.mkdir(parents=True, exist_ok=True)
     env = environment(settings.threads)
     src, manifest = prepare_source(source, out, settings, say)
+    if settings.peak_size:
+        say(f"measuring this machine's GEMM peak ({settings.peak_size}^3 matrix products, "
+            f"{settings.threads or 'all'} thread(s))")
+    env["gemm_peak"] = measure_peaks(settings.threads, settings.peak_size)
     cuda = cuda_available()
     device = ("cuda" if cuda else "cpu") if settings.device == "auto" else settings.device
     if device == "cuda" and not cuda:
@@ -171,7 +175,9 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
                                          f"see {result['log']}")
                     rounds[spec.key].append(result)
         results = [(spec, merge_rounds(rounds[spec.key])) for spec in runs]
-        rows = assemble_rows(results, work)
+        rows = assemble_rows(results, work, roofline={
+            "model": manifest.model, "image_size": size, "peaks": env["gemm_peak"],
+            "device": device})
         fid = None if scorer is None else score_fid_sets(scorer, results, work, settings,
                                                          fid_steps)
     finally:

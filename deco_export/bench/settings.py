@@ -33,12 +33,15 @@ class BenchSettings:
     checkpoint: str | None = None
     timeout_s: float = 1800.0
     plots: bool = True
+    # The GEMM peak probe's matrix size (0: no probe, no roofline columns).
+    peak_size: int = 2048
     progress: bool = True
     fid_data: str | None = None
     fid_samples: int = 500
 
     QUICK: ClassVar[dict[str, Any]] = {"batch_sizes": (1, 4), "steps": (10,), "repeats": 2,
-                                       "warmup": 1, "skip": ("torch-compile",)}
+                                       "warmup": 1, "skip": ("torch-compile",),
+                                       "peak_size": 1024}
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchSettings:
@@ -77,5 +80,8 @@ class BenchSettings:
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.fid_data is not None and self.fid_samples < 2:
             raise ValueError(f"--fid-samples must be at least 2, got {self.fid_samples}")
+        if self.peak_size < 0:
+            raise ValueError(f"--peak-size must be >= 0 (0 skips the GEMM peak probe), not "
+                             f"{self.peak_size}")
         if self.sharing_mode not in ("reuse", "fresh_t"):
             raise ValueError(f"--sharing-mode must be reuse or fresh_t, not {self.sharing_mode!r}")

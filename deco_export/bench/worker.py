@@ -51,7 +51,10 @@ def open_pipeline(spec: Mapping[str, Any]) -> Any:
             options["allow_spinning"] = False
             if threads:
                 options["intra_op_threads"] = threads
-        backend = {"onnx": "onnxruntime"}.get(kind.runtime or "", kind.runtime or "")
+        if kind.loader == "openvino":
+            options = {"threads": threads, "cpu_pinning": False}  # shared machines: no pinning
+        backend = kind.loader or {"onnx": "onnxruntime"}.get(kind.runtime or "",
+                                                              kind.runtime or "")
         return runtimes.load(spec["bundle"], backend=backend, precision=row["precision"],
                              **options)
 
@@ -163,6 +166,8 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
                                                      1)
     if "onnxruntime" in sys.modules:
         threads["onnxruntime_intra_op"] = spec.get("threads") or "onnxruntime default"
+    if "openvino" in sys.modules:
+        threads["openvino_inference"] = spec.get("threads") or "openvino default"
     record["threads"] = threads
     if "gpu_peak_mib" not in record["memory"]:
         gpu = process_gpu_mib()

@@ -55,6 +55,9 @@ from .options import parse_csv, parse_ints, parse_size
                    "fashion-mnist or a class folder; the eval extra)")
 @click.option("--fid-samples", type=int, default=500, show_default=True,
               help="images per row for --fid")
+@click.option("--peak-size", type=int, default=None,
+              help="matrix size of the GEMM peak probe behind the roofline columns, 0 to skip "
+                   "[default: 2048; quick 1024]")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str, ...],
@@ -63,14 +66,15 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
                   sharing: str | None, sharing_mode: str, cfg_mode: str, guidance: float | None,
                   device: str, image_size: str | None, checkpoint: str | None, seed: int,
                   timeout: float, quick: bool, fid_data: str | None, fid_samples: int,
-                  no_plots: bool, no_progress: bool) -> None:
+                  peak_size: int | None, no_plots: bool, no_progress: bool) -> None:
     """Benchmark every backend x precision x batch size x step count on one model and noise.
 
     BUNDLE_OR_CHECKPOINT is a bundle (its source checkpoint runs the PyTorch rows), a
     checkpoint (its ONNX graphs are exported into OUT/bundle first; that is the build time) or
     'default'. The first row is the reference sampler (PyTorch eager fp32, both CFG halves
     every step); every row shows its speed-up and its image change (max abs error, PSNR)
-    against it. Backends this machine cannot run are listed with the reason.
+    against it, its achieved GFLOP/s and the percentage of this machine's GEMM peak (measured
+    once per run). Backends this machine cannot run are listed with the reason.
 
     Writes OUT/bench.json (with the environment), OUT/bench.md and PNG plots, and prints the
     table. With --fid DATA each row also samples --fid-samples images (same noise on every row)
@@ -94,6 +98,7 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
         image_size=parse_size(image_size) if image_size else None, timeout_s=timeout,
         plots=not no_plots, progress=not no_progress, fid_data=fid_data,
         fid_samples=fid_samples,
+        peak_size=base.peak_size if peak_size is None else peak_size,
     )
     report = run_benchmark(source, out, settings, say=lambda m: click.echo(m, err=True))
     click.echo(markdown_table(report), nl=False)

@@ -47,9 +47,10 @@ def checkpoint(tmp_path_factory, golden_model) -> Path:
 def bench(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
     args = ["bench", str(checkpoint), "--out", str(out),
-            "--backends", "torch,onnxruntime,tensorrt,coreml", "--precisions", "fp32",
+            "--backends", "torch,onnxruntime,openvino,tensorrt,coreml", "--precisions", "fp32",
             "--batch-sizes", ",".join(map(str, BATCHES)), "--steps", str(STEPS),
-            "--repeats", "2", "--warmup", "1", "--threads", "1", "--no-progress"]
+            "--repeats", "2", "--warmup", "1", "--threads", "1", "--peak-size", "256",
+            "--no-progress"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
@@ -86,7 +87,10 @@ def test_reference_row_first_with_speed_up_one(bench):
         for r in group[1:]:
             assert r["speed_up"] == pytest.approx(group[0]["ms_per_image"] / r["ms_per_image"])
     names = [(r["backend"], r["precision"]) for r in rows if r["batch"] == 1]
-    assert names == [(REFERENCE, "fp32"), ("torch", "fp32"), ("onnxruntime-cpu", "fp32")]
+    expected = [(REFERENCE, "fp32"), ("torch", "fp32"), ("onnxruntime-cpu", "fp32")]
+    if find_spec("openvino") is not None:
+        expected.append(("openvino-cpu", "fp32"))
+    assert names == expected
 
 
 def test_unavailable_backends_are_listed_with_reasons(bench):
@@ -149,6 +153,29 @@ def test_build_load_and_memory_are_recorded(bench):
     ort = next(b for b in report["backends"] if b["backend"] == "onnxruntime-cpu")
     assert ort["torch_imported"] is False  # runtime rows measure a torch-free process
     assert ort["describe"]["providers"]["dit"] == ["CPUExecutionProvider"]
+
+
+def test_roofline_columns_from_the_measured_peak(bench):
+    """Every CPU row: achieved GFLOP/s = the analytic FLOPs of what it ran over its median
+    time, and its percentage of the GEMM peak measured once in this run."""
+    from deco_export.flops import sampling_flops
+
+    result, _, report = bench
+    env = report["environment"]
+    assert set(env["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni"}
+    fp32 = env["gemm_peak"]["fp32"]
+    assert fp32["gflops"] > 0 and fp32["size"] == 256 and fp32["threads"] == 1
+    assert "GFLOP/s | % of peak (DiT)" in result.stdout
+    model = report["model"]
+    for r in report["rows"]:
+        flops = sampling_flops(model, r["cost"], 64, 64)
+        assert r["gflop_per_image"] == pytest.approx(flops / r["batch"] / 1e9)
+        assert r["gflops"] == pytest.approx(flops / (r["ms_per_image"] * r["batch"] / 1e3)
+                                            / 1e9)
+        assert r["percent_of_peak"] == pytest.approx(100 * r["gflops"] / fp32["gflops"])
+        assert 0 < r["dit_percent_of_peak"] and r["peak_precision"] == "fp32"
+    assert "measured GEMM peak" in (report["files"] and
+                                    Path(report["files"]["markdown"]).read_text())
 
 
 def test_bundle_source_with_sharing_and_no_warmup(bench, tmp_path):
@@ -307,11 +334,54 @@ def test_plan_puts_the_reference_first_even_when_not_asked():
     quick = BenchSettings.quick(backends=("torch", "torch-compile"))
     quick.check()
     runs, unavailable = plan_rows(quick, None, cuda=False)
-    assert [r.backend for r in runs] == [REFERENCE, "torch"]
-    assert [(u["backend"], u["status"]) for u in unavailable] == [("torch-compile", "skipped")]
+    from deco_export.machine import has_bf16
+
+    cpu = ["fp32", "bf16"] if has_bf16() else ["fp32"]  # CPU autocast where it runs natively
+    assert [(r.backend, r.precision) for r in runs] == [(REFERENCE, "fp32"),
+                                                         *(("torch", p) for p in cpu)]
+    assert [(u["backend"], u["status"]) for u in unavailable] == [
+        ("torch-compile", "skipped")] * len(cpu)
 
 
-@pytest.mark.parametrize("backend", ["torch", "torch-compile", "tensorrt", "coreml"])
+def test_openvino_rows_fp32_and_bf16_say_why_not():
+    from deco_export.machine import missing_bf16_reason
+
+    kind = KINDS["openvino-cpu"]
+    assert expand_backends(["openvino"]) == expand_backends(["ov"]) == ["openvino-cpu"]
+    settings = BenchSettings(backends=("openvino-cpu",))
+    runs, unavailable = plan_rows(settings, None, cuda=False)
+    planned = [r.precision for r in runs if r.backend == "openvino-cpu"] + [
+        u["precision"] for u in unavailable if u["backend"] == "openvino-cpu"]
+    assert planned == ["fp32", "bf16"]  # bf16 always listed: run, or its reason
+    if find_spec("openvino") is not None:
+        no_bf16 = missing_bf16_reason()
+        assert unavailable_reason(kind, "bf16", None, cuda=False) == (
+            None if no_bf16 is None else f"{no_bf16}; the openvino backend refuses to run it")
+    assert "OpenVINO runs fp32 or bf16" in (unavailable_reason(kind, "fp16", None, False) or "")
+
+
+def test_roofline_of_a_gpu_row_has_no_cpu_percentage():
+    from deco_export.bench.aggregate import roofline_figures
+    from deco_export.config import get_preset
+
+    model = get_preset("DeCo-tiny/16", num_classes=10)
+    cost = {"dit_samples": 4, "decoder_samples": 4, "decoder_calls": 2, "dit_calls": 2}
+    run = {"batch": 2, "seconds": [0.5, 0.5], "stages": {"dit": [0.25, 0.25]}, "cost": cost}
+    peaks = {"fp32": {"gflops": 10.0}, "bf16": {"gflops": 20.0}}
+    context = {"model": model, "image_size": [64, 64], "peaks": peaks, "device": "cpu"}
+    cpu = roofline_figures({"backend": "openvino-cpu", "precision": "bf16"}, run, context)
+    assert cpu["peak_precision"] == "bf16"
+    assert cpu["percent_of_peak"] == pytest.approx(100 * cpu["gflops"] / 20.0)
+    assert cpu["dit_gflops"] == pytest.approx(4 * 4980736 / 0.25 / 1e9)
+    gpu = roofline_figures({"backend": "tensorrt", "precision": "fp16"}, run, context)
+    assert gpu["gflops"] == cpu["gflops"] and gpu["percent_of_peak"] is None
+    cuda_torch = roofline_figures({"backend": "torch", "precision": "fp32"}, run,
+                                  {**context, "device": "cuda"})
+    assert cuda_torch["percent_of_peak"] is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-compile", "tensorrt", "coreml",
+                                     "openvino-cpu"])
 def test_int8_is_an_onnxruntime_precision(backend):
     reason = unavailable_reason(KINDS[backend], "int8", None, cuda=False)
     assert reason is not None and "ONNX Runtime" in reason
