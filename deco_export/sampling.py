@@ -11,7 +11,7 @@ from typing import Any
 
 from .sources import is_bundle
 
-BUNDLE_BACKENDS = ("onnxruntime", "coreml", "tensorrt")
+BUNDLE_BACKENDS = ("onnxruntime", "openvino", "coreml", "tensorrt")
 
 
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
@@ -33,6 +33,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch
             # (deco_export.commands).
             options["allow_spinning"] = False
+        if backend == "openvino":
+            options["device"] = device  # CPU, GPU or NPU
         return runtimes.load(source, backend=backend, precision=precision, **options)
     backend = backend or "torch"
     if backend != "torch":

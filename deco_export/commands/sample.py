@@ -12,11 +12,12 @@ from .options import SolverChoice, parse_int_list
 @click.command()
 @click.argument("source", metavar="BUNDLE_OR_CHECKPOINT", default="default")
 @click.option("--backend", default=None,
-              help="onnxruntime, coreml, tensorrt (bundles) or torch (checkpoints); "
+              help="onnxruntime, openvino, coreml, tensorrt (bundles) or torch (checkpoints); "
                    "default: onnxruntime for bundles, torch for checkpoints")
 @click.option("--precision", default="fp32", show_default=True)
 @click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu")
-@click.option("--device", default="cpu", show_default=True, help="torch backend device")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch backend device; openvino: CPU, GPU or NPU")
 @click.option("--classes", default=None,
               help="comma-separated labels [every class of a model with <= 16, else 0..7]")
 @click.option("--per-class", type=int, default=1, show_default=True,

@@ -175,3 +175,19 @@ def test_deco_validate_gates_the_backend(bundle, golden_ckpt, tmp_path, monkeypa
     assert "openvino fp32: worst graph error" in result.output and "passed" in result.output
     bad = CliRunner().invoke(main, [*args[:4], "--precision", "fp16"])
     assert bad.exit_code == 1 and "runs precision fp32 or bf16" in bad.output
+
+
+def test_deco_sample_runs_openvino(bundle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from deco_export.cli import main
+
+    monkeypatch.setenv("DECO_CACHE_DIR", str(tmp_path / "cli-cache"))
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["sample", str(bundle), "--backend", "openvino",
+                                       "--classes", "1,2", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    absent = CliRunner().invoke(main, ["sample", str(bundle), "--backend", "openvino",
+                                       "--device", "npu", "--steps", "2", "--out", str(out)])
+    assert absent.exit_code == 1 and "sees no NPU device" in absent.output
