@@ -39,7 +39,14 @@ CASES = {
     "golden64": "golden tiny model (64 wide, 2 DiT blocks, patch 16, 10 classes) at 64x64",
     "s16-256": "DeCo-S/16 (256 wide, 6 DiT blocks, patch 16, 1000 classes), random weights, "
                "at 256x256",
+    "dit-s16-256": "an S/16-like DeCo (DiT-S: 384 wide, 6 heads, 12 blocks; patch 16, 1000 "
+                   "classes), random weights, at 256x256",
+    "dit-b16-256": "a B/16-like DeCo (DiT-B: 768 wide, 12 heads, 12 blocks; patch 16, 1000 "
+                   "classes), random weights, at 256x256",
 }
+# The DiT-S and DiT-B widths on the DeCo-S/16 preset (its decoder: 32 wide, 3 blocks).
+SHAPES = {"s16-256": {}, "dit-s16-256": {"hidden_size": 384, "num_heads": 6, "dit_depth": 12},
+          "dit-b16-256": {"hidden_size": 768, "num_heads": 12, "dit_depth": 12}}
 TARGET_SPEED_UP = 2.0
 TARGET_PSNR_DB = 40.0
 
@@ -58,7 +65,7 @@ def make_checkpoint(case: str, models: Path, seed: int) -> Path:
         model = load_reference(GOLDEN, image_size=(64, 64))
     else:
         torch.manual_seed(seed)
-        model = DeCo(get_preset("DeCo-S/16")).eval()
+        model = DeCo(get_preset("DeCo-S/16", **SHAPES[case])).eval()
         with torch.no_grad():
             for p in model.parameters():
                 if not p.abs().sum():  # the reference init zeroes the output layers
