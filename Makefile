@@ -14,7 +14,7 @@ venv: $(BIN)/python
 
 # Export the embedded default model to ONNX, sample a grid with ONNX Runtime, benchmark briefly.
 demo: venv
-	$(BIN)/pip install -q -e ".[torch,onnx]"
+	$(BIN)/pip install -q -e ".[demo]"
 	$(BIN)/deco export onnx default $(OUT)/bundle --precision fp32 --precision fp16
 	$(BIN)/deco sample $(OUT)/bundle --backend onnxruntime --seed 0 --out $(OUT)/samples.png
 	$(BIN)/deco bench $(OUT)/bundle --quick --out $(OUT)/bench

@@ -15,11 +15,8 @@ is an error that lists each tensor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from runtimes import fileio
+from runtimes.fileio import sha256_file
 
 from .config import DeCoConfig
 from .model import DeCo, PixelDiT, build_model
@@ -42,14 +42,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def package_version() -> str:
     from . import __version__
 
@@ -57,43 +49,71 @@ def package_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic directory writes
-# ---------------------------------------------------------------------------------------------
-
-
-def replace_directory(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory onto ``out`` (replacing an old one) atomically
-    enough that readers see either the old or the new directory, never a partial one."""
-    if out.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        backup.rmdir()
-        os.replace(out, backup)
-        os.replace(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def staging_directory(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-# ---------------------------------------------------------------------------------------------
 # Our format
 # ---------------------------------------------------------------------------------------------
 
 
-def save_pretrained(model: DeCo | PixelDiT, path: str | Path, source: str | None = None,
-                    extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as a checkpoint directory at ``path`` (atomically)."""
-    out = Path(path)
-    tmp = staging_directory(out)
+def _identity(meta: dict[str, Any]) -> Any:
+    """What makes two checkpoints "the same source": the source file's sha256 when recorded
+    (`deco convert`), else the source description."""
+    return meta.get("source_sha256") or meta.get("source")
+
+
+def check_target(out: Path, identity: Any, force: bool = False,
+                 protect: tuple[Path, ...] = ()) -> None:
+    """Refuse to write a checkpoint over anything but an absent or empty directory or a
+    checkpoint of the same source, naming the path and the fix. ``force`` allows replacing
+    (the caller replaces only once the new checkpoint is complete); it never allows replacing
+    the current directory or a directory that holds one of ``protect`` (the source file)."""
+    target = out.resolve()
+    for p in protect:
+        if p.resolve() == target or target in p.resolve().parents:
+            raise CheckpointError(
+                f"{out} holds the source {p}; writing the checkpoint there would replace it: "
+                "choose a new directory"
+            )
+    cwd = Path.cwd().resolve()
+    if cwd == target or target in cwd.parents:
+        raise CheckpointError(
+            f"{out} is the current directory (or holds it); a checkpoint is swapped in whole, so "
+            "name a new directory, e.g. ./model"
+        )
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose a new directory")
+    if force or not any(out.iterdir()):
+        return
+    fix = "choose a new or empty directory, or pass --force to replace it"
+    if not (out / METADATA_NAME).is_file() or not (out / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{out} is not empty and is not a DeCo checkpoint; {fix}")
     try:
+        existing = read_metadata(out)
+    except (OSError, ValueError):
+        raise CheckpointError(f"{out} holds a damaged checkpoint (metadata.json); {fix}") from None
+    if existing.get("format") != "deco-checkpoint" or _identity(existing) != identity:
+        raise CheckpointError(
+            f"{out} holds a checkpoint of another source ({existing.get('source')}); {fix}"
+        )
+
+
+def save_pretrained(model: DeCo | PixelDiT, path: str | Path, source: str | None = None,
+                    extra_metadata: dict[str, Any] | None = None, force: bool = False,
+                    protect: tuple[Path, ...] = ()) -> Path:
+    """Write ``model`` as a checkpoint directory at ``path``: staged beside it complete, then
+    swapped in by one rename under the directory's write lock. ``path`` must be absent, empty
+    or a checkpoint of the same source (`check_target`); ``force`` replaces anything else."""
+    out = Path(path)
+    identity = _identity({"source": source, **(extra_metadata or {})})
+    check_target(out, identity, force, protect)
+    assert_finite(model.state_dict(), source=str(source or "the model"))
+    with fileio.staging_dir(out) as staging:
+        tmp = staging.path
         state = {k: v.detach().to("cpu", torch.float32).contiguous()
                  for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(model.config.to_json() + "\n")
+        fileio.fsync_file(tmp / WEIGHTS_NAME)
+        fileio.atomic_write_text(tmp / CONFIG_NAME, model.config.to_json() + "\n")
         metadata = {
             "format": "deco-checkpoint",
             "format_version": 1,
@@ -103,11 +123,12 @@ def save_pretrained(model: DeCo | PixelDiT, path: str | Path, source: str | None
             "package_version": package_version(),
             **(extra_metadata or {}),
         }
-        (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fileio.atomic_write_text(tmp / METADATA_NAME,
+                                 json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        with fileio.lock(out):
+            check_target(out, identity, force, protect)  # again: another writer may have won
+            fileio.clean_stale(out)
+            fileio.swap_directory(tmp, out)
     return out
 
 
@@ -150,8 +171,24 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device).eval()
 
 
+def assert_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or inf values: they sample black images without any error."""
+    bad = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            bad.append(f"{name} ({count} of {tensor.numel()})")
+    if bad:
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{source}: non-finite (NaN or inf) weights in {', '.join(bad[:3])}{more}; the "
+            "checkpoint is corrupt or its training diverged: use an earlier or intact checkpoint"
+        )
+
+
 def load_state_strict(model: DeCo | PixelDiT, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that lists every missing, unexpected and mis-shaped tensor."""
+    """load_state_dict that lists every missing, unexpected and mis-shaped tensor, and refuses
+    non-finite weights."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -168,6 +205,7 @@ def load_state_strict(model: DeCo | PixelDiT, state: dict[str, torch.Tensor], so
             f"{source} does not fit a DeCo model of config {model.config.to_dict()}:\n  "
             f"{shown}{more}"
         )
+    assert_finite(state, source)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
@@ -295,12 +333,16 @@ def load_reference(path: str | Path, weights: str = "ema",
 
 
 def convert_reference(path: str | Path, out: str | Path, weights: str = "ema",
-                      image_size: tuple[int, int] | None = None) -> Path:
-    """`deco convert`: reference .ckpt -> our checkpoint directory."""
+                      image_size: tuple[int, int] | None = None, force: bool = False) -> Path:
+    """`deco convert`: reference .ckpt -> our checkpoint directory. ``out`` must be absent,
+    empty or a conversion of the same file (``force`` replaces anything else)."""
+    sha = sha256_file(path) if Path(path).is_file() else None
+    check_target(Path(out), sha, force, protect=(Path(path),))  # before the slow load
     model = load_reference(path, weights=weights, image_size=image_size)
     return save_pretrained(
         model, out, source=str(Path(path).resolve()),
-        extra_metadata={"source_sha256": sha256_file(path), "source_weights": weights},
+        extra_metadata={"source_sha256": sha, "source_weights": weights}, force=force,
+        protect=(Path(path),),
     )
 
 

@@ -61,6 +61,11 @@ def bundle_source_model(root: str | Path, manifest: Any, checkpoint: str | None 
             f"{root} does not name its source checkpoint; pass --checkpoint PATH (the parity "
             "gate compares every artefact with PyTorch)"
         )
+    if checkpoint is None and source != DEFAULT_NAME and not Path(source).exists():
+        raise FileNotFoundError(
+            f"the source checkpoint {source} named in {Path(root) / 'manifest.json'} is not on "
+            "this machine (was the bundle moved?); pass it with --checkpoint PATH"
+        )
     model, record = load_model(source)
     expected = (manifest.source or {}).get("sha256")
     if checkpoint is None and expected and record.get("sha256") != expected:

@@ -33,6 +33,11 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     if problems:
         raise ValueError(f"{bundle} failed verification:\n  " + "\n  ".join(problems))
     manifest = rb.read_manifest(bundle)
+    if not manifest.artifacts:
+        raise rb.BundleError(
+            f"{bundle / rb.MANIFEST_NAME} lists no artifacts, so there is nothing to validate; "
+            "the bundle is incomplete or damaged: export it again"
+        )
     files = sum(1 + len(a.extra_files) for a in manifest.artifacts)
     lines = [f"hashes: {files} files match the manifest"]
     if hashes_only:

@@ -23,6 +23,7 @@ lives inside the graph.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,30 @@ class Artifact:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Artifact:
+        if not isinstance(d, Mapping):
+            raise BundleError(
+                f"manifest.json: an artifact is {d!r}, not an object; re-export the bundle"
+            )
+        name = "/".join(str(d.get(k, "?")) for k in ("runtime", "graph", "precision"))
+        size = d.get("bytes")
+        if "bytes" in d and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise BundleError(
+                f"manifest.json: artifact {name}: bytes must be a non-negative integer, got "
+                f"{size!r}; the manifest is damaged, re-export the bundle"
+            )
+        sha = d.get("sha256")
+        if "sha256" in d and not (isinstance(sha, str) and len(sha) == 64
+                                  and all(c in "0123456789abcdef" for c in sha)):
+            raise BundleError(
+                f"manifest.json: artifact {name}: sha256 must be 64 hex digits, got {sha!r}; the "
+                "manifest is damaged, re-export the bundle"
+            )
+        for key in ("details", "parity", "tools", "extra_files"):
+            if not isinstance(d.get(key, {}), Mapping):
+                raise BundleError(
+                    f"manifest.json: artifact {name}: {key} must be an object; re-export the "
+                    "bundle"
+                )
         try:
             return cls(
                 runtime=str(d["runtime"]),
@@ -285,14 +310,20 @@ class ModelConfig(dict):
             )
         for k in _MODEL_FIELDS:
             v = self[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
-                raise BundleError(f"model config: {k} must be a non-negative integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+                raise BundleError(
+                    f"model config: {k} must be a positive integer, got {v!r}; the manifest is "
+                    "damaged, re-export the bundle"
+                )
         size = self.get("image_size")
         if size is not None:
-            if isinstance(size, int):
+            if isinstance(size, int) and not isinstance(size, bool):
                 self["image_size"] = size = [size, size]
-            if len(size) != 2:
-                raise BundleError(f"model config: image_size must be [height, width], got {size}")
+            if (not isinstance(size, (list, tuple)) or len(size) != 2
+                    or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)):
+                raise BundleError(
+                    f"model config: image_size must be [height, width] in pixels, got {size!r}"
+                )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -331,8 +362,40 @@ class SamplerDefaults(dict):
     (Euler, 100 steps, no guidance, interval (0, 1], no shift) for keys it leaves out.
     Optional keys: "last_step", "guidance_bounds"."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse values the sampler cannot use, naming the key (the manifest is user-editable)."""
+        def bad(key: str, need: str) -> BundleError:
+            return BundleError(
+                f"manifest.json: sampler_defaults.{key} must be {need}, got {self[key]!r}; fix "
+                "the manifest or re-export the bundle"
+            )
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if "steps" in self and (isinstance(self["steps"], bool)
+                                or not isinstance(self["steps"], int) or self["steps"] < 1):
+            raise bad("steps", "a positive integer")
+        if "guidance" in self and not (number(self["guidance"]) and self["guidance"] >= 0):
+            raise bad("guidance", "a finite number >= 0")
+        if "shift" in self and not (number(self["shift"]) and self["shift"] > 0):
+            raise bad("shift", "a finite number > 0")
+        if "solver" in self and not isinstance(self["solver"], str):
+            raise bad("solver", "a solver name")
+        if "guidance_interval" in self:
+            gi = self["guidance_interval"]
+            if (not isinstance(gi, (list, tuple)) or len(gi) != 2
+                    or not all(number(v) for v in gi) or not 0 <= gi[0] < gi[1] <= 1):
+                raise bad("guidance_interval", "[t_min, t_max] with 0 <= t_min < t_max <= 1")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SamplerDefaults:
+        if d is not None and not isinstance(d, Mapping):
+            raise BundleError(f"manifest.json: sampler_defaults must be an object, got {d!r}")
         return cls(d or {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -445,10 +508,21 @@ class Manifest:
             )
         if "model" not in d:
             raise BundleError("manifest.json: no 'model' section; re-export the bundle")
+        if not isinstance(d["model"], Mapping):
+            raise BundleError("manifest.json: 'model' must be an object; re-export the bundle")
+        if not isinstance(d.get("artifacts", []), list):
+            raise BundleError(
+                "manifest.json: 'artifacts' must be a list; the manifest is damaged, export the "
+                "bundle again"
+            )
         known = {"format", "format_version", "model", "sampler_defaults", "source",
                  "package_version", "artifacts", "schedules"}
+        try:
+            model = ModelConfig(d["model"])
+        except BundleError as exc:
+            raise BundleError(f"manifest.json: {exc}") from None
         return cls(
-            model=ModelConfig(d["model"]),
+            model=model,
             sampler_defaults=SamplerDefaults(d.get("sampler_defaults") or {}),
             source=dict(d.get("source", {})),
             package_version=str(d.get("package_version", "")),
@@ -466,6 +540,11 @@ class Manifest:
 def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
     """Parse ``bundle_dir/manifest.json``; BundleError says what is wrong and how to fix it."""
     root = Path(bundle_dir)
+    if root.is_file():
+        raise BundleError(
+            f"{root} is a file, not a bundle directory; pass the directory that holds "
+            f"{MANIFEST_NAME} (e.g. {root.parent})"
+        )
     if not root.is_dir():
         raise BundleError(
             f"{root}: no such bundle directory; export one with `deco export onnx CHECKPOINT "
@@ -493,6 +572,23 @@ def write_manifest(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> Pa
     path = Path(bundle_dir) / MANIFEST_NAME
     atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
     return path
+
+
+def _symlink_in(root: Path, rel: str) -> str | None:
+    """The first symbolic link on the way from ``root`` to ``rel`` or inside it (a directory
+    artifact's members), as a path relative to ``root``; None when there is none."""
+    path = root
+    for part in PurePosixPath(rel).parts:
+        path = path / part
+        if path.is_symlink():
+            return path.relative_to(root).as_posix()
+    if path.is_dir():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+            for name in [*dirnames, *filenames]:
+                member = Path(dirpath) / name
+                if member.is_symlink():
+                    return member.relative_to(root).as_posix()
+    return None
 
 
 def verify(
@@ -539,7 +635,14 @@ def verify(
             problems.append(str(exc))
             continue
         path = root / rel
-        if not path.exists():
+        link = _symlink_in(root, rel)
+        if link is not None:
+            problems.append(
+                f"{rel}: {link} is a symbolic link ({where}); a bundle holds its artifacts as "
+                "regular files inside it: replace the link by the file or export again"
+            )
+            continue
+        if not os.path.lexists(path):
             problems.append(
                 f"{rel}: missing ({where}); restore the file or export the bundle again"
             )

@@ -46,7 +46,9 @@ __all__ = [
     "copy_tree_into",
     "default_dir_mode",
     "default_file_mode",
+    "describe_os_error",
     "fsync_dir",
+    "fsync_file",
     "lock",
     "lock_path",
     "path_size",
@@ -158,8 +160,11 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    """fsync a file written by another library (safetensors, onnx, numpy)."""
+def fsync_file(path: str | os.PathLike[str], fix_mode: bool = True) -> None:
+    """fsync a file written by another library (safetensors, onnx, numpy), and give it the
+    umask's permissions where that library made it private (safetensors writes 0600)."""
+    if fix_mode:
+        os.chmod(path, default_file_mode())
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -182,7 +187,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb",
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    except OSError as err:  # name the user's path, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
             yield fh
@@ -224,7 +232,10 @@ class StagingDir:
         if kind not in STAGING_KINDS:
             raise ValueError(f"kind must be one of {STAGING_KINDS}")
         self.target = Path(os.path.abspath(target))
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(target)) from None
         prefix = _staging_prefix(self.target, kind)
         while True:
             path = self.target.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
@@ -233,6 +244,8 @@ class StagingDir:
                 break
             except FileExistsError:
                 continue
+            except OSError as err:  # name the user's target, not the staging name
+                raise OSError(err.errno, err.strerror, str(target)) from None
         self.path = path
         self._fd: int | None = os.open(path, os.O_RDONLY)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -378,6 +391,30 @@ def copy_tree_into(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                     shutil.copy2(s, d)
             copied.append(rel)
     return copied
+
+
+_OS_FIXES = {
+    errno.EROFS: "the filesystem is read-only: choose a writable location",
+    errno.EACCES: "permission denied: choose a location you can write, or fix its permissions",
+    errno.EPERM: "not permitted: choose a location you can write, or fix its permissions",
+    errno.ENOSPC: "the disk is full: free space or choose another disk",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another disk",
+    errno.EBUSY: "it is busy (a mount point, or in use): choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+    errno.EISDIR: "it is a directory: give a file name",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.EXDEV: "it is on another filesystem: choose a path on the same disk",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError: the path, what went wrong and the fix."""
+    where = err.filename if err.filename is not None else "(no path)"
+    fix = _OS_FIXES.get(err.errno or -1)
+    what = err.strerror or str(err)
+    if fix is None:
+        return f"{where}: {what}"
+    return f"{where}: {fix}" if fix.lower().startswith(what.lower()) else f"{where}: {what}; {fix}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,17 @@ import numpy as np
 
 from runtimes.fileio import atomic_write_bytes
 
-__all__ = ["legible_scale", "make_grid", "save_grid", "save_png", "to_pil", "to_uint8"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "image_format",
+    "legible_scale",
+    "make_grid",
+    "save_grid",
+    "save_image",
+    "save_png",
+    "to_pil",
+    "to_uint8",
+]
 
 
 def _pil() -> Any:
@@ -100,6 +110,38 @@ def make_grid(
     return image_mod.fromarray(grid[..., 0] if c == 1 else grid)
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str | os.PathLike[str]) -> str:
+    """The Pillow format for ``path``'s extension; ValueError for one it does not write (so a
+    caller can refuse before sampling rather than write PNG bytes into ``x.jpg``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(
+            f"{path}: unknown image type {suffix or '(no extension)'!r}; name the file "
+            f"{' or '.join(sorted(set(IMAGE_FORMATS)))}"
+        )
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(image: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a PIL image or (H, W, C) uint8 array atomically, in the format its extension
+    names (.png, .jpg / .jpeg at quality 95, .webp lossless)."""
+    fmt = image_format(path)
+    if fmt == "PNG":
+        return save_png(image, path)
+    image_mod = _pil()
+    if isinstance(image, np.ndarray):
+        arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+        image = image_mod.fromarray(arr)
+    buf = io.BytesIO()
+    options: dict[str, Any] = {"quality": 95} if fmt == "JPEG" else {"lossless": True}
+    image.save(buf, format=fmt, **options)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
     """Write a PIL image or (H, W, C) uint8 array as PNG atomically.
 
@@ -124,8 +166,9 @@ def save_grid(
     padding: int = 0,
     scale: int = 1,
 ) -> Path:
-    """`make_grid` then `save_png` (atomic)."""
-    return save_png(make_grid(images, cols=cols, padding=padding, scale=scale), path)
+    """`make_grid` then `save_image` (atomic; the format follows the extension)."""
+    image_format(path)
+    return save_image(make_grid(images, cols=cols, padding=padding, scale=scale), path)
 
 
 def legible_scale(height: int, width: int, target: int = 128) -> int:

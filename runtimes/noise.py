@@ -43,7 +43,15 @@ def sample_noise(
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         keys = [(int(seed), i) for i in range(batch)]
     else:
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence | np.ndarray):
+            raise ValueError(
+                f"seed must be a non-negative integer or a list of them (one per image), got "
+                f"{seed!r}"
+            )
         seeds = list(seed)
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+                raise ValueError(f"seeds must be non-negative integers, got {s!r} in {seeds}")
         if len(seeds) != batch:
             raise ValueError(
                 f"got {len(seeds)} seeds for {batch} images; give one seed per image or one int"

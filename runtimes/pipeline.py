@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as _bundle
+from runtimes import fileio
 from runtimes.backend import close_backend
 from runtimes.bundle import BundleError, Manifest, ModelConfig, SamplerDefaults
 from runtimes.image import to_pil, to_uint8
@@ -47,6 +48,11 @@ __all__ = [
 ]
 
 OUTPUT_TYPES = ("pil", "np", "uint8")
+
+
+def _is_bool(value: Any) -> bool:
+    """True for True/False: Python treats them as 1/0, which is never what a caller meant."""
+    return isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,11 @@ class DeCoPipeline:
                 f"steps={steps} but {len(timesteps)} timesteps were given (need steps + 1); "
                 f"pass only timesteps="
             )
+        if steps is not None and (isinstance(steps, bool)
+                                  or not isinstance(steps, (int, np.integer))):
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if _is_bool(guidance) or _is_bool(shift):
+            raise ValueError("guidance and shift must be numbers, not True/False")
         g = d.guidance if guidance is None else float(guidance)
         if not np.isfinite(g) or g < 0:
             raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
@@ -317,6 +328,12 @@ class DeCoPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         labels = self._labels(class_labels)
         h, w = self._size(height, width, noise)
+        # Settings first: a bad one fails before anything is allocated.
+        config = self.sampler_config(
+            steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
+            shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
+        )
+        plan = self.plan(config, sharing)
         shape = (len(labels), self.model_config.in_channels, h, w)
         if noise is not None:
             x0 = check_noise(noise, shape)
@@ -324,11 +341,6 @@ class DeCoPipeline:
         else:
             x0 = sample_noise(seed, *shape)
             used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
-        config = self.sampler_config(
-            steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
-            shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
-        )
-        plan = self.plan(config, sharing)
         x = sample(
             self.backend, x0, np.asarray(labels, dtype=np.int64), plan,
             null_class=self.model_config.null_class, callback=callback, fused_step=fused_step,
@@ -429,20 +441,21 @@ def record_schedule(
     """Save ``schedule`` as ``schedules/<key>.json`` in the bundle and record it (with its hash)
     in the manifest, so ``generate(sharing=key)`` finds it and ``verify`` checks it."""
     root = Path(bundle_dir)
-    manifest = _bundle.read_manifest(root)
-    rel = f"schedules/{key}.json"
-    path = root / rel
-    if path.exists():
-        path.unlink()
-    save_schedule(path, key, schedule)
-    entry = {
-        **schedule.to_dict(),
-        "file": rel,
-        "sha256": _bundle.sha256_file(path),
-        "bytes": path.stat().st_size,
-    }
-    manifest.add_schedule(key, entry)
-    _bundle.write_manifest(root, manifest)
+    with fileio.lock(root):  # serialised with exports; the manifest is read under the lock
+        manifest = _bundle.read_manifest(root)
+        rel = f"schedules/{key}.json"
+        path = root / rel
+        if path.exists():
+            path.unlink()
+        save_schedule(path, key, schedule)
+        entry = {
+            **schedule.to_dict(),
+            "file": rel,
+            "sha256": _bundle.sha256_file(path),
+            "bytes": path.stat().st_size,
+        }
+        manifest.add_schedule(key, entry)
+        _bundle.write_manifest(root, manifest)
     return path
 
 

@@ -23,9 +23,13 @@ from runtimes.sharing import SharingSchedule
 
 __all__ = [
     "CFG_MODES",
+    "DIVERGENCE_CHECK_EVERY",
+    "DIVERGENCE_LIMIT",
+    "MAX_STEPS",
     "SOLVERS",
     "SOLVER_ALIASES",
     "Evaluation",
+    "SampleDiverged",
     "SamplerConfig",
     "SamplingPlan",
     "condition_inputs",
@@ -48,6 +52,35 @@ SOLVER_ALIASES = {
     "adamlms": "ab2",
 }
 _BOUNDS = ("(]", "()", "[]", "[)")
+
+# The latent is read back every DIVERGENCE_CHECK_EVERY steps and after the last one. A sane
+# latent stays within a few units (noise is N(0, 1), images lie in [-1, 1]); one beyond
+# DIVERGENCE_LIMIT, or a NaN or inf, only ever becomes a black or saturated image.
+DIVERGENCE_CHECK_EVERY = 10
+DIVERGENCE_LIMIT = 1e4
+# More steps than any sampler needs (the reference uses 100-250): a typo like 10**7 would
+# otherwise allocate gigabytes of per-step arrays before the first step.
+MAX_STEPS = 10_000
+
+
+class SampleDiverged(ValueError):
+    """The latent became non-finite or exploded during sampling; no image is returned."""
+
+
+def check_latent(latent: np.ndarray, step: int, num_steps: int) -> None:
+    """Raise `SampleDiverged` when ``latent`` (after ``step`` of ``num_steps``, 1-based) holds
+    NaN or inf, or magnitudes no sampler step can produce from sane inputs."""
+    finite = np.isfinite(latent)
+    bad = int(latent.size - np.count_nonzero(finite))
+    peak = float(np.max(np.abs(latent[finite]))) if bad < latent.size else float("nan")
+    if bad == 0 and peak <= DIVERGENCE_LIMIT:
+        return
+    what = f"{bad} NaN/inf values" if bad else f"max |x| = {peak:.3g}"
+    raise SampleDiverged(
+        f"sample diverged at step {step} of {num_steps} ({what}); no image was written. Lower "
+        "--guidance or --shift, pass finite standard normal noise, or check the weights"
+    )
+
 
 ProgressCallback = Callable[[int, int, float], None]
 ConditionHook = Callable[[int, Any], None]
@@ -163,6 +196,18 @@ class SamplerConfig:
             )
         if not np.isfinite(self.guidance):
             raise ValueError(f"guidance must be a finite number, got {self.guidance}")
+        if not (np.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift}")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)):
+            raise ValueError(
+                f"steps must be a positive integer, got {self.num_steps!r} "
+                f"({type(self.num_steps).__name__})"
+            )
+        if not 1 <= self.num_steps <= MAX_STEPS and self.timesteps is None:
+            raise ValueError(
+                f"steps must be between 1 and {MAX_STEPS}, got {self.num_steps}; DeCo samples "
+                "well in 50-250 steps"
+            )
         lo, hi = (float(v) for v in self.guidance_interval)
         if not lo < hi:
             raise ValueError(
@@ -548,10 +593,14 @@ def sample(
                 v_prev = v_hat
             else:
                 x = x + v * dt
+        if (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and i + 1 < n:
+            check_latent(np.asarray(backend.to_numpy(x)), i + 1, n)
         if callback is not None:
             callback(i, n, float(plan.grid[i]))
     assert k == plan.num_evaluations
-    return np.asarray(backend.to_numpy(x), dtype=np.float32)
+    out = np.asarray(backend.to_numpy(x), dtype=np.float32)
+    check_latent(out, n, n)
+    return out
 
 
 def _sample_fused(
@@ -574,6 +623,10 @@ def _sample_fused(
             x = backend.step(x, y_both, ev.t, plan.dts[i], w)
         else:
             x = backend.step(x, y_cond, ev.t, plan.dts[i], None)
+        if (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and i + 1 < n:
+            check_latent(np.asarray(backend.to_numpy(x)), i + 1, n)
         if callback is not None:
             callback(i, n, float(plan.grid[i]))
-    return np.array(backend.to_numpy(x), dtype=np.float32)
+    out = np.array(backend.to_numpy(x), dtype=np.float32)
+    check_latent(out, n, n)
+    return out

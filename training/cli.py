@@ -26,15 +26,7 @@ __all__ = ["evaluate", "train"]
 # OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    KeyError,
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    NotADirectoryError,
-    IsADirectoryError,
-)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,6 +42,10 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("DECO_DEBUG"):
                 raise
             msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            if isinstance(err, OSError) and err.filename is not None:
+                from runtimes.fileio import describe_os_error
+
+                msg = describe_os_error(err)
             raise click.ClickException(" ".join(msg.split()) or type(err).__name__) from None
         except ModuleNotFoundError as err:
             if os.environ.get("DECO_DEBUG"):

@@ -214,8 +214,15 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        with Image.open(path) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.image_size)
+        try:
+            with Image.open(path) as im:
+                arr = center_crop_arr(im.convert("RGB"), self.image_size)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "corrupt"
+            # Stop rather than skip: a silently smaller data set changes the run's results.
+            raise ValueError(
+                f"{path}: cannot read this image ({' '.join(str(err).split())}); remove or "
+                "replace the file and run again"
+            ) from None
         return torch.from_numpy(arr.copy()), label
 
     def to_arrays(self) -> ArrayDataset:

@@ -34,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from deco_export.config import DeCoConfig, get_preset
 from deco_export.model import DeCo, PixelDiT, build_model
+from runtimes.fileio import atomic_write_text
 
 from . import state as ckpt
 from .captions import load_captioned
@@ -90,6 +91,32 @@ class TrainConfig:
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Checked before any data or model is built: `--steps 0` would otherwise "train"
+        # nothing and export the untrained initialisation as the EMA model.
+        positive = ("steps", "batch_size", "grad_accum", "sample_steps", "sample_per_class")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        non_negative = ("warmup_steps", "log_every", "sample_every", "ckpt_every",
+                        "keep_checkpoints", "num_workers")
+        for name in non_negative:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+                raise ValueError(f"{flag} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "ema_decay", "label_dropout", "time_shift"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                 f"got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.ema_decay <= 1 or not 0 <= self.label_dropout < 1:
+            raise ValueError("--ema-decay must lie in [0, 1] and --label-dropout in [0, 1)")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
@@ -105,6 +132,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+
+_FLAGS = {"num_workers": "--workers", "keep_checkpoints": "--keep"}  # CLI names that differ
 
 # Fields that may change when a run is resumed (length, logging, machine); the rest must match.
 RESUMABLE_CHANGES = {
@@ -339,6 +368,17 @@ class Trainer:
                 f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to "
                 "continue it or choose another --out"
             )
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"--out {self.out} is a file; choose a run directory")
+        ours = {"train_config.json", "log.jsonl", "checkpoints", "samples", "loss.png", "model"}
+        foreign = sorted(p.name for p in self.out.iterdir()
+                         if p.name not in ours) if self.out.is_dir() else []
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise FileExistsError(
+                f"--out {self.out} is not empty and is not a training run (it holds {shown}); "
+                "choose a new or empty directory"
+            )
         return None
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -552,9 +592,7 @@ class Trainer:
         lines = log.read_text().splitlines()
         keep = [x for x in lines if x.strip() and json.loads(x)["step"] <= self.step]
         if len(keep) != len(lines):
-            tmp = log.with_name(".log.jsonl.tmp")
-            tmp.write_text("".join(x + "\n" for x in keep))
-            tmp.replace(log)
+            atomic_write_text(log, "".join(x + "\n" for x in keep))
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out / "log.jsonl", "a") as f:
@@ -572,9 +610,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_dir)
             self._truncate_log()
-            (self.out / "train_config.json").write_text(
+            atomic_write_text(
+                self.out / "train_config.json",
                 json.dumps({"train": cfg.to_dict(), "model": self.model_config.to_dict()}, indent=1)
-                + "\n"
+                + "\n",
             )
             warn_short_ema(cfg)
         from tqdm import tqdm
@@ -699,7 +738,9 @@ def export_ema(trainer_or_ckpt: Trainer | str | Path, out_dir: str | Path) -> Pa
     }
     if text is not None:
         meta["text_encoder"] = text
-    return save_pretrained(model, out_dir, source=source, extra_metadata=meta)
+    # A live trainer writes into its own run directory, checked when the run began.
+    own = isinstance(trainer_or_ckpt, Trainer)
+    return save_pretrained(model, out_dir, source=source, extra_metadata=meta, force=own)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, text_encoder: Any = None) -> Path:

@@ -111,5 +111,8 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
         click.echo(f"note: load average {load[0]} on {usable} usable cores; the libraries' "
                    "thread pools spin and slow down badly on a busy machine (compare with "
                    "--threads 1)", err=True)
-    click.echo(f"wrote {report['files']['json']}, {report['files']['markdown']}"
-               + ("" if no_plots else " and plots"), err=True)
+    drawn = "latency_plot" in report["files"]
+    plots = " and plots" if drawn else (f"; plots {report['plots']}"
+                                        if isinstance(report.get("plots"), str) else "")
+    click.echo(f"wrote {report['files']['json']}, {report['files']['markdown']}{plots}",
+               err=True)

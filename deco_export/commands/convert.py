@@ -16,11 +16,18 @@ from .options import parse_size
               help="ema_denoiser.* (used for every reported result) or denoiser.*")
 @click.option("--image-size", default=None,
               help="native size HxW, e.g. 256x256 (default: inferred)")
-def convert(reference_ckpt: Path, out_dir: Path, weights: str, image_size: str | None) -> None:
-    """Import a reference Lightning checkpoint into a checkpoint directory (safetensors)."""
+@click.option("--force", is_flag=True,
+              help="replace OUT_DIR when it is not a conversion of this file (only once the new "
+                   "checkpoint is complete)")
+def convert(reference_ckpt: Path, out_dir: Path, weights: str, image_size: str | None,
+            force: bool) -> None:
+    """Import a reference Lightning checkpoint into a checkpoint directory (safetensors).
+
+    OUT_DIR must be absent, empty or an earlier conversion of the same file."""
     from ..checkpoint import convert_reference, read_metadata
 
     size = parse_size(image_size) if image_size else None
-    out = convert_reference(reference_ckpt, out_dir, weights=weights, image_size=size)
+    out = convert_reference(reference_ckpt, out_dir, weights=weights, image_size=size,
+                            force=force)
     meta = read_metadata(out)
     click.echo(f"wrote {out} ({meta['num_parameters']:,} parameters, {weights} weights)")

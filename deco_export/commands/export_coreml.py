@@ -43,10 +43,13 @@ from .options import parse_int_list, parse_size
 @click.option("--checkpoint", default=None,
               help="the checkpoint behind a bundle, when its recorded path is not valid here")
 @click.option("--verbose", is_flag=True, help="show coremltools' progress bars")
+@click.option("--force", is_flag=True,
+              help="replace OUT when it is not a bundle of this checkpoint (once the new one is "
+                   "complete)")
 def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: str,
                    batch_sizes: str, compute_units: str, compression: str, fp32_islands: str,
                    image_size: str | None, license_text: str | None, parity_steps: int,
-                   weights: str, checkpoint: str | None, verbose: bool) -> None:
+                   weights: str, checkpoint: str | None, verbose: bool, force: bool) -> None:
     """Write dit, decoder and refresh .mlpackage files (ML programs) into the bundle OUT.
 
     CHECKPOINT_OR_BUNDLE is 'default', a checkpoint directory, a reference .ckpt, or an
@@ -65,6 +68,6 @@ def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: 
         batch_sizes=parse_int_list(batch_sizes, "batch sizes"), compute_units=compute_units,
         compression=compression, fp32_islands=fp32_islands, license=license_text,
         parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
-        verbose=verbose,
+        verbose=verbose, force=force,
     )
     click.echo(f"wrote {out} ({time.perf_counter() - started:.0f} s)")

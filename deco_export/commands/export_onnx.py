@@ -24,8 +24,12 @@ from .options import parse_size
               help="sampler steps of the end-to-end parity gate")
 @click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
               help="for reference .ckpt files")
+@click.option("--force", is_flag=True,
+              help="replace BUNDLE when it is not a bundle of this checkpoint (only once the "
+                   "new bundle is complete)")
 def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
-                        image_size: str | None, parity_steps: int, weights: str) -> None:
+                        image_size: str | None, parity_steps: int, weights: str,
+                        force: bool) -> None:
     """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE.
 
     CHECKPOINT is 'default' (the embedded model), a checkpoint directory or a reference .ckpt.
@@ -37,5 +41,6 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
     net, source = load_model(model, weights=weights)
     size = parse_size(image_size) if image_size else None
     export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
-                parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True))
+                parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
+                force=force)
     click.echo(f"wrote {bundle}")

@@ -79,6 +79,10 @@ class DecoGroup(LazyGroup):
 def one_line(err: BaseException) -> str:
     """The message of a user error on one line (a KeyError's key without its quotes)."""
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and err.filename is not None:
+        from runtimes.fileio import describe_os_error
+
+        message = describe_os_error(err)  # the path, what went wrong and the fix
     return " ".join(str(message).split()) or type(err).__name__
 
 

@@ -42,8 +42,11 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
            solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
            seed: int, out: Path, cols: int | None, scale: int | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
+    from runtimes.image import image_format
+
     from ..sampling import open_pipeline, parse_sharing, progress_callback
 
+    image_format(out)  # an unknown extension fails before the model loads
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
                          device=device)
     if per_class < 1 or (scale is not None and scale < 1):

@@ -2,26 +2,33 @@
 
 Every exporter (ONNX, Core ML, TensorRT) writes through :class:`BundleTransaction`:
 
+* the target must be absent, empty, or a bundle of the same model exported from the same
+  source checkpoint (sha256); anything else is refused before any work, naming the path and the
+  fix (``force=True`` replaces it wholesale, and only once the new bundle is complete). The
+  source checkpoint's own directory, and the current directory, are never a target;
 * files are written into a staging directory next to the bundle (same filesystem),
 * artefacts are described as they are made (I/O specs, details, parity, tool versions),
 * the end-to-end gate samples through the runtime sampler with the staged artefacts and
   through PyTorch fp32 from the same noise,
-* on success the staged files move into the bundle and the manifest is rewritten (by
-  ``runtimes.bundle``, the one reader and writer); on any exception the staging directory is
-  removed and an existing bundle is left exactly as it was.
+* the commit takes the bundle's write lock (`runtimes.fileio.lock`), re-reads the manifest
+  (another export may have committed meanwhile), completes the staging directory with every
+  file of the existing bundle that this export does not replace, writes the merged manifest
+  there and swaps the whole directory in with one rename. At every instant the bundle path holds
+  the old complete bundle or the new one. On any exception the staging directory is removed and
+  an existing bundle is left exactly as it was; a killed export's staging directory is removed
+  by the next export.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtimes import bundle as rb
+from runtimes import fileio
 
 from ..config import DeCoConfig
 from ..model import DeCo
@@ -31,29 +38,51 @@ PARITY_LABELS = (1, 2)  # with the null class in front: an unguided and two guid
 PARITY_GUIDANCE = 3.2
 
 
+class TargetError(rb.BundleError):
+    """The export's target directory holds something the export must not overwrite."""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def source_location(source: dict[str, Any]) -> Path | None:
+    """The source checkpoint's path on this machine (the embedded default's directory for
+    'default'), or None when the record names none that exists."""
+    text = (source or {}).get("path")
+    if not text:
+        return None
+    if text == "default":
+        from ..sources import DEFAULT_DIR
+
+        return DEFAULT_DIR.resolve()
+    path = Path(text)
+    return path.resolve() if path.exists() else None
+
+
 class BundleTransaction:
     """Context manager that adds artefacts to ``bundle`` atomically (see module docstring)."""
 
     def __init__(self, bundle: str | Path, config: DeCoConfig, image_size: tuple[int, int],
                  source: dict[str, Any] | None = None,
-                 sampler_defaults: dict[str, Any] | None = None):
+                 sampler_defaults: dict[str, Any] | None = None, force: bool = False):
         self.bundle = Path(bundle)
         self.config = config
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.source = source or {}
         self.sampler_defaults = sampler_defaults
+        self.force = force
         self.staging: Path
+        self._staging: fileio.StagingDir | None = None
         self.artifacts: list[rb.Artifact] = []
 
     # -- context -----------------------------------------------------------------------------
 
     def __enter__(self) -> BundleTransaction:
-        if self.bundle.exists() and not self.bundle.is_dir():
-            raise ValueError(f"{self.bundle} exists and is not a directory; choose a bundle folder")
         self.manifest = self._base_manifest()
-        self.bundle.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.bundle.name}.staging-",
-                                             dir=self.bundle.parent))
+        fileio.clean_stale(self.bundle)
+        self._staging = fileio.staging_dir(self.bundle)
+        self.staging = self._staging.path
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -61,17 +90,79 @@ class BundleTransaction:
             if exc_type is None:
                 self._commit()
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            if self._staging is not None:
+                self._staging.remove()
+
+    # -- the target ----------------------------------------------------------------------------
+
+    def _refuse(self, problem: str) -> TargetError:
+        return TargetError(
+            f"{self.bundle} {problem}; export into a new or empty directory, or pass --force to "
+            "replace it (it is replaced only once the new bundle is complete)"
+        )
+
+    def _check_protected(self) -> None:
+        """Paths no export may replace, even with force: the source and the working directory."""
+        target = self.bundle.resolve()
+        src = source_location(self.source)
+        if src is not None and (_inside(src, target) or _inside(target, src)):
+            raise TargetError(
+                f"{self.bundle} is the source checkpoint's own directory ({src}); exporting there "
+                "would destroy the checkpoint: export into a new directory, e.g. "
+                f"{target.parent / (target.name + '-bundle')}"
+            )
+        cwd = Path.cwd().resolve()
+        if _inside(cwd, target):
+            raise TargetError(
+                f"{self.bundle} is the current directory (or holds it); a bundle is swapped in "
+                "whole, so name a new directory, e.g. ./bundle"
+            )
+
+    def _existing(self) -> rb.Manifest | None:
+        """The manifest of the bundle at the target when an export may extend it; None when
+        the target is absent or empty, or will be replaced wholesale (force)."""
+        self._check_protected()
+        target = self.bundle
+        if not os.path.lexists(target):
+            return None
+        if target.is_symlink() or not target.is_dir():
+            raise TargetError(
+                f"{target} exists and is not a directory; choose a bundle directory (absent or "
+                "empty)"
+            )
+        if not any(target.iterdir()):
+            return None
+        if not (target / rb.MANIFEST_NAME).is_file():
+            if self.force:
+                return None
+            raise self._refuse("is not empty and is not a deco bundle (no manifest.json)")
+        try:
+            manifest = rb.read_manifest(target)
+        except rb.BundleError as exc:
+            if self.force:
+                return None
+            raise self._refuse(f"holds a damaged bundle ({exc})") from None
+        if dict(manifest.model) != self._model_dict():
+            if self.force:
+                return None
+            raise self._refuse(
+                f"holds a different model ({dict(manifest.model)}, this export: "
+                f"{self._model_dict()})"
+            )
+        theirs, ours = (manifest.source or {}).get("sha256"), self.source.get("sha256")
+        if theirs != ours:
+            if self.force:
+                return None
+            raise self._refuse(
+                f"was exported from another checkpoint (source sha256 {str(theirs)[:12]}..., this "
+                f"export's {str(ours)[:12]}...); mixing them would break its parity figures"
+            )
+        return manifest
 
     def _base_manifest(self) -> rb.Manifest:
         """The existing manifest (to extend it), or a new one for this model."""
-        if (self.bundle / rb.MANIFEST_NAME).is_file():
-            manifest = rb.read_manifest(self.bundle)
-            if manifest.model != self._model_dict():
-                raise ValueError(
-                    f"{self.bundle} holds a different model ({manifest.model}); export into a "
-                    "new bundle directory"
-                )
+        manifest = self._existing()
+        if manifest is not None:
             return manifest
         defaults = self.sampler_defaults or default_sampler_settings(self.config)
         return rb.Manifest(model=self._model_dict(), sampler_defaults=defaults,
@@ -81,7 +172,6 @@ class BundleTransaction:
         d = self.config.to_dict()
         d["image_size"] = list(self.image_size)
         return d
-
     # -- artefacts ---------------------------------------------------------------------------
 
     def add_artifact(self, *, runtime: str, graph: str, precision: str, path: Path,
@@ -141,21 +231,16 @@ class BundleTransaction:
     def _commit(self) -> None:
         if not self.artifacts:
             raise ValueError("nothing was exported; the bundle is unchanged")
-        manifest = self.manifest
-        for artifact in self.artifacts:
-            manifest.add_artifact(artifact)
-        if not self.bundle.exists():
+        with fileio.lock(self.bundle):
+            # Re-read under the lock: another export may have committed since this one began.
+            existing = self._existing()
+            manifest = existing if existing is not None else self._base_manifest()
+            for artifact in self.artifacts:
+                manifest.add_artifact(artifact)
+            if existing is not None:
+                fileio.copy_tree_into(self.bundle, self.staging, skip={rb.MANIFEST_NAME})
             rb.write_manifest(self.staging, manifest)
-            os.replace(self.staging, self.bundle)
-            return
-        for artifact in self.artifacts:
-            for rel in [artifact.file, *artifact.extra_files]:
-                target = self.bundle / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(self.staging / rel, target)
-        rb.write_manifest(self.bundle, manifest)
+            fileio.swap_directory(self.staging, self.bundle)
 
 
 def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], steps: int,

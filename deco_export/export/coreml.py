@@ -832,6 +832,7 @@ def export_coreml(
     seed: int = 0,
     progress: Progress | None = None,
     verbose: bool = False,
+    force: bool = False,
 ) -> Path:
     """Export ``model`` as Core ML packages into ``bundle`` (created or extended); its path.
 
@@ -863,7 +864,8 @@ def export_coreml(
     licence = license or (source or {}).get("license") or DEFAULT_LICENSE
     modules = graph_modules(model, "fp32")
     trace_inputs = tracing_inputs(model, height, width, seed)
-    with bundle_io.BundleTransaction(bundle, model.config, (height, width), source) as txn:
+    with bundle_io.BundleTransaction(bundle, model.config, (height, width), source,
+                                     force=force) as txn:
         for precision in precisions:
             parity: list[GraphParity] = []
             for graph in GRAPH_NAMES:

@@ -132,8 +132,11 @@ def export_onnx(
     parity_steps: int = 10,
     seed: int = 0,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> Path:
-    """Export ``model`` into ``bundle`` (created, or extended if it exists) and return its path."""
+    """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
+    checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
+    new bundle is complete (see `bundle_io.BundleTransaction`)."""
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(
             f"opset {opset} is not supported; use 18 (portable) or 23 (native Attention op). "
@@ -142,7 +145,8 @@ def export_onnx(
     say = progress or (lambda _msg: None)
     model = model.float().cpu().eval()
     height, width = export_image_size(model.config, image_size)
-    with bundle_io.BundleTransaction(bundle, model.config, (height, width), source) as txn:
+    with bundle_io.BundleTransaction(bundle, model.config, (height, width), source,
+                                     force=force) as txn:
         for precision in precisions:
             if precision not in ONNX_PRECISIONS:
                 raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "

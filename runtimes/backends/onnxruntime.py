@@ -395,6 +395,7 @@ class OnnxRuntimeBackend:
                 raise BackendError(f"{art.file}: ONNX Runtime cannot load it: {exc}") from exc
             self._check_fallback(sess, art.file)
             self._check_io(sess, graph, art.file)
+            self._check_shapes(sess, art)
             self._sessions[graph] = sess
         dit_outputs = {o.name for o in self._sessions["dit"].get_outputs()}
         self.supports_refresh = "refresh" in self._sessions and "hidden" in dit_outputs
@@ -436,12 +437,42 @@ class OnnxRuntimeBackend:
                 f"with the standard names"
             )
 
+    @staticmethod
+    def _check_shapes(sess: Any, art: Any) -> None:
+        """The graph's fixed dimensions must be the manifest's: a file swapped in from another
+        model (with a re-hashed manifest) fails here, by name, not deep inside a run."""
+        for kind, have, specs in (("input", sess.get_inputs(), art.inputs),
+                                  ("output", sess.get_outputs(), art.outputs)):
+            want = {s.name: s.shape for s in specs}
+            for node in have:
+                if node.name not in want:
+                    continue
+                shape = list(node.shape)
+                expected = want[node.name]
+                fixed = [
+                    (i, a, b) for i, (a, b) in enumerate(zip(shape, expected, strict=False))
+                    if isinstance(a, int) and isinstance(b, int) and a != b
+                ]
+                if len(shape) != len(expected) or fixed:
+                    raise BackendError(
+                        f"{art.file}: {kind} {node.name} has shape {shape} in the graph but "
+                        f"{expected} in manifest.json, so the file belongs to another model; "
+                        f"export the bundle again"
+                    )
+
     # -- Backend protocol ---------------------------------------------------------------------
 
     def _run(self, graph: str, output: str, feeds: Mapping[str, Any]) -> Any:
         sess = self._sessions[graph]
         if self._ops is None:
-            return sess.run([output], dict(feeds))[0]
+            try:
+                return sess.run([output], dict(feeds))[0]
+            except Exception as exc:  # ORT's InvalidArgument / Fail carry C++ context lines
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise BackendError(
+                    f"the {graph} graph failed in ONNX Runtime ({first}); run `deco validate` on "
+                    "the bundle, or export it again"
+                ) from exc
         binding = sess.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, self._ops.value(value))

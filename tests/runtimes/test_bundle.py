@@ -136,5 +136,5 @@ def test_artifact_paths_must_stay_inside_the_bundle():
         Artifact("onnx", "dit", "fp32", "../dit.onnx", "0" * 64, 1)
     with pytest.raises(BundleError, match="runtime must be one of"):
         Artifact("openvino", "dit", "fp32", "dit.xml", "0" * 64, 1)
-    with pytest.raises(BundleError, match="non-negative integer"):
+    with pytest.raises(BundleError, match="positive integer"):
         ModelConfig({**MODEL, "num_classes": "ten"})
