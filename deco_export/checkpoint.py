@@ -143,7 +143,17 @@ def load_config(path: str | Path) -> DeCoConfig:
             f"{path} is not a DeCo checkpoint directory (no {CONFIG_NAME}); pass a directory "
             "written by `deco convert` or save_pretrained"
         )
-    return DeCoConfig.from_json((path / CONFIG_NAME).read_text())
+    file = path / CONFIG_NAME
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{file}: not valid JSON ({err}); the file is damaged: re-create the checkpoint"
+        ) from None
+    try:
+        return DeCoConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: {' '.join(str(err).split())}") from None
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",

@@ -22,6 +22,14 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
 }
 
 
+# What a config file must give, and the smallest value of each integer field.
+_REQUIRED = ("hidden_size", "num_heads", "dit_depth", "decoder_hidden_size", "decoder_depth",
+             "patch_size", "num_classes", "in_channels", "image_size")
+_INT_MINIMUM = {"hidden_size": 1, "num_heads": 1, "dit_depth": 1, "decoder_hidden_size": 1,
+                "decoder_depth": 1, "patch_size": 1, "num_classes": 0, "in_channels": 1,
+                "text_len": 0, "text_dim": 0, "refine_depth": 0}
+
+
 @dataclass(frozen=True)
 class DeCoConfig:
     """Shape of a DeCo model: class-conditional (``family="c2i"``, the reference's
@@ -120,12 +128,31 @@ class DeCoConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeCoConfig:
+        """A config from a file's dict: every shape field must be present (a missing one is
+        never filled with the DeCo-XL defaults) and of the right type and range."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(
                 f"unknown DeCo config keys {unknown}; expected a subset of {sorted(known)}"
             )
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(
+                f"lacks {', '.join(missing)} (every shape field must be given); re-create the "
+                "checkpoint or add the field"
+            )
+        for key, value in d.items():
+            if key in _INT_MINIMUM and (isinstance(value, bool) or not isinstance(value, int)
+                                        or value < _INT_MINIMUM[key]):
+                need = "a positive integer" if _INT_MINIMUM[key] else "an integer >= 0"
+                raise ValueError(f"{key} must be {need}, got {value!r}")
+        size = d["image_size"]
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)):
+            raise ValueError(f"image_size must be [height, width] in pixels, got {size!r}")
         return cls(**d)
 
     def to_json(self) -> str:
