@@ -102,6 +102,16 @@ def measure_peaks(threads: int | None, size: int) -> dict[str, Any]:
     return gemm_peak(threads=threads or os.cpu_count(), size=size)
 
 
+def best_peaks(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Per precision the higher of two probes, with both figures kept (``probes``)."""
+    out: dict[str, Any] = {}
+    for precision in dict.fromkeys([*first, *second]):
+        a, b = first.get(precision, {}), second.get(precision, {})
+        pick = max((a, b), key=lambda p: p.get("gflops") or 0.0)
+        out[precision] = {**pick, "probes": [a.get("gflops"), b.get("gflops")]}
+    return out
+
+
 def peak_rss_mib() -> float | None:
     """The process's peak resident set (VmHWM), or ru_maxrss where /proc is missing."""
     with contextlib.suppress(OSError, ValueError, IndexError):

@@ -49,8 +49,8 @@ def peaks_line(env: Mapping[str, Any]) -> str:
         parts = [f"{p} {v['gflops']:.0f}" if v.get("gflops") else f"{p} not measured "
                  f"({v.get('reason', '')})" for p, v in peaks.items()]
         size = next((v["size"] for v in peaks.values() if v.get("size")), None)
-        text += (f"; measured GEMM peak (GFLOP/s, {size}^3 products, best of the probe's "
-                 f"runs) " + ", ".join(parts))
+        text += (f"; measured GEMM peak (GFLOP/s, {size}^3 products, the best run of a "
+                 f"probe before and one after the rows) " + ", ".join(parts))
     return text
 
 

@@ -165,6 +165,7 @@ def test_roofline_columns_from_the_measured_peak(bench):
     assert set(env["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni"}
     fp32 = env["gemm_peak"]["fp32"]
     assert fp32["gflops"] > 0 and fp32["size"] == 256 and fp32["threads"] == 1
+    assert fp32["gflops"] == max(fp32["probes"]) and len(fp32["probes"]) == 2
     assert "GFLOP/s | % of peak (DiT)" in result.stdout
     model = report["model"]
     for r in report["rows"]:

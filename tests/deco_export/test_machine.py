@@ -56,3 +56,14 @@ def test_fp32_peak_is_measured_and_threads_are_restored():
 def test_roofline_arithmetic():
     assert machine.roofline(4e9, 2.0, 4.0) == {"gflops": 2.0, "percent_of_peak": 50.0}
     assert machine.roofline(4e9, 2.0, None) == {"gflops": 2.0, "percent_of_peak": None}
+
+
+def test_the_better_of_two_probes_is_kept():
+    from deco_export.bench.machine import best_peaks
+
+    first = {"fp32": {"gflops": 20.0, "size": 64}, "bf16": {"gflops": None, "reason": "no"}}
+    second = {"fp32": {"gflops": 30.0, "size": 64}, "bf16": {"gflops": None, "reason": "no"}}
+    best = best_peaks(first, second)
+    assert best["fp32"] == {"gflops": 30.0, "size": 64, "probes": [20.0, 30.0]}
+    assert best["bf16"]["gflops"] is None and best["bf16"]["reason"] == "no"
+    assert best_peaks({}, {}) == {}
