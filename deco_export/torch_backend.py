@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import DeCo
+from .model import DeCo, PixelDiT
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,12 +29,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 class TorchBackend:
-    """Implements the ``runtimes.Backend`` protocol on a :class:`DeCo` module."""
+    """Implements the ``runtimes.Backend`` protocol on a :class:`DeCo` module, or its
+    one-graph ``velocity`` capability on a :class:`PixelDiT` (the plain DiT baseline)."""
 
     name = "torch"
     supports_refresh = True
+    supports_velocity = False
 
-    def __init__(self, model: DeCo, device: str | torch.device | None = "cpu",
+    def __init__(self, model: DeCo | PixelDiT, device: str | torch.device | None = "cpu",
                  precision: str = "fp32", compile: bool = False):
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, not {precision!r}")
@@ -42,11 +44,22 @@ class TorchBackend:
         self.precision = precision
         self.model = model.to(self.device).eval()
         self.config = model.config
+        if isinstance(model, PixelDiT):
+            self.supports_refresh, self.supports_velocity = False, True
+            self._velocity = torch.compile(self.model) if compile else self.model
+            return
         self._dit = self.model.dit
         self._decoder = self.model.decoder
         if compile:
             self._dit = torch.compile(self._dit)
             self._decoder = torch.compile(self._decoder)
+
+    @torch.inference_mode()
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """v of the one-graph plain DiT (only when ``supports_velocity``)."""
+        with self._autocast():
+            v = self._velocity(x_t, t, y)
+        return v.float()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> TorchBackend:

@@ -32,6 +32,12 @@ the 2B labels [null; labels] and v = v_u + w (v_c - v_u)); ``t`` and ``dt`` are 
 The sampler uses it for plain Euler without DiT sharing; everything else goes through ``dit`` and
 ``decoder``.
 
+Optional capability (one-graph models): a model without the DiT/decoder split (the plain pixel
+DiT baseline, ``architecture="dit"``) runs as one graph. Its backend sets
+``supports_velocity = True`` and offers ``velocity(x_t, t, y) -> v`` with the inputs of ``dit``
+and the output of ``decoder``; the sampler then calls only that (no DiT sharing: there is no
+DiT output to reuse).
+
 This module imports nothing but numpy, so every backend (including the PyTorch
 one that lives outside ``runtimes``) can implement the protocol without pulling a runtime in.
 """
@@ -50,6 +56,7 @@ __all__ = [
     "close_backend",
     "supports_refresh",
     "supports_step",
+    "supports_velocity",
 ]
 
 
@@ -101,6 +108,13 @@ def supports_step(backend: Any) -> bool:
     """True when ``backend`` offers a fused whole-step ``step`` and says so."""
     return bool(getattr(backend, "supports_step", False)) and callable(
         getattr(backend, "step", None)
+    )
+
+
+def supports_velocity(backend: Any) -> bool:
+    """True when ``backend`` runs a one-graph model through ``velocity`` and says so."""
+    return bool(getattr(backend, "supports_velocity", False)) and callable(
+        getattr(backend, "velocity", None)
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.backend import supports_refresh, supports_step
+from runtimes.backend import supports_refresh, supports_step, supports_velocity
 from runtimes.sharing import SharingSchedule
 
 __all__ = [
@@ -447,6 +447,12 @@ class _Velocity:
         self.batch = int(cond.shape[0])
         self.on_condition = on_condition
         self.fresh_t = plan.sharing_mode == "fresh_t"
+        self.one_graph = supports_velocity(backend)
+        if self.one_graph and (on_condition is not None or not all(plan.run_dit)):
+            raise ValueError(
+                "this model is one graph (the plain DiT baseline): it has no DiT output to share "
+                "between steps; sample it without DiT sharing"
+            )
         if self.fresh_t and not supports_refresh(backend):
             raise ValueError(
                 "sharing mode 'fresh_t' needs a backend that exposes the DiT hidden state and a "
@@ -472,6 +478,8 @@ class _Velocity:
     def __call__(self, x: Any, k: int) -> Any:
         plan, backend, b = self.plan, self.backend, self.batch
         both = plan.needs_both(k)
+        if self.one_graph:
+            return self._one_graph(x, k, both)
         x2 = None
         if both or (plan.run_dit[k] and plan.dit_both[k]):
             x2 = backend.concat([x, x])
@@ -509,6 +517,17 @@ class _Velocity:
         out = backend.decoder(x2, cond)
         v_u, v_c = out[:b], out[b:]
         w = plan.config.guidance if plan.evaluations[k].guided else 1.0
+        return v_u + (v_c - v_u) * w
+
+
+    def _one_graph(self, x: Any, k: int, both: bool) -> Any:
+        """The velocity of a one-graph model: one call on [uncond; cond] when guided."""
+        backend, b = self.backend, self.batch
+        if not both:
+            return backend.velocity(x, self.t_single[k], self.y_cond)
+        out = backend.velocity(backend.concat([x, x]), self.t_double[k], self.y_both)
+        v_u, v_c = out[:b], out[b:]
+        w = self.plan.config.guidance if self.plan.evaluations[k].guided else 1.0
         return v_u + (v_c - v_u) * w
 
 
@@ -552,6 +571,7 @@ def sample(
         and all(plan.run_dit)
         and on_condition is None
         and supports_step(backend)
+        and not supports_velocity(backend)
     )
     if fused_step and not fusable:
         raise ValueError(
