@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from runtimes import fileio
+from runtimes.errors import ConfigError, DecoError
 from runtimes.fileio import sha256_file
 
 from .config import DeCoConfig
@@ -38,7 +39,7 @@ METADATA_NAME = "metadata.json"
 REFERENCE_PREFIXES = {"ema": "ema_denoiser.", "online": "denoiser."}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DecoError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
@@ -145,15 +146,15 @@ def load_config(path: str | Path) -> DeCoConfig:
         )
     file = path / CONFIG_NAME
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
         raise CheckpointError(
             f"{file}: not valid JSON ({err}); the file is damaged: re-create the checkpoint"
         ) from None
     try:
-        return DeCoConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{file}: {' '.join(str(err).split())}") from None
+        return DeCoConfig.from_json(text, where=str(file))
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtimes.errors import DecoError
+
 # Per precision: the worst per-graph max abs error, the lowest per-graph PSNR and the lowest
 # end-to-end PSNR (images in [-1, 1]) an artefact or backend may have. fp32 graphs must match
 # PyTorch to rounding. bf16 (OpenVINO's bf16 inference precision, PyTorch autocast, bf16
@@ -53,7 +55,7 @@ def finite(value: float) -> float | None:
     return None if math.isinf(value) else value
 
 
-class ParityError(ValueError):
+class ParityError(DecoError, ValueError):
     """An export whose numbers fall below the gate; nothing is written."""
 
 

@@ -48,12 +48,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
 
     model, _ = load_model(source)
     backend_obj = TorchBackend(model, device=device, precision=precision, compile=compile)
-    return runtimes.DeCoPipeline(backend_obj, model_config=model_config_dict(model),
+    return runtimes.DeCoPipeline(backend_obj, model_config=model.config,
                                  sampler_defaults=default_sampler_settings(model.config))
-
-
-def model_config_dict(model) -> dict[str, Any]:
-    return model.config.to_dict()
 
 
 def parse_sharing(text: str | None, mode: str = "reuse") -> Any:

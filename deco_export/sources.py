@@ -73,8 +73,6 @@ def bundle_source_model(root: str | Path, manifest: Any, checkpoint: str | None 
             f"the checkpoint at {source} is not the one {root} was exported from (sha256 "
             "differs); pass the original with --checkpoint"
         )
-    ours = {k: v for k, v in model.config.to_dict().items() if k != "image_size"}
-    theirs = {k: v for k, v in dict(manifest.model).items() if k != "image_size"}
-    if ours != theirs:
+    if not model.config.same_weights_as(manifest.model):
         raise ValueError(f"{source} is a different model from the one in {root}")
     return model.float().cpu().eval()

@@ -30,6 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from runtimes.errors import DecoError
+
 __all__ = [
     "ATTENTION",
     "TextEncoder",
@@ -44,7 +46,7 @@ __all__ = [
 ATTENTION = "sdpa"
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(DecoError, ValueError):
     """A text encoder that cannot be loaded or used; the message names the fix."""
 
 

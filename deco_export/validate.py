@@ -48,7 +48,7 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     from .export.bundle_io import end_to_end_figures
     from .export.onnx import graph_parity
 
-    height, width = manifest.model["image_size"]
+    height, width = manifest.model.image_size
     onnx_precisions = sorted({a.precision for a in manifest.artifacts if a.runtime == "onnx"})
     for precision in onnx_precisions:
         results = []
@@ -144,7 +144,7 @@ def validate_backend(bundle: str | Path, backend: str, precision: str,
     bundle = Path(bundle)
     manifest = rb.read_manifest(bundle)
     model = bundle_source_model(bundle, manifest, checkpoint)
-    height, width = manifest.model["image_size"]
+    height, width = manifest.model.image_size
     loads = iter([True])
 
     def open_pipeline() -> Any:

@@ -7,7 +7,8 @@
 Conventions (as the reference DeCo code): t = 0 is pure noise, t = 1 is data; v = x - eps;
 images are RGB in [-1, 1]; the null class is ``num_classes``.
 
-Layout: `backend` (the two-call seam), `sampler` (the one sampler), `sharing` (DiT sharing
+Layout: `errors` (the user-facing error root), `config` (the model config), `backend` (the
+two-call seam), `sampler` (the one sampler), `sharing` (DiT sharing
 schedules), `noise`, `image`, `bundle` (the manifest reader/writer), `pipeline` (load /
 generate), `backends.*` (runtime adapters, each importing its library lazily). Nothing here
 imports torch or deco_export.
@@ -18,13 +19,14 @@ from runtimes.bundle import (
     Artifact,
     BundleError,
     Manifest,
-    ModelConfig,
     SamplerDefaults,
     TensorSpec,
     read_manifest,
     verify,
     write_manifest,
 )
+from runtimes.config import ModelConfig
+from runtimes.errors import ConfigError, DecoError
 from runtimes.image import make_grid, save_png, to_pil, to_uint8
 from runtimes.noise import sample_noise
 from runtimes.pipeline import (
@@ -55,7 +57,9 @@ __all__ = [
     "BackendError",
     "BundleError",
     "CalibrationResult",
+    "ConfigError",
     "DeCoPipeline",
+    "DecoError",
     "GenerationOutput",
     "Manifest",
     "ModelConfig",

@@ -49,6 +49,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from runtimes.errors import DecoError
+
 __all__ = [
     "Backend",
     "BackendError",
@@ -60,7 +62,7 @@ __all__ = [
 ]
 
 
-class BackendError(RuntimeError):
+class BackendError(DecoError, RuntimeError):
     """A backend could not be created or run; the message names the cause and the fix."""
 
 

@@ -38,6 +38,9 @@ from runtimes.fileio import (
     sha256_path,
 )
 
+from .config import ModelConfig
+from .errors import ConfigError, DecoError
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -76,7 +79,7 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class BundleError(Exception):
+class BundleError(DecoError):
     """A bundle is missing, malformed or does not hold what was asked for.
 
     The message names the file or field at fault and how to fix it.
@@ -279,84 +282,6 @@ class Artifact:
             ) from None
 
 
-_MODEL_FIELDS = (
-    "hidden_size",
-    "num_heads",
-    "dit_depth",
-    "decoder_hidden_size",
-    "decoder_depth",
-    "patch_size",
-    "num_classes",
-    "in_channels",
-)
-
-
-class ModelConfig(dict):
-    """The model's shape, as the manifest's "model" dict with typed accessors.
-
-    A dict (so it compares, merges and serialises as one) that checks the keys the runtime
-    needs. ``num_classes`` is also the null (unconditional) label. ``image_size`` [H, W] is the
-    default output size; graphs exported with dynamic spatial axes accept other multiples of the
-    patch size. Extra keys are kept as they are.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        missing = [k for k in _MODEL_FIELDS if k not in self]
-        if missing:
-            raise BundleError(
-                f"model config lacks {', '.join(missing)}; re-export the bundle with a current "
-                f"deco-export (or pass a complete model config)"
-            )
-        for k in _MODEL_FIELDS:
-            v = self[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-                raise BundleError(
-                    f"model config: {k} must be a positive integer, got {v!r}; the manifest is "
-                    "damaged, re-export the bundle"
-                )
-        size = self.get("image_size")
-        if size is not None:
-            if isinstance(size, int) and not isinstance(size, bool):
-                self["image_size"] = size = [size, size]
-            if (not isinstance(size, (list, tuple)) or len(size) != 2
-                    or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)):
-                raise BundleError(
-                    f"model config: image_size must be [height, width] in pixels, got {size!r}"
-                )
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        return cls(d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self)
-
-    def _int(self, key: str) -> int:
-        return int(self[key])
-
-    hidden_size = property(lambda self: self._int("hidden_size"))
-    num_heads = property(lambda self: self._int("num_heads"))
-    dit_depth = property(lambda self: self._int("dit_depth"))
-    decoder_hidden_size = property(lambda self: self._int("decoder_hidden_size"))
-    decoder_depth = property(lambda self: self._int("decoder_depth"))
-    patch_size = property(lambda self: self._int("patch_size"))
-    num_classes = property(lambda self: self._int("num_classes"))
-    in_channels = property(lambda self: self._int("in_channels"))
-
-    @property
-    def image_size(self) -> tuple[int, int] | None:
-        size = self.get("image_size")
-        return None if size is None else (int(size[0]), int(size[1]))
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def num_tokens(self, height: int, width: int) -> int:
-        return (height // self.patch_size) * (width // self.patch_size)
-
-
 class SamplerDefaults(dict):
     """The manifest's "sampler_defaults" dict with typed accessors and the reference fallbacks
     (Euler, 100 steps, no guidance, interval (0, 1], no shift) for keys it leaves out.
@@ -425,7 +350,11 @@ class SamplerDefaults(dict):
 
 @dataclass
 class Manifest:
-    """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` may be given as dicts."""
+    """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` may be given as dicts.
+
+    ``model_extra`` keeps keys of the "model" section this version does not know (written by a
+    newer exporter), so reading and rewriting a manifest never drops them.
+    """
 
     model: ModelConfig
     sampler_defaults: SamplerDefaults = field(default_factory=SamplerDefaults)
@@ -435,10 +364,12 @@ class Manifest:
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    model_extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
-            self.model = ModelConfig(self.model)
+            self.model, extra = model_config_from_manifest(self.model)
+            self.model_extra = {**extra, **self.model_extra}
         if not isinstance(self.sampler_defaults, SamplerDefaults):
             self.sampler_defaults = SamplerDefaults(self.sampler_defaults or {})
 
@@ -481,7 +412,7 @@ class Manifest:
         d: dict[str, Any] = {
             "format": FORMAT,
             "format_version": self.format_version,
-            "model": dict(self.model),
+            "model": {**self.model.to_dict(), **self.model_extra},
             "sampler_defaults": dict(self.sampler_defaults),
             "source": self.source,
             "package_version": self.package_version,
@@ -517,12 +448,10 @@ class Manifest:
             )
         known = {"format", "format_version", "model", "sampler_defaults", "source",
                  "package_version", "artifacts", "schedules"}
-        try:
-            model = ModelConfig(d["model"])
-        except BundleError as exc:
-            raise BundleError(f"manifest.json: {exc}") from None
+        model, model_extra = model_config_from_manifest(d["model"])
         return cls(
             model=model,
+            model_extra=model_extra,
             sampler_defaults=SamplerDefaults(d.get("sampler_defaults") or {}),
             source=dict(d.get("source", {})),
             package_version=str(d.get("package_version", "")),
@@ -531,6 +460,27 @@ class Manifest:
             format_version=version,
             extra={k: v for k, v in d.items() if k not in known},
         )
+
+
+def model_config_from_manifest(
+    d: Any, where: str = "manifest.json: model config"
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """The manifest's "model" section as a `ModelConfig`, plus the keys it does not know.
+
+    Manifests written before the T2I family existed lack ``family`` / ``architecture`` and read
+    as a class-conditional DeCo model; a missing or malformed field is a `BundleError`.
+    """
+    if isinstance(d, ModelConfig):
+        return d, {}
+    if not isinstance(d, Mapping):
+        raise BundleError(f"{where}: must be an object; re-export the bundle")
+    known = set(ModelConfig.field_names())
+    try:
+        config = ModelConfig.from_dict({k: v for k, v in d.items() if k in known}, where=where,
+                                       fix="re-export the bundle with a current deco-export")
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
+    return config, {k: v for k, v in d.items() if k not in known}
 
 
 # ---------------------------------------------------------------------------------------------

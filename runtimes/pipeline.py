@@ -24,7 +24,8 @@ import numpy as np
 from runtimes import bundle as _bundle
 from runtimes import fileio
 from runtimes.backend import close_backend
-from runtimes.bundle import BundleError, Manifest, ModelConfig, SamplerDefaults
+from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
+from runtimes.config import ModelConfig
 from runtimes.image import to_pil, to_uint8
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
@@ -165,7 +166,7 @@ class DeCoPipeline:
         self.model_config = (
             model_config
             if isinstance(model_config, ModelConfig)
-            else ModelConfig.from_dict(model_config)
+            else model_config_from_manifest(model_config, where="model_config")[0]
         )
         self.sampler_defaults = (
             sampler_defaults

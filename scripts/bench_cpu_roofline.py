@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_cpu import CASES, make_checkpoint  # noqa: E402
-from deco_export.bench.report import peaks_line  # noqa: E402
 
 from deco_export.bench import REFERENCE, BenchSettings, markdown_table, run_benchmark  # noqa: E402
+from deco_export.bench.report import peaks_line  # noqa: E402
 
 DEFAULT_CASES = ("dit-s16-256", "dit-b16-256")
 BACKENDS = (REFERENCE, "torch", "onnxruntime-cpu", "openvino-cpu")

@@ -76,7 +76,9 @@ class GaussianFlowBackend:
 
     def model_config(self) -> dict:
         return {
-            "hidden_size": self.c * self.p * self.p + 2, "num_heads": 1, "dit_depth": 1,
+            # The condition is c p p + 2 wide; the sampler never reads hidden_size, so any
+            # valid DeCo width (head dim a multiple of 4) does.
+            "hidden_size": 64, "num_heads": 1, "dit_depth": 1,
             "decoder_hidden_size": 1, "decoder_depth": 1, "patch_size": self.p,
             "num_classes": self.num_classes, "in_channels": self.c,
             "image_size": [self.size, self.size],

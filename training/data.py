@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from runtimes.errors import DecoError
 from runtimes.fileio import atomic_open
 
 __all__ = [
@@ -83,7 +84,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(DecoError, FileNotFoundError):
     """A built-in dataset's Debian package is not installed; the message names the command."""
 
     def __init__(self, what: str, path: Path) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from runtimes.errors import DecoError
+
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 CFG_MODES = ("fast", "reference")
 REFERENCE = "torch-reference"
 PROGRESS_MARK = "@deco-bench-progress"
 
 
-class BenchError(RuntimeError):
+class BenchError(DecoError, RuntimeError):
     """The benchmark cannot produce a trustworthy report (e.g. the reference row failed)."""
 
 

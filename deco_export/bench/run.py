@@ -135,7 +135,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
             f"held-out {settings.fid_data!r}")
         scorer = held_out_scorer(settings, size)
         fid_batch = max(settings.batch_sizes)
-        labels = scorer.labels(settings.fid_samples, int(manifest.model["num_classes"]))
+        labels = scorer.labels(settings.fid_samples, manifest.model.num_classes)
         common["fid"] = {"labels": [int(v) for v in labels], "batch": fid_batch,
                          "steps": fid_steps}
         fid_ticks = -(-settings.fid_samples // fid_batch)  # one per generated batch

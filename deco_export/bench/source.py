@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from runtimes.bundle import ONNX_PRECISIONS
+from runtimes.config import ModelConfig
 
 from .availability import has_artifacts
 from .catalogue import KINDS
@@ -52,7 +53,7 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
             raise ValueError(f"the checkpoint at {checkpoint} is not the one {bundle} was "
                              "exported from (sha256 differs); pass the original with --checkpoint")
         _same_model(model, manifest.model, checkpoint, bundle)
-        size = list(manifest.model.get("image_size") or [])
+        size = list(manifest.model.image_size)
         if settings.image_size is not None and list(settings.image_size) != size:
             raise ValueError(f"{bundle} runs at {'x'.join(map(str, size))}, the size it was "
                              "exported at; --image-size applies to checkpoints")
@@ -72,7 +73,7 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
     manifest = rb.read_manifest(bundle) if is_bundle(bundle) else None
     if manifest is not None:
         same = ((manifest.source or {}).get("sha256") == record.get("sha256")
-                and list(manifest.model.get("image_size") or []) == list(size))
+                and list(manifest.model.image_size) == list(size))
         if not same:
             raise ValueError(f"{bundle} holds another model or size; remove it or choose "
                              "another --out")
@@ -95,9 +96,8 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
     if manifest is None:  # no ONNX row asked for: an empty manifest still describes the model
         from ..export.bundle_io import default_sampler_settings
 
-        d = model.config.to_dict()
-        d["image_size"] = list(size)
-        manifest = rb.Manifest(model=d, sampler_defaults=default_sampler_settings(model.config),
+        manifest = rb.Manifest(model=replace(model.config, image_size=tuple(size)),
+                               sampler_defaults=default_sampler_settings(model.config),
                                source=record)
     return src, manifest
 
@@ -110,9 +110,7 @@ def _onnx_precisions_to_build(settings: BenchSettings) -> list[str]:
     return [p for p in ONNX_PRECISIONS if p in asked]
 
 
-def _same_model(model: Any, manifest_model: Mapping[str, Any], checkpoint: str,
+def _same_model(model: Any, manifest_model: ModelConfig, checkpoint: str,
                 bundle: Path) -> None:
-    ours = {**model.config.to_dict(), "image_size": None}
-    theirs = {**dict(manifest_model), "image_size": None}
-    if ours != theirs:
+    if not model.config.same_weights_as(manifest_model):
         raise ValueError(f"{checkpoint} is a different model from the one in {bundle}")

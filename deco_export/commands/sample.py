@@ -51,7 +51,7 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
                          device=device)
     if per_class < 1 or (scale is not None and scale < 1):
         raise click.UsageError("--per-class and --scale must be >= 1")
-    num_classes = pipe.model_config["num_classes"]
+    num_classes = pipe.model_config.num_classes
     distinct = parse_int_list(classes, "classes") if classes else list(
         range(num_classes if num_classes <= 16 else 8))
     labels = [c for _ in range(per_class) for c in distinct]

@@ -21,6 +21,7 @@ Every exporter (ONNX, Core ML, TensorRT) writes through :class:`BundleTransactio
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,12 @@ class BundleTransaction:
             if self.force:
                 return None
             raise self._refuse(f"holds a damaged bundle ({exc})") from None
-        if dict(manifest.model) != self._model_dict():
+        if manifest.model != self.model_config:
             if self.force:
                 return None
             raise self._refuse(
-                f"holds a different model ({dict(manifest.model)}, this export: "
-                f"{self._model_dict()})"
+                f"holds a different model ({manifest.model.to_dict()}, this export: "
+                f"{self.model_config.to_dict()})"
             )
         theirs, ours = (manifest.source or {}).get("sha256"), self.source.get("sha256")
         if theirs != ours:
@@ -165,13 +166,14 @@ class BundleTransaction:
         if manifest is not None:
             return manifest
         defaults = self.sampler_defaults or default_sampler_settings(self.config)
-        return rb.Manifest(model=self._model_dict(), sampler_defaults=defaults,
+        return rb.Manifest(model=self.model_config, sampler_defaults=defaults,
                            source=dict(self.source), package_version=package_version())
 
-    def _model_dict(self) -> dict[str, Any]:
-        d = self.config.to_dict()
-        d["image_size"] = list(self.image_size)
-        return d
+    @property
+    def model_config(self) -> DeCoConfig:
+        """The exported model: the checkpoint's config at the size the graphs were made for."""
+        return dataclasses.replace(self.config, image_size=self.image_size)
+
     # -- artefacts ---------------------------------------------------------------------------
 
     def add_artifact(self, *, runtime: str, graph: str, precision: str, path: Path,
@@ -255,7 +257,7 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
     from ..torch_backend import TorchBackend
 
     reference = runtimes.DeCoPipeline(
-        TorchBackend(model, device="cpu"), model_config=model.config.to_dict(),
+        TorchBackend(model, device="cpu"), model_config=model.config,
         sampler_defaults=default_sampler_settings(model.config))
     labels = [model.config.null_class, *(min(c, model.config.num_classes - 1)
                                          for c in PARITY_LABELS)]

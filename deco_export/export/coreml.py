@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.errors import DecoError
+
 from ..model import DeCo
 from ..parity import (
     END_TO_END_MIN_PSNR,
@@ -122,7 +124,7 @@ _NON_COMPUTE = ("const", "cast")
 Progress = Callable[[str], None]
 
 
-class CoreMLExportError(ValueError):
+class CoreMLExportError(DecoError, ValueError):
     """A model or setting Core ML cannot take; the message names the layer or the option."""
 
 
@@ -1008,7 +1010,7 @@ def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, co
                  if (a.runtime, a.precision) == ("coreml", precision)}
         backend = CoreMLBackend.from_packages(paths, compute_units=compute_units,
                                               batch_sizes=batch_sizes)
-        pipe = DeCoPipeline(backend, model.config.to_dict(),
+        pipe = DeCoPipeline(backend, model.config,
                             bundle_io.default_sampler_settings(model.config))
         (height, width) = txn.image_size
         figures = bundle_io.end_to_end_figures(model, pipe, (height, width), steps, seed)

@@ -35,12 +35,13 @@ from typing import Any
 from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends import tensorrt_keys as tk
+from runtimes.errors import DecoError
 
 Progress = Callable[[str], None]
 GRAPHS = ("dit", "decoder", "refresh")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(DecoError, RuntimeError):
     """TensorRT, cuda-python or a CUDA GPU is missing; the message says what to install."""
 
 

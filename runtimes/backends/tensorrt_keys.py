@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.backend import BackendError
+from runtimes.config import ModelConfig
 
 __all__ = [
     "DEFAULT_BATCH_BUCKETS",
@@ -180,18 +181,20 @@ class Profile:
         return {"batch": self.batch, "shapes": {k: list(v) for k, v in self.shapes.items()}}
 
 
-def profiles_for(graph: str, model: Mapping[str, Any], image_size: Sequence[int],
+def profiles_for(graph: str, model: ModelConfig | Mapping[str, Any], image_size: Sequence[int],
                  batches: Sequence[int]) -> list[Profile]:
-    """One static profile per engine batch for ``graph`` of a model config (dict form)."""
+    """One static profile per engine batch for ``graph`` of a model config (or its dict)."""
+    if not isinstance(model, ModelConfig):
+        model = ModelConfig.from_dict(model)
     height, width = int(image_size[0]), int(image_size[1])
-    p = int(model["patch_size"])
+    p = model.patch_size
     if height % p or width % p:
         raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
     tokens = (height // p) * (width // p)
     return [
-        Profile(n, graph_input_shapes(graph, n, in_channels=int(model["in_channels"]),
+        Profile(n, graph_input_shapes(graph, n, in_channels=model.in_channels,
                                       height=height, width=width, tokens=tokens,
-                                      hidden_size=int(model["hidden_size"])))
+                                      hidden_size=model.hidden_size))
         for n in sorted(set(int(b) for b in batches))
     ]
 

@@ -164,7 +164,7 @@ def test_cli_sample_grid_has_a_column_per_label(tmp_path, golden_bundle):
             "--scale", "2", "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    height, width = read_manifest(golden_bundle).model["image_size"]
+    height, width = read_manifest(golden_bundle).model.image_size
     assert Image.open(out).size == (3 * 2 * width, 2 * 2 * height)
     assert "6 images" in result.output
 

@@ -11,7 +11,6 @@ from runtimes.bundle import (
     Artifact,
     BundleError,
     Manifest,
-    ModelConfig,
     read_manifest,
     sha256_path,
     verify,
@@ -63,7 +62,8 @@ def test_manifest_round_trip(bundle):
     data = json.loads((bundle / MANIFEST_NAME).read_text())
     assert data["format"] == "deco-bundle" and data["format_version"] == 1
     assert m.to_dict() == data
-    assert m.model == MODEL and m.model.patch_size == 16 and m.model.image_size == (64, 64)
+    assert m.model.to_dict() == MODEL and m.model.patch_size == 16
+    assert m.model.image_size == (64, 64)
     assert m.model.null_class == 10 and m.sampler_defaults.guidance == 3.2
     art = m.find_artifact("onnx", "dit", "fp32")
     assert art.input("y").dtype == "int64" and art.output("hidden").shape == ["batch", 16, 64]
@@ -137,4 +137,4 @@ def test_artifact_paths_must_stay_inside_the_bundle():
     with pytest.raises(BundleError, match="runtime must be one of"):
         Artifact("openvino", "dit", "fp32", "dit.xml", "0" * 64, 1)
     with pytest.raises(BundleError, match="positive integer"):
-        ModelConfig({**MODEL, "num_classes": "ten"})
+        Manifest(model={**MODEL, "num_classes": "ten"})
