@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from runtimes.errors import DecoError
+
 __all__ = [
     "LOCK_TIMEOUT_ENV",
     "LockTimeout",
@@ -64,10 +66,10 @@ DEFAULT_LOCK_TIMEOUT = 600.0  # seconds; a large export's commit can take a whil
 STAGING_KINDS = ("staging", "old", "tmp")
 
 
-class LockTimeout(TimeoutError):
+class LockTimeout(DecoError, TimeoutError):
     """Another process holds the write lock of a directory for longer than the timeout.
 
-    A TimeoutError (an OSError), so callers that report OSErrors with their path report it.
+    Also a TimeoutError, for callers that wait on other things too.
     """
 
     def __str__(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from runtimes.backend import supports_refresh, supports_step, supports_velocity
+from runtimes.errors import DecoError
 from runtimes.sharing import SharingSchedule
 
 __all__ = [
@@ -63,7 +64,7 @@ DIVERGENCE_LIMIT = 1e4
 MAX_STEPS = 10_000
 
 
-class SampleDiverged(ValueError):
+class SampleDiverged(DecoError, ValueError):
     """The latent became non-finite or exploded during sampling; no image is returned."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from runtimes.errors import DecoError
+
 __all__ = ["evaluate", "train"]
 
 # OpenMP threads that busy-wait make a shared CPU several times slower: next to one other
@@ -26,7 +28,7 @@ __all__ = ["evaluate", "train"]
 # OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DecoError, ValueError, KeyError, OSError)
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,20 +10,14 @@ from typing import Any
 
 import click
 
-from runtimes.backend import BackendError
-from runtimes.bundle import BundleError
+from runtimes.errors import DecoError
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can cause and fix: shown as one line, never as a traceback.
-
-    Read when an error reaches the group, so that ``deco --help`` imports no exporter.
-    """
-    from ..bench import BenchError
-    from ..export.tensorrt import TensorRTUnavailable
-
-    return (ValueError, OSError, KeyError, BackendError, BundleError, BenchError,
-            TensorRTUnavailable)
+    """Errors a user can cause and fix: shown as one line, never as a traceback. Every error
+    of the package derives from `runtimes.errors.DecoError`; OSErrors (read-only, busy,
+    permission) are shown with their path and a fix."""
+    return (DecoError, ValueError, OSError, KeyError)
 
 
 class LazyGroup(click.Group):

@@ -108,3 +108,13 @@ def test_second_writer_times_out_with_the_path(tmp_path):
     with fileio.lock(target, timeout=5):  # the kernel dropped the dead holder's lock
         pass
     assert not fileio.lock_path(target).exists()
+
+
+def test_the_new_errors_share_the_package_root():
+    from deco_export.checkpoint import CheckpointError
+    from deco_export.export.bundle_io import TargetError
+    from runtimes.errors import DecoError
+    from runtimes.sampler import SampleDiverged
+
+    for error in (fileio.LockTimeout, SampleDiverged, TargetError, CheckpointError):
+        assert issubclass(error, DecoError), error
