@@ -371,8 +371,10 @@ class Trainer:
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"--out {self.out} is a file; choose a run directory")
         ours = {"train_config.json", "log.jsonl", "checkpoints", "samples", "loss.png", "model"}
-        foreign = sorted(p.name for p in self.out.iterdir()
-                         if p.name not in ours) if self.out.is_dir() else []
+        # Hidden entries are skipped: a killed run's lock or staging leftovers (".model.lock",
+        # ".model.staging-*"), or a user's ".git", none of which a run writes over.
+        foreign = sorted(p.name for p in self.out.iterdir() if p.name not in ours
+                         and not p.name.startswith(".")) if self.out.is_dir() else []
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise FileExistsError(
