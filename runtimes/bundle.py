@@ -13,8 +13,8 @@ Layout::
       dit.onnx, decoder.onnx, ...   (names are free; the manifest says which is which)
       schedules/*.json  DiT-sharing schedules, also recorded under "schedules"
 
-Graphs: "dit" (x_t, t, y -> cond, hidden), "decoder" (x_t, cond -> v), and the optional
-"refresh" (hidden, t -> cond). Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
+Graphs are declared in `runtimes.graphs` (names, inputs and outputs): "dit", "decoder" and the
+optional "refresh". Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
 "fp16", "bf16", and "int8" (ONNX graphs with int8 weights, quantized dynamically by ONNX
 Runtime). Graph inputs and outputs are float32 / int64 whatever the precision: reduced precision
 lives inside the graph.
@@ -40,6 +40,7 @@ from runtimes.fileio import (
 
 from .config import ModelConfig
 from .errors import ConfigError, DecoError
+from .graphs import GRAPH_NAMES, TensorSpec, graphs_for
 
 __all__ = [
     "FORMAT",
@@ -69,14 +70,13 @@ FORMAT = "deco-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "coreml", "tensorrt")
-GRAPHS = ("dit", "decoder", "refresh")
+GRAPHS = GRAPH_NAMES  # declared in runtimes.graphs, one record each
+# (inputs, outputs) by graph name, a view of the records for code that needs only the names.
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    g.name: (g.input_names, g.output_names) for g in graphs_for(ModelConfig()).values()
+}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")  # the variants `deco export onnx` writes
-GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "dit": (("x_t", "t", "y"), ("cond", "hidden")),
-    "decoder": (("x_t", "cond"), ("v",)),
-    "refresh": (("hidden", "t"), ("cond",)),
-}
 
 
 class BundleError(DecoError):
@@ -102,29 +102,6 @@ def _check_relative(file: str, what: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Records
-
-
-@dataclass
-class TensorSpec:
-    """A graph input or output: name, shape (ints, or strings for dynamic axes), dtype."""
-
-    name: str
-    shape: list[int | str]
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | TensorSpec) -> TensorSpec:
-        if isinstance(d, TensorSpec):
-            return d
-        try:
-            return cls(name=str(d["name"]), shape=list(d.get("shape", [])), dtype=str(d["dtype"]))
-        except KeyError as exc:
-            raise BundleError(
-                f"a tensor spec lacks {exc.args[0]!r} (needs name, shape, dtype): {dict(d)}"
-            ) from None
 
 
 @dataclass
@@ -159,8 +136,11 @@ class Artifact:
         if self.precision not in PRECISIONS:
             raise BundleError(f"{where}: precision must be one of {PRECISIONS}")
         _check_relative(self.file, where)
-        self.inputs = [TensorSpec.from_dict(s) for s in self.inputs]
-        self.outputs = [TensorSpec.from_dict(s) for s in self.outputs]
+        try:
+            self.inputs = [TensorSpec.from_dict(s) for s in self.inputs]
+            self.outputs = [TensorSpec.from_dict(s) for s in self.outputs]
+        except ConfigError as exc:
+            raise BundleError(f"{where}: {exc}; re-export the bundle") from None
         self.extra_files = {_check_relative(str(k), where): str(v)
                             for k, v in dict(self.extra_files).items()}
 

@@ -1,4 +1,8 @@
-"""The graphs every exporter writes: the DiT, the pixel decoder, and the tiny ``refresh`` graph.
+"""The PyTorch modules behind the graphs every exporter writes.
+
+A graph's contract (names, inputs and outputs, axes, which input leads) is its record in
+`runtimes.graphs`; this module adds what needs torch: the module that computes it
+(`GRAPH_CLASSES`), realistic example inputs and the eager fp32 reference outputs.
 
 * ``dit``:      (x_t, t, y)   -> (cond, hidden)   the expensive half, once per DiT step
 * ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
@@ -18,15 +22,20 @@ import copy
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from runtimes.graphs import GRAPH_NAMES, GRAPH_SPECS, TensorSpec, get_graph, graphs_for
+
 from ..config import DeCoConfig
 from ..model import DeCo
 
-GRAPH_NAMES = ("dit", "decoder", "refresh")
+__all__ = [
+    "GRAPH_CLASSES", "GRAPH_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "PRECISION_DTYPES",
+    "example_inputs", "export_image_size", "graph_modules", "io_specs", "quiet",
+    "reference_outputs",
+]
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -61,9 +70,12 @@ class RefreshGraph(nn.Module):
         return self.dit.refresh_condition(hidden.to(self.dtype), t).float()
 
 
-GRAPH_CLASSES = {"dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph}
-INPUT_NAMES = {"dit": ["x_t", "t", "y"], "decoder": ["x_t", "cond"], "refresh": ["hidden", "t"]}
-OUTPUT_NAMES = {"dit": ["cond", "hidden"], "decoder": ["v"], "refresh": ["cond"]}
+GRAPH_CLASSES: dict[str, type[nn.Module]] = {
+    "dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph,
+}
+# Views of the records, in the list form torch.onnx.export takes.
+INPUT_NAMES = {g.name: list(g.input_names) for g in GRAPH_SPECS}
+OUTPUT_NAMES = {g.name: list(g.output_names) for g in GRAPH_SPECS}
 
 
 @contextlib.contextmanager
@@ -102,37 +114,13 @@ def graph_modules(model: DeCo, precision: str) -> dict[str, nn.Module]:
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, not {precision!r}")
     typed = copy.deepcopy(model).to(device="cpu", dtype=PRECISION_DTYPES[precision]).eval()
-    return {name: cls(typed).eval() for name, cls in GRAPH_CLASSES.items()}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple  # ints, and "batch" for the dynamic axis
-    dtype: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+    return {name: GRAPH_CLASSES[name](typed).eval() for name in graphs_for(model.config)}
 
 
 def io_specs(config: DeCoConfig, graph: str, height: int, width: int
              ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    c, d = config.in_channels, config.hidden_size
-    tokens = config.num_tokens(height, width)
-    image = ("batch", c, height, width)
-    per_token = ("batch", tokens, d)
-    specs = {
-        "dit": ([TensorSpec("x_t", image, "float32"), TensorSpec("t", ("batch",), "float32"),
-                 TensorSpec("y", ("batch",), "int64")],
-                [TensorSpec("cond", per_token, "float32"),
-                 TensorSpec("hidden", per_token, "float32")]),
-        "decoder": ([TensorSpec("x_t", image, "float32"), TensorSpec("cond", per_token, "float32")],
-                    [TensorSpec("v", image, "float32")]),
-        "refresh": ([TensorSpec("hidden", per_token, "float32"),
-                     TensorSpec("t", ("batch",), "float32")],
-                    [TensorSpec("cond", per_token, "float32")]),
-    }
-    return specs[graph]
+    """A graph's inputs and outputs as the manifest records them (the batch left dynamic)."""
+    return get_graph(graph, config).io_specs(config, height, width)
 
 
 def example_inputs(model: DeCo, graph: str, batch: int, height: int, width: int,
@@ -141,24 +129,20 @@ def example_inputs(model: DeCo, graph: str, batch: int, height: int, width: int,
     the condition/hidden the fp32 DiT really produces for them."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    x_t = torch.randn(batch, cfg.in_channels, height, width, generator=g)
-    t = torch.rand(batch, generator=g)
-    y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
-    y[0] = cfg.null_class
-    if graph == "dit":
-        return x_t, t, y
-    with torch.no_grad():
-        cond, hidden = model.dit(x_t, t, y)
-    if graph == "decoder":
-        return x_t, cond
-    return hidden, t
+    spec = get_graph(graph, cfg)
+    shapes = get_graph("dit", cfg).input_shapes(cfg, batch, height, width)
+    values = {"x_t": torch.randn(shapes["x_t"], generator=g),
+              "t": torch.rand(shapes["t"], generator=g),
+              "y": torch.randint(0, cfg.num_classes + 1, shapes["y"], generator=g)}
+    values["y"][0] = cfg.null_class
+    if not set(spec.input_names) <= set(values):  # the DiT's outputs feed the other graphs
+        with torch.no_grad():
+            values["cond"], values["hidden"] = model.dit(values["x_t"], values["t"], values["y"])
+    return tuple(values[name] for name in spec.input_names)
 
 
 def reference_outputs(model: DeCo, graph: str, inputs: tuple[Tensor, ...]) -> list[Tensor]:
     """PyTorch eager fp32 outputs for a graph: what every export is compared with."""
     with torch.no_grad():
-        if graph == "dit":
-            return list(model.dit(*inputs))
-        if graph == "decoder":
-            return [model.decoder(*inputs)]
-        return [model.dit.refresh_condition(*inputs)]
+        out = GRAPH_CLASSES[graph](model)(*inputs)
+    return list(out) if isinstance(out, tuple) else [out]

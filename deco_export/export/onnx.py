@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from runtimes.bundle import ONNX_PRECISIONS
+from runtimes.graphs import get_graph
 
 from ..model import DeCo
 from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
 from . import bundle_io
 from .graphs import (
-    GRAPH_NAMES,
     INPUT_NAMES,
     OUTPUT_NAMES,
     example_inputs,
@@ -55,7 +55,8 @@ def onnx_file_name(graph: str, precision: str) -> str:
 def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path, opset: int,
                  external_data: bool) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: {0: batch} for name in INPUT_NAMES[graph]}
+    dynamic = {s.name: {i: batch for i, axis in enumerate(s.shape) if axis == "batch"}
+               for s in get_graph(graph).inputs}
     # The exporter logs a warning per torchvision op it cannot register when torchvision is
     # absent; DeCo uses none of them, so the notice is noise in every export's output.
     with quiet("torch.onnx._internal.exporter._registration"):
@@ -156,7 +157,7 @@ def export_onnx(
             external = weight_bytes > EXTERNAL_DATA_BYTES
             parity: list[GraphParity] = []
             files: dict[str, Path] = {}
-            for graph in GRAPH_NAMES:
+            for graph in modules:
                 name = onnx_file_name(graph, precision)
                 say(f"exporting {name} (opset {opset})")
                 path = txn.staging / name

@@ -36,9 +36,9 @@ from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends import tensorrt_keys as tk
 from runtimes.errors import DecoError
+from runtimes.graphs import graphs_for
 
 Progress = Callable[[str], None]
-GRAPHS = ("dit", "decoder", "refresh")
 
 
 class TensorRTUnavailable(DecoError, RuntimeError):
@@ -119,7 +119,8 @@ def onnx_precisions(manifest: rb.Manifest) -> list[str]:
     """Precisions for which the bundle has both the dit and decoder ONNX graphs that TensorRT
     can build engines from."""
     return [p for p in ENGINE_PRECISIONS
-            if all(manifest.has_artifact("onnx", g, p) for g in ("dit", "decoder"))]
+            if all(manifest.has_artifact("onnx", g, p)
+                   for g, spec in graphs_for(manifest.model).items() if spec.required)]
 
 
 def check_sources(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
@@ -157,7 +158,7 @@ def plan_builds(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
     root = Path(bundle_dir)
     items: list[BuildItem] = []
     for precision in wanted:
-        for graph in GRAPHS:
+        for graph in graphs_for(manifest.model):
             onnx = manifest.get_artifact("onnx", graph, precision)
             if onnx is None:
                 continue

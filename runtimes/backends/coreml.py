@@ -42,7 +42,9 @@ import numpy as np
 
 from runtimes import fileio
 from runtimes.backend import BackendError
-from runtimes.bundle import GRAPH_IO, BundleError, Manifest, read_manifest, sha256_path
+from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_path
+from runtimes.config import ModelConfig
+from runtimes.graphs import graphs_for
 
 __all__ = [
     "COMPUTE_UNITS",
@@ -128,8 +130,9 @@ class CoreMLBackend:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
-        arts = {g: manifest.get_artifact("coreml", g, precision) for g in GRAPH_IO}
-        if arts["dit"] is None or arts["decoder"] is None:
+        specs = graphs_for(manifest.model)
+        arts = {g: manifest.get_artifact("coreml", g, precision) for g in specs}
+        if any(arts[g] is None for g, spec in specs.items() if spec.required):
             have = sorted({f"{a.graph}/{a.precision}" for a in manifest.artifacts
                            if a.runtime == "coreml"})
             if not have:
@@ -170,14 +173,17 @@ class CoreMLBackend:
         precision: str = "fp16",
         cache_dir: str | os.PathLike[str] | None = None,
         use_cache: bool = False,
+        model: ModelConfig | None = None,
     ) -> CoreMLBackend:
         """A backend on packages outside a bundle ({"dit": path, "decoder": path, ...});
-        the exporter uses it to gate staged packages before they are committed."""
+        the exporter uses it to gate staged packages before they are committed. ``model``
+        says which graphs are required (a class-conditional DeCo's when left out)."""
         self = cls.__new__(cls)
         self.bundle_dir = None
         self.precision = precision
         pkgs = {g: Path(p) for g, p in paths.items()}
-        missing = [g for g in ("dit", "decoder") if g not in pkgs]
+        missing = [g for g, spec in graphs_for(model or ModelConfig()).items()
+                   if spec.required and g not in pkgs]
         if missing:
             raise BackendError(f"from_packages needs the {' and '.join(missing)} package(s)")
         keys = {g: sha256_path(p) for g, p in pkgs.items()} if use_cache else {}

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from runtimes.backend import BackendError
-from runtimes.bundle import GRAPH_IO, BundleError, Manifest, read_manifest
+from runtimes.bundle import BundleError, Manifest, read_manifest
+from runtimes.graphs import get_graph, graphs_for
 
 __all__ = ["PROVIDER_NAMES", "OnnxRuntimeBackend", "OrtArray", "resolve_providers"]
 
@@ -367,10 +368,10 @@ class OnnxRuntimeBackend:
             so.add_session_config_entry("session.intra_op.allow_spinning", flag)
             so.add_session_config_entry("session.inter_op.allow_spinning", flag)
         self._sessions: dict[str, Any] = {}
-        for graph in ("dit", "decoder", "refresh"):
+        for graph, spec in graphs_for(self.manifest.model).items():
             art = self.manifest.get_artifact("onnx", graph, precision)
             if art is None:
-                if graph == "refresh":
+                if not spec.required:
                     continue
                 self.manifest.find_artifact("onnx", graph, precision)  # raises with the fix
                 continue
@@ -426,10 +427,10 @@ class OnnxRuntimeBackend:
 
     @staticmethod
     def _check_io(sess: Any, graph: str, file: str) -> None:
-        want_in, want_out = GRAPH_IO[graph]
+        spec = get_graph(graph)
+        want_in, want_out, need_out = spec.input_names, spec.output_names, spec.required_outputs
         have_in = [i.name for i in sess.get_inputs()]
         have_out = [o.name for o in sess.get_outputs()]
-        need_out = want_out[:1] if graph == "dit" else want_out  # "hidden" is optional
         if set(have_in) != set(want_in) or not set(need_out) <= set(have_out):
             raise BackendError(
                 f"{file}: the {graph} graph has inputs {have_in} and outputs {have_out}, "

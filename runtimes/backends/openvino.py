@@ -41,8 +41,9 @@ import numpy as np
 
 from runtimes.backend import BackendError
 from runtimes.backends.tensorrt_keys import key_digest
-from runtimes.bundle import GRAPH_IO, BundleError, Manifest, read_manifest
+from runtimes.bundle import BundleError, Manifest, read_manifest
 from runtimes.fileio import atomic_write_bytes, atomic_write_text
+from runtimes.graphs import get_graph, graphs_for
 
 __all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend", "default_cache_dir"]
 
@@ -172,10 +173,10 @@ class OpenVinoBackend:
         self.cache_hits: dict[str, bool] = {}
         self._requests: dict[str, Any] = {}
         self._outputs: dict[str, dict[str, Any]] = {}
-        for graph in ("dit", "decoder", "refresh"):
+        for graph, spec in graphs_for(self.manifest.model).items():
             art = self.manifest.get_artifact("onnx", graph, source_precision)
             if art is None:
-                if graph == "refresh":
+                if not spec.required:
                     continue
                 self.manifest.find_artifact("onnx", graph, source_precision)  # raises, with fix
                 continue
@@ -283,10 +284,10 @@ class OpenVinoBackend:
                 f"{file}: asked for {self.precision} (OpenVINO {hint}) but OpenVINO compiled it "
                 f"for {got} on {self.device}, which does not run {hint}; choose the other "
                 f"precision")
-        want_in, want_out = GRAPH_IO[graph]
+        spec = get_graph(graph)
+        want_in, want_out, need_out = spec.input_names, spec.output_names, spec.required_outputs
         have_in = {i.get_any_name() for i in compiled.inputs}
         have_out = {o.get_any_name() for o in compiled.outputs}
-        need_out = want_out[:1] if graph == "dit" else want_out
         if have_in != set(want_in) or not set(need_out) <= have_out:
             raise BackendError(
                 f"{file}: the {graph} graph has inputs {sorted(have_in)} and outputs "

@@ -38,6 +38,7 @@ from typing import Any
 
 from runtimes.backend import BackendError
 from runtimes.config import ModelConfig
+from runtimes.graphs import get_graph
 
 __all__ = [
     "DEFAULT_BATCH_BUCKETS",
@@ -49,7 +50,6 @@ __all__ = [
     "EngineMismatchError",
     "Profile",
     "engine_batches",
-    "graph_input_shapes",
     "guided_engine_batch",
     "normalize_buckets",
     "ort_tensorrt_provider_options",
@@ -155,21 +155,6 @@ def _suggest(rows: int) -> list[int]:
     return [*out, b]
 
 
-def graph_input_shapes(graph: str, batch: int, *, in_channels: int, height: int, width: int,
-                       tokens: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
-    """Static input shapes of one graph at one engine batch."""
-    image = (batch, in_channels, height, width)
-    per_token = (batch, tokens, hidden_size)
-    shapes = {
-        "dit": {"x_t": image, "t": (batch,), "y": (batch,)},
-        "decoder": {"x_t": image, "cond": per_token},
-        "refresh": {"hidden": per_token, "t": (batch,)},
-    }
-    if graph not in shapes:
-        raise ValueError(f"unknown graph {graph!r}; expected one of {sorted(shapes)}")
-    return shapes[graph]
-
-
 @dataclass(frozen=True)
 class Profile:
     """One static optimisation profile: every input at its shape for ``batch`` (min=opt=max)."""
@@ -186,17 +171,9 @@ def profiles_for(graph: str, model: ModelConfig | Mapping[str, Any], image_size:
     """One static profile per engine batch for ``graph`` of a model config (or its dict)."""
     if not isinstance(model, ModelConfig):
         model = ModelConfig.from_dict(model)
-    height, width = int(image_size[0]), int(image_size[1])
-    p = model.patch_size
-    if height % p or width % p:
-        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
-    tokens = (height // p) * (width // p)
-    return [
-        Profile(n, graph_input_shapes(graph, n, in_channels=model.in_channels,
-                                      height=height, width=width, tokens=tokens,
-                                      hidden_size=model.hidden_size))
-        for n in sorted(set(int(b) for b in batches))
-    ]
+    spec = get_graph(graph, model)
+    return [Profile(n, shapes) for n, shapes in
+            spec.tensorrt_profiles(model, int(image_size[0]), int(image_size[1]), batches)]
 
 
 # ---------------------------------------------------------------------------------------------

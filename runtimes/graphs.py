@@ -1,0 +1,215 @@
+"""The graphs a bundle holds: one record per graph, the one list of them.
+
+A graph is declared here once — its name, its inputs and outputs (dtype and symbolic axes), the
+input whose batch leads, which outputs a runtime may leave out, how its shapes follow from the
+model config — and everything else reads the record: the exporters (ONNX, Core ML, TensorRT)
+name and shape their graphs from it, the manifest checks artifact names against it, every
+backend checks a loaded graph's I/O against it, and the TensorRT profiles and Core ML shape
+choices are computed from it. A new graph is one new `GraphSpec` in `GRAPH_SPECS` plus its
+module in the exporter (``deco_export.export.graphs``).
+
+Axes are symbolic: "batch" stays dynamic in every exported graph; "channels", "height",
+"width", "tokens", "hidden", "text_len" and "text_dim" are fixed per export from the model
+config and image size (see `axis_sizes`). Inputs and outputs are float32 / int64 whatever the
+precision inside a graph. No torch, no numpy: an application reading a bundle imports only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+__all__ = [
+    "GRAPH_NAMES",
+    "GRAPH_SPECS",
+    "GraphSpec",
+    "TensorSpec",
+    "axis_sizes",
+    "get_graph",
+    "graphs_for",
+]
+
+
+@dataclass
+class TensorSpec:
+    """A graph input or output: name, shape (ints, or strings for symbolic axes), dtype.
+
+    In a record the shape is all axis names (``["batch", "channels", "height", "width"]``); in a
+    manifest it is resolved for one export (``["batch", 3, 64, 64]``), the batch left dynamic.
+    """
+
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | TensorSpec) -> TensorSpec:
+        if isinstance(d, TensorSpec):
+            return d
+        try:
+            return cls(name=str(d["name"]), shape=list(d.get("shape", [])), dtype=str(d["dtype"]))
+        except KeyError as exc:
+            raise ConfigError(
+                f"a tensor spec lacks {exc.args[0]!r} (needs name, shape, dtype): {dict(d)}"
+            ) from None
+
+    def resolve(self, sizes: Mapping[str, int | str]) -> TensorSpec:
+        """This spec with each symbolic axis found in ``sizes`` replaced by its size."""
+        return TensorSpec(self.name, [sizes.get(a, a) if isinstance(a, str) else a
+                                      for a in self.shape], self.dtype)
+
+
+def axis_sizes(config: ModelConfig, height: int, width: int,
+               batch: int | str = "batch") -> dict[str, int | str]:
+    """The size of every symbolic axis for one model at one image size (and batch)."""
+    p = config.patch_size
+    if height % p or width % p:
+        raise ConfigError(
+            f"image size {height}x{width} is not a multiple of the patch size {p}; choose e.g. "
+            f"{config.image_size[0]}x{config.image_size[1]}"
+        )
+    return {"batch": batch, "channels": config.in_channels, "height": int(height),
+            "width": int(width), "tokens": config.num_tokens(height, width),
+            "hidden": config.hidden_size, "text_len": config.text_len,
+            "text_dim": config.text_dim}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph's contract.
+
+    ``primary_input`` is the input whose batch leads (Core ML enumerates its batch sizes when a
+    target cannot enumerate every input jointly). ``optional_outputs`` may be missing from a
+    loaded graph (the DiT's ``hidden`` only feeds the refresh graph). ``required`` graphs must
+    be in a bundle for a runtime to sample; the others add features. ``families`` and
+    ``architectures`` say which models have this graph.
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    primary_input: str
+    description: str
+    required: bool = True
+    optional_outputs: tuple[str, ...] = ()
+    families: tuple[str, ...] = ("c2i",)
+    architectures: tuple[str, ...] = ("deco",)
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(s.name for s in self.inputs)
+        if self.primary_input not in names:
+            raise ConfigError(f"graph {self.name}: primary input {self.primary_input!r} is not "
+                              f"one of its inputs {list(names)}")
+        object.__setattr__(self, "_names", names)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
+
+    @property
+    def required_outputs(self) -> tuple[str, ...]:
+        return tuple(n for n in self.output_names if n not in self.optional_outputs)
+
+    def applies_to(self, config: ModelConfig) -> bool:
+        return config.family in self.families and config.architecture in self.architectures
+
+    def io_specs(self, config: ModelConfig, height: int, width: int
+                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """Inputs and outputs as a manifest records them: every axis but the batch resolved."""
+        sizes = axis_sizes(config, height, width)
+        return ([s.resolve(sizes) for s in self.inputs], [s.resolve(sizes) for s in self.outputs])
+
+    def input_shapes(self, config: ModelConfig, batch: int, height: int, width: int
+                     ) -> dict[str, tuple[int, ...]]:
+        """Every input's concrete shape at one batch: the example inputs an exporter traces
+        and checks with, and a TensorRT engine's static profile."""
+        sizes = axis_sizes(config, height, width, batch)
+        return {s.name: tuple(int(v) for v in s.resolve(sizes).shape) for s in self.inputs}
+
+    def tensorrt_profiles(self, config: ModelConfig, height: int, width: int,
+                          batches: Sequence[int]) -> list[tuple[int, dict[str, tuple[int, ...]]]]:
+        """One static profile (min = opt = max) per engine batch, smallest first. Engines are
+        built per batch bucket at the bundle's image size: a static profile is what lets
+        TensorRT pick its fastest kernels, and the sampler pads a batch up to its bucket."""
+        return [(n, self.input_shapes(config, n, height, width))
+                for n in sorted({int(b) for b in batches})]
+
+    def coreml_batch_kinds(self, num_batch_sizes: int, joint_enumeration: bool) -> dict[str, str]:
+        """How each input's batch is declared to Core ML: "fixed" (one batch size),
+        "enumerated" (the listed sizes) or "range" (any size between the smallest and the
+        largest). Without joint enumeration (targets before iOS 18 / macOS 15) only the primary
+        input enumerates and the others follow it as ranges."""
+        if num_batch_sizes == 1:
+            return {n: "fixed" for n in self.input_names}
+        return {n: "enumerated" if joint_enumeration or n == self.primary_input else "range"
+                for n in self.input_names}
+
+
+def _t(name: str, *shape: str, dtype: str = "float32") -> TensorSpec:
+    return TensorSpec(name, list(shape), dtype)
+
+
+_IMAGE = ("batch", "channels", "height", "width")
+_PER_TOKEN = ("batch", "tokens", "hidden")
+
+GRAPH_SPECS: tuple[GraphSpec, ...] = (
+    GraphSpec(
+        "dit",
+        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("y", "batch", dtype="int64")),
+        outputs=(_t("cond", *_PER_TOKEN), _t("hidden", *_PER_TOKEN)),
+        primary_input="x_t",
+        optional_outputs=("hidden",),
+        description="DeCo DiT: the per-token condition SiLU(e_t + h) and the hidden state h "
+                    "(x_t, t, y -> cond, hidden), once per DiT step",
+    ),
+    GraphSpec(
+        "decoder",
+        inputs=(_t("x_t", *_IMAGE), _t("cond", *_PER_TOKEN)),
+        outputs=(_t("v", *_IMAGE),),
+        primary_input="x_t",
+        description="DeCo pixel decoder: the velocity v = x - eps (x_t, cond -> v), every step",
+    ),
+    GraphSpec(
+        "refresh",
+        inputs=(_t("hidden", *_PER_TOKEN), _t("t", "batch")),
+        outputs=(_t("cond", *_PER_TOKEN),),
+        primary_input="hidden",
+        required=False,
+        description="DeCo condition refresh: SiLU(e_t + hidden) at a new t, for DiT sharing "
+                    "(hidden, t -> cond)",
+    ),
+)
+
+GRAPH_NAMES: tuple[str, ...] = tuple(dict.fromkeys(g.name for g in GRAPH_SPECS))
+
+
+def graphs_for(config: ModelConfig) -> dict[str, GraphSpec]:
+    """The graphs of one model, by name, in export order."""
+    found = {g.name: g for g in GRAPH_SPECS if g.applies_to(config)}
+    if not found:
+        raise ConfigError(
+            f"no graphs are declared for family {config.family!r} with architecture "
+            f"{config.architecture!r}; this model runs in PyTorch only (--backend torch)"
+        )
+    return found
+
+
+def get_graph(name: str, config: ModelConfig | None = None) -> GraphSpec:
+    """The record of graph ``name`` (of ``config``'s family and architecture when given)."""
+    for g in GRAPH_SPECS:
+        if g.name == name and (config is None or g.applies_to(config)):
+            return g
+    known = list(graphs_for(config)) if config is not None else list(GRAPH_NAMES)
+    raise ConfigError(f"unknown graph {name!r}; expected one of {known}")
