@@ -262,7 +262,7 @@ class Artifact:
             ) from None
 
 
-class SamplerDefaults(dict):
+class SamplerDefaults(dict[str, Any]):
     """The manifest's "sampler_defaults" dict with typed accessors and the reference fallbacks
     (Euler, 100 steps, no guidance, interval (0, 1], no shift) for keys it leaves out.
     Optional keys: "last_step", "guidance_bounds"."""
@@ -347,11 +347,13 @@ class Manifest:
     model_extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, ModelConfig):
-            self.model, extra = model_config_from_manifest(self.model)
+        model: Any = self.model  # a ModelConfig, or its dict from a caller
+        if not isinstance(model, ModelConfig):
+            self.model, extra = model_config_from_manifest(model)
             self.model_extra = {**extra, **self.model_extra}
-        if not isinstance(self.sampler_defaults, SamplerDefaults):
-            self.sampler_defaults = SamplerDefaults(self.sampler_defaults or {})
+        defaults: Any = self.sampler_defaults
+        if not isinstance(defaults, SamplerDefaults):
+            self.sampler_defaults = SamplerDefaults(defaults or {})
 
     def _describe(self, runtime: str | None = None) -> str:
         have = [

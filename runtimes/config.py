@@ -73,7 +73,7 @@ class ModelConfig:
     architecture: str = "deco"
 
     def __post_init__(self) -> None:
-        size = self.image_size
+        size: Any = self.image_size  # any value a caller passed, checked here
         if (isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2
                 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
                        for s in size)):

@@ -128,7 +128,8 @@ def timesteps(num_steps: int, shift: float = 1.0, last_step: float | None = None
     grid = np.concatenate([torch_linspace(0.0, 1.0 - last_step, num_steps), [np.float32(1.0)]])
     grid = grid.astype(np.float32)
     one = np.float32(1.0)
-    return (grid / (grid + (one - grid) * np.float32(shift))).astype(np.float32)
+    shifted: np.ndarray = (grid / (grid + (one - grid) * np.float32(shift))).astype(np.float32)
+    return shifted
 
 
 def guidance_flags(
@@ -145,7 +146,8 @@ def guidance_flags(
     lo, hi = np.float32(interval[0]), np.float32(interval[1])
     above = t >= lo if bounds[0] == "[" else t > lo
     below = t <= hi if bounds[1] == "]" else t < hi
-    return above & below
+    inside: np.ndarray = above & below
+    return inside
 
 
 @dataclass(frozen=True)

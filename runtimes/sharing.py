@@ -135,8 +135,8 @@ def uniform_schedule(
     if every is not None:
         if int(every) != every or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        steps = range(0, num_steps, int(every))
-        return SharingSchedule(tuple(steps), num_steps, mode, "uniform", {"every": int(every)})
+        return SharingSchedule(tuple(range(0, num_steps, int(every))), num_steps, mode, "uniform",
+                               {"every": int(every)})
     assert ratio is not None
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sharing ratio must be in [0, 1), got {ratio}")
@@ -158,7 +158,8 @@ def _segment_costs(similarity: np.ndarray) -> np.ndarray:
     d = 1.0 - np.asarray(similarity, dtype=np.float64)
     prefix = np.cumsum(d, axis=0)  # prefix[i, j] = sum_{l<=i} d[l, j]
     before = np.vstack([np.zeros((1, d.shape[1])), prefix[:-1]])  # sum_{l<i}
-    return prefix - np.diag(before)[None, :]
+    cost: np.ndarray = prefix - np.diag(before)[None, :]
+    return cost
 
 
 def segment_cost(similarity: np.ndarray, starts: Sequence[int]) -> float:
@@ -343,7 +344,7 @@ def schedule_key(
 
 def _read_schedules(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); delete it and recalibrate") from exc
     if data.get("format") != SCHEDULES_FORMAT:

@@ -97,15 +97,16 @@ def split_batch(batch: int, sizes: Sequence[int]) -> list[int]:
     best: list[list[int] | None] = [[]] + [None] * batch
     for n in range(1, batch + 1):
         for s in allowed:
-            prev = best[n - s] if s <= n else None
-            if prev is not None and (best[n] is None or len(prev) + 1 < len(best[n])):
+            prev, cur = (best[n - s] if s <= n else None), best[n]
+            if prev is not None and (cur is None or len(prev) + 1 < len(cur)):
                 best[n] = [*prev, s]
-    if best[batch] is None:
+    pieces = best[batch]
+    if pieces is None:
         raise BackendError(
             f"batch {batch} cannot be split into the exported batch sizes {sorted(allowed)}; "
             "export with --batch-sizes including 1"
         )
-    return sorted(best[batch], reverse=True)
+    return sorted(pieces, reverse=True)
 
 
 class CoreMLBackend:
@@ -128,7 +129,7 @@ class CoreMLBackend:
         cache_dir: str | os.PathLike[str] | None = None,
         use_cache: bool = True,
     ) -> None:
-        self.bundle_dir = Path(bundle_dir)
+        self.bundle_dir: Path | None = Path(bundle_dir)
         manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
         specs = graphs_for(manifest.model)
         arts = {g: manifest.get_artifact("coreml", g, precision) for g in specs}
@@ -157,7 +158,9 @@ class CoreMLBackend:
                 raise BundleError(f"{path}: missing; restore it or export the bundle again")
             paths[graph] = path
             keys[graph] = art.sha256
-        details = arts["dit"].details
+        dit = arts["dit"]
+        assert dit is not None  # required, checked above
+        details = dit.details
         batch_sizes = details.get("batch_sizes") or [1]
         units = compute_units or details.get("compute_units") or "ALL"
         self.precision = precision
@@ -327,7 +330,8 @@ def measure_load_times(
     Uses a fresh cache directory unless one is given, so the first load is really cold.
     """
     own = cache_dir is None
-    cache = Path(tempfile.mkdtemp(prefix="deco-coreml-cache-")) if own else Path(cache_dir)
+    cache = Path(tempfile.mkdtemp(prefix="deco-coreml-cache-")) if cache_dir is None \
+        else Path(cache_dir)
     try:
         first = CoreMLBackend(bundle_dir, precision=precision, compute_units=compute_units,
                               cache_dir=cache)

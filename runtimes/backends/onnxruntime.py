@@ -278,7 +278,7 @@ class OrtArray:
         return self.shape[0]
 
     def numpy(self) -> np.ndarray:
-        return self.value.numpy()
+        return np.asarray(self.value.numpy())
 
     def __add__(self, other: Any) -> OrtArray:
         return self._ops.binary("Add", self, other)
@@ -368,10 +368,10 @@ class OnnxRuntimeBackend:
             so.add_session_config_entry("session.intra_op.allow_spinning", flag)
             so.add_session_config_entry("session.inter_op.allow_spinning", flag)
         self._sessions: dict[str, Any] = {}
-        for graph, spec in graphs_for(self.manifest.model).items():
+        for graph, record in graphs_for(self.manifest.model).items():
             art = self.manifest.get_artifact("onnx", graph, precision)
             if art is None:
-                if not spec.required:
+                if not record.required:
                     continue
                 self.manifest.find_artifact("onnx", graph, precision)  # raises with the fix
                 continue

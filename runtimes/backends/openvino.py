@@ -62,7 +62,7 @@ _DEVICE_FIX = {
 
 def _import_openvino() -> Any:
     try:
-        import openvino  # type: ignore[import-untyped]
+        import openvino
     except ImportError as exc:
         raise BackendError(
             "the openvino backend needs OpenVINO: `pip install deco-export[openvino]`"
@@ -173,10 +173,10 @@ class OpenVinoBackend:
         self.cache_hits: dict[str, bool] = {}
         self._requests: dict[str, Any] = {}
         self._outputs: dict[str, dict[str, Any]] = {}
-        for graph, spec in graphs_for(self.manifest.model).items():
+        for graph, record in graphs_for(self.manifest.model).items():
             art = self.manifest.get_artifact("onnx", graph, source_precision)
             if art is None:
-                if not spec.required:
+                if not record.required:
                     continue
                 self.manifest.find_artifact("onnx", graph, source_precision)  # raises, with fix
                 continue
