@@ -49,25 +49,28 @@ def load_model(spec: str | Path, weights: str = "ema"):
     return model, source
 
 
-def bundle_source_model(root: str | Path, manifest: Any, checkpoint: str | None = None):
-    """The PyTorch model a bundle was exported from: the parity reference of every gate.
+def bundle_source(root: str | Path, manifest: Any, checkpoint: str | None = None,
+                  use: str = "the parity gate compares every artefact with PyTorch"):
+    """(model, source record) of the checkpoint a bundle was exported from, checked to be the
+    same model: the one answer to "where is this bundle's PyTorch model, and is it this one".
 
-    The manifest names the source and its sha256; ``checkpoint`` overrides the path when the
-    bundle has moved machines (then the sha256 is not enforced, the model shape still is).
+    The manifest names the source, its sha256 and (for a reference ``.ckpt``) which weights
+    were exported; ``checkpoint`` overrides the path when the bundle has moved machines (then the
+    sha256 is not enforced, the model shape still is). ``use`` says in errors why it is needed.
     """
-    source = checkpoint or (manifest.source or {}).get("path")
+    recorded = dict(manifest.source or {})
+    source = checkpoint or recorded.get("path")
     if not source:
         raise ValueError(
-            f"{root} does not name its source checkpoint; pass --checkpoint PATH (the parity "
-            "gate compares every artefact with PyTorch)"
+            f"{root} does not name its source checkpoint; pass --checkpoint PATH ({use})"
         )
     if checkpoint is None and source != DEFAULT_NAME and not Path(source).exists():
         raise FileNotFoundError(
             f"the source checkpoint {source} named in {Path(root) / 'manifest.json'} is not on "
             "this machine (was the bundle moved?); pass it with --checkpoint PATH"
         )
-    model, record = load_model(source)
-    expected = (manifest.source or {}).get("sha256")
+    model, record = load_model(source, weights=recorded.get("weights", "ema"))
+    expected = recorded.get("sha256")
     if checkpoint is None and expected and record.get("sha256") != expected:
         raise ValueError(
             f"the checkpoint at {source} is not the one {root} was exported from (sha256 "
@@ -75,4 +78,11 @@ def bundle_source_model(root: str | Path, manifest: Any, checkpoint: str | None 
         )
     if not model.config.same_weights_as(manifest.model):
         raise ValueError(f"{source} is a different model from the one in {root}")
+    return model, record
+
+
+def bundle_source_model(root: str | Path, manifest: Any, checkpoint: str | None = None):
+    """The PyTorch model a bundle was exported from, in fp32 on the CPU: the parity reference
+    of every gate (see `bundle_source`)."""
+    model, _ = bundle_source(root, manifest, checkpoint)
     return model.float().cpu().eval()

@@ -41,6 +41,7 @@ from runtimes.fileio import (
 from .config import ModelConfig
 from .errors import ConfigError, DecoError
 from .graphs import GRAPH_NAMES, TensorSpec, graphs_for
+from .sampler import SamplerConfig
 
 __all__ = [
     "FORMAT",
@@ -262,6 +263,9 @@ class Artifact:
             ) from None
 
 
+_FALLBACK = SamplerConfig()  # what a key left out of "sampler_defaults" reads as
+
+
 class SamplerDefaults(dict[str, Any]):
     """The manifest's "sampler_defaults" dict with typed accessors and the reference fallbacks
     (Euler, 100 steps, no guidance, interval (0, 1], no shift) for keys it leaves out.
@@ -308,24 +312,24 @@ class SamplerDefaults(dict[str, Any]):
 
     @property
     def solver(self) -> str:
-        return str(self.get("solver", "euler"))
+        return str(self.get("solver", _FALLBACK.solver))
 
     @property
     def steps(self) -> int:
-        return int(self.get("steps", 100))
+        return int(self.get("steps", _FALLBACK.num_steps))
 
     @property
     def guidance(self) -> float:
-        return float(self.get("guidance", 1.0))
+        return float(self.get("guidance", _FALLBACK.guidance))
 
     @property
     def guidance_interval(self) -> tuple[float, float]:
-        lo, hi = self.get("guidance_interval", (0.0, 1.0))
+        lo, hi = self.get("guidance_interval", _FALLBACK.guidance_interval)
         return (float(lo), float(hi))
 
     @property
     def shift(self) -> float:
-        return float(self.get("shift", 1.0))
+        return float(self.get("shift", _FALLBACK.shift))
 
 
 @dataclass

@@ -27,6 +27,7 @@ __all__ = [
     "DIVERGENCE_CHECK_EVERY",
     "DIVERGENCE_LIMIT",
     "MAX_STEPS",
+    "RELEASE_SAMPLERS",
     "SOLVERS",
     "SOLVER_ALIASES",
     "Evaluation",
@@ -36,6 +37,8 @@ __all__ = [
     "condition_inputs",
     "guidance_flags",
     "make_plan",
+    "manifest_defaults",
+    "release_sampler",
     "sample",
     "timesteps",
     "torch_linspace",
@@ -242,6 +245,41 @@ class SamplerConfig:
         if self.timesteps is not None:
             return np.asarray(self.timesteps, dtype=np.float32)
         return timesteps(self.num_steps, self.shift, self.last_step)
+
+
+# The sampler each model family was released with: what an export writes as a bundle's
+# "sampler_defaults". A key a manifest leaves out reads as SamplerConfig's own default (Euler,
+# 100 steps, no guidance, interval (0, 1], no shift), so nothing else holds a default.
+RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
+    # Class-conditional DeCo (reference configs_c2i): Euler, 100 steps, CFG 3.2 on (0.1, 1].
+    "c2i": SamplerConfig(solver="euler", num_steps=100, guidance=3.2,
+                         guidance_interval=(0.1, 1.0), shift=1.0),
+    # Text-to-image DeCo (reference configs_t2i): AB2, 25 steps, CFG 4.0 on (0, 1) exclusive,
+    # timestep shift 3.
+    "t2i": SamplerConfig(solver="ab2", num_steps=25, guidance=4.0, guidance_interval=(0.0, 1.0),
+                         guidance_bounds="()", shift=3.0),
+}
+
+
+def release_sampler(family: str) -> SamplerConfig:
+    """The released sampler settings of a model family ("c2i" or "t2i")."""
+    if family not in RELEASE_SAMPLERS:
+        raise ValueError(f"no released sampler for family {family!r}; expected one of "
+                         f"{', '.join(RELEASE_SAMPLERS)}")
+    return RELEASE_SAMPLERS[family]
+
+
+def manifest_defaults(config: SamplerConfig) -> dict[str, Any]:
+    """A config in the manifest's "sampler_defaults" form (the keys `SamplerDefaults` reads)."""
+    d: dict[str, Any] = {"solver": config.solver, "steps": config.num_steps,
+                         "guidance": config.guidance,
+                         "guidance_interval": list(config.guidance_interval),
+                         "shift": config.shift}
+    if config.last_step is not None:
+        d["last_step"] = config.last_step
+    if config.guidance_bounds is not None:
+        d["guidance_bounds"] = config.guidance_bounds
+    return d
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.bundle import ONNX_PRECISIONS
-from runtimes.config import ModelConfig
 
 from .availability import has_artifacts
 from .catalogue import KINDS
@@ -37,22 +36,14 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
     """
     from runtimes import bundle as rb
 
-    from ..sources import is_bundle, load_model
+    from ..sources import bundle_source, is_bundle, load_model
 
     text = str(source)
     if is_bundle(text):
         bundle = Path(text)
         manifest = rb.read_manifest(bundle)
-        checkpoint = settings.checkpoint or (manifest.source or {}).get("path")
-        if not checkpoint:
-            raise ValueError(f"{bundle} does not name its source checkpoint, which the reference "
-                             "row runs; pass --checkpoint PATH")
-        model, record = load_model(checkpoint)
-        expected = (manifest.source or {}).get("sha256")
-        if settings.checkpoint is None and expected and record.get("sha256") != expected:
-            raise ValueError(f"the checkpoint at {checkpoint} is not the one {bundle} was "
-                             "exported from (sha256 differs); pass the original with --checkpoint")
-        _same_model(model, manifest.model, checkpoint, bundle)
+        bundle_source(bundle, manifest, settings.checkpoint, use="the reference row runs it")
+        checkpoint = settings.checkpoint or manifest.source["path"]
         size = list(manifest.model.image_size)
         if settings.image_size is not None and list(settings.image_size) != size:
             raise ValueError(f"{bundle} runs at {'x'.join(map(str, size))}, the size it was "
@@ -108,9 +99,3 @@ def _onnx_precisions_to_build(settings: BenchSettings) -> list[str]:
         return []
     asked = settings.precisions if settings.precisions is not None else ("fp32", "fp16")
     return [p for p in ONNX_PRECISIONS if p in asked]
-
-
-def _same_model(model: Any, manifest_model: ModelConfig, checkpoint: str,
-                bundle: Path) -> None:
-    if not model.config.same_weights_as(manifest_model):
-        raise ValueError(f"{checkpoint} is a different model from the one in {bundle}")

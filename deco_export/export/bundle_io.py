@@ -30,13 +30,14 @@ import numpy as np
 
 from runtimes import bundle as rb
 from runtimes import fileio
+from runtimes.sampler import manifest_defaults, release_sampler
 
 from ..config import DeCoConfig
 from ..model import DeCo
 from ..parity import END_TO_END_MIN_PSNR, check_end_to_end_gate, finite, max_abs_error, psnr
 
 PARITY_LABELS = (1, 2)  # with the null class in front: an unguided and two guided samples
-PARITY_GUIDANCE = 3.2
+PARITY_GUIDANCE = release_sampler("c2i").guidance  # guided at the c2i release's scale
 
 
 class TargetError(rb.BundleError):
@@ -281,9 +282,9 @@ def runtime_of(backend: str) -> str:
 
 
 def default_sampler_settings(config: DeCoConfig) -> dict[str, Any]:
-    """The reference c2i sampler (100 Euler steps, CFG 3.2 on (0.1, 1])."""
-    return {"solver": "euler", "steps": 100, "guidance": 3.2, "guidance_interval": [0.1, 1.0],
-            "shift": 1.0}
+    """The sampler the model's family was released with, as a bundle's "sampler_defaults"
+    (c2i: 100 Euler steps, CFG 3.2 on (0.1, 1])."""
+    return manifest_defaults(release_sampler(config.family))
 
 
 def package_version() -> str:

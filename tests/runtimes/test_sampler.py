@@ -273,3 +273,21 @@ def test_fused_step_capability_gives_the_same_samples(cfg_mode):
     with pytest.raises(ValueError, match="fused_step=True"):
         sample(FusedStepBackend(), noise, labels, SamplerConfig(solver="heun", num_steps=3),
                null_class=NULL, fused_step=True)
+
+
+def test_release_samplers_and_manifest_fallbacks_come_from_one_place():
+    from runtimes.bundle import SamplerDefaults
+    from runtimes.sampler import manifest_defaults, release_sampler
+
+    assert manifest_defaults(release_sampler("c2i")) == {
+        "solver": "euler", "steps": 100, "guidance": 3.2, "guidance_interval": [0.1, 1.0],
+        "shift": 1.0}
+    t2i = release_sampler("t2i")
+    assert (t2i.solver, t2i.num_steps, t2i.guidance, t2i.shift) == ("ab2", 25, 4.0, 3.0)
+    assert manifest_defaults(t2i)["guidance_bounds"] == "()"
+    empty, neutral = SamplerDefaults(), SamplerConfig()
+    assert (empty.solver, empty.steps, empty.guidance, empty.guidance_interval, empty.shift) == (
+        neutral.solver, neutral.num_steps, neutral.guidance, neutral.guidance_interval,
+        neutral.shift)
+    with pytest.raises(ValueError, match="no released sampler"):
+        release_sampler("t2v")
