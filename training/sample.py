@@ -1,10 +1,10 @@
-"""A small Euler sampler on the model itself, for sample grids during training and evaluation.
+"""Sample grids during training and evaluation, through the one runtime sampler.
 
-It follows the reference ``EulerSampler``: grid linspace(0, 1 − 1/N, N) then 1.0, start from
-noise at t = 0, one network call per step on the batch [uncond; cond], guidance
-v = v_u + w·(v_c − v_u) only while t > interval_low (strict, float32), plain Euler steps up to
-t = 1. Production sampling, with its solvers and backends, lives in ``runtimes``; this stays
-here so training needs nothing but the nn.Module.
+`euler_sample` is the reference ``EulerSampler`` setting (grid linspace(0, 1 − 1/N, N) then 1.0,
+from noise at t = 0, guidance v = v_u + w·(v_c − v_u) while t > interval_low) run by
+`runtimes.sampler.sample` on the PyTorch backend, so training previews and evaluation images
+come from the same code as ``deco sample`` and every exported bundle. The grid helpers stay
+here: they lay out training's preview images.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+
+from runtimes.sampler import SamplerConfig, sample
 
 __all__ = ["euler_sample", "grid_labels", "save_grid", "to_uint8"]
 
@@ -33,31 +35,32 @@ def euler_sample(
     autocast: bool = False,
     uncond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t, y) from t = 0 (``noise``) to t = 1; returns (B, C, H, W).
+    """Integrate dx/dt = v(x, t, y) from t = 0 (``noise``) to t = 1; returns (B, C, H, W) on
+    ``noise``'s device.
 
     ``labels`` are class labels (B,) or, for text-to-image, text embeddings (B, L, C) with
-    ``uncond`` the unconditional (empty-prompt) embeddings of the same shape.
+    ``uncond`` the unconditional (empty-prompt) embeddings of the same shape. ``autocast`` runs
+    the network in bfloat16. The model's train/eval mode is left as it was.
     """
-    grid = torch.cat([torch.linspace(0.0, 1.0 - 1.0 / num_steps, num_steps), torch.ones(1)])
-    x = noise.float()
-    b = x.shape[0]
-    guided = cfg_scale != 1.0
-    if uncond is None and guided:
-        null = model.config.null_class if null_class is None else null_class
-        uncond = torch.full_like(labels, null)
-    y = torch.cat([uncond, labels]) if guided else labels
-    dev = x.device
-    for i in range(num_steps):
-        t_cur = grid[i]
-        xin = torch.cat([x, x]) if guided else x
-        t = t_cur.to(dev).expand(xin.shape[0])
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            v = model(xin, t, y).float()
-        if guided:
-            v_u, v_c = v[:b], v[b:]
-            v = v_u + cfg_scale * (v_c - v_u) if t_cur > interval_low else v_c
-        x = x + v * (grid[i + 1] - t_cur).item()
-    return x
+    from deco_export.torch_backend import TorchBackend
+
+    was_training = model.training
+    try:
+        backend = TorchBackend(model, device=noise.device,
+                               precision="bf16" if autocast else "fp32")
+        config = SamplerConfig(solver="euler", num_steps=num_steps, guidance=cfg_scale,
+                               guidance_interval=(interval_low, 1.0), guidance_bounds="(]")
+        cond = labels.cpu().numpy()
+        if cond.ndim == 3:  # text embeddings: the unconditional rows are given, or unused (w = 1)
+            negative = (uncond.float().cpu().numpy() if uncond is not None
+                        else np.zeros_like(cond, dtype=np.float32))
+            x = sample(backend, noise.float().cpu().numpy(), cond, config, uncond=negative)
+        else:
+            null = model.config.null_class if null_class is None else null_class
+            x = sample(backend, noise.float().cpu().numpy(), cond, config, null_class=null)
+    finally:
+        model.train(was_training)
+    return torch.from_numpy(np.asarray(x)).to(noise.device)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
