@@ -92,9 +92,9 @@ def markdown_section(results: list[dict[str, Any]], args: argparse.Namespace) ->
         f"(torch {libs.get('torch')}, onnxruntime {libs.get('onnxruntime')}, openvino "
         f"{libs.get('openvino')}); each row in its own process; speed-ups are ratios within "
         "this run. Random weights (the models' shapes, not trained models): PSNR is against "
-        "the reference loop's images from the same noise. The machine was shared and busy "
-        "(other engineers' tests and trainings; this ran at nice 10), so absolute times are "
-        "slow and noisy, and the GEMM peak was measured under the same load as the rows.",
+        "the reference loop's images from the same noise. Read absolute times with the load "
+        "average below: on a busy machine they are slow and noisy, and the GEMM peak is "
+        "measured under the same load as the rows.",
         "",
         f"- {peaks_line(env)}",
         "",
