@@ -1,0 +1,178 @@
+"""Conversion of one graph: trace, check ranks and ops, enumerate the batch, convert to an
+ML program under the precision policy."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...model import DeCo
+from ..graphs import INPUT_NAMES, OUTPUT_NAMES, example_inputs
+from .inspect import ProgramReport, program_report
+from .precision import ALL_ISLANDS, PrecisionPolicy
+from .targets import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_COMPUTE_UNITS,
+    DEFAULT_TARGET,
+    PRECISIONS,
+    CoreMLExportError,
+    compute_unit,
+    deployment_target,
+    import_coremltools,
+    joint_enumerated_shapes,
+    quiet_conversion,
+)
+
+# Image-like inputs that carry the enumerated batch when only one input may.
+PRIMARY_INPUT = {"dit": "x_t", "decoder": "x_t", "refresh": "hidden"}
+
+
+def _layer_of(node: Any) -> str:
+    """Module path of a TorchScript node ("dit.blocks.0.attn"), from its scope name."""
+    scope = node.scopeName() or ""
+    last = scope.split("/")[-1] if scope else ""
+    return last.replace("__module.", "") or "the top-level forward"
+
+
+def _source_of(node: Any) -> str:
+    try:
+        text = node.sourceRange().strip().splitlines()
+    except Exception:  # source ranges are best effort
+        return ""
+    return f" at {text[0].strip()}" if text else ""
+
+
+def check_ranks(traced: torch.jit.ScriptModule, graph: str) -> None:
+    """Refuse tensors of rank > 5 before converting, naming the layer that makes them.
+
+    Core ML runs at most rank 5; coremltools may still convert a rank-6 reshape, and the model
+    then fails on the device. Checked on the traced graph, which carries every tensor's shape.
+    """
+    for node in traced.inlined_graph.nodes():
+        for out in node.outputs():
+            ttype = out.type()
+            rank = ttype.dim() if isinstance(ttype, torch._C.TensorType) else None
+            if rank is not None and rank > 5:
+                raise CoreMLExportError(
+                    f"{graph} graph: layer {_layer_of(node)} makes a rank-{rank} tensor with "
+                    f"{node.kind()}{_source_of(node)}; Core ML supports rank <= 5. Rewrite it "
+                    "with at most 5 dimensions (e.g. merge batch and channels before a 6-D "
+                    "reshape)"
+                )
+
+
+def unsupported_ops(traced: torch.jit.ScriptModule) -> list[str]:
+    """"aten::op in layer a.b.c (file:line)" for each torch op coremltools has no converter
+    for: what its own "not implemented" error leaves out."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+
+    found = []
+    for node in traced.inlined_graph.nodes():
+        kind = node.kind()
+        if kind.startswith("aten::") and _TORCH_OPS_REGISTRY.get_func(kind) is None:
+            found.append(f"{kind} in layer {_layer_of(node)}{_source_of(node)}")
+    return found
+
+
+def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
+                batch_sizes: Sequence[int], target: Any) -> list[Any]:
+    """Core ML input types with the batch enumerated (see the module docstring)."""
+    joint = joint_enumerated_shapes(ct, target)
+    sizes = sorted(set(batch_sizes))
+    types = []
+    for name, x in zip(INPUT_NAMES[graph], inputs, strict=True):
+        rest = tuple(int(s) for s in x.shape[1:])
+        dtype = np.int32 if not torch.is_floating_point(x) else np.float32
+        if len(sizes) == 1:
+            shape: Any = (sizes[0], *rest)
+        elif joint or name == PRIMARY_INPUT[graph]:
+            shape = ct.EnumeratedShapes(shapes=[(b, *rest) for b in sizes],
+                                        default=(sizes[0], *rest))
+        else:
+            shape = ct.Shape((ct.RangeDim(lower_bound=sizes[0], upper_bound=sizes[-1],
+                                          default=sizes[0]), *rest))
+        types.append(ct.TensorType(name=name, shape=shape, dtype=dtype))
+    return types
+
+
+def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Tensor], *,
+                  precision: str = "fp16", target: str = DEFAULT_TARGET,
+                  batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+                  islands: Sequence[str] = ALL_ISLANDS,
+                  compute_units: str = DEFAULT_COMPUTE_UNITS,
+                  verbose: bool = False) -> tuple[Any, ProgramReport]:
+    """Trace and convert one graph wrapper; returns the MLModel (not loaded) and its report.
+
+    ``module`` is a float32 graph wrapper (``graph_modules(model, "fp32")[graph]``); the
+    precision is applied by coremltools. An fp16 conversion that leaves an fp32 operation
+    outside ``islands`` is refused, naming it.
+    """
+    ct = import_coremltools()
+    if precision not in PRECISIONS:
+        raise CoreMLExportError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    ml_target = deployment_target(ct, target)
+    units = compute_unit(ct, compute_units)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module.eval(), tuple(inputs), check_trace=False)
+    check_ranks(traced, graph)
+    if precision == "fp16":
+        compute_precision = ct.transform.FP16ComputePrecision(
+            op_selector=PrecisionPolicy(tuple(islands)))
+    else:
+        compute_precision = ct.precision.FLOAT32
+    with quiet_conversion(verbose):
+        try:
+            mlmodel = ct.convert(
+                traced,
+                inputs=input_types(ct, graph, inputs, batch_sizes, ml_target),
+                outputs=[ct.TensorType(name=name, dtype=np.float32)
+                         for name in OUTPUT_NAMES[graph]],
+                convert_to="mlprogram",
+                compute_precision=compute_precision,
+                minimum_deployment_target=ml_target,
+                compute_units=units,
+                skip_model_load=True,
+            )
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            culprits = unsupported_ops(traced)
+            where = f"; unsupported: {', '.join(culprits[:3])}" if culprits else ""
+            raise CoreMLExportError(
+                f"Core ML conversion of the {graph} graph failed: {first}{where}"
+            ) from err
+    report = program_report(mlmodel._mil_program, islands if precision == "fp16" else ())
+    if precision == "fp32":
+        report.unexpected_fp32 = []
+    elif report.unexpected_fp32:
+        shown = "; ".join(report.unexpected_fp32[:5])
+        more = len(report.unexpected_fp32) - 5
+        raise CoreMLExportError(
+            f"fp16 {graph} graph: {len(report.unexpected_fp32)} operation(s) stayed fp32 outside "
+            f"the chosen islands ({shown}{f'; and {more} more' if more > 0 else ''}); "
+            "coremltools keeps an op fp32 when a constant exceeds the fp16 range"
+        )
+    return mlmodel, report
+
+
+def tracing_inputs(model: DeCo, height: int, width: int, seed: int
+                   ) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Batch-2 inputs of every graph from one DiT forward (``example_inputs`` runs the DiT once
+    per graph, which costs more than converting the small graphs of a large model)."""
+    x_t, t, y = example_inputs(model, "dit", 2, height, width, seed=seed)
+    with torch.no_grad():
+        cond, hidden = model.dit(x_t, t, y)
+    return {"dit": (x_t, t, y), "decoder": (x_t, cond), "refresh": (hidden, t)}
+
+
+def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int]) -> dict[str, str]:
+    """How each input's batch is declared: "enumerated", "range" or "fixed"."""
+    if len(sizes) == 1:
+        return {name: "fixed" for name in INPUT_NAMES[graph]}
+    joint = joint_enumerated_shapes(ct, deployment_target(ct, target))
+    return {name: "enumerated" if joint or name == PRIMARY_INPUT[graph] else "range"
+            for name in INPUT_NAMES[graph]}

@@ -1,0 +1,356 @@
+"""``export_coreml``: every graph and precision converted, compressed, described, inspected
+and (on macOS) gated against PyTorch, inside one bundle transaction; and the model source of
+an export (a checkpoint, or the checkpoint a bundle names)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...model import DeCo
+from ...parity import (
+    END_TO_END_MIN_PSNR,
+    GraphParity,
+    check_end_to_end_gate,
+    check_graph_gate,
+    finite,
+    max_abs_error,
+    psnr,
+)
+from .. import bundle_io
+from ..graphs import (
+    GRAPH_NAMES,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    example_inputs,
+    export_image_size,
+    graph_modules,
+    io_specs,
+    reference_outputs,
+)
+from .compress import compress_model
+from .convert import batch_shape_kinds, convert_graph, tracing_inputs
+from .inspect import inspect_package
+from .precision import parse_islands
+from .targets import (
+    COMPRESSIONS,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_COMPUTE_UNITS,
+    DEFAULT_TARGET,
+    NOT_RUN_REASON,
+    PARITY_BATCHES,
+    PRECISIONS,
+    CoreMLExportError,
+    Progress,
+    can_predict,
+    compute_unit,
+    deployment_target,
+    import_coremltools,
+    quiet_logs,
+)
+
+DEFAULT_LICENSE = (
+    "Weights: the licence of the source checkpoint. Export code: Apache-2.0 (deco-export)."
+)
+
+GRAPH_DESCRIPTIONS = {
+    "dit": "DeCo DiT: noisy image, time and label -> per-token condition and last hidden state",
+    "decoder": "DeCo pixel decoder: noisy image and per-token condition -> velocity",
+    "refresh": "DeCo condition refresh: cached hidden state and a new time -> condition",
+}
+TENSOR_DESCRIPTIONS = {
+    "x_t": "noisy image (B, C, H, W), float32; t = 0 is pure noise, t = 1 data",
+    "t": "time (B,) in [0, 1], float32",
+    "y": "class label (B,), int32; num_classes is the null (unconditional) class",
+    "hidden": "last DiT block output h (B, L, D), float32",
+    "cond": "per-token condition SiLU(e_t + h) (B, L, D), float32",
+    "v": "velocity x - noise (B, C, H, W), float32",
+}
+
+
+def coreml_file_name(graph: str, precision: str) -> str:
+    """``dit.mlpackage`` for fp32 and ``dit.fp16.mlpackage`` for fp16, as the ONNX names."""
+    return f"{graph}.mlpackage" if precision == "fp32" else f"{graph}.{precision}.mlpackage"
+
+
+def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
+                   image_size: tuple[int, int], batch_sizes: Sequence[int], target: str,
+                   compute_units: str, compression: str, islands: Sequence[str],
+                   license: str, source: dict[str, Any] | None) -> None:
+    """Write the model metadata Xcode and ``MLModel.get_spec()`` show: author, licence,
+    version, descriptions of every input and output, and the DeCo config as JSON."""
+    from ... import __version__
+
+    mlmodel.author = f"deco-export {__version__}"
+    mlmodel.license = license
+    mlmodel.version = __version__
+    mlmodel.short_description = GRAPH_DESCRIPTIONS[graph]
+    for name in INPUT_NAMES[graph]:
+        mlmodel.input_description[name] = TENSOR_DESCRIPTIONS[name]
+    for name in OUTPUT_NAMES[graph]:
+        mlmodel.output_description[name] = TENSOR_DESCRIPTIONS[name]
+    user = {
+        "deco.graph": graph,
+        "deco.precision": precision,
+        "deco.config": json.dumps(model.config.to_dict() | {"image_size": list(image_size)},
+                                  sort_keys=True),
+        "deco.image_size": f"{image_size[0]}x{image_size[1]}",
+        "deco.batch_sizes": ",".join(str(b) for b in batch_sizes),
+        "deco.deployment_target": target,
+        "deco.compute_units": compute_units,
+        "deco.compression": compression,
+        "deco.fp32_islands": ",".join(islands) if precision == "fp16" else "all (fp32)",
+        "deco.version": __version__,
+    }
+    if source and source.get("sha256"):
+        user["deco.source_sha256"] = str(source["sha256"])
+    mlmodel.user_defined_metadata.update(user)
+
+
+def tool_versions() -> dict[str, str]:
+    ct = import_coremltools()
+    return {"torch": torch.__version__, "coremltools": ct.__version__, "numpy": np.__version__}
+
+
+def normalise_batch_sizes(extra: Sequence[int] = ()) -> tuple[int, ...]:
+    sizes = sorted({*DEFAULT_BATCH_SIZES, *(int(b) for b in extra)})
+    if sizes[0] < 1 or len(sizes) > 128:
+        raise CoreMLExportError(
+            f"batch sizes must be positive and at most 128 of them (Core ML's limit on "
+            f"enumerated shapes), got {sizes}"
+        )
+    return tuple(sizes)
+
+
+def export_coreml(
+    model: DeCo,
+    bundle: str | Path,
+    *,
+    precisions: Sequence[str] = ("fp16",),
+    image_size: tuple[int, int] | None = None,
+    source: dict | None = None,
+    target: str = DEFAULT_TARGET,
+    batch_sizes: Sequence[int] = (),
+    compute_units: str = DEFAULT_COMPUTE_UNITS,
+    compression: str = "none",
+    fp32_islands: str | Sequence[str] | None = None,
+    license: str | None = None,
+    parity_steps: int = 10,
+    seed: int = 0,
+    progress: Progress | None = None,
+    verbose: bool = False,
+    force: bool = False,
+) -> Path:
+    """Export ``model`` as Core ML packages into ``bundle`` (created or extended); its path.
+
+    ``batch_sizes`` are added to (1, 2). ``compute_units`` is recorded for the runtime (the
+    package runs on any). ``compression`` is "none", "int8", "palette6" or "palette4".
+    ``fp32_islands`` picks what stays fp32 in fp16 packages ("all", "none" or names from
+    `FP32_ISLANDS`; "none" suits CPU_AND_NE, where fp32 work leaves the Neural Engine).
+    """
+    say = progress or (lambda _msg: None)
+    ct = import_coremltools()
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise CoreMLExportError(
+                f"Core ML precision must be one of {PRECISIONS}, not {precision!r}"
+            )
+    deployment_target(ct, target)
+    compute_unit(ct, compute_units)
+    if compression not in COMPRESSIONS:
+        raise CoreMLExportError(
+            f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}"
+        )
+    islands = parse_islands(fp32_islands)
+    sizes = normalise_batch_sizes(batch_sizes)
+    model = model.float().cpu().eval()
+    try:
+        height, width = export_image_size(model.config, image_size)
+    except ValueError as exc:
+        raise CoreMLExportError(str(exc)) from None
+    licence = license or (source or {}).get("license") or DEFAULT_LICENSE
+    modules = graph_modules(model, "fp32")
+    trace_inputs = tracing_inputs(model, height, width, seed)
+    with bundle_io.BundleTransaction(bundle, model.config, (height, width), source,
+                                     force=force) as txn:
+        for precision in precisions:
+            parity: list[GraphParity] = []
+            for graph in GRAPH_NAMES:
+                name = coreml_file_name(graph, precision)
+                say(f"converting {name} ({target}, batch {','.join(map(str, sizes))}"
+                    f"{', ' + compression if compression != 'none' else ''})")
+                started = time.perf_counter()
+                mlmodel, report = convert_graph(
+                    modules[graph], graph, trace_inputs[graph], precision=precision, target=target,
+                    batch_sizes=sizes, islands=islands, compute_units=compute_units,
+                    verbose=verbose)
+                convert_seconds = time.perf_counter() - started
+                mlmodel, compression_record = compress_model(mlmodel, compression, target,
+                                                              verbose=verbose)
+                describe_model(mlmodel, model, graph, precision, image_size=(height, width),
+                               batch_sizes=sizes, target=target, compute_units=compute_units,
+                               compression=compression, islands=islands, license=licence,
+                               source=source)
+                path = txn.staging / name
+                with quiet_logs():
+                    mlmodel.save(str(path))
+                structure = inspect_package(path)
+                details = {
+                    "format": "mlprogram",
+                    "converter": "coremltools (torch.jit.trace)",
+                    "deployment_target": target,
+                    "specification_version": structure["specification_version"],
+                    "compute_units": compute_units,
+                    "batch_sizes": list(sizes),
+                    "batch_shapes": batch_shape_kinds(ct, graph, target, sizes),
+                    "compute_precision": precision,
+                    "fp32_islands": {n: report.islands.get(n, 0) for n in islands}
+                    if precision == "fp16" else "all",
+                    "compute_ops": report.compute_ops,
+                    "op_counts": structure["op_counts"],
+                    "compression": compression_record,
+                    "constexpr_ops": structure["constexpr_ops"],
+                    "weight_bytes": structure["weight_bytes"],
+                    "convert_seconds": round(convert_seconds, 2),
+                    "export_seconds": round(time.perf_counter() - started, 2),
+                }
+                graph_figures: dict[str, Any]
+                if can_predict():
+                    say(f"checking {name} in Core ML against PyTorch")
+                    results = graph_parity(model, graph, path, height, width, seed,
+                                           compute_units)
+                    parity += results
+                    graph_figures = {"graphs": [r.to_dict() for r in results]}
+                else:
+                    graph_figures = {"status": "not run",
+                                     "reason": NOT_RUN_REASON.format(platform=sys.platform)}
+                inputs_spec, outputs_spec = coreml_io_specs(model, graph, height, width)
+                txn.add_artifact(
+                    runtime="coreml", graph=graph, precision=precision, path=path,
+                    inputs=inputs_spec, outputs=outputs_spec, details=details,
+                    parity=graph_figures, tools=tool_versions(),
+                )
+                say(f"{name}: {report.compute_ops.get('fp16', 0)} fp16 / "
+                    f"{report.compute_ops.get('fp32', 0)} fp32 compute ops, "
+                    f"{structure['weight_bytes'] / 1e6:.1f} MB weights, "
+                    f"{convert_seconds:.1f} s")
+            if can_predict():
+                end_to_end(txn, model, precision, compression, parity, parity_steps, seed,
+                           compute_units, sizes, say)
+            else:
+                txn.record_end_to_end("coreml", precision, {
+                    "status": "not run", "reason": NOT_RUN_REASON.format(platform=sys.platform)})
+    return Path(bundle)
+
+
+def coreml_io_specs(model: DeCo, graph: str, height: int, width: int
+                    ) -> tuple[list[dict], list[dict]]:
+    """The shared I/O specs with Core ML's int32 labels."""
+    inputs, outputs = io_specs(model.config, graph, height, width)
+    ins = [dict(s.to_dict(), dtype="int32" if s.dtype == "int64" else s.dtype) for s in inputs]
+    return ins, [s.to_dict() for s in outputs]
+
+
+def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int, seed: int,
+                 compute_units: str = DEFAULT_COMPUTE_UNITS) -> list[GraphParity]:
+    """Each output of a Core ML package against PyTorch eager fp32 (macOS only)."""
+    ct = import_coremltools()
+    mlmodel = ct.models.MLModel(str(path), compute_units=compute_unit(ct, compute_units))
+    results = []
+    for batch in PARITY_BATCHES:
+        inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
+        expected = reference_outputs(model, graph, inputs)
+        feeds = {name: x.numpy().astype(np.int32 if not torch.is_floating_point(x)
+                                        else np.float32)
+                 for name, x in zip(INPUT_NAMES[graph], inputs, strict=True)}
+        got = mlmodel.predict(feeds)
+        for name, ref in zip(OUTPUT_NAMES[graph], expected, strict=True):
+            label = graph if len(expected) == 1 else f"{graph}.{name}"
+            ref_np, out = ref.numpy(), np.asarray(got[name], dtype=np.float32)
+            results.append(GraphParity(label, batch, max_abs_error(ref_np, out),
+                                       psnr(ref_np, out)))
+    return results
+
+
+def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, compression: str,
+               parity: list[GraphParity], steps: int, seed: int, compute_units: str,
+               batch_sizes: Sequence[int], say: Progress) -> None:
+    """Gate one precision's packages (macOS): per graph, then the sampler end to end.
+
+    Uncompressed packages take the ONNX gates for their precision. Compressed weights change
+    the function itself, so their graph errors are reported, not gated, and their images must
+    reach the fp16 end-to-end gate whatever the compute precision.
+    """
+    what = f"Core ML {precision} export"
+    if compression == "none":
+        check_graph_gate(precision, parity, what=what)
+        say(f"sampling end to end through Core ML ({precision}, {steps} steps)")
+        figures = txn.end_to_end_parity(model, "coreml", precision, steps, seed,
+                                        compute_units=compute_units)
+    else:
+        from runtimes import DeCoPipeline
+        from runtimes.backends.coreml import CoreMLBackend
+
+        say(f"sampling end to end through Core ML ({precision}, {compression}, {steps} steps)")
+        paths = {a.graph: txn.staging / a.file for a in txn.artifacts
+                 if (a.runtime, a.precision) == ("coreml", precision)}
+        backend = CoreMLBackend.from_packages(paths, compute_units=compute_units,
+                                              batch_sizes=batch_sizes)
+        pipe = DeCoPipeline(backend, model.config,
+                            bundle_io.default_sampler_settings(model.config))
+        (height, width) = txn.image_size
+        figures = bundle_io.end_to_end_figures(model, pipe, (height, width), steps, seed)
+        threshold = END_TO_END_MIN_PSNR["fp16"]
+        check_end_to_end_gate("fp16", figures["psnr_db"], what=f"{what} ({compression})")
+        txn.record_end_to_end("coreml", precision, {
+            **figures, "psnr_db": finite(figures["psnr_db"]), "threshold_db": threshold,
+            "compression": compression})
+    worst = max((r.max_abs_error for r in parity), default=math.nan)
+    say(f"Core ML {precision}: worst graph error {worst:.2e}, end to end "
+        f"{figures['psnr_db']:.1f} dB")
+
+
+def load_source(spec: str, weights: str = "ema", checkpoint: str | None = None
+                ) -> tuple[DeCo, dict[str, Any], tuple[int, int] | None]:
+    """(model, source record, image size) from a checkpoint or from an exported bundle.
+
+    A bundle does not hold PyTorch weights: its manifest names the checkpoint it was exported
+    from (with its sha256), which is loaded and checked against the bundle's model; pass
+    ``checkpoint`` when that path is not valid on this machine.
+    """
+    from runtimes import bundle as rb
+
+    from ...sources import is_bundle, load_model
+
+    if not is_bundle(spec):
+        model, source = load_model(checkpoint or spec, weights=weights)
+        return model, source, None
+    manifest = rb.read_manifest(spec)
+    recorded = dict(manifest.source or {})
+    path = checkpoint or recorded.get("path")
+    if not path:
+        raise CoreMLExportError(
+            f"{spec} does not name the checkpoint it was exported from; pass --checkpoint PATH"
+        )
+    model, source = load_model(path, weights=recorded.get("weights", weights))
+    if checkpoint is None and recorded.get("sha256") and source.get("sha256") != \
+            recorded["sha256"]:
+        raise CoreMLExportError(
+            f"the checkpoint at {path} is not the one {spec} was exported from (sha256 "
+            "differs); pass the original with --checkpoint"
+        )
+    have = model.config.to_dict()
+    want = manifest.model.to_dict()
+    if {k: v for k, v in have.items() if k != "image_size"} != \
+            {k: v for k, v in want.items() if k in have and k != "image_size"}:
+        raise CoreMLExportError(f"{path} is a different model from the one in {spec}")
+    size = want.get("image_size")
+    return model, source, (int(size[0]), int(size[1])) if size else None
