@@ -47,7 +47,7 @@ class TensorRTUnavailable(DecoError, RuntimeError):
 
 def require_tensorrt() -> Any:
     """The ``tensorrt`` module, or TensorRTUnavailable with a one-line fix."""
-    from runtimes.backends.tensorrt import INSTALL_HINT
+    from runtimes.backends.cuda_device import INSTALL_HINT
 
     try:
         import tensorrt
@@ -59,7 +59,8 @@ def require_tensorrt() -> Any:
 
 def machine_environment(trt: Any, device_id: int = 0) -> tk.EngineEnvironment:
     """TensorRT version, GPU name and compute capability of this machine."""
-    from runtimes.backends.tensorrt import cuda_environment, import_cuda
+    from runtimes.backends.cuda_device import import_cuda
+    from runtimes.backends.tensorrt_engine import cuda_environment
 
     try:
         return cuda_environment(trt, import_cuda(), device_id)
@@ -260,7 +261,7 @@ def build_engine(trt: Any, onnx_path: Path, plan_path: Path, profiles: Sequence[
 def engine_parity(model: Any, graph: str, plan: Path, batches: Sequence[int],
                   image_size: tuple[int, int], seed: int, device_id: int) -> list[Any]:
     """The engine's outputs against PyTorch eager fp32 at every engine batch."""
-    from runtimes.backends.tensorrt import EngineRunner
+    from runtimes.backends.tensorrt_runner import EngineRunner
 
     from ..parity import GraphParity, max_abs_error, psnr
     from .graphs import INPUT_NAMES, OUTPUT_NAMES, example_inputs, reference_outputs

@@ -555,7 +555,7 @@ class _RecordingCuda:
         return self._alloc(nbytes)
 
     def take(self, nbytes):
-        from runtimes.backends.tensorrt import _Block
+        from runtimes.backends.cuda_device import _Block
 
         return _Block(self._alloc(nbytes), nbytes, None)
 
@@ -695,7 +695,7 @@ def test_graph_calls_run_the_models_then_copy_out_fresh_arrays():
 def test_device_array_views_and_arithmetic_match_the_kernel_signature():
     import re
 
-    from runtimes.backends.tensorrt import _KERNELS, DeviceArray
+    from runtimes.backends.cuda_device import _KERNELS, DeviceArray
 
     cuda = _RecordingCuda()
     a = DeviceArray(cuda, 4096, (4, 3, 2, 2), "float32")
