@@ -40,7 +40,7 @@ from runtimes.fileio import (
 
 from .config import ModelConfig
 from .errors import ConfigError, DecoError
-from .graphs import GRAPH_NAMES, TensorSpec, graphs_for
+from .graphs import GRAPH_NAMES, TensorSpec
 from .sampler import SamplerConfig
 
 __all__ = [
@@ -72,10 +72,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "coreml", "tensorrt")
 GRAPHS = GRAPH_NAMES  # declared in runtimes.graphs, one record each
-# (inputs, outputs) by graph name, a view of the records for code that needs only the names.
-GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    g.name: (g.input_names, g.output_names) for g in graphs_for(ModelConfig()).values()
-}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")  # the variants `deco export onnx` writes
 

@@ -61,6 +61,7 @@ from runtimes.backends.tensorrt_keys import (
 )
 from runtimes.backends.tensorrt_runner import EngineRunner
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_file
+from runtimes.graphs import graphs_for
 
 __all__ = [
     "INSTALL_HINT",
@@ -131,10 +132,10 @@ class TensorRTBackend:
                 f"--precision {precision}`")
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
-            for graph in ("dit", "decoder", "refresh"):
+            for graph, record in graphs_for(self.manifest.model).items():
                 art = self.manifest.get_artifact("tensorrt", graph, precision)
                 if art is None:
-                    if graph == "refresh":
+                    if not record.required:
                         continue
                     try:
                         self.manifest.find_artifact("tensorrt", graph, precision)

@@ -12,7 +12,7 @@ from typing import Any
 from runtimes.backend import BackendError
 from runtimes.backends.cuda_device import INSTALL_HINT, CudaModules, ok
 from runtimes.backends.tensorrt_keys import EngineEnvironment
-from runtimes.bundle import GRAPH_IO
+from runtimes.graphs import get_graph
 
 
 def import_tensorrt() -> Any:
@@ -65,8 +65,9 @@ class Engine:
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: trt_dtype_name(trt, engine.get_tensor_dtype(n)) for n in names}
-        want_in, want_out = GRAPH_IO[graph]
-        if set(self.inputs) != set(want_in) or not set(want_out[:1]) <= set(self.outputs):
+        spec = get_graph(graph)
+        want_in, want_out = spec.input_names, spec.output_names
+        if set(self.inputs) != set(want_in) or not set(spec.required_outputs) <= set(self.outputs):
             raise BackendError(
                 f"{path}: the {graph} engine has inputs {self.inputs} and outputs "
                 f"{self.outputs}, expected {list(want_in)} -> {list(want_out)}; rebuild it"

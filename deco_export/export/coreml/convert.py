@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.graphs import GRAPH_SPECS, get_graph
+
 from ...model import DeCo
 from ..graphs import INPUT_NAMES, OUTPUT_NAMES, example_inputs
 from .inspect import ProgramReport, program_report
@@ -27,8 +29,8 @@ from .targets import (
     quiet_conversion,
 )
 
-# Image-like inputs that carry the enumerated batch when only one input may.
-PRIMARY_INPUT = {"dit": "x_t", "decoder": "x_t", "refresh": "hidden"}
+# The inputs that carry the enumerated batch when only one input may (from the graph records).
+PRIMARY_INPUT = {g.name: g.primary_input for g in GRAPH_SPECS}
 
 
 def _layer_of(node: Any) -> str:
@@ -81,15 +83,15 @@ def unsupported_ops(traced: torch.jit.ScriptModule) -> list[str]:
 def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
                 batch_sizes: Sequence[int], target: Any) -> list[Any]:
     """Core ML input types with the batch enumerated (see the module docstring)."""
-    joint = joint_enumerated_shapes(ct, target)
     sizes = sorted(set(batch_sizes))
+    kinds = get_graph(graph).coreml_batch_kinds(len(sizes), joint_enumerated_shapes(ct, target))
     types = []
     for name, x in zip(INPUT_NAMES[graph], inputs, strict=True):
         rest = tuple(int(s) for s in x.shape[1:])
         dtype = np.int32 if not torch.is_floating_point(x) else np.float32
-        if len(sizes) == 1:
+        if kinds[name] == "fixed":
             shape: Any = (sizes[0], *rest)
-        elif joint or name == PRIMARY_INPUT[graph]:
+        elif kinds[name] == "enumerated":
             shape = ct.EnumeratedShapes(shapes=[(b, *rest) for b in sizes],
                                         default=(sizes[0], *rest))
         else:
@@ -171,8 +173,8 @@ def tracing_inputs(model: DeCo, height: int, width: int, seed: int
 
 def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int]) -> dict[str, str]:
     """How each input's batch is declared: "enumerated", "range" or "fixed"."""
+    spec = get_graph(graph)
     if len(sizes) == 1:
-        return {name: "fixed" for name in INPUT_NAMES[graph]}
+        return spec.coreml_batch_kinds(1, joint_enumeration=False)
     joint = joint_enumerated_shapes(ct, deployment_target(ct, target))
-    return {name: "enumerated" if joint or name == PRIMARY_INPUT[graph] else "range"
-            for name in INPUT_NAMES[graph]}
+    return spec.coreml_batch_kinds(len(sizes), joint)

@@ -328,29 +328,15 @@ def load_source(spec: str, weights: str = "ema", checkpoint: str | None = None
     """
     from runtimes import bundle as rb
 
-    from ...sources import is_bundle, load_model
+    from ...sources import bundle_source, is_bundle, load_model
 
     if not is_bundle(spec):
         model, source = load_model(checkpoint or spec, weights=weights)
         return model, source, None
     manifest = rb.read_manifest(spec)
-    recorded = dict(manifest.source or {})
-    path = checkpoint or recorded.get("path")
-    if not path:
-        raise CoreMLExportError(
-            f"{spec} does not name the checkpoint it was exported from; pass --checkpoint PATH"
-        )
-    model, source = load_model(path, weights=recorded.get("weights", weights))
-    if checkpoint is None and recorded.get("sha256") and source.get("sha256") != \
-            recorded["sha256"]:
-        raise CoreMLExportError(
-            f"the checkpoint at {path} is not the one {spec} was exported from (sha256 "
-            "differs); pass the original with --checkpoint"
-        )
-    have = model.config.to_dict()
-    want = manifest.model.to_dict()
-    if {k: v for k, v in have.items() if k != "image_size"} != \
-            {k: v for k, v in want.items() if k in have and k != "image_size"}:
-        raise CoreMLExportError(f"{path} is a different model from the one in {spec}")
-    size = want.get("image_size")
-    return model, source, (int(size[0]), int(size[1])) if size else None
+    try:
+        model, source = bundle_source(spec, manifest, checkpoint,
+                                      use="a Core ML export converts that PyTorch model")
+    except ValueError as exc:
+        raise CoreMLExportError(str(exc)) from None
+    return model, source, manifest.model.image_size
