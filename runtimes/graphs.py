@@ -190,6 +190,15 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         description="DeCo condition refresh: SiLU(e_t + hidden) at a new t, for DiT sharing "
                     "(hidden, t -> cond)",
     ),
+    GraphSpec(
+        "pixel_dit",
+        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("y", "batch", dtype="int64")),
+        outputs=(_t("v", *_IMAGE),),
+        primary_input="x_t",
+        architectures=("dit",),
+        description="plain pixel DiT baseline: the whole model, DiT blocks then a linear map "
+                    "to each patch's pixels (x_t, t, y -> v), every step",
+    ),
 )
 
 GRAPH_NAMES: tuple[str, ...] = tuple(dict.fromkeys(g.name for g in GRAPH_SPECS))

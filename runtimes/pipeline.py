@@ -233,7 +233,9 @@ class DeCoPipeline:
         runtime = getattr(self.backend, "runtime", None)
         sizes = set()
         for art in self.manifest.artifacts:
-            if art.graph != "dit" or (runtime is not None and art.runtime != runtime):
+            if art.graph not in ("dit", "pixel_dit") or (
+                runtime is not None and art.runtime != runtime
+            ):
                 continue
             spec = art.input("x_t")
             if spec is None or len(spec.shape) != 4:

@@ -30,7 +30,8 @@ from .options import parse_size
 def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
                         image_size: str | None, parity_steps: int, weights: str,
                         force: bool) -> None:
-    """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE.
+    """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE; the plain DiT
+    baseline writes its one graph, pixel_dit.onnx.
 
     CHECKPOINT is 'default' (the embedded model), a checkpoint directory or a reference .ckpt.
     The export is gated on parity with PyTorch; a failing export leaves nothing behind.

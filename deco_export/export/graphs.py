@@ -8,6 +8,10 @@ A graph's contract (names, inputs and outputs, axes, which input leads) is its r
 * ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
 * ``refresh``:  (hidden, t)   -> cond             SiLU(e_t + h), for DiT sharing with a fresh t
 
+The plain pixel DiT baseline (``architecture="dit"``) has no split and exports one graph:
+
+* ``pixel_dit``: (x_t, t, y)   -> v                the whole model, every step
+
 Graph inputs and outputs are always float32 (and int64 labels) whatever the precision inside,
 so a runtime never casts and one sampler drives every artefact. A reduced-precision graph is
 exported from a copy of the model in that dtype; RMSNorm statistics, RoPE and the timestep
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 from runtimes.graphs import GRAPH_NAMES, GRAPH_SPECS, TensorSpec, get_graph, graphs_for
 
 from ..config import DeCoConfig
-from ..model import DeCo
+from ..model import DeCo, PixelDiT
 
 __all__ = [
     "GRAPH_CLASSES", "GRAPH_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "PRECISION_DTYPES",
@@ -70,8 +74,19 @@ class RefreshGraph(nn.Module):
         return self.dit.refresh_condition(hidden.to(self.dtype), t).float()
 
 
+class PixelDiTGraph(nn.Module):
+    def __init__(self, model: PixelDiT):
+        super().__init__()
+        self.model = model
+        self.dtype = model.dit.s_embedder.proj.weight.dtype
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.model(x_t.to(self.dtype), t, y).float()
+
+
 GRAPH_CLASSES: dict[str, type[nn.Module]] = {
     "dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph,
+    "pixel_dit": PixelDiTGraph,
 }
 # Views of the records, in the list form torch.onnx.export takes.
 INPUT_NAMES = {g.name: list(g.input_names) for g in GRAPH_SPECS}
@@ -123,14 +138,16 @@ def io_specs(config: DeCoConfig, graph: str, height: int, width: int
     return get_graph(graph, config).io_specs(config, height, width)
 
 
-def example_inputs(model: DeCo, graph: str, batch: int, height: int, width: int,
+def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, width: int,
                    seed: int = 0) -> tuple[Tensor, ...]:
     """Realistic float32 inputs: noise-like x_t, t in [0, 1], labels with the null class, and
     the condition/hidden the fp32 DiT really produces for them."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     spec = get_graph(graph, cfg)
-    shapes = get_graph("dit", cfg).input_shapes(cfg, batch, height, width)
+    # The model's first graph takes (x_t, t, y): the DiT, or the plain DiT baseline's only graph.
+    first = next(iter(graphs_for(cfg).values()))
+    shapes = first.input_shapes(cfg, batch, height, width)
     values = {"x_t": torch.randn(shapes["x_t"], generator=g),
               "t": torch.rand(shapes["t"], generator=g),
               "y": torch.randint(0, cfg.num_classes + 1, shapes["y"], generator=g)}

@@ -153,7 +153,8 @@ def export_onnx(
                 raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "
                                  f"not {precision!r}")
             modules = graph_modules(model, QUANTIZED_FROM.get(precision, precision))
-            weight_bytes = sum(p.numel() * p.element_size() for p in modules["dit"].parameters())
+            weight_bytes = max(sum(p.numel() * p.element_size() for p in m.parameters())
+                               for m in modules.values())
             external = weight_bytes > EXTERNAL_DATA_BYTES
             parity: list[GraphParity] = []
             files: dict[str, Path] = {}

@@ -314,6 +314,11 @@ def export_tensorrt(
     settings = settings or BuildSettings()
     root = Path(bundle)
     manifest = rb.read_manifest(root)
+    if manifest.model.to_dict().get("architecture", "deco") == "dit":
+        raise ValueError(
+            f"{root} holds the plain DiT baseline (one graph, pixel_dit), which runs on ONNX "
+            "Runtime only; use --backend onnxruntime"
+        )
     check_sources(root, manifest, precisions)  # before TensorRT: a wrong bundle says so first
     trt = require_tensorrt()
     env = machine_environment(trt, device_id)

@@ -398,7 +398,10 @@ class OnnxRuntimeBackend:
             self._check_io(sess, graph, art.file)
             self._check_shapes(sess, art)
             self._sessions[graph] = sess
-        dit_outputs = {o.name for o in self._sessions["dit"].get_outputs()}
+        # The plain DiT baseline is one graph, run through the sampler's velocity capability.
+        self.supports_velocity = "pixel_dit" in self._sessions
+        dit_outputs = ({o.name for o in self._sessions["dit"].get_outputs()}
+                       if "dit" in self._sessions else set())
         self.supports_refresh = "refresh" in self._sessions and "hidden" in dit_outputs
         first = self.providers[0][0]
         self.device = _DEVICE_OF.get(first, "cpu")
@@ -480,6 +483,10 @@ class OnnxRuntimeBackend:
         binding.bind_output(output, self.device, self.device_id)
         sess.run_with_iobinding(binding)
         return OrtArray(binding.get_outputs()[0], self._ops)
+
+    def velocity(self, x_t: Any, t: Any, y: Any) -> Any:
+        """v of the one-graph plain DiT baseline (``supports_velocity``)."""
+        return self._run("pixel_dit", "v", {"x_t": x_t, "t": t, "y": y})
 
     def dit(self, x_t: Any, t: Any, y: Any) -> Any:
         return self._run("dit", "cond", {"x_t": x_t, "t": t, "y": y})

@@ -157,6 +157,11 @@ def export_coreml(
     `FP32_ISLANDS`; "none" suits CPU_AND_NE, where fp32 work leaves the Neural Engine).
     """
     say = progress or (lambda _msg: None)
+    if model.config.architecture == "dit":
+        raise CoreMLExportError(
+            "the plain DiT baseline exports to ONNX only (one graph, pixel_dit); use "
+            "`deco export onnx`"
+        )
     ct = import_coremltools()
     for precision in precisions:
         if precision not in PRECISIONS:
