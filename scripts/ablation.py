@@ -57,9 +57,9 @@ class Plan:
 
     preset: str = "DeCo-T/4"
     data: str = "emoji"
-    steps: int = 500
+    steps: int = 300
     ckpt_every: int = 50
-    eval_every: int = 250
+    eval_every: int = 150
     batch_size: int = 32
     lr: float = 3e-4
     warmup_steps: int = 100
@@ -112,7 +112,7 @@ def load_plan(out: Path, given: Plan | None) -> Plan:
     saved = Plan(**json.loads(path.read_text()))
     if given is None:
         return saved
-    free = {"steps", "ckpt_every", "num_samples", "curve_samples", "threads"}
+    free = {"steps", "ckpt_every", "eval_every", "num_samples", "curve_samples", "threads"}
     for f in dataclasses.fields(Plan):
         if f.name not in free and getattr(saved, f.name) != getattr(given, f.name):
             raise click.ClickException(
@@ -142,16 +142,8 @@ def run_training(plan: Plan, arm: str, out: Path) -> None:
     ):
         print(f"[{arm}] training finished earlier ({latest.name})", flush=True)
         return
-    timing_path = out / arm / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"train_s": 0.0}
-    t0 = time.time()
     print(f"[{arm}] training {cfg.preset} to step {plan.steps}", flush=True)
-    try:
-        train(cfg, resume=latest is not None)
-    finally:
-        timing["train_s"] += time.time() - t0
-        timing_path.parent.mkdir(parents=True, exist_ok=True)
-        timing_path.write_text(json.dumps(timing) + "\n")
+    train(cfg, resume=latest is not None)
 
 
 CHUNK = 50  # samples per evaluation unit: the unit of progress and of resuming
@@ -324,13 +316,24 @@ def cpu_description() -> dict[str, str]:
     return info
 
 
-def throughput(out: Path, arm: str) -> float | None:
-    """Median training images/s over the logged intervals (the first one includes start-up)."""
+def throughput(plan: Plan, out: Path, arm: str) -> tuple[float | None, float | None]:
+    """(median training images/s, training wall seconds) from the run's log.
+
+    Each record's rate covers the steps since the previous record, so the wall time is the sum
+    of steps x batch / rate over the records: optimizer steps only, without process start-up,
+    checkpoints or the steps a restart redid (the log keeps one record per step range).
+    """
     log = out / arm / "log.jsonl"
     if not log.is_file():
-        return None
-    rates = [json.loads(x)["img_per_s"] for x in log.read_text().splitlines() if x.strip()]
-    return float(np.median(rates[1:] or rates)) if rates else None
+        return None, None
+    recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    if not recs:
+        return None, None
+    wall, prev = 0.0, 0
+    for r in recs:
+        wall += (r["step"] - prev) * plan.batch_size / r["img_per_s"]
+        prev = r["step"]
+    return float(np.median([r["img_per_s"] for r in recs])), wall
 
 
 def score(feats: np.ndarray, real: np.ndarray) -> dict[str, float]:
@@ -346,10 +349,14 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
     the last checkpoint on the longest prefix all arms completed (``num_samples`` when done)."""
     from deco_export.config import get_preset
     from deco_export.flops import TRAINING_FACTOR, training_flops
-    from training.metrics import HeldOutScorer
+    from training.data import default_cache_dir
+    from training.metrics import HeldOutScorer, real_features
 
     size = get_preset(plan.preset).image_size
-    real = HeldOutScorer(plan.data, size, device="cpu").real
+    try:  # the features the arms cached; the Inception is loaded only when they are missing
+        real = real_features(plan.data, size, None, None, cache_dir=default_cache_dir())[0]
+    except TypeError:  # not cached: no network was given to compute them
+        real = HeldOutScorer(plan.data, size, device="cpu").real
     final = {arm: read_features(out, arm, plan.steps, plan.num_samples) for arm in ARMS}
     done = [f for f in final.values() if f is not None]
     n_final = min(len(f) for f in done) if len(done) == len(ARMS) else 0
@@ -359,8 +366,7 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
     }  # fmt: skip
     for arm, spec in ARMS.items():
         cfg = get_preset(arm_preset(plan, arm))
-        timing_path = out / arm / "timing.json"
-        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+        img_per_s, wall = throughput(plan, out, arm)
         curve = []
         for step in plan.eval_points():
             feats = read_features(out, arm, step, plan.curve_samples)
@@ -372,7 +378,7 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
             "parameters": _num_parameters(cfg),
             "forward_flops": training_flops(cfg, *cfg.image_size) // TRAINING_FACTOR,
             "train_flops_per_image": training_flops(cfg, *cfg.image_size),
-            "train_img_per_s": throughput(out, arm), "train_wall_s": timing.get("train_s"),
+            "train_img_per_s": img_per_s, "train_wall_s": wall,
             "curve": curve,
         }  # fmt: skip
         if n_final:
@@ -386,6 +392,10 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
                 result["arms"][arm]["kid_vs_baseline"] = boot
                 result["arms"][arm]["kid_boot_se"] = boot["se_a"]
                 result["arms"][BASELINE_ARM]["kid_boot_se"] = boot["se_b"]
+        # What the frequency-aware loss adds: DeCo with it against DeCo without it.
+        result["kid_freq_loss"] = paired_kid_bootstrap(
+            final["deco"][:n_final], final["deco-nofreq"][:n_final], real
+        )
     return result
 
 
@@ -462,6 +472,21 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def curve_table(result: dict[str, Any]) -> str:
+    """FID and KID per checkpoint on the curve samples, one column per arm."""
+    arms = result["arms"]
+    steps = sorted({c["step"] for r in arms.values() for c in r["curve"]})
+    head = "| step | " + " | ".join(f"{r['label']} FID / KID x1e3" for r in arms.values()) + " |"
+    rows = [head, "|---:|" + "---:|" * len(arms)]
+    for step in steps:
+        cells = []
+        for r in arms.values():
+            c = next((c for c in r["curve"] if c["step"] == step), None)
+            cells.append(f"{c['fid']:.1f} / {c['kid'] * 1e3:.1f}" if c else "—")
+        rows.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
@@ -516,7 +541,7 @@ def run_all(out: str, docs: str, **kw: Any) -> None:
         if v != getattr(Plan(), k)
     )
     result = write_report(plan, Path(out), Path(docs), command)
-    click.echo(table(result))
+    click.echo(table(result) + "\n\n" + curve_table(result))
 
 
 @cli.command()
@@ -527,7 +552,7 @@ def report(out: str, docs: str, command: str) -> None:
     """Write docs/eval/ablation.json and the plots from what is evaluated so far."""
     plan = load_plan(Path(out), None)
     result = write_report(plan, Path(out), Path(docs), command)
-    click.echo(table(result))
+    click.echo(table(result) + "\n\n" + curve_table(result))
 
 
 if __name__ == "__main__":
