@@ -30,8 +30,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         if providers:
             options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
         if backend == "onnxruntime":
-            # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch
-            # (deco_export.commands).
+            # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch (set by
+            # deco_export.commands).
             options["allow_spinning"] = False
         if backend == "openvino":
             options["device"] = device  # CPU, GPU or NPU
@@ -42,12 +42,13 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             f"{source} is a checkpoint, which only the torch backend runs; export it first "
             f"(`deco export onnx {source} BUNDLE`) to use {backend}"
         )
+    from .backends import create_backend
     from .export.bundle_io import default_sampler_settings
     from .sources import load_model
-    from .torch_backend import TorchBackend
 
     model, _ = load_model(source)
-    backend_obj = TorchBackend(model, device=device, precision=precision, compile=compile)
+    backend_obj = create_backend("torch", model, device=device, precision=precision,
+                                 compile=compile)
     return runtimes.DeCoPipeline(backend_obj, model_config=model.config,
                                  sampler_defaults=default_sampler_settings(model.config))
 

@@ -4,10 +4,18 @@ Mirrors diffusers' pipelines: a pipeline owns a backend (the model) and builds a
 configuration (the scheduler) per call from the bundle's defaults and the caller's overrides.
 
 Backends are found by name in a small registry of ``"module:attribute"`` strings, imported only
-when used, so ``deco_export`` can register its PyTorch backend without ``runtimes`` importing
-torch::
+when used. Other packages add backends through the ``runtimes.backends`` entry-point group: an
+entry named after the backend points to a function that registers it, called the first time
+that name is asked for. deco-export registers its PyTorch backends so (without ``runtimes``
+importing torch)::
 
-    runtimes.register_backend("torch", "deco_export.backend:TorchBackend")
+    [project.entry-points."runtimes.backends"]
+    torch = "deco_export.backends:register"
+
+and ``deco_export.backends.register`` calls, for each::
+
+    runtimes.register_backend("torch", "deco_export.backends.torch_backend:from_bundle",
+                              runtime="torch")
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ __all__ = [
     "DeCoPipeline",
     "GenerationOutput",
     "available_backends",
+    "create_backend",
     "load",
     "record_schedule",
     "register_backend",
@@ -69,6 +78,7 @@ _REGISTRY: dict[str, _Entry] = {
     "openvino": _Entry("runtimes.backends.openvino:OpenVinoBackend", "onnx"),
 }
 _ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime"}
+ENTRY_POINT_GROUP = "runtimes.backends"
 
 
 def register_backend(
@@ -89,18 +99,28 @@ def register_backend(
     _REGISTRY[name] = _Entry(factory, runtime)
 
 
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {e.name: e for e in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def available_backends() -> list[str]:
-    """Registered backend names (registration does not mean its library is installed)."""
-    return sorted(_REGISTRY)
+    """Registered backend names and those other packages offer through the
+    ``runtimes.backends`` entry points (neither means the library is installed)."""
+    return sorted({*_REGISTRY, *_entry_points()})
 
 
 def _factory(name: str) -> tuple[Callable[..., Any], str | None]:
     key = _ALIASES.get(name, name)
     entry = _REGISTRY.get(key)
+    if entry is None and key in (found := _entry_points()):
+        found[key].load()()  # the package's registration function
+        entry = _REGISTRY.get(key)
     if entry is None:
         raise ValueError(
             f"unknown backend {name!r}: registered backends are {', '.join(available_backends())}"
-            f" (deco_export registers 'torch' when imported)"
+            f" (deco-export[torch] adds 'torch' and 'torch-cuda')"
         )
     if callable(entry.factory):
         return entry.factory, entry.runtime
@@ -460,6 +480,15 @@ def record_schedule(
         manifest.add_schedule(key, entry)
         _bundle.write_manifest(root, manifest)
     return path
+
+
+def create_backend(name: str, bundle_dir: str | os.PathLike[str] | None, manifest: Any,
+                   **options: Any) -> Any:
+    """The registered backend ``name``, created as ``load`` creates it but without reading or
+    verifying a bundle: for callers that already hold the manifest (or, for the PyTorch
+    backends, the model: ``model=...``, and then ``bundle_dir`` and ``manifest`` may be None)."""
+    factory, _ = _factory(name)
+    return factory(bundle_dir, manifest, **options)
 
 
 def load(

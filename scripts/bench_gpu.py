@@ -7,9 +7,9 @@ Protocol (issue 6; the DeCo paper's A800 setting): DeCo-XL/16 at 256x256 with ra
 * ``eager-reference``: what the reference sampler does: fp32 weights under bf16 autocast, one
   [uncond; cond] forward per step, the guidance interval tested on a GPU tensor (a host sync
   per step), Python-side Euler update.
-* ``torch-cuda``: `deco_export.cuda_backend.CudaGraphBackend`: bf16 weights, torch.compile and
-  one CUDA graph per whole step, driven by the runtime sampler (fast CFG: no unconditional half
-  outside the interval).
+* ``torch-cuda``: `deco_export.backends.cuda_backend.CudaGraphBackend`: bf16 weights,
+  torch.compile and one CUDA graph per whole step, driven by the runtime sampler (fast CFG: no
+  unconditional half outside the interval).
 * ``ort-cuda``: the ONNX Runtime backend on CUDAExecutionProvider (device-resident IO), when
   onnxruntime-gpu is installed; the fp16 graphs are exported into a temporary bundle first.
 * ``tensorrt``: the TensorRT backend on a bundle given with ``--tensorrt-bundle`` (engines built
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
 
     if "torch-cuda" in only:
-        from deco_export.cuda_backend import CudaGraphBackend
+        from deco_export.backends.cuda_backend import CudaGraphBackend
 
         if device.type != "cuda":
             print(f"{'torch-cuda':>16}: skipped (needs --device cuda)", flush=True)

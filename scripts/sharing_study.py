@@ -221,9 +221,9 @@ def comparison_image(rows: dict[str, np.ndarray], scale: int = 2) -> Any:
 def main() -> None:
     import torch
 
+    from deco_export.backends.torch_backend import TorchBackend
     from deco_export.export.bundle_io import default_sampler_settings
     from deco_export.sources import load_model
-    from deco_export.torch_backend import TorchBackend
     from training import metrics
     from training.data import default_cache_dir
 

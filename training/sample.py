@@ -42,7 +42,7 @@ def euler_sample(
     ``uncond`` the unconditional (empty-prompt) embeddings of the same shape. ``autocast`` runs
     the network in bfloat16. The model's train/eval mode is left as it was.
     """
-    from deco_export.torch_backend import TorchBackend
+    from deco_export.backends.torch_backend import TorchBackend
 
     was_training = model.training
     try:

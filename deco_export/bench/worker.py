@@ -45,9 +45,9 @@ def open_pipeline(spec: Mapping[str, Any]) -> Any:
         options: dict[str, Any] = {}
         if kind.runtime == "onnx":
             options["providers"] = [kind.provider]
-            # Idle pool threads sleep, as torch's do under OMP_WAIT_POLICY=PASSIVE
-            # (deco_export.commands):
-            # both libraries then wait the same way and a busy machine slows neither alone.
+            # Idle pool threads sleep, as torch's do under OMP_WAIT_POLICY=PASSIVE (set by
+            # deco_export.commands): both libraries then wait the same way and a busy machine
+            # slows neither alone.
             options["allow_spinning"] = False
             if threads:
                 options["intra_op_threads"] = threads
@@ -60,21 +60,17 @@ def open_pipeline(spec: Mapping[str, Any]) -> Any:
 
     import torch
 
+    from deco_export.backends import create_backend
     from deco_export.sources import load_model
 
     if threads:
         torch.set_num_threads(int(threads))
     model, _ = load_model(spec["checkpoint"])
-    device = spec["device"]
-    if kind.name == "torch-cuda":
-        from deco_export.cuda_backend import CudaGraphBackend
-
-        backend_obj: Any = CudaGraphBackend(model, device=device, precision=row["precision"])
-    else:
-        from deco_export.torch_backend import TorchBackend
-
-        backend_obj = TorchBackend(model, device=device, precision=row["precision"],
-                                   compile=kind.name == "torch-compile")
+    settings: dict[str, Any] = {"device": spec["device"], "precision": row["precision"]}
+    if kind.name != "torch-cuda":
+        settings["compile"] = kind.name == "torch-compile"
+    backend_obj = create_backend("torch-cuda" if kind.name == "torch-cuda" else "torch", model,
+                                 **settings)
     return runtimes.DeCoPipeline(backend_obj, model_config=spec["model"],
                                  sampler_defaults=spec["sampler_defaults"])
 

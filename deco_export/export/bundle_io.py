@@ -255,7 +255,7 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
     """
     import runtimes
 
-    from ..torch_backend import TorchBackend
+    from ..backends.torch_backend import TorchBackend
 
     reference = runtimes.DeCoPipeline(
         TorchBackend(model, device="cpu"), model_config=model.config,

@@ -43,9 +43,9 @@ def weights_sha(golden_dir) -> str:
 @pytest.fixture
 def golden_bundle(tmp_path, golden_dir, weights_sha) -> Path:
     """A bundle directory whose backend is the golden model in PyTorch."""
+    from deco_export.backends.torch_backend import TorchBackend
     from deco_export.checkpoint import load_pretrained
     from deco_export.export.bundle_io import default_sampler_settings
-    from deco_export.torch_backend import TorchBackend
 
     model = load_pretrained(golden_dir)
     runtimes.register_backend(TEST_BACKEND, lambda root, manifest, precision, **kw:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from deco_export import DeCo, get_preset
-from deco_export.cuda_backend import CudaGraphBackend, guided_step, unguided_step
+from deco_export.backends.cuda_backend import CudaGraphBackend, guided_step, unguided_step
+from deco_export.backends.torch_backend import TorchBackend
 from deco_export.parity import END_TO_END_MIN_PSNR, psnr
-from deco_export.torch_backend import TorchBackend
 from runtimes.sampler import SamplerConfig, sample
 
 NULL = 10

@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import runtimes
 from deco_export import DeCo, get_preset
+from deco_export.backends.torch_backend import TorchBackend
 from deco_export.flops import graph_flops, sampling_flops
-from deco_export.torch_backend import TorchBackend
 
 
 def counted(fn, *args) -> int:

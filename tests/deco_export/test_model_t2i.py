@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import deco_export
 from deco_export import DeCo, DeCoConfig, get_preset
+from deco_export.backends.torch_backend import TorchBackend
 from deco_export.checkpoint import CheckpointError, load_reference, save_pretrained
-from deco_export.torch_backend import TorchBackend
 from runtimes.sampler import SamplerConfig, make_plan, sample
 
 

@@ -484,8 +484,8 @@ def test_engines_pass_their_gates_and_are_kept_when_up_to_date(tiny_trt_bundle, 
 def test_backend_fused_steps_match_the_sampler_and_pytorch(tiny_trt_bundle, golden_model,
                                                            precision):
     import runtimes
+    from deco_export.backends.torch_backend import TorchBackend
     from deco_export.parity import psnr
-    from deco_export.torch_backend import TorchBackend
     from runtimes.sampler import SamplerConfig, sample
 
     cfg = SamplerConfig(num_steps=8, guidance=3.0, guidance_interval=(0.3, 1.0))

@@ -9,9 +9,9 @@ import pytest
 
 import runtimes
 from deco_export import parity
+from deco_export.backends.torch_backend import TorchBackend
 from deco_export.export.bundle_io import default_sampler_settings
 from deco_export.machine import missing_bf16_reason
-from deco_export.torch_backend import TorchBackend
 from deco_export.validate import gate_backend
 
 NO_BF16 = missing_bf16_reason()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .model import DeCo, PixelDiT
+from ..model import DeCo, PixelDiT
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,7 +64,7 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> TorchBackend:
-        from .checkpoint import load_any
+        from ..checkpoint import load_any
 
         return cls(load_any(path), **kwargs)
 
@@ -112,3 +113,17 @@ class TorchBackend:
 
     def close(self) -> None:
         pass
+
+
+def from_bundle(bundle_dir: str | Path | None, manifest: Any, *, precision: str = "fp32",
+                device: str | torch.device | None = "cpu", compile: bool = False,
+                checkpoint: str | None = None, model: DeCo | PixelDiT | None = None
+                ) -> TorchBackend:
+    """The runtimes registry's factory for "torch": the checkpoint a bundle was exported from
+    (its manifest names it; ``checkpoint`` overrides the path), or ``model`` when the caller
+    has loaded it already (then ``bundle_dir`` and ``manifest`` may be None)."""
+    if model is None:
+        from ..sources import bundle_source_model
+
+        model = bundle_source_model(bundle_dir or ".", manifest, checkpoint)
+    return TorchBackend(model, device=device, precision=precision, compile=compile)

@@ -18,7 +18,7 @@ kernels), so what matters is removing the host from the loop:
   guidance interval costs nothing.
 
 Works on torch >= 2.11 (``torch.compile`` modes, ``torch.cuda.graph`` with a shared pool). The
-plain `deco_export.torch_backend.TorchBackend` remains the CPU/reference path.
+plain `deco_export.backends.torch_backend.TorchBackend` remains the CPU/reference path.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .model import DeCo
+from ..model import DeCo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "max-autotune", "reduce-overhead")
@@ -287,3 +288,15 @@ def _raise_recompile_limit(limit: int) -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < limit:
             setattr(cfg, name, limit)
+
+
+def from_bundle(bundle_dir: str | Path | None, manifest: Any, *, precision: str = "bf16",
+                device: str | torch.device = "cuda", checkpoint: str | None = None,
+                model: DeCo | None = None, **options: Any) -> CudaGraphBackend:
+    """The runtimes registry's factory for "torch-cuda" (see ``torch_backend.from_bundle``);
+    ``options`` are `CudaGraphBackend`'s (compile, compile_mode, cuda_graphs, warmup)."""
+    if model is None:
+        from ..sources import bundle_source_model
+
+        model = bundle_source_model(bundle_dir or ".", manifest, checkpoint)
+    return CudaGraphBackend(model, device=device, precision=precision, **options)
