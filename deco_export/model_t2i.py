@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DeCoConfig
-from .model import (
+from .layers import (
     PatchEmbedder,
     RMSNorm,
     TimestepEmbedder,

@@ -1,0 +1,125 @@
+"""Building blocks both model families share (`deco_export.model` for class labels,
+`deco_export.model_t2i` for text): patches with ranks <= 5 for Core ML, the patch and timestep
+embedders, RMSNorm, the 2-D RoPE rotation and adaLN's modulate. Each family's own layers stay
+in its file, in the order data flows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------
+# Patches: (B, C, H, W) <-> per-token pixels, with ranks <= 5 for Core ML.
+# ---------------------------------------------------------------------------------------------
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, C, L, p*p): tokens in raster order, pixels ky*p + kx inside a patch."""
+    b, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    x = x.reshape(b * c, gh, p, gw, p).permute(0, 1, 3, 2, 4)  # (BC, gh, gw, ky, kx)
+    return x.reshape(b, c, gh * gw, p * p)
+
+
+def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`patchify`: (B, C, L, p*p) -> (B, C, H, W)."""
+    b, c = x.shape[0], x.shape[1]
+    gh, gw = h // p, w // p
+    x = x.reshape(b * c, gh, gw, p, p).permute(0, 1, 3, 2, 4)  # (BC, gh, ky, gw, kx)
+    return x.reshape(b, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------------
+
+
+class PatchEmbedder(nn.Module):
+    """Linear(C*p*p -> D) on channel-major patch vectors (index c*p*p + ky*p + kx)."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, hidden_size, bias=True)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.proj(patches)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1] followed by an MLP.
+
+    The reference uses max_period 10 (not 10000) because t is not scaled by 1000, and orders the
+    features [cos | sin]. Both matter for the released weights.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10.0):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.max_period = max_period
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def frequency_features(self, t: Tensor) -> Tensor:
+        half = self.frequency_size // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(self.max_period) * k / half)
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        features = self.frequency_features(t)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT block parts: RMSNorm, the 2-D RoPE, adaLN modulate
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; the weight multiplies after casting back, as the c2i code."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_from_positions(x_pos: Tensor, y_pos: Tensor, head_dim: int,
+                        theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (L, head_dim/2) of the 2-D RoPE for per-token positions (L,) in float32.
+
+    Pair j rotates by x*f_{j/2} for even j and y*f_{(j-1)/2} for odd j, f_k = theta^(-4k/hd).
+    """
+    k = torch.arange(0, head_dim, 4, dtype=torch.float32, device=x_pos.device)[: head_dim // 4]
+    freqs = 1.0 / (theta ** (k / head_dim))
+    x_angles = x_pos.reshape(-1, 1) * freqs[None, :]
+    y_angles = y_pos.reshape(-1, 1) * freqs[None, :]
+    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(x_pos.numel(), head_dim // 2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (x[2j], x[2j+1]) of x (B, N, heads, hd) in float32."""
+    b, n, heads, hd = x.shape
+    pairs = x.float().reshape(b, n, heads, hd // 2, 2)
+    a, c = pairs[..., 0], pairs[..., 1]
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    rotated = torch.stack([a * cos - c * sin, a * sin + c * cos], dim=-1)
+    return rotated.reshape(b, n, heads, hd).type_as(x)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
