@@ -13,6 +13,10 @@ The decoder is counted in two parts, the way DiT sharing can split it:
 * ``decoder_pixel``: what depends on x_t: the pixel embedding, ``input_proj``, the blocks'
   MLPs and the final layer.
 
+The text-to-image DiT (``family="t2i"``) adds the text path: ``y_embedder``, the refine blocks
+over the text tokens, each block's text keys/values (``kv_y``) and the image queries' attention
+to the text keys.
+
 The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
 blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
 
@@ -62,14 +66,24 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
         return graph_flops(config, "dit", b, height, width) + b * final
     if graph == "dit":
         depth = _field(config, "dit_depth")
-        mlp = int(2 * (4 * d_model) / 3)  # SwiGLU width, as DeCoConfig.mlp_hidden_size
+        text = _family(config) == "t2i"
+        # SwiGLU width, as DeCoConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
+        mlp = 4 * d_model if text else int(2 * (4 * d_model) / 3)
+        text_len = _field(config, "text_len") if text else 0
         per_block = (2 * d_model * 6 * d_model  # adaLN on the per-sample vector
                      + 2 * tokens * d_model * 3 * d_model  # qkv
-                     + 4 * tokens * tokens * d_model  # QK^T and AV over all heads
+                     + 4 * tokens * (tokens + text_len) * d_model  # QK^T and AV, all keys
                      + 2 * tokens * d_model * d_model  # proj
                      + 3 * 2 * tokens * d_model * mlp)  # SwiGLU w1, w3, w2
         per_sample = (2 * tokens * c * p * p * d_model + _timestep_mlp(d_model)
                       + depth * per_block)
+        if text:
+            refine = (2 * d_model * 6 * d_model + 2 * text_len * d_model * 3 * d_model
+                      + 4 * text_len * text_len * d_model + 2 * text_len * d_model * d_model
+                      + 3 * 2 * text_len * d_model * mlp)
+            per_sample += (2 * text_len * _field(config, "text_dim") * d_model  # y_embedder
+                           + _field(config, "refine_depth") * refine
+                           + depth * 2 * text_len * d_model * 2 * d_model)  # kv_y
         return b * per_sample
     depth = _field(config, "decoder_depth")
     cond = pixels * (2 * d_model * d + depth * 2 * d * 3 * d)
@@ -100,6 +114,12 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
     return (int(cost["dit_samples"]) * dit
             + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
             + cond_samples * dec_cond)
+
+
+def _family(config: Any) -> str:
+    if isinstance(config, Mapping):
+        return str(config.get("family", "c2i"))
+    return str(getattr(config, "family", "c2i"))
 
 
 def _architecture(config: Any) -> str:

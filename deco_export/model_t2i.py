@@ -41,7 +41,7 @@ from .layers import (
 # ---------------------------------------------------------------------------------------------
 
 
-def t2i_rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+def t2i_rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device | None,
                     theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos/sin tables (L, head_dim/2) of the T2I RoPE: unnormalised, crossed spans.
 
@@ -63,7 +63,7 @@ def rope_position_features(p: int, width: int = 64, dtype: torch.dtype = torch.f
     x = kx*p/(p-1), y = ky*p/(p-1) and f_k = 10000^(-k/(width/2)): the reference builds the
     complex table and casts it to the input dtype, which keeps the real part.
     """
-    cos, _ = t2i_rope_tables(p, p, 2 * width, device or torch.device("cpu"))
+    cos, _ = t2i_rope_tables(p, p, 2 * width, device)
     return cos.to(dtype)
 
 

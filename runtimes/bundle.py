@@ -13,8 +13,11 @@ Layout::
       dit.onnx, decoder.onnx, ...   (names are free; the manifest says which is which)
       schedules/*.json  DiT-sharing schedules, also recorded under "schedules"
 
-Graphs are declared in `runtimes.graphs` (names, inputs and outputs): "dit", "decoder" and the
-optional "refresh". Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
+Graphs are declared in `runtimes.graphs` (names, inputs and outputs, per model family): "dit"
+(x_t, t, y -> cond, hidden; a text-to-image model's DiT takes ``text`` (B, L, C) float32 in
+place of the labels ``y``), "decoder", the optional "refresh", and a text-to-image bundle's
+"text_encoder" (input_ids, attention_mask -> hidden, with its tokenizer.json as an extra file).
+Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
 "fp16", "bf16", and "int8" (ONNX graphs with int8 weights, quantized dynamically by ONNX
 Runtime). Graph inputs and outputs are float32 / int64 whatever the precision: reduced precision
 lives inside the graph.
@@ -549,6 +552,11 @@ def verify(
         where = "/".join(art.key)
         entries.append((art.file, art.sha256, art.bytes, where))
         entries.extend((rel, sha, None, where) for rel, sha in art.extra_files.items())
+    negative = (manifest.extra.get("text") or {}).get("negative_prompt_embeds")
+    if negative and "file" in negative and "sha256" in negative:  # read by every runtime
+        size = negative.get("bytes")
+        entries.append((str(negative["file"]), str(negative["sha256"]),
+                        None if size is None else int(size), "text negative_prompt_embeds"))
     if runtime is None and precision is None:
         for key, entry in manifest.schedules.items():
             if "file" in entry and "sha256" in entry:

@@ -29,6 +29,7 @@ __all__ = [
     "GraphSpec",
     "TensorSpec",
     "axis_sizes",
+    "dit_condition_input",
     "get_graph",
     "graphs_for",
 ]
@@ -89,7 +90,9 @@ class GraphSpec:
     target cannot enumerate every input jointly). ``optional_outputs`` may be missing from a
     loaded graph (the DiT's ``hidden`` only feeds the refresh graph). ``required`` graphs must
     be in a bundle for a runtime to sample; the others add features. ``families`` and
-    ``architectures`` say which models have this graph.
+    ``architectures`` say which models have this graph. ``sampled`` graphs are the ones a
+    sampling backend loads; the text encoder is not (it runs once per prompt, before sampling,
+    in `runtimes.text_encoder`), so backends and exporters of the DeCo graphs skip it.
     """
 
     name: str
@@ -101,6 +104,7 @@ class GraphSpec:
     optional_outputs: tuple[str, ...] = ()
     families: tuple[str, ...] = ("c2i",)
     architectures: tuple[str, ...] = ("deco",)
+    sampled: bool = True
     _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,10 +179,21 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
                     "(x_t, t, y -> cond, hidden), once per DiT step",
     ),
     GraphSpec(
+        "dit",
+        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("text", "batch", "text_len", "text_dim")),
+        outputs=(_t("cond", *_PER_TOKEN), _t("hidden", *_PER_TOKEN)),
+        primary_input="x_t",
+        optional_outputs=("hidden",),
+        families=("t2i",),
+        description="DeCo text-to-image DiT: as the c2i DiT, conditioned on the text "
+                    "encoder's features (x_t, t, text -> cond, hidden), once per DiT step",
+    ),
+    GraphSpec(
         "decoder",
         inputs=(_t("x_t", *_IMAGE), _t("cond", *_PER_TOKEN)),
         outputs=(_t("v", *_IMAGE),),
         primary_input="x_t",
+        families=("c2i", "t2i"),
         description="DeCo pixel decoder: the velocity v = x - eps (x_t, cond -> v), every step",
     ),
     GraphSpec(
@@ -187,6 +202,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         outputs=(_t("cond", *_PER_TOKEN),),
         primary_input="hidden",
         required=False,
+        families=("c2i", "t2i"),
         description="DeCo condition refresh: SiLU(e_t + hidden) at a new t, for DiT sharing "
                     "(hidden, t -> cond)",
     ),
@@ -199,14 +215,29 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         description="plain pixel DiT baseline: the whole model, DiT blocks then a linear map "
                     "to each patch's pixels (x_t, t, y -> v), every step",
     ),
+    GraphSpec(
+        "text_encoder",
+        inputs=(_t("input_ids", "batch", "text_len", dtype="int64"),
+                _t("attention_mask", "batch", "text_len", dtype="int64")),
+        outputs=(_t("hidden", "batch", "text_len", "text_dim"),),
+        primary_input="input_ids",
+        required=False,
+        families=("t2i",),
+        sampled=False,
+        description="Text encoder of a text-to-image bundle: the token ids and mask of a "
+                    "prompt padded to text_len (tokenizer.json) to the DiT's text features "
+                    "(input_ids, attention_mask -> hidden), once per prompt",
+    ),
 )
 
 GRAPH_NAMES: tuple[str, ...] = tuple(dict.fromkeys(g.name for g in GRAPH_SPECS))
 
 
-def graphs_for(config: ModelConfig) -> dict[str, GraphSpec]:
-    """The graphs of one model, by name, in export order."""
-    found = {g.name: g for g in GRAPH_SPECS if g.applies_to(config)}
+def graphs_for(config: ModelConfig, sampled_only: bool = True) -> dict[str, GraphSpec]:
+    """The graphs of one model, by name, in export order: the ones the sampler runs, or with
+    ``sampled_only=False`` also the ones run before it (a t2i bundle's text encoder)."""
+    found = {g.name: g for g in GRAPH_SPECS
+             if g.applies_to(config) and (g.sampled or not sampled_only)}
     if not found:
         raise ConfigError(
             f"no graphs are declared for family {config.family!r} with architecture "
@@ -220,5 +251,11 @@ def get_graph(name: str, config: ModelConfig | None = None) -> GraphSpec:
     for g in GRAPH_SPECS:
         if g.name == name and (config is None or g.applies_to(config)):
             return g
-    known = list(graphs_for(config)) if config is not None else list(GRAPH_NAMES)
+    known = list(graphs_for(config, False)) if config is not None else list(GRAPH_NAMES)
     raise ConfigError(f"unknown graph {name!r}; expected one of {known}")
+
+
+def dit_condition_input(config: ModelConfig) -> str:
+    """The DiT input that carries the condition for this model's family: "y" (class labels)
+    or "text" (the text encoder's features); the backends feed the sampler's condition to it."""
+    return next(n for n in get_graph("dit", config).input_names if n not in ("x_t", "t"))

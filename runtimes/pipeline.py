@@ -45,6 +45,7 @@ from runtimes.sharing import (
     save_schedule,
     schedule_key,
 )
+from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
     "CalibrationResult",
@@ -142,7 +143,8 @@ class GenerationOutput:
     images: a list of PIL images ("pil"); the float32 samples (B, C, H, W) in about [-1, 1]
         exactly as the sampler produced them, before uint8 conversion ("np"); or (B, H, W, C)
         uint8 ("uint8").
-    class_labels / seed: what was generated (seed None when noise was given).
+    class_labels / seed: what was generated (seed None when noise was given); class_labels is
+        empty for a text-to-image model (``prompts`` holds the prompts when they were given).
     cost: graph calls and per-sample passes (see `SamplingPlan.cost`).
     config: the resolved sampler settings.
     """
@@ -152,6 +154,30 @@ class GenerationOutput:
     seed: int | list[int] | None
     cost: dict[str, int] = field(default_factory=dict)
     config: SamplerConfig | None = None
+    prompts: list[str] | None = None
+
+
+# The manifest section of a text-to-image bundle: the negative prompt and the file holding its
+# encoding, so the unconditional half never needs the text encoder.
+TEXT_SECTION = "text"
+
+
+def bundle_negative_embeds(root: str | os.PathLike[str], manifest: Manifest) -> np.ndarray | None:
+    """The encoded negative (empty) prompt a text-to-image bundle stores, checked against its
+    sha256; None when the bundle stores none."""
+    entry = (manifest.extra.get(TEXT_SECTION) or {}).get("negative_prompt_embeds")
+    if not entry:
+        return None
+    path = Path(root) / str(entry["file"])
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (the encoded negative prompt); export the bundle again")
+    if _bundle.sha256_file(path) != entry.get("sha256"):
+        raise BundleError(
+            f"{path}: sha256 does not match the manifest; the file was modified after export: "
+            "restore it or export the bundle again"
+        )
+    stored: np.ndarray = np.load(path, allow_pickle=False)
+    return stored.astype(np.float32)
 
 
 @dataclass
@@ -181,8 +207,12 @@ class DeCoPipeline:
         *,
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         manifest: Manifest | None = None,
+        text_encoder: Any = None,
+        negative_prompt_embeds: np.ndarray | None = None,
     ) -> None:
         self.backend = backend
+        self.text_encoder = text_encoder
+        self.negative_prompt_embeds = negative_prompt_embeds
         self.model_config = (
             model_config
             if isinstance(model_config, ModelConfig)
@@ -235,6 +265,7 @@ class DeCoPipeline:
             guidance_interval=tuple(guidance_interval or d.guidance_interval),  # type: ignore[arg-type]
             guidance_bounds=guidance_bounds or d.get("guidance_bounds"),
             cfg_mode=cfg_mode,
+            accumulate_time=bool(d.get("accumulate_time", False)),
         )
 
     def plan(
@@ -318,9 +349,71 @@ class DeCoPipeline:
 
     # -- generation ---------------------------------------------------------------------------
 
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.model_config.family == "t2i"
+
+    def _encode(self, prompts: Sequence[str]) -> np.ndarray:
+        if self.text_encoder is None:
+            raise ValueError(
+                "this pipeline has no text encoder; pass prompt_embeds= (and "
+                "negative_prompt_embeds=) from your own encoder, or load it with text_encoder="
+            )
+        return np.asarray(self.text_encoder.encode(list(prompts)), dtype=np.float32)
+
+    def text_conditions(
+        self,
+        prompt: str | Sequence[str] | None,
+        prompt_embeds: np.ndarray | None,
+        negative_prompt: str | Sequence[str] | None,
+        negative_prompt_embeds: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(cond, uncond) text embeddings (B, L, C) float32 for a text-to-image model.
+
+        The unconditional rows come from ``negative_prompt_embeds``, else the encoded
+        ``negative_prompt``, else the bundle's stored encoding of its negative prompt (the
+        empty prompt by default), else the encoded empty prompt.
+        """
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass prompt= or prompt_embeds= (one of the two)")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("prompt is empty: give at least one prompt")
+            cond = self._encode(prompts)
+        else:
+            cond = np.asarray(prompt_embeds, dtype=np.float32)
+        shape = (self.model_config.text_len,
+                 self.model_config.text_dim)
+        if cond.ndim != 3 or tuple(cond.shape[1:]) != shape:
+            raise ValueError(
+                f"prompt embeddings must be (B, {shape[0]}, {shape[1]}) for this model, got "
+                f"{cond.shape}; encode prompts with the model's text encoder"
+            )
+        if negative_prompt_embeds is not None:
+            uncond = np.asarray(negative_prompt_embeds, dtype=np.float32)
+        elif negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(
+                negative_prompt)
+            uncond = self._encode(negatives)
+        elif self.negative_prompt_embeds is not None:
+            uncond = self.negative_prompt_embeds
+        else:
+            uncond = self._encode([""])
+        if uncond.ndim == 2:
+            uncond = uncond[None]
+        if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
+            raise ValueError(
+                f"negative prompt embeddings must be (1 or {cond.shape[0]}, {shape[0]}, "
+                f"{shape[1]}), got {uncond.shape}"
+            )
+        if uncond.shape[0] != cond.shape[0]:
+            uncond = np.repeat(uncond, cond.shape[0], axis=0)
+        return cond, uncond
+
     def generate(
         self,
-        class_labels: Sequence[int] | int,
+        class_labels: Sequence[int] | int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
@@ -337,8 +430,15 @@ class DeCoPipeline:
         width: int | None = None,
         guidance_bounds: str | None = None,
         fused_step: bool | None = None,
+        *,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
     ) -> GenerationOutput:
-        """Generate one image per class label (label ``num_classes`` gives an unconditional one).
+        """Generate one image per class label (label ``num_classes`` gives an unconditional one),
+        or, for a text-to-image bundle, one per prompt (``prompt=``, or ``prompt_embeds=``
+        (B, L, C) from your own encoder; see `text_conditions` for the negative prompt).
 
         Settings left as None come from the bundle's sampler defaults. ``noise`` (B, C, H, W)
         replaces the seeded noise (see `runtimes.noise` for how seeds map to noise).
@@ -349,7 +449,25 @@ class DeCoPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        labels = self._labels(class_labels)
+        uncond: np.ndarray | None = None
+        prompts: list[str] | None = None
+        if self.is_text_to_image:
+            if class_labels is not None:
+                raise ValueError("this is a text-to-image model: pass prompt= or prompt_embeds=, "
+                                 "not class labels")
+            cond, uncond = self.text_conditions(prompt, prompt_embeds, negative_prompt,
+                                                negative_prompt_embeds)
+            if prompt is not None:
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            labels: list[int] = []
+            batch = cond.shape[0]
+        else:
+            if prompt is not None or prompt_embeds is not None:
+                raise ValueError("this is a class-conditional model: pass class_labels, not a "
+                                 "prompt")
+            labels = self._labels(class_labels)
+            cond = np.asarray(labels, dtype=np.int64)
+            batch = len(labels)
         h, w = self._size(height, width, noise)
         # Settings first: a bad one fails before anything is allocated.
         config = self.sampler_config(
@@ -357,7 +475,7 @@ class DeCoPipeline:
             shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
         )
         plan = self.plan(config, sharing)
-        shape = (len(labels), self.model_config.in_channels, h, w)
+        shape = (batch, self.model_config.in_channels, h, w)
         if noise is not None:
             x0 = check_noise(noise, shape)
             used_seed: int | list[int] | None = None
@@ -365,8 +483,9 @@ class DeCoPipeline:
             x0 = sample_noise(seed, *shape)
             used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
         x = sample(
-            self.backend, x0, np.asarray(labels, dtype=np.int64), plan,
-            null_class=self.model_config.null_class, callback=callback, fused_step=fused_step,
+            self.backend, x0, cond, plan,
+            null_class=None if uncond is not None else self.model_config.null_class,
+            uncond=uncond, callback=callback, fused_step=fused_step,
         )
         if output_type == "np":
             images: Any = x
@@ -374,7 +493,7 @@ class DeCoPipeline:
             images = to_uint8(x)
         else:
             images = to_pil(to_uint8(x))
-        return GenerationOutput(images, labels, used_seed, plan.cost(len(labels)), config)
+        return GenerationOutput(images, labels, used_seed, plan.cost(batch), config, prompts)
 
     __call__ = generate
 
@@ -529,5 +648,6 @@ def load(
     be = factory(root, manifest, precision=precision, **options)
     return DeCoPipeline(
         be, manifest.model, manifest.sampler_defaults, schedules=manifest.schedules,
-        manifest=manifest,
+        manifest=manifest, negative_prompt_embeds=bundle_negative_embeds(root, manifest),
+        text_encoder=bundle_text_encoder(root, manifest),
     )

@@ -254,10 +254,11 @@ RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
     # Class-conditional DeCo (reference configs_c2i): Euler, 100 steps, CFG 3.2 on (0.1, 1].
     "c2i": SamplerConfig(solver="euler", num_steps=100, guidance=3.2,
                          guidance_interval=(0.1, 1.0), shift=1.0),
-    # Text-to-image DeCo (reference configs_t2i): AB2, 25 steps, CFG 4.0 on (0, 1) exclusive,
-    # timestep shift 3.
+    # Text-to-image DeCo (reference configs_t2i, sft_res512.yaml): AB2, 25 steps, CFG 4.0 on
+    # (0, 1) exclusive (the first step unguided), timestep shift 3, the network fed the float32
+    # running sum of the step sizes.
     "t2i": SamplerConfig(solver="ab2", num_steps=25, guidance=4.0, guidance_interval=(0.0, 1.0),
-                         guidance_bounds="()", shift=3.0),
+                         guidance_bounds="()", shift=3.0, accumulate_time=True),
 }
 
 
@@ -279,6 +280,8 @@ def manifest_defaults(config: SamplerConfig) -> dict[str, Any]:
         d["last_step"] = config.last_step
     if config.guidance_bounds is not None:
         d["guidance_bounds"] = config.guidance_bounds
+    if config.accumulate_time:
+        d["accumulate_time"] = True
     return d
 
 

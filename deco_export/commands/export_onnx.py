@@ -27,9 +27,14 @@ from .options import parse_size
 @click.option("--force", is_flag=True,
               help="replace BUNDLE when it is not a bundle of this checkpoint (only once the "
                    "new bundle is complete)")
+@click.option("--text-encoder", default=None,
+              help="text-to-image: a local transformers directory or 'minilm'; the bundle gets "
+                   "text_encoder.onnx, tokenizer.json and the encoded negative prompt")
+@click.option("--negative-prompt", default="", show_default=True,
+              help="text-to-image: the prompt of the unconditional half")
 def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
                         image_size: str | None, parity_steps: int, weights: str,
-                        force: bool) -> None:
+                        force: bool, text_encoder: str | None, negative_prompt: str) -> None:
     """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE; the plain DiT
     baseline writes its one graph, pixel_dit.onnx.
 
@@ -41,7 +46,15 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
 
     net, source = load_model(model, weights=weights)
     size = parse_size(image_size) if image_size else None
+    encoder = None
+    if text_encoder is not None:
+        if net.config.family != "t2i":
+            raise click.UsageError("--text-encoder is for text-to-image models")
+        from ..text_encoders import load_text_encoder
+
+        encoder = load_text_encoder(text_encoder, net.config.text_len, net.config.text_dim)
     export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
                 parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
-                force=force)
+                force=force, negative_prompt=negative_prompt if encoder is not None else None,
+                text_encoder=encoder)
     click.echo(f"wrote {bundle}")

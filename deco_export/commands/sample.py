@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import SolverChoice, parse_int_list
+from .options import SolverChoice, parse_int_list, parse_size
 
 
 @click.command()
@@ -31,6 +31,14 @@ from .options import SolverChoice, parse_int_list
                    "JSON written by `deco calibrate`")
 @click.option("--sharing-mode", type=click.Choice(["reuse", "fresh_t"]), default="reuse",
               show_default=True, help="reuse the condition, or cache h and refresh e_t")
+@click.option("--prompt", "prompts", multiple=True,
+              help="text-to-image: a prompt (repeat for several images)")
+@click.option("--negative-prompt", default=None,
+              help="text-to-image: default the bundle's stored (empty) negative prompt")
+@click.option("--text-encoder", default=None,
+              help="text-to-image: a local transformers directory (Qwen3-1.7B for the release) "
+                   "or 'minilm'; nothing is downloaded [a bundle's own text_encoder.onnx]")
+@click.option("--size", default=None, help="HxW to sample at (default: the model's)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"),
               show_default=True)
@@ -40,7 +48,8 @@ from .options import SolverChoice, parse_int_list
 def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
            classes: str | None, per_class: int, steps: int | None, guidance: float | None,
            solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
-           seed: int, out: Path, cols: int | None, scale: int | None) -> None:
+           prompts: tuple[str, ...], negative_prompt: str | None, text_encoder: str | None,
+           size: str | None, seed: int, out: Path, cols: int | None, scale: int | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
     from runtimes.image import image_format
 
@@ -51,18 +60,42 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
                          device=device)
     if per_class < 1 or (scale is not None and scale < 1):
         raise click.UsageError("--per-class and --scale must be >= 1")
-    num_classes = pipe.model_config.num_classes
-    distinct = parse_int_list(classes, "classes") if classes else list(
-        range(num_classes if num_classes <= 16 else 8))
-    labels = [c for _ in range(per_class) for c in distinct]
+    height, width = parse_size(size) if size else (None, None)
+    if pipe.is_text_to_image:
+        if not prompts:
+            raise click.UsageError("this is a text-to-image model: give --prompt TEXT")
+        if text_encoder is None and pipe.text_encoder is None:
+            raise click.UsageError(
+                "--prompt needs --text-encoder DIR (the model's text encoder, e.g. a local "
+                "Qwen3-1.7B directory) or 'minilm', or a bundle that holds text_encoder.onnx"
+            )
+        if text_encoder is not None:
+            from ..text_encoders import load_text_encoder
+
+            cfg = pipe.model_config
+            pipe.text_encoder = load_text_encoder(text_encoder, cfg.text_len,
+                                                  cfg.text_dim)
+        condition: dict = {"prompt": [p for _ in range(per_class) for p in prompts],
+                           "negative_prompt": negative_prompt}
+        count = len(prompts)
+    else:
+        if prompts or negative_prompt or text_encoder:
+            raise click.UsageError("--prompt, --negative-prompt and --text-encoder are for "
+                                   "text-to-image models; this one takes --classes")
+        num_classes = pipe.model_config.num_classes
+        distinct = parse_int_list(classes, "classes") if classes else list(
+            range(num_classes if num_classes <= 16 else 8))
+        condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
+        count = len(distinct)
     if per_class > 1 and cols is None:
-        cols = len(distinct)
+        cols = count
     with progress_callback("sampling") as callback:
-        result = pipe.generate(class_labels=labels, steps=steps, guidance=guidance,
-                               solver=solver, shift=shift, seed=seed,
-                               sharing=parse_sharing(sharing, sharing_mode), callback=callback)
+        result = pipe.generate(**condition, steps=steps, guidance=guidance,
+                               solver=solver, shift=shift, seed=seed, height=height,
+                               width=width, sharing=parse_sharing(sharing, sharing_mode),
+                               callback=callback)
     from runtimes.image import legible_scale, save_grid
 
     width, height = result.images[0].size
     save_grid(result.images, out, cols=cols, scale=scale or legible_scale(height, width))
-    click.echo(f"wrote {out} ({len(labels)} images, seed {seed})")
+    click.echo(f"wrote {out} ({len(result.images)} images, seed {seed})")

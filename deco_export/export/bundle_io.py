@@ -38,6 +38,7 @@ from ..parity import END_TO_END_MIN_PSNR, check_end_to_end_gate, finite, max_abs
 
 PARITY_LABELS = (1, 2)  # with the null class in front: an unguided and two guided samples
 PARITY_GUIDANCE = release_sampler("c2i").guidance  # guided at the c2i release's scale
+NEGATIVE_EMBEDS_NAME = "negative_prompt.npy"
 
 
 class TargetError(rb.BundleError):
@@ -67,8 +68,12 @@ class BundleTransaction:
 
     def __init__(self, bundle: str | Path, config: DeCoConfig, image_size: tuple[int, int],
                  source: dict[str, Any] | None = None,
-                 sampler_defaults: dict[str, Any] | None = None, force: bool = False):
+                 sampler_defaults: dict[str, Any] | None = None, force: bool = False,
+                 negative_prompt_embeds: np.ndarray | None = None,
+                 negative_prompt: str | None = None):
         self.bundle = Path(bundle)
+        self.negative_prompt_embeds = negative_prompt_embeds
+        self.negative_prompt = negative_prompt
         self.config = config
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.source = source or {}
@@ -77,6 +82,7 @@ class BundleTransaction:
         self.staging: Path
         self._staging: fileio.StagingDir | None = None
         self.artifacts: list[rb.Artifact] = []
+        self._text_section: dict[str, Any] | None = None  # the manifest's "text" section
 
     # -- context -----------------------------------------------------------------------------
 
@@ -85,7 +91,32 @@ class BundleTransaction:
         fileio.clean_stale(self.bundle)
         self._staging = fileio.staging_dir(self.bundle)
         self.staging = self._staging.path
+        if self.negative_prompt_embeds is not None:
+            self._stage_negative_embeds()
         return self
+
+    def _stage_negative_embeds(self) -> None:
+        """Write the encoded negative prompt into the bundle and name it in the manifest's
+        "text" section, so the unconditional half never needs the text encoder."""
+        config = self.config
+        embeds = np.asarray(self.negative_prompt_embeds, dtype=np.float32)
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        if config.family != "t2i" or embeds.shape != (1, config.text_len, config.text_dim):
+            raise ValueError(
+                f"negative prompt embeddings must be (1, {config.text_len}, {config.text_dim}) "
+                f"for a text-to-image model, got {embeds.shape}"
+            )
+        path = self.staging / NEGATIVE_EMBEDS_NAME
+        np.save(path, embeds, allow_pickle=False)
+        self._text_section = {
+            "negative_prompt": self.negative_prompt,
+            "negative_prompt_embeds": {"file": NEGATIVE_EMBEDS_NAME,
+                                       "sha256": rb.sha256_file(path),
+                                       "bytes": rb.path_size(path),
+                                       "shape": list(embeds.shape)},
+        }
+        self.manifest.extra["text"] = self._text_section
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -240,6 +271,8 @@ class BundleTransaction:
             manifest = existing if existing is not None else self._base_manifest()
             for artifact in self.artifacts:
                 manifest.add_artifact(artifact)
+            if self._text_section is not None:
+                manifest.extra["text"] = self._text_section
             if existing is not None:
                 fileio.copy_tree_into(self.bundle, self.staging, skip={rb.MANIFEST_NAME})
             rb.write_manifest(self.staging, manifest)
@@ -257,15 +290,28 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
 
     from ..backends.torch_backend import TorchBackend
 
+    config = model.config
     reference = runtimes.DeCoPipeline(
-        TorchBackend(model, device="cpu"), model_config=model.config,
-        sampler_defaults=default_sampler_settings(model.config))
-    labels = [model.config.null_class, *(min(c, model.config.num_classes - 1)
-                                         for c in PARITY_LABELS)]
+        TorchBackend(model, device="cpu"), model_config=config,
+        sampler_defaults=default_sampler_settings(config))
+    if config.family == "t2i":
+        # Unit-scale stand-ins for encoded prompts (the graphs see only embeddings); three
+        # prompts against one negative row, the guidance arithmetic on.
+        rng = np.random.default_rng(seed)
+        condition: dict[str, Any] = {
+            "prompt_embeds": rng.standard_normal((3, config.text_len, config.text_dim),
+                                                 dtype=np.float32),
+            "negative_prompt_embeds": rng.standard_normal((1, config.text_len, config.text_dim),
+                                                          dtype=np.float32)}
+        batch = 3
+    else:
+        labels = [config.null_class, *(min(c, config.num_classes - 1) for c in PARITY_LABELS)]
+        condition = {"class_labels": labels}
+        batch = len(labels)
     images = []
     for p in (pipe, reference):
         try:
-            out = p.generate(class_labels=labels, steps=steps, guidance=PARITY_GUIDANCE,
+            out = p.generate(**condition, steps=steps, guidance=PARITY_GUIDANCE,
                              seed=seed, output_type="np", cfg_mode="reference",
                              height=image_size[0], width=image_size[1])
         finally:
@@ -273,7 +319,7 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
         images.append(np.asarray(out.images, dtype=np.float32))
     got, expected = images
     return {"status": "passed", "steps": steps, "seed": seed, "guidance": PARITY_GUIDANCE,
-            "batch": len(labels), "max_abs_error": max_abs_error(expected, got),
+            "batch": batch, "max_abs_error": max_abs_error(expected, got),
             "psnr_db": psnr(expected, got, data_range=2.0)}
 
 

@@ -5,6 +5,7 @@ A graph's contract (names, inputs and outputs, axes, which input leads) is its r
 (`GRAPH_CLASSES`), realistic example inputs and the eager fp32 reference outputs.
 
 * ``dit``:      (x_t, t, y)   -> (cond, hidden)   the expensive half, once per DiT step
+                (x_t, t, text) for the text-to-image family: text (B, L, C) float32
 * ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
 * ``refresh``:  (hidden, t)   -> cond             SiLU(e_t + h), for DiT sharing with a fresh t
 
@@ -30,14 +31,15 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from runtimes.graphs import GRAPH_NAMES, GRAPH_SPECS, TensorSpec, get_graph, graphs_for
+from runtimes.graphs import GRAPH_NAMES, TensorSpec, get_graph, graphs_for
 
 from ..config import DeCoConfig
 from ..model import DeCo, PixelDiT
 
 __all__ = [
     "GRAPH_CLASSES", "GRAPH_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "PRECISION_DTYPES",
-    "example_inputs", "export_image_size", "graph_modules", "io_specs", "quiet",
+    "example_inputs", "export_image_size", "graph_modules", "input_names", "io_specs",
+    "output_names", "quiet",
     "reference_outputs",
 ]
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,9 +90,20 @@ GRAPH_CLASSES: dict[str, type[nn.Module]] = {
     "dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph,
     "pixel_dit": PixelDiTGraph,
 }
-# Views of the records, in the list form torch.onnx.export takes.
-INPUT_NAMES = {g.name: list(g.input_names) for g in GRAPH_SPECS}
-OUTPUT_NAMES = {g.name: list(g.output_names) for g in GRAPH_SPECS}
+# Views of the class-conditional records, in the list form torch.onnx.export takes; other
+# families' names come from `input_names` / `output_names`.
+INPUT_NAMES = {name: list(g.input_names) for name, g in graphs_for(DeCoConfig()).items()}
+OUTPUT_NAMES = {name: list(g.output_names) for name, g in graphs_for(DeCoConfig()).items()}
+
+
+def input_names(config: DeCoConfig, graph: str) -> list[str]:
+    """The graph's input names for this model's family (a t2i DiT takes ``text``, not ``y``)."""
+    return list(get_graph(graph, config).input_names)
+
+
+def output_names(config: DeCoConfig, graph: str) -> list[str]:
+    """The graph's output names for this model's family."""
+    return list(get_graph(graph, config).output_names)
 
 
 @contextlib.contextmanager
@@ -140,8 +153,9 @@ def io_specs(config: DeCoConfig, graph: str, height: int, width: int
 
 def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, width: int,
                    seed: int = 0) -> tuple[Tensor, ...]:
-    """Realistic float32 inputs: noise-like x_t, t in [0, 1], labels with the null class, and
-    the condition/hidden the fp32 DiT really produces for them."""
+    """Realistic float32 inputs: noise-like x_t, t in [0, 1], labels with the null class (or
+    text embeddings of unit scale, as a final-norm encoder gives), and the condition/hidden the
+    fp32 DiT really produces for them."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     spec = get_graph(graph, cfg)
@@ -149,12 +163,16 @@ def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, 
     first = next(iter(graphs_for(cfg).values()))
     shapes = first.input_shapes(cfg, batch, height, width)
     values = {"x_t": torch.randn(shapes["x_t"], generator=g),
-              "t": torch.rand(shapes["t"], generator=g),
-              "y": torch.randint(0, cfg.num_classes + 1, shapes["y"], generator=g)}
-    values["y"][0] = cfg.null_class
+              "t": torch.rand(shapes["t"], generator=g)}
+    if "text" in shapes:
+        values["text"] = torch.randn(shapes["text"], generator=g)
+    else:
+        values["y"] = torch.randint(0, cfg.num_classes + 1, shapes["y"], generator=g)
+        values["y"][0] = cfg.null_class
+    condition = values.get("text", values.get("y"))
     if not set(spec.input_names) <= set(values):  # the DiT's outputs feed the other graphs
         with torch.no_grad():
-            values["cond"], values["hidden"] = model.dit(values["x_t"], values["t"], values["y"])
+            values["cond"], values["hidden"] = model.dit(values["x_t"], values["t"], condition)
     return tuple(values[name] for name in spec.input_names)
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from runtimes.bundle import ONNX_PRECISIONS
-from runtimes.graphs import get_graph
+from runtimes.errors import ConfigError
+from runtimes.graphs import GRAPH_SPECS, GraphSpec
 
 from ..model import DeCo
 from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
@@ -33,10 +35,12 @@ from .graphs import (
     example_inputs,
     export_image_size,
     graph_modules,
+    input_names,
     io_specs,
     quiet,
     reference_outputs,
 )
+from .onnx_tools import check_onnx, ort_session, tool_versions
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
@@ -52,17 +56,30 @@ def onnx_file_name(graph: str, precision: str) -> str:
     return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
+def graph_record(graph: str, names: list[str]) -> GraphSpec:
+    """The record of ``graph`` whose inputs are ``names`` (the DiT's differ per family)."""
+    for spec in GRAPH_SPECS:
+        if spec.name == graph and list(spec.input_names) == list(names):
+            return spec
+    raise ConfigError(f"no {graph} graph takes the inputs {list(names)}; "
+                      f"use the names of runtimes.graphs")
+
+
 def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path, opset: int,
-                 external_data: bool) -> None:
+                 external_data: bool, names: list[str] | None = None) -> None:
+    """``names``: the graph's input names, which pick its record (default the
+    class-conditional ones; a t2i model's are `graphs.input_names`)."""
+    names = names or INPUT_NAMES[graph]
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {s.name: {i: batch for i, axis in enumerate(s.shape) if axis == "batch"}
-               for s in get_graph(graph).inputs}
+    record = graph_record(graph, names)
+    dynamic = tuple({i: batch for i, axis in enumerate(s.shape) if axis == "batch"}
+                    for s in record.inputs)  # by position: the module's argument names differ
     # The exporter logs a warning per torchvision op it cannot register when torchvision is
     # absent; DeCo uses none of them, so the notice is noise in every export's output.
     with quiet("torch.onnx._internal.exporter._registration"):
         program = torch.onnx.export(
-            module, inputs, dynamo=True, opset_version=opset, input_names=INPUT_NAMES[graph],
-            output_names=OUTPUT_NAMES[graph], dynamic_shapes=dynamic, verbose=False,
+            module, inputs, dynamo=True, opset_version=opset, input_names=names,
+            output_names=list(record.output_names), dynamic_shapes=dynamic, verbose=False,
         )
     program.save(str(path), external_data=external_data)
 
@@ -91,20 +108,6 @@ def quantize_int8(path: Path, external_data: bool) -> dict:
             "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
 
 
-def check_onnx(path: Path) -> None:
-    import onnx
-
-    onnx.checker.check_model(str(path), full_check=True)
-
-
-def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
 def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
                  seed: int) -> list[GraphParity]:
     """Each output of the ONNX graph against PyTorch eager fp32, at batch 1 and batch 3."""
@@ -113,7 +116,8 @@ def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
     for batch in PARITY_BATCHES:
         inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
         expected = reference_outputs(model, graph, inputs)
-        feeds = {name: x.numpy() for name, x in zip(INPUT_NAMES[graph], inputs, strict=True)}
+        names = input_names(model.config, graph)
+        feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
         got = session.run(None, feeds)
         for name, ref, out in zip(OUTPUT_NAMES[graph], expected, got, strict=True):
             label = graph if len(got) == 1 else f"{graph}.{name}"
@@ -134,10 +138,20 @@ def export_onnx(
     seed: int = 0,
     progress: Progress | None = None,
     force: bool = False,
+    negative_prompt_embeds: Any = None,
+    negative_prompt: str | None = None,
+    text_encoder: Any = None,
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
     checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
-    new bundle is complete (see `bundle_io.BundleTransaction`)."""
+    new bundle is complete (see `bundle_io.BundleTransaction`).
+
+    A text-to-image model's bundle can store ``negative_prompt_embeds`` (1, L, C), the encoded
+    ``negative_prompt`` (the empty prompt by default), for the unconditional half. With
+    ``text_encoder`` (a `deco_export.text_encoders.TransformersTextEncoder`) the bundle also
+    gets ``text_encoder.onnx`` + ``tokenizer.json``, and the negative prompt is encoded with it
+    when its embeddings are not given.
+    """
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(
             f"opset {opset} is not supported; use 18 (portable) or 23 (native Attention op). "
@@ -146,8 +160,26 @@ def export_onnx(
     say = progress or (lambda _msg: None)
     model = model.float().cpu().eval()
     height, width = export_image_size(model.config, image_size)
+    if text_encoder is not None:
+        cfg = model.config
+        if cfg.family != "t2i" or (text_encoder.max_length, text_encoder.dim) != (
+                cfg.text_len, cfg.text_dim):
+            raise ValueError(
+                f"the text encoder gives {text_encoder.max_length} x {text_encoder.dim} "
+                f"features; this model takes {cfg.text_len} x {cfg.text_dim} (text-to-image "
+                "models only)"
+            )
+        if negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt_embeds = text_encoder.encode([negative_prompt])
     with bundle_io.BundleTransaction(bundle, model.config, (height, width), source,
-                                     force=force) as txn:
+                                     force=force,
+                                     negative_prompt_embeds=negative_prompt_embeds,
+                                     negative_prompt=negative_prompt) as txn:
+        if text_encoder is not None:
+            from .text_encoder import export_text_encoder
+
+            export_text_encoder(text_encoder, txn, opset, say)
         for precision in precisions:
             if precision not in ONNX_PRECISIONS:
                 raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "
@@ -164,7 +196,8 @@ def export_onnx(
                 path = txn.staging / name
                 started = time.perf_counter()
                 inputs = example_inputs(model, graph, 2, height, width, seed=seed)
-                export_graph(modules[graph], graph, inputs, path, opset, external)
+                export_graph(modules[graph], graph, inputs, path, opset, external,
+                             input_names(model.config, graph))
                 details = {"opset": opset, "exporter": "torch.onnx dynamo",
                            "external_data": external}
                 if precision in QUANTIZED_FROM:
@@ -194,18 +227,3 @@ def export_onnx(
             say(f"ONNX {precision}: worst graph error "
                 f"{max(r.max_abs_error for r in parity):.2e}, end to end {e2e['psnr_db']:.1f} dB")
     return Path(bundle)
-
-
-def tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    versions = {"torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__}
-    try:
-        import onnxscript
-
-        versions["onnxscript"] = onnxscript.__version__
-    except ImportError:  # pragma: no cover - onnxscript ships with the onnx extra
-        pass
-    return versions

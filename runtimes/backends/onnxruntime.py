@@ -33,7 +33,8 @@ import numpy as np
 
 from runtimes.backend import BackendError
 from runtimes.bundle import BundleError, Manifest, read_manifest
-from runtimes.graphs import get_graph, graphs_for
+from runtimes.config import ModelConfig
+from runtimes.graphs import dit_condition_input, get_graph, graphs_for
 
 __all__ = ["PROVIDER_NAMES", "OnnxRuntimeBackend", "OrtArray", "resolve_providers"]
 
@@ -395,13 +396,15 @@ class OnnxRuntimeBackend:
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
                 raise BackendError(f"{art.file}: ONNX Runtime cannot load it: {exc}") from exc
             self._check_fallback(sess, art.file)
-            self._check_io(sess, graph, art.file)
+            self._check_io(sess, graph, art.file, self.manifest.model)
             self._check_shapes(sess, art)
             self._sessions[graph] = sess
         # The plain DiT baseline is one graph, run through the sampler's velocity capability.
         self.supports_velocity = "pixel_dit" in self._sessions
         dit_outputs = ({o.name for o in self._sessions["dit"].get_outputs()}
                        if "dit" in self._sessions else set())
+        self._condition = (dit_condition_input(self.manifest.model)
+                           if "dit" in self._sessions else "y")
         self.supports_refresh = "refresh" in self._sessions and "hidden" in dit_outputs
         first = self.providers[0][0]
         self.device = _DEVICE_OF.get(first, "cpu")
@@ -429,8 +432,9 @@ class OnnxRuntimeBackend:
             )
 
     @staticmethod
-    def _check_io(sess: Any, graph: str, file: str) -> None:
-        spec = get_graph(graph)
+    def _check_io(sess: Any, graph: str, file: str, model: ModelConfig | None = None) -> None:
+        """The graph's I/O names against its record for this model's family."""
+        spec = get_graph(graph, model)
         want_in, want_out, need_out = spec.input_names, spec.output_names, spec.required_outputs
         have_in = [i.name for i in sess.get_inputs()]
         have_out = [o.name for o in sess.get_outputs()]
@@ -489,7 +493,7 @@ class OnnxRuntimeBackend:
         return self._run("pixel_dit", "v", {"x_t": x_t, "t": t, "y": y})
 
     def dit(self, x_t: Any, t: Any, y: Any) -> Any:
-        return self._run("dit", "cond", {"x_t": x_t, "t": t, "y": y})
+        return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})
 
     def decoder(self, x_t: Any, cond: Any) -> Any:
         return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
@@ -500,7 +504,7 @@ class OnnxRuntimeBackend:
                 "this bundle has no 'refresh' graph (or its DiT graph has no 'hidden' output); "
                 "export it with the refresh graph to use fresh-t sharing"
             )
-        return self._run("dit", "hidden", {"x_t": x_t, "t": t, "y": y})
+        return self._run("dit", "hidden", {"x_t": x_t, "t": t, self._condition: y})
 
     def refresh_condition(self, hidden: Any, t: Any) -> Any:
         if not self.supports_refresh:

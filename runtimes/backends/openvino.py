@@ -43,7 +43,7 @@ from runtimes.backend import BackendError
 from runtimes.backends.tensorrt_keys import key_digest
 from runtimes.bundle import BundleError, Manifest, read_manifest
 from runtimes.fileio import atomic_write_bytes, atomic_write_text
-from runtimes.graphs import get_graph, graphs_for
+from runtimes.graphs import dit_condition_input, get_graph, graphs_for
 
 __all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend", "default_cache_dir"]
 
@@ -141,6 +141,8 @@ class OpenVinoBackend:
         source_precision = self.artifact_precision(precision)
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
+        # The DiT's condition input: labels "y", or "text" embeddings for text-to-image.
+        self._condition = dit_condition_input(self.manifest.model)
         self.precision = precision
         self.openvino_version = str(ov.get_version())
         core = ov.Core()
@@ -284,7 +286,7 @@ class OpenVinoBackend:
                 f"{file}: asked for {self.precision} (OpenVINO {hint}) but OpenVINO compiled it "
                 f"for {got} on {self.device}, which does not run {hint}; choose the other "
                 f"precision")
-        spec = get_graph(graph)
+        spec = get_graph(graph, self.manifest.model)
         want_in, want_out, need_out = spec.input_names, spec.output_names, spec.required_outputs
         have_in = {i.get_any_name() for i in compiled.inputs}
         have_out = {o.get_any_name() for o in compiled.outputs}
@@ -302,7 +304,7 @@ class OpenVinoBackend:
         return np.asarray(result[self._outputs[graph][output]])
 
     def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._run("dit", "cond", {"x_t": x_t, "t": t, "y": y})
+        return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})
 
     def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
         return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
@@ -312,7 +314,7 @@ class OpenVinoBackend:
             raise BackendError(
                 "this bundle has no 'refresh' graph (or its DiT graph has no 'hidden' output); "
                 "export it with the refresh graph to use fresh-t sharing")
-        return self._run("dit", "hidden", {"x_t": x_t, "t": t, "y": y})
+        return self._run("dit", "hidden", {"x_t": x_t, "t": t, self._condition: y})
 
     def refresh_condition(self, hidden: Any, t: Any) -> np.ndarray:
         if not self.supports_refresh:

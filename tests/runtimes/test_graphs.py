@@ -8,14 +8,20 @@ import runtimes
 from runtimes import bundle as rb
 from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError
-from runtimes.graphs import GRAPH_NAMES, TensorSpec, get_graph, graphs_for
+from runtimes.graphs import (
+    GRAPH_NAMES,
+    TensorSpec,
+    dit_condition_input,
+    get_graph,
+    graphs_for,
+)
 
 TINY = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=16, num_classes=10,
                    image_size=(64, 64))
 
 
 def test_one_list_of_graphs_and_one_tensor_spec():
-    assert GRAPH_NAMES == ("dit", "decoder", "refresh") == rb.GRAPHS
+    assert GRAPH_NAMES == ("dit", "decoder", "refresh", "pixel_dit", "text_encoder") == rb.GRAPHS
     assert rb.TensorSpec is TensorSpec is runtimes.TensorSpec
     assert not hasattr(rb, "GRAPH_IO")
     assert [g for g, spec in graphs_for(TINY).items() if spec.required] == ["dit", "decoder"]
@@ -53,8 +59,42 @@ def test_coreml_batch_kinds_follow_the_primary_input():
 def test_unknown_graphs_and_models_without_graphs_are_named():
     with pytest.raises(ConfigError, match="unknown graph 'vae'"):
         get_graph("vae")
-    with pytest.raises(ConfigError, match="architecture 'dit'"):
-        graphs_for(ModelConfig(architecture="dit"))
+    assert list(graphs_for(ModelConfig(architecture="dit"))) == ["pixel_dit"]
+    unknown = ModelConfig()
+    object.__setattr__(unknown, "architecture", "unet")  # past validation: no record has it
+    with pytest.raises(ConfigError, match="family 'c2i' with architecture 'unet'"):
+        graphs_for(unknown)
     with pytest.raises(ConfigError, match="primary input"):
         type(get_graph("dit"))("x", inputs=(TensorSpec("a", ["batch"], "float32"),),
                                outputs=(), primary_input="b", description="")
+
+
+T2I = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=16, num_classes=0,
+                  image_size=(64, 64), family="t2i", text_len=7, text_dim=24, refine_depth=1)
+
+
+def test_text_to_image_records_share_decoder_and_refresh():
+    c2i, t2i = graphs_for(TINY), graphs_for(T2I)
+    assert list(t2i) == ["dit", "decoder", "refresh"]  # the sampler's graphs, in order
+    assert t2i["dit"].input_names == ("x_t", "t", "text") != c2i["dit"].input_names
+    assert t2i["dit"].output_names == c2i["dit"].output_names
+    assert t2i["decoder"] is c2i["decoder"] and t2i["refresh"] is c2i["refresh"]
+    assert (dit_condition_input(TINY), dit_condition_input(T2I)) == ("y", "text")
+    inputs, _ = get_graph("dit", T2I).io_specs(T2I, 64, 64)
+    assert inputs[2].to_dict() == {"name": "text", "shape": ["batch", 7, 24], "dtype": "float32"}
+    assert get_graph("dit", T2I).input_shapes(T2I, 3, 64, 64)["text"] == (3, 7, 24)
+
+
+def test_text_encoder_is_a_t2i_record_the_sampler_does_not_load():
+    everything = graphs_for(T2I, sampled_only=False)
+    assert list(everything) == ["dit", "decoder", "refresh", "text_encoder"]
+    enc = everything["text_encoder"]
+    assert not enc.required and not enc.sampled
+    assert enc.input_names == ("input_ids", "attention_mask")
+    ins, outs = enc.io_specs(T2I, 64, 64)
+    assert ins[0].to_dict() == {"name": "input_ids", "shape": ["batch", 7],
+                                "dtype": "int64"}
+    assert outs[0].shape == ["batch", 7, 24]
+    assert "text_encoder" not in graphs_for(TINY, sampled_only=False)
+    with pytest.raises(ConfigError, match="unknown graph 'text_encoder'"):
+        get_graph("text_encoder", TINY)

@@ -27,7 +27,6 @@ from ...parity import (
 )
 from .. import bundle_io
 from ..graphs import (
-    GRAPH_NAMES,
     INPUT_NAMES,
     OUTPUT_NAMES,
     example_inputs,
@@ -188,7 +187,7 @@ def export_coreml(
                                      force=force) as txn:
         for precision in precisions:
             parity: list[GraphParity] = []
-            for graph in GRAPH_NAMES:
+            for graph in modules:  # the graphs of this model, in the records' order
                 name = coreml_file_name(graph, precision)
                 say(f"converting {name} ({target}, batch {','.join(map(str, sizes))}"
                     f"{', ' + compression if compression != 'none' else ''})")
