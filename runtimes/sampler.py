@@ -8,6 +8,10 @@ integrates dx/dt = v from t = 0 to t = 1.
 Everything that depends only on the settings (time grid, step sizes, guidance flags, which
 evaluations run the DiT and at which batch) is computed on the host before the first step
 (`make_plan`), so the step loop never reads a value back from the device.
+
+It stays one file, longer than the package's other modules, because the sampler exists once:
+the plan and the loop that executes it share the evaluation order, and splitting them would
+write that order in two places.
 """
 
 from __future__ import annotations
