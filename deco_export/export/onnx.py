@@ -31,12 +31,12 @@ from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
 from . import bundle_io
 from .graphs import (
     INPUT_NAMES,
-    OUTPUT_NAMES,
     example_inputs,
     export_image_size,
     graph_modules,
     input_names,
     io_specs,
+    output_names,
     quiet,
     reference_outputs,
 )
@@ -119,7 +119,7 @@ def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
         names = input_names(model.config, graph)
         feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
         got = session.run(None, feeds)
-        for name, ref, out in zip(OUTPUT_NAMES[graph], expected, got, strict=True):
+        for name, ref, out in zip(output_names(model.config, graph), expected, got, strict=True):
             label = graph if len(got) == 1 else f"{graph}.{name}"
             ref_np = ref.numpy()
             results.append(GraphParity(label, batch, max_abs_error(ref_np, out), psnr(ref_np, out)))
