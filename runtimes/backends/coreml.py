@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from runtimes import fileio
-from runtimes.backend import BackendError
+from runtimes.backend import BackendError, HostArrays
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_path
 from runtimes.config import ModelConfig
 from runtimes.graphs import graphs_for
@@ -109,7 +109,7 @@ def split_batch(batch: int, sizes: Sequence[int]) -> list[int]:
     return sorted(pieces, reverse=True)
 
 
-class CoreMLBackend:
+class CoreMLBackend(HostArrays):
     """Runs an exported bundle's Core ML packages (see the module docstring).
 
     bundle_dir / manifest: the bundle and its parsed manifest (read if None). precision:
@@ -294,15 +294,6 @@ class CoreMLBackend:
     def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
         return self._predict("decoder", "v", {"x_t": self._float(x_t),
                                               "cond": self._float(cond)})
-
-    def from_numpy(self, a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a)
-
-    def to_numpy(self, a: Any) -> np.ndarray:
-        return np.asarray(a)
-
-    def concat(self, arrays: Sequence[Any]) -> np.ndarray:
-        return np.concatenate(arrays, axis=0)
 
     def close(self) -> None:
         self._models.clear()

@@ -33,13 +33,13 @@ import io
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtimes.backend import BackendError
+from runtimes.backend import BackendError, HostArrays
 from runtimes.backends.tensorrt_keys import key_digest
 from runtimes.bundle import BundleError, Manifest, read_manifest
 from runtimes.fileio import atomic_write_bytes, atomic_write_text
@@ -102,7 +102,7 @@ def _check_device(core: Any, device: str) -> str:
     return name
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(HostArrays):
     """Runs an exported bundle's ONNX graphs with OpenVINO.
 
     bundle_dir: the bundle; manifest: its parsed manifest (read from ``bundle_dir`` if None).
@@ -320,15 +320,6 @@ class OpenVinoBackend:
         if not self.supports_refresh:
             raise BackendError("this bundle has no 'refresh' graph; export it to use fresh-t")
         return self._run("refresh", "cond", {"hidden": hidden, "t": t})
-
-    def from_numpy(self, a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a)
-
-    def to_numpy(self, a: Any) -> np.ndarray:
-        return np.asarray(a)
-
-    def concat(self, arrays: Sequence[Any]) -> np.ndarray:
-        return np.concatenate(arrays, axis=0)
 
     def close(self) -> None:
         """Drop the infer requests (and with them the compiled models)."""
