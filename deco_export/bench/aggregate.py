@@ -23,14 +23,21 @@ def _p90(values: Sequence[float]) -> float:
 
 def summarise_run(row: RowSpec, run: Mapping[str, Any]) -> dict[str, Any]:
     """Per-image medians, p90, best run, throughput and the per-stage split of one (batch,
-    steps)."""
+    steps); a text-to-image run's text encoder is a stage of its own, with its share of the
+    generation."""
     batch = run["batch"]
     totals = run["seconds"]
     median = statistics.median(totals)
     stages = run["stages"]
+    encoder = stages.get("text_encoder")
     other = [t - stages["dit"][i] - stages["decoder"][i] - stages["step"][i]
-             for i, t in enumerate(totals)]
+             - (encoder[i] if encoder else 0.0) for i, t in enumerate(totals)]
     per_image = 1000.0 / batch
+    text: dict[str, Any] = {}
+    if encoder:
+        # The share of the median generation, as the table shows the two medians.
+        text = {"text_encoder_ms_per_image": statistics.median(encoder) * per_image,
+                "text_encoder_share": statistics.median(encoder) / median if median else 0.0}
     return {
         "backend": row.backend, "precision": row.precision, "cfg_mode": row.cfg_mode,
         "batch": batch, "steps": run["steps"],
@@ -44,7 +51,9 @@ def summarise_run(row: RowSpec, run: Mapping[str, Any]) -> dict[str, Any]:
             "decoder": statistics.median(stages["decoder"]) * per_image,
             "fused_step": statistics.median(stages["step"]) * per_image,
             "sampler_overhead": statistics.median(other) * per_image,
+            **({"text_encoder": text["text_encoder_ms_per_image"]} if text else {}),
         },
+        **({"text_encoder_share": text["text_encoder_share"]} if text else {}),
         "first_run_s": run["first_run_s"],
         "calls": run["calls"], "cost": run["cost"],
     }
@@ -64,7 +73,7 @@ def roofline_figures(row: Mapping[str, Any], run: Mapping[str, Any],
     on_cpu = kind.on_cpu and (kind.family != "torch" or context.get("device", "cpu") == "cpu")
     peak_precision = PEAK_PRECISION.get(row["precision"], "fp32")
     peak = (context.get("peaks") or {}).get(peak_precision, {}).get("gflops") if on_cpu else None
-    total = sampling_flops(model, cost, height, width)
+    total = sampling_flops(model, cost, height, width, cost.get("decoder_cond_samples"))
     whole = roofline_of(total, statistics.median(run["seconds"]), peak)
     dit_flops = int(cost["dit_samples"]) * graph_flops(model, "dit", 1, height, width)
     dit_s = statistics.median(run["stages"]["dit"])

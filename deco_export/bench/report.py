@@ -8,6 +8,9 @@ from typing import Any
 
 from .catalogue import REFERENCE
 
+SOLVER_NAMES = {"euler": "Euler", "ab2": "Adams-Bashforth 2", "heun": "Heun",
+                "heun_reuse": "Heun (slope reuse)"}
+
 
 def _ms(x: float | None) -> str:
     if x is None or not math.isfinite(x):
@@ -60,9 +63,14 @@ def row_label(row: Mapping[str, Any]) -> str:
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """The results table (reference row first; unavailable backends last, with the reason)."""
+    """The results table (reference row first; unavailable backends last, with the reason).
+    A text-to-image report's stage column starts with the text encoder and its share of the
+    generation."""
+    text = bool(report.get("text"))
+    stages = "text encoder (share) / DiT / decoder / other ms" if text else (
+        "DiT / decoder / other ms")
     head = ("| backend | precision | CFG | batch | steps | ms/image | p90 | images/s | speed-up "
-            "| DiT / decoder / other ms | GFLOP/s | % of peak (DiT) | PSNR dB | max abs err "
+            f"| {stages} | GFLOP/s | % of peak (DiT) | PSNR dB | max abs err "
             "| load s cold / warm | first run s | peak RSS MiB |")
     lines = [head, "|" + "---|" * 3 + "---:|" * 14]
     for r in report["rows"]:
@@ -70,6 +78,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         stage = f"{_ms(st['dit'])} / {_ms(st['decoder'])} / {_ms(st['sampler_overhead'])}"
         if st["fused_step"]:
             stage = f"fused step {_ms(st['fused_step'])} / other {_ms(st['sampler_overhead'])}"
+        if "text_encoder" in st:
+            stage = (f"{_ms(st['text_encoder'])} ({100 * r['text_encoder_share']:.1f}%) / "
+                     + stage)
         mem = "" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
         if r.get("gpu_memory_mib") is not None:
             mem += f" (GPU {r['gpu_memory_mib']:.0f})"
@@ -101,11 +112,13 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in env.get("gpus") or [])
     libs = env["libraries"]
     size = "x".join(str(v) for v in model.get("image_size") or [])
+    bounds = report.get("guidance_bounds") or "(]"
     lines = [
         f"**Model** {report['source']['input']} ({model['hidden_size']} wide, "
         f"{model['dit_depth']} DiT blocks, patch {model['patch_size']}) at {size}; "
-        f"**sampler** Euler, CFG {report['guidance']} on "
-        f"({report['guidance_interval'][0]}, {report['guidance_interval'][1]}], "
+        f"**sampler** {SOLVER_NAMES.get(report.get('solver', 'euler'), report.get('solver'))}, "
+        f"CFG {report['guidance']} on {bounds[0]}{report['guidance_interval'][0]}, "
+        f"{report['guidance_interval'][1]}{bounds[1]}, "
         f"sharing {s['sharing'] or 'off'}; median and p90 of {s['repeats']} runs after "
         f"{s['warmup']} warm-up run(s)"
         + (f", in each of {s['rounds']} interleaved rounds" if s.get("rounds", 1) > 1 else "")
@@ -121,6 +134,16 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "",
         markdown_table(report),
     ]
+    if report.get("text"):
+        t = report["text"]
+        prompts = "; ".join(f"'{p}'" for p in t["prompts"])
+        lines += [f"Text to image: prompts {prompts} (image i of a batch takes prompt i mod "
+                  f"{len(t['prompts'])}), encoded once per generation by {t['encoder']} "
+                  f"({t['text_len']} tokens x {t['text_dim']}) on every row, the negative "
+                  "prompt from the bundle's stored encoding. The text path (y_embedder, "
+                  "refine blocks, text keys/values and attention to them) is "
+                  f"{100 * t['text_path_flop_share']:.1f}% of a DiT call's matrix-product "
+                  "FLOPs at this size (deco_export.flops).", ""]
     load = env.get("load_average_start") or []
     usable = env.get("cpu_affinity", env["cpu_count"]) or 1
     if load and load[0] > usable and not s["threads"]:

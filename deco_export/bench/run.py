@@ -24,8 +24,9 @@ from .fid import held_out_scorer, score_fid_sets
 from .machine import best_peaks, cuda_available, environment, measure_peaks
 from .plots import write_plots
 from .report import markdown_report
-from .settings import BenchSettings
+from .settings import DEFAULT_PROMPTS, BenchSettings
 from .source import prepare_source
+from .text import text_path_share
 
 SCHEMA = "deco-bench/1"
 
@@ -79,6 +80,19 @@ def run_worker(spec: dict[str, Any], work: Path, logs: Path, timeout_s: float,
     return result
 
 
+def check_text_bundle(bundle: Path, manifest: Any, settings: BenchSettings) -> None:
+    """Refuse, before any row runs, what a text-to-image benchmark cannot do: encode prompts
+    without the bundle's text encoder, or score FID (a class-conditional held-out metric)."""
+    if manifest.get_artifact("onnx", "text_encoder", "fp32") is None:
+        raise ValueError(
+            f"{bundle} has no text encoder to encode the prompts; export the bundle with "
+            f"`deco export onnx CHECKPOINT {bundle} --text-encoder DIR`"
+        )
+    if settings.fid_data:
+        raise ValueError("--fid scores class-conditional models; leave it out for a "
+                         "text-to-image bundle")
+
+
 def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings | None = None,
                   say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark ``source`` (a bundle, a checkpoint or 'default') into ``out``.
@@ -95,6 +109,9 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     out.mkdir(parents=True, exist_ok=True)
     env = environment(settings.threads)
     src, manifest = prepare_source(source, out, settings, say)
+    text_to_image = manifest.model.family == "t2i"
+    if text_to_image:
+        check_text_bundle(src.bundle, manifest, settings)
     if settings.peak_size:
         say(f"measuring this machine's GEMM peak ({settings.peak_size}^3 matrix products, "
             f"{settings.threads or 'all'} thread(s))")
@@ -126,6 +143,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "seed": settings.seed, "guidance": guidance, "sharing": sharing, "device": device,
         "outputs": str(work),
     }
+    if text_to_image:
+        common["prompts"] = list(settings.prompts or DEFAULT_PROMPTS)
     per_row = len(settings.batch_sizes) * len(settings.steps) * (
         max(1, settings.warmup) + settings.repeats - (settings.warmup == 0))
     scorer, fid_ticks = None, 0
@@ -201,6 +220,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "source": asdict(src) | {"bundle": str(src.bundle)},
         "model": manifest.model.to_dict(),
         "guidance": guidance,
+        "solver": defaults.solver,
+        "guidance_bounds": defaults.get("guidance_bounds"),
         "guidance_interval": list(defaults.guidance_interval),
         "settings": {**asdict(settings), "device": device},
         "environment": env,
@@ -211,6 +232,11 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     }
     if fid is not None:
         report["fid"] = fid
+    if text_to_image:
+        report["text"] = {
+            "prompts": common["prompts"], "encoder": "the bundle's text_encoder.onnx",
+            "text_len": manifest.model.text_len, "text_dim": manifest.model.text_dim,
+            "text_path_flop_share": text_path_share(manifest.model, *size)}
     files = {"json": out / "bench.json", "markdown": out / "bench.md"}
     if settings.plots:
         if find_spec("matplotlib") is None:

@@ -7,6 +7,16 @@ from typing import Any, ClassVar
 
 from .catalogue import CFG_MODES, PRECISIONS, REFERENCE, expand_backends
 
+# The prompts a text-to-image benchmark encodes when none are given: fixed, so two runs (and
+# every row of one run) time the same text encoder work. Image i of a batch gets prompt
+# i mod len(prompts).
+DEFAULT_PROMPTS = (
+    "a photo of a cat sitting on a windowsill",
+    "a red fox in the snow at dawn",
+    "an astronaut riding a horse on the moon",
+    "a bowl of ramen on a wooden table, studio lighting",
+)
+
 
 @dataclass
 class BenchSettings:
@@ -38,6 +48,8 @@ class BenchSettings:
     progress: bool = True
     fid_data: str | None = None
     fid_samples: int = 500
+    # Text-to-image bundles: the prompts to encode (empty: DEFAULT_PROMPTS).
+    prompts: tuple[str, ...] = ()
 
     QUICK: ClassVar[dict[str, Any]] = {"batch_sizes": (1, 4), "steps": (10,), "repeats": 2,
                                        "warmup": 1, "skip": ("torch-compile",),
@@ -83,5 +95,7 @@ class BenchSettings:
         if self.peak_size < 0:
             raise ValueError(f"--peak-size must be >= 0 (0 skips the GEMM peak probe), not "
                              f"{self.peak_size}")
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("--prompt must not be empty (the negative prompt is the bundle's)")
         if self.sharing_mode not in ("reuse", "fresh_t"):
             raise ValueError(f"--sharing-mode must be reuse or fresh_t, not {self.sharing_mode!r}")

@@ -58,6 +58,11 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
         return src, manifest
 
     model, record = load_model(text)
+    if model.config.family == "t2i":
+        raise ValueError(
+            f"{text} is a text-to-image model: benchmark a bundle with its text encoder, "
+            f"exported with `deco export onnx {text} BUNDLE --text-encoder DIR`"
+        )
     size = settings.image_size or tuple(model.config.image_size)
     bundle = out / "bundle"
     src = Source(text, "checkpoint", bundle, text)

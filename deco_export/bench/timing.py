@@ -12,8 +12,9 @@ import numpy as np
 class TimingBackend:
     """A `runtimes.Backend` that forwards every call to ``inner`` and times the graph calls.
 
-    ``dit``, ``dit_hidden`` and ``refresh_condition`` count as the DiT stage, ``decoder`` as the
-    decoder stage and a fused whole-step ``step`` as its own stage. Only the capabilities
+    ``dit``, ``dit_hidden`` and ``refresh_condition`` count as the DiT stage, ``decoder`` and
+    the split decoder's ``decoder_cond`` and ``decoder_pixel`` as the decoder stage, and a fused
+    whole-step ``step`` as its own stage. Only the capabilities
     ``inner`` has are exposed, so the sampler takes the same path through the proxy as without
     it. When ``inner`` has ``synchronize()`` (async GPU backends), it is called before and after
     each timed call so device work lands in the stage that queued it.
@@ -21,7 +22,7 @@ class TimingBackend:
 
     STAGES: ClassVar[dict[str, str]] = {
         "dit": "dit", "dit_hidden": "dit", "refresh_condition": "dit", "decoder": "decoder",
-        "step": "step"}
+        "decoder_cond": "decoder", "decoder_pixel": "decoder", "step": "step"}
 
     def __init__(self, inner: Any, clock: Callable[[], float] = time.perf_counter) -> None:
         self.inner = inner

@@ -21,6 +21,7 @@ from runtimes.fileio import atomic_write_text
 
 from .catalogue import KINDS, PROGRESS_MARK, REFERENCE
 from .machine import peak_rss_mib, process_gpu_mib, rss_mib
+from .text import TimedTextEncoder, prompts_for
 from .timing import TimingBackend
 
 
@@ -75,6 +76,36 @@ def open_pipeline(spec: Mapping[str, Any]) -> Any:
                                  sampler_defaults=spec["sampler_defaults"])
 
 
+def timed_text_encoder(pipe: Any, spec: Mapping[str, Any]) -> TimedTextEncoder | None:
+    """For a text-to-image row: give ``pipe`` the bundle's ONNX text encoder (at the row's
+    thread count) and its stored negative prompt, the text encoder wrapped to time its calls;
+    None for a class-conditional row."""
+    if spec["model"].get("family", "c2i") != "t2i":
+        return None
+    from runtimes import bundle as rb
+    from runtimes.pipeline import bundle_negative_embeds
+    from runtimes.text_encoder import bundle_text_encoder
+
+    manifest = rb.read_manifest(spec["bundle"])
+    options = {"intra_op_threads": spec["threads"]} if spec.get("threads") else {}
+    encoder = bundle_text_encoder(spec["bundle"], manifest, **options)
+    if encoder is None:
+        raise ValueError(f"{spec['bundle']} has no text encoder to encode the prompts")
+    timed = TimedTextEncoder(encoder)
+    pipe.text_encoder = timed
+    if pipe.negative_prompt_embeds is None:
+        pipe.negative_prompt_embeds = bundle_negative_embeds(spec["bundle"], manifest)
+    return timed
+
+
+def conditions(spec: Mapping[str, Any], batch: int) -> dict[str, Any]:
+    """The generate() condition of one batch: class labels, or the row's prompts."""
+    model = spec["model"]
+    if model.get("family", "c2i") == "t2i":
+        return {"prompt": prompts_for(batch, spec.get("prompts") or ())}
+    return {"class_labels": labels_for(batch, int(model["num_classes"]))}
+
+
 def _close(pipe: Any) -> None:
     with contextlib.suppress(Exception):
         pipe.close()
@@ -97,6 +128,7 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
     warm = time.perf_counter() - started
     proxy = TimingBackend(pipe.backend)
     pipe.backend = proxy
+    encoder = timed_text_encoder(pipe, spec)
     rss_loaded = rss_mib()
     model = spec["model"]
     c, (h, w) = int(model["in_channels"]), spec["image_size"]
@@ -105,21 +137,26 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
     for steps in spec["steps"]:
         for batch in spec["batch_sizes"]:
             noise = runtimes.sample_noise(spec["seed"], batch, c, h, w)
-            labels = labels_for(batch, int(model["num_classes"]))
+            condition = conditions(spec, batch)
 
-            def once(noise: np.ndarray = noise, labels: list[int] = labels,
+            def once(noise: np.ndarray = noise, condition: dict[str, Any] = condition,
                      steps: int = steps) -> tuple[float, dict[str, float], Any]:
                 proxy.reset()
+                if encoder is not None:
+                    encoder.reset()
                 proxy.synchronize()
                 start = time.perf_counter()
-                out = pipe.generate(class_labels=labels, steps=steps, guidance=spec["guidance"],
+                out = pipe.generate(**condition, steps=steps, guidance=spec["guidance"],
                                     noise=noise, output_type="np", cfg_mode=row["cfg_mode"],
                                     sharing=spec["sharing"] if row["backend"] != REFERENCE
                                     else None)
                 proxy.synchronize()
                 total = time.perf_counter() - start
                 tick()
-                return total, dict(proxy.seconds), out
+                seconds = dict(proxy.seconds)
+                if encoder is not None:
+                    seconds["text_encoder"] = encoder.seconds
+                return total, seconds, out
 
             first_s, first_stages, result = once()
             # warmup 0: the first run is a measured one; otherwise warm-up runs are untimed.
@@ -134,8 +171,12 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
             np.save(path, np.asarray(result.images, dtype=np.float32))
             runs.append({
                 "batch": batch, "steps": steps, "seconds": totals, "first_run_s": first_s,
-                "stages": {k: [s[k] for s in stages] for k in ("dit", "decoder", "step")},
-                "calls": dict(proxy.calls), "cost": dict(result.cost), "images": path.name,
+                "stages": {k: [s[k] for s in stages] for k in (
+                    "dit", "decoder", "step", *(("text_encoder",) if encoder else ()))},
+                "calls": dict(proxy.calls, **({"text_encoder": encoder.calls,
+                                               "prompts_encoded": encoder.prompts}
+                                              if encoder else {})),
+                "cost": dict(result.cost), "images": path.name,
             })
     fid_images = None
     if spec.get("fid"):

@@ -58,6 +58,9 @@ from .options import parse_csv, parse_ints, parse_size
 @click.option("--peak-size", type=int, default=None,
               help="matrix size of the GEMM peak probe behind the roofline columns, 0 to skip "
                    "[default: 2048; quick 1024]")
+@click.option("--prompt", "prompts", multiple=True,
+              help="text-to-image bundles: a prompt to encode (repeat for several; image i of a "
+                   "batch takes prompt i mod their number) [a fixed list of four]")
 @click.option("--no-plots", is_flag=True, help="skip the PNG plots")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str, ...],
@@ -66,7 +69,8 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
                   sharing: str | None, sharing_mode: str, cfg_mode: str, guidance: float | None,
                   device: str, image_size: str | None, checkpoint: str | None, seed: int,
                   timeout: float, quick: bool, fid_data: str | None, fid_samples: int,
-                  peak_size: int | None, no_plots: bool, no_progress: bool) -> None:
+                  peak_size: int | None, prompts: tuple[str, ...], no_plots: bool,
+                  no_progress: bool) -> None:
     """Benchmark every backend x precision x batch size x step count on one model and noise.
 
     BUNDLE_OR_CHECKPOINT is a bundle (its source checkpoint runs the PyTorch rows), a
@@ -79,6 +83,9 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
     Writes OUT/bench.json (with the environment), OUT/bench.md and PNG plots, and prints the
     table. With --fid DATA each row also samples --fid-samples images (same noise on every row)
     and scores them with FID/KID against DATA's held-out images.
+
+    A text-to-image bundle encodes --prompt (or a fixed list) with its text encoder once per
+    generation, timed as its own stage with its share of the generation.
     """
     from ..bench import BenchSettings, fid_table, markdown_table, run_benchmark
 
@@ -99,6 +106,7 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
         plots=not no_plots, progress=not no_progress, fid_data=fid_data,
         fid_samples=fid_samples,
         peak_size=base.peak_size if peak_size is None else peak_size,
+        prompts=tuple(prompts),
     )
     report = run_benchmark(source, out, settings, say=lambda m: click.echo(m, err=True))
     click.echo(markdown_table(report), nl=False)
