@@ -6,12 +6,12 @@ for elementwise work, norms or softmax. That is the work a GEMM peak bounds, so
 ``achieved GFLOP/s / measured peak`` is a roofline fraction: how close a backend runs to what
 the machine's matrix units can do.
 
-The decoder is counted in two parts, the way DiT sharing can split it:
+The decoder is counted in two parts, as the split decoder's graphs run it under DiT sharing:
 
-* ``decoder_cond``: what depends only on the DiT's condition: ``cond_embed`` (D -> p*p*d per
-  token, i.e. per pixel) and the three per-pixel adaLN modulations (d -> 3d each);
-* ``decoder_pixel``: what depends on x_t: the pixel embedding, ``input_proj``, the blocks'
-  MLPs and the final layer.
+* ``decoder_cond``: ``cond_embed`` (D -> p*p*d per token, i.e. per pixel), what the sampler
+  caches for the steps that reuse the DiT's condition;
+* ``decoder_pixel``: the rest: the pixel embedding, ``input_proj``, the blocks' per-pixel adaLN
+  modulations (d -> 3d each) and MLPs, and the final layer.
 
 The text-to-image DiT (``family="t2i"``) adds the text path: ``y_embedder``, the refine blocks
 over the text tokens, each block's text keys/values (``kv_y``) and the image queries' attention
@@ -86,8 +86,8 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
                            + depth * 2 * text_len * d_model * 2 * d_model)  # kv_y
         return b * per_sample
     depth = _field(config, "decoder_depth")
-    cond = pixels * (2 * d_model * d + depth * 2 * d * 3 * d)
-    pixel = pixels * (2 * c * d + 2 * d * d + depth * 2 * 2 * d * d + 2 * d * c)
+    cond = pixels * 2 * d_model * d
+    pixel = pixels * (2 * c * d + 2 * d * d + depth * (2 * 2 * d * d + 2 * d * 3 * d) + 2 * d * c)
     position = 2 * p * p * DCT_FEATURES * d  # the DCT position term: once per call
     if graph == "decoder_cond":
         return b * cond
@@ -102,8 +102,8 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
     each graph's per-sample count times the samples it ran, plus the per-call terms.
 
     ``decoder_cond_samples``: when the decoder's condition part runs apart from its pixel part
-    (DiT sharing with a cached modulation), the samples it ran; None counts it on every
-    decoder sample.
+    (DiT sharing with the split decoder: the cost's ``decoder_cond_samples``), the samples it
+    ran; None counts it on every decoder sample.
     """
     dit = graph_flops(config, "dit", 1, height, width)
     dec_pixel_one = graph_flops(config, "decoder_pixel", 1, height, width)

@@ -96,6 +96,32 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def linspace(end: Tensor | float, steps: int, device: torch.device | None = None) -> Tensor:
+    """float32 ``torch.linspace(0, end, steps)`` built from ``arange``, with the kernel's formula.
+
+    ``torch.linspace`` with a length taken from an input's shape is traced to a constant of the
+    traced size, so an exported graph would serve one resolution only; ``arange`` of that length
+    exports as a shape-dependent range. The values follow PyTorch's kernel: step = end /
+    (steps - 1) in float32, i * step for the first half and end - (steps - 1 - i) * step for the
+    second. PyTorch rounds the latter once (fused multiply-add); here it rounds twice, so a
+    position may differ from ``torch.linspace`` in its last bit (1e-6 at 16), far below every
+    parity tolerance. ``end`` may be a (1,) tensor (the T2I RoPE's span is the other axis's
+    token count). ``steps`` = 1 gives [0], as PyTorch.
+    """
+    idx = torch.arange(steps, dtype=torch.float32, device=device)
+    last = idx[-1:]  # steps - 1, as float32
+    if not isinstance(end, Tensor):
+        end = torch.full((1,), float(end), dtype=torch.float32, device=device)
+    step = end / torch.clamp(last, min=1.0)
+    half = torch.clamp(torch.floor((last + 1.0) / 2.0), min=1.0)  # steps // 2, at least 1
+    return torch.where(idx < half, idx * step, end - (last - idx) * step)
+
+
+def length(steps: int, device: torch.device | None = None) -> Tensor:
+    """``steps`` as a (1,) float32 tensor computed in-graph (an axis length of the input)."""
+    return torch.arange(steps, dtype=torch.float32, device=device)[-1:] + 1.0
+
+
 def rope_from_positions(x_pos: Tensor, y_pos: Tensor, head_dim: int,
                         theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos/sin tables (L, head_dim/2) of the 2-D RoPE for per-token positions (L,) in float32.
@@ -106,7 +132,7 @@ def rope_from_positions(x_pos: Tensor, y_pos: Tensor, head_dim: int,
     freqs = 1.0 / (theta ** (k / head_dim))
     x_angles = x_pos.reshape(-1, 1) * freqs[None, :]
     y_angles = y_pos.reshape(-1, 1) * freqs[None, :]
-    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(x_pos.numel(), head_dim // 2)
+    angles = torch.stack([x_angles, y_angles], dim=-1).reshape(-1, head_dim // 2)
     return torch.cos(angles), torch.sin(angles)
 
 

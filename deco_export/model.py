@@ -31,6 +31,7 @@ from .layers import (
     RMSNorm,
     TimestepEmbedder,
     apply_rope,
+    linspace,
     modulate,
     patchify,
     rope_from_positions,
@@ -63,10 +64,11 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
     """cos/sin tables (L, head_dim/2) for the c2i 2-D RoPE.
 
     Positions are normalised to [0, span] whatever the grid size, so 256 and 512 share one
-    position range.
+    position range. The grid sizes may come from the input's shape: an exported graph computes
+    the tables for the size it runs at (see `layers.linspace`).
     """
-    x_pos = torch.linspace(0, span, grid_w, dtype=torch.float32, device=device)
-    y_pos = torch.linspace(0, span, grid_h, dtype=torch.float32, device=device)
+    x_pos = linspace(span, grid_w, device)
+    y_pos = linspace(span, grid_h, device)
     y_pos, x_pos = torch.meshgrid(y_pos, x_pos, indexing="ij")
     return rope_from_positions(x_pos, y_pos, head_dim, theta)
 
@@ -250,6 +252,14 @@ class DecoderFinalLayer(nn.Module):
 class PixelDecoder(nn.Module):
     """The cheap, full-resolution half: every pixel is decoded from its noisy value, its
     position in the patch, and its slice of a learned per-token projection of the DiT output.
+
+    ``forward(x_t, cond)`` is ``pixels(x_t, modulation(cond))``. The condition part
+    (``cond_embed``, D -> p*p*d per token, and its SiLU: the per-pixel condition every block's
+    adaLN reads) depends on the DiT's output alone, so a sampler that reuses a condition under
+    DiT sharing computes it once and runs only the pixel part on the reused steps. The blocks'
+    adaLN projections (d -> 3d per pixel) stay in the pixel part: their output is nine times
+    wider than their input, and reading a cached (B, L, p*p, 9d) float32 tensor (75 MB per
+    image at 256x256) cost more than recomputing it on the CPUs measured (docs/benchmarks.md).
     """
 
     def __init__(self, config: DeCoConfig):
@@ -269,16 +279,29 @@ class PixelDecoder(nn.Module):
         self.final_layer = DecoderFinalLayer(d, config.in_channels)
 
     def forward(self, x_t: Tensor, cond: Tensor) -> Tensor:
-        b, _, h, w = x_t.shape
+        return self.pixels(x_t, self.modulation(cond))
+
+    def modulation(self, cond: Tensor) -> Tensor:
+        """The condition part: (B, L, D) -> SiLU(cond_embed(cond)) as (B, L, p*p, d), the
+        per-pixel condition of every block's adaLN."""
+        # Split the last axis only: no batch size in the graph's shape arithmetic.
         p, d = self.config.patch_size, self.config.decoder_hidden_size
-        pixels = patchify(x_t, p).permute(0, 2, 3, 1)  # (B, L, p*p, C)
-        z = self.input_proj(self.x_embedder(pixels.to(self.input_proj.weight.dtype)))
-        per_pixel_cond = self.cond_embed(cond).reshape(b, -1, p * p, d)
-        silu_cond = F.silu(per_pixel_cond)
+        return F.silu(self.cond_embed(cond).unflatten(-1, (p * p, d)))
+
+    def pixels(self, x_t: Tensor, modulation: Tensor) -> Tensor:
+        """The pixel part: the velocity from x_t and a `modulation` computed earlier."""
+        z = self._embed(x_t)
         for block in self.res_blocks:
-            z = block(z, silu_cond)
+            z = block(z, modulation)
+        return self._head(z, x_t.shape)
+
+    def _embed(self, x_t: Tensor) -> Tensor:
+        pixels = patchify(x_t, self.config.patch_size).permute(0, 2, 3, 1)  # (B, L, p*p, C)
+        return self.input_proj(self.x_embedder(pixels.to(self.input_proj.weight.dtype)))
+
+    def _head(self, z: Tensor, shape: torch.Size) -> Tensor:
         v = self.final_layer(z)  # (B, L, p*p, C)
-        return unpatchify(v.permute(0, 3, 1, 2), p, h, w)
+        return unpatchify(v.permute(0, 3, 1, 2), self.config.patch_size, shape[2], shape[3])
 
 
 # ---------------------------------------------------------------------------------------------

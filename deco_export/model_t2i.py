@@ -31,6 +31,8 @@ from .layers import (
     RMSNorm,
     TimestepEmbedder,
     apply_rope,
+    length,
+    linspace,
     modulate,
     patchify,
     rope_from_positions,
@@ -47,10 +49,12 @@ def t2i_rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.devic
 
     x = linspace(0, grid_h, grid_w) and y = linspace(0, grid_w, grid_h), as the reference's
     ``precompute_freqs_cis_ex2d(dim, height, width)`` computes them (height and width swapped
-    in the ends): near-integer positions with step n/(n-1) on a square grid.
+    in the ends): near-integer positions with step n/(n-1) on a square grid. The ends and
+    counts are computed in-graph from the grid sizes, so an exported graph follows its input's
+    size (see `layers.linspace`).
     """
-    x_pos = torch.linspace(0, grid_h, grid_w, dtype=torch.float32, device=device)
-    y_pos = torch.linspace(0, grid_w, grid_h, dtype=torch.float32, device=device)
+    x_pos = linspace(length(grid_h, device), grid_w, device)
+    y_pos = linspace(length(grid_w, device), grid_h, device)
     y_pos, x_pos = torch.meshgrid(y_pos, x_pos, indexing="ij")
     return rope_from_positions(x_pos, y_pos, head_dim, theta)
 

@@ -40,14 +40,27 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float | None = Non
 
 @dataclass
 class GraphParity:
+    """One graph output against PyTorch at one batch (and image size, for graphs whose height
+    and width are dynamic: the gate checks two sizes)."""
+
     graph: str
     batch: int
     max_abs_error: float
     psnr_db: float
+    height: int | None = None
+    width: int | None = None
 
     def to_dict(self) -> dict:
-        return {"graph": self.graph, "batch": self.batch, "max_abs_error": self.max_abs_error,
-                "psnr_db": finite(self.psnr_db)}
+        d = {"graph": self.graph, "batch": self.batch, "max_abs_error": self.max_abs_error,
+             "psnr_db": finite(self.psnr_db)}
+        if self.height is not None and self.width is not None:
+            d.update(height=self.height, width=self.width)
+        return d
+
+    @property
+    def where(self) -> str:
+        size = "" if self.height is None else f", {self.height}x{self.width}"
+        return f"{self.graph} graph (batch {self.batch}{size})"
 
 
 def finite(value: float) -> float | None:
@@ -67,16 +80,16 @@ def check_graph_gate(precision: str, results: list[GraphParity], what: str,
     if bad:
         worst = max(bad, key=lambda r: r.max_abs_error)
         raise ParityError(
-            f"{what}: {worst.graph} graph ({precision}, batch {worst.batch}) differs from PyTorch "
-            f"by {worst.max_abs_error:.3g} > {limit:g}; {consequence}"
+            f"{what}: {worst.where} at {precision} differs from PyTorch by "
+            f"{worst.max_abs_error:.3g} > {limit:g}; {consequence}"
         )
     floor = GRAPH_MIN_PSNR.get(precision)
     low = [r for r in results if floor is not None and not r.psnr_db >= floor]
     if low:
         worst = min(low, key=lambda r: r.psnr_db)
         raise ParityError(
-            f"{what}: {worst.graph} graph ({precision}, batch {worst.batch}) is "
-            f"{worst.psnr_db:.1f} dB from PyTorch fp32, below the {floor:g} dB gate; {consequence}"
+            f"{what}: {worst.where} at {precision} is {worst.psnr_db:.1f} dB from PyTorch "
+            f"fp32, below the {floor:g} dB gate; {consequence}"
         )
 
 

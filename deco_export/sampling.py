@@ -44,13 +44,18 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         )
     from .backends import create_backend
     from .export.bundle_io import default_sampler_settings
-    from .sources import load_model
+    from .sources import load_model, model_path
+    from .text_encoders import LazyTextEncoder, recorded_text_encoder
 
     model, _ = load_model(source)
     backend_obj = create_backend("torch", model, device=device, precision=precision,
                                  compile=compile)
-    return runtimes.DeCoPipeline(backend_obj, model_config=model.config,
-                                 sampler_defaults=default_sampler_settings(model.config))
+    cfg = model.config
+    encoder = None
+    if cfg.family == "t2i" and (name := recorded_text_encoder(model_path(source))):
+        encoder = LazyTextEncoder(name, cfg.text_len, cfg.text_dim)
+    return runtimes.DeCoPipeline(backend_obj, model_config=cfg, text_encoder=encoder,
+                                 sampler_defaults=default_sampler_settings(cfg))
 
 
 def parse_sharing(text: str | None, mode: str = "reuse") -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as rb
+from runtimes.backend import supports_decoder_split
 
 from .parity import GraphParity, check_end_to_end_gate, check_graph_gate, max_abs_error, psnr
 from .sources import bundle_source_model
@@ -49,6 +50,7 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     from .export.onnx import graph_parity
 
     height, width = manifest.model.image_size
+    checked = parity_sizes(manifest, "onnx")
     onnx_precisions = sorted({a.precision for a in manifest.artifacts if a.runtime == "onnx"})
     for precision in onnx_precisions:
         results = []
@@ -60,21 +62,34 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
             if artifact.runtime == "onnx" and artifact.precision == precision:
                 say(f"re-running parity of {artifact.file}")
                 results += graph_parity(model, artifact.graph, bundle / artifact.file, height,
-                                        width, seed)
+                                        width, seed, checked)
         check_graph_gate(precision, results, what=f"{bundle} ONNX {precision}")
         import runtimes
 
-        say(f"sampling end to end through ONNX Runtime ({precision}, {steps} steps)")
-        pipe = runtimes.load(bundle, backend="onnxruntime", precision=precision, verify=False)
-        figures = end_to_end_figures(model, pipe, (height, width), steps, seed)
-        check_end_to_end_gate(precision, figures["psnr_db"], what=f"{bundle} ONNX {precision}")
+        runs = []
+        for h, w in checked:
+            say(f"sampling end to end through ONNX Runtime ({precision}, {steps} steps, "
+                f"{h}x{w})")
+            pipe = runtimes.load(bundle, backend="onnxruntime", precision=precision,
+                                 verify=False)
+            figures = end_to_end_figures(model, pipe, (h, w), steps, seed)
+            check_end_to_end_gate(precision, figures["psnr_db"],
+                                  what=f"{bundle} ONNX {precision} at {h}x{w}")
+            runs.append(f"{h}x{w} {figures['psnr_db']:.1f} dB")
         worst = max(r.max_abs_error for r in results)
         lines.append(f"onnx {precision}: worst graph error {worst:.2e}, end to end "
-                     f"{figures['psnr_db']:.1f} dB over {steps} steps: passed")
+                     f"{', '.join(runs)} over {steps} steps: passed")
     for runtime in sorted({a.runtime for a in manifest.artifacts} - {"onnx"}):
         lines.append(f"{runtime}: hashes verified; its parity figures are in the manifest "
                      "(re-run them with its exporter on a machine that runs it)")
     return lines
+
+
+def parity_sizes(manifest: rb.Manifest, runtime: str) -> list[tuple[int, int]]:
+    """The sizes a gate checks: the default and a non-square one of the range ``runtime``'s
+    artifacts serve (the model's size alone for fixed-size graphs)."""
+    sizes = manifest.size_range(runtime)
+    return sizes.parity_sizes() if sizes is not None else [manifest.model.image_size]
 
 
 PARITY_BATCHES = (1, 3)
@@ -92,6 +107,9 @@ def backend_graph_parity(model: Any, backend: Any, height: int, width: int,
     if getattr(backend, "supports_refresh", False):
         calls["dit"].append(("hidden", backend.dit_hidden))
         calls["refresh"] = [("cond", backend.refresh_condition)]
+    if supports_decoder_split(backend):
+        calls["decoder_cond"] = [("modulation", backend.decoder_cond)]
+        calls["decoder_pixel"] = [("v", backend.decoder_pixel)]
     results = []
     for batch in PARITY_BATCHES:
         for graph, outputs in calls.items():
@@ -103,7 +121,7 @@ def backend_graph_parity(model: Any, backend: Any, height: int, width: int,
                 label = f"{graph}.{name}" if graph == "dit" else graph
                 ref_np = ref.numpy()
                 results.append(GraphParity(label, batch, max_abs_error(ref_np, got),
-                                           psnr(ref_np, got)))
+                                           psnr(ref_np, got), height, width))
     return results
 
 
@@ -129,11 +147,12 @@ def gate_backend(model: Any, open_pipeline: Callable[[], Any], precision: str,
     check_graph_gate(precision, results, what=what, consequence=_CONSEQUENCE)
     say(f"sampling end to end through {what} ({steps} steps)")
     figures = end_to_end_figures(model, open_pipeline(), (height, width), steps, seed)
-    check_end_to_end_gate(precision, figures["psnr_db"], what=what, consequence=_CONSEQUENCE)
+    check_end_to_end_gate(precision, figures["psnr_db"], what=f"{what} at {height}x{width}",
+                          consequence=_CONSEQUENCE)
     worst_err = max(r.max_abs_error for r in results)
     worst_db = min(r.psnr_db for r in results)
     line = (f"{what}: worst graph error {worst_err:.2e} ({worst_db:.1f} dB), end to end "
-            f"{figures['psnr_db']:.1f} dB over {steps} steps: passed")
+            f"{figures['psnr_db']:.1f} dB over {steps} steps at {height}x{width}: passed")
     return [line], {"graphs": [r.to_dict() for r in results], "end_to_end": figures}
 
 
@@ -148,12 +167,25 @@ def validate_backend(bundle: str | Path, backend: str, precision: str,
     bundle = Path(bundle)
     manifest = rb.read_manifest(bundle)
     model = bundle_source_model(bundle, manifest, checkpoint)
-    height, width = manifest.model.image_size
     loads = iter([True])
 
     def open_pipeline() -> Any:
         return runtimes.load(bundle, backend=backend, precision=precision,
                              verify=next(loads, False), **backend_options)
 
-    return gate_backend(model, open_pipeline, precision, (height, width), steps=steps,
-                        seed=seed, what=f"{bundle} {backend} {precision}", progress=progress)
+    pipe = open_pipeline()
+    try:  # the sizes the backend's artifacts serve
+        checked = parity_sizes(manifest, getattr(pipe.backend, "runtime", "onnx"))
+    finally:
+        pipe.close()
+    lines: list[str] = []
+    figures: dict[str, Any] = {"graphs": [], "end_to_end_sizes": []}
+    for h, w in checked:
+        more, found = gate_backend(model, open_pipeline, precision, (h, w), steps=steps,
+                                   seed=seed, what=f"{bundle} {backend} {precision}",
+                                   progress=progress)
+        lines += more
+        figures["graphs"] += found["graphs"]
+        figures.setdefault("end_to_end", found["end_to_end"])
+        figures["end_to_end_sizes"].append(found["end_to_end"])
+    return lines, figures

@@ -51,6 +51,7 @@ from runtimes.sharing import (
     statistic_dp,
     uniform_schedule,
 )
+from runtimes.sizes import SizeError, SizeRange
 
 __all__ = [
     "Artifact",
@@ -70,6 +71,8 @@ __all__ = [
     "SamplingPlan",
     "SharingSchedule",
     "SimilarityAccumulator",
+    "SizeError",
+    "SizeRange",
     "TensorSpec",
     "available_backends",
     "create_backend",

@@ -24,6 +24,15 @@ the last DiT block output h (B, L, D), and ``refresh_condition(hidden, t) -> con
 cond = SiLU(e_t + h) for a new timestep. A backend that offers both sets
 ``supports_refresh = True``.
 
+Optional capability (the split decoder, for DiT sharing in "reuse" mode):
+``decoder_cond(cond) -> modulation`` returns the decoder's per-pixel condition (B, L, p*p, d)
+float32 (what its blocks' adaLN reads), which depends on the condition alone, and
+``decoder_pixel(x_t, modulation) -> v`` the velocity from it;
+``decoder_pixel(x_t, decoder_cond(cond))`` is ``decoder(x_t, cond)``. A backend that offers
+both sets ``supports_decoder_split = True``; the sampler then computes the modulation once per
+DiT run whose condition later steps reuse, and runs only the pixel part on those steps. The
+modulation is opaque to the sampler, which only slices it along the batch.
+
 Optional capability (fused steps): a backend that can run a whole Euler step as one unit (for
 example one captured CUDA graph: fill t -> DiT -> decoder -> guidance -> update) sets
 ``supports_step = True`` and offers ``step(x, y, t, dt, guidance) -> x_next``. ``guidance`` is
@@ -57,6 +66,7 @@ __all__ = [
     "HostArrays",
     "RefreshBackend",
     "close_backend",
+    "supports_decoder_split",
     "supports_refresh",
     "supports_step",
     "supports_velocity",
@@ -118,6 +128,13 @@ def supports_refresh(backend: Any) -> bool:
     """True when ``backend`` offers ``dit_hidden`` and ``refresh_condition`` and says so."""
     return bool(getattr(backend, "supports_refresh", False)) and all(
         callable(getattr(backend, name, None)) for name in ("dit_hidden", "refresh_condition")
+    )
+
+
+def supports_decoder_split(backend: Any) -> bool:
+    """True when ``backend`` offers ``decoder_cond`` and ``decoder_pixel`` and says so."""
+    return bool(getattr(backend, "supports_decoder_split", False)) and all(
+        callable(getattr(backend, name, None)) for name in ("decoder_cond", "decoder_pixel")
     )
 
 

@@ -13,6 +13,12 @@ Layout::
       dit.onnx, decoder.onnx, ...   (names are free; the manifest says which is which)
       schedules/*.json  DiT-sharing schedules, also recorded under "schedules"
 
+The "sizes" section is the range of image sizes the graphs serve (`runtimes.sizes.SizeRange`:
+min and max height x width, the default size, the multiple); the artifacts' height, width and
+token axes are then symbolic. A runtime compiled for fewer sizes records them in its artifacts'
+``details["sizes"]``. A manifest without the section (written when graphs had one size) serves
+the size its graphs' shapes name.
+
 Graphs are declared in `runtimes.graphs` (names, inputs and outputs, per model family): "dit"
 (x_t, t, y -> cond, hidden; a text-to-image model's DiT takes ``text`` (B, L, C) float32 in
 place of the labels ``y``), "decoder", the optional "refresh", and a text-to-image bundle's
@@ -45,6 +51,7 @@ from .config import ModelConfig
 from .errors import ConfigError, DecoError
 from .graphs import GRAPH_NAMES, TensorSpec
 from .sampler import SamplerConfig
+from .sizes import SizeRange
 
 __all__ = [
     "FORMAT",
@@ -59,6 +66,7 @@ __all__ = [
     "Manifest",
     "ModelConfig",
     "SamplerDefaults",
+    "SizeRange",
     "TensorSpec",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -336,7 +344,9 @@ class Manifest:
     """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` may be given as dicts.
 
     ``model_extra`` keeps keys of the "model" section this version does not know (written by a
-    newer exporter), so reading and rewriting a manifest never drops them.
+    newer exporter), so reading and rewriting a manifest never drops them. ``sizes`` is the
+    range of image sizes the graphs serve (None for a bundle of fixed-size graphs; see
+    `size_range`).
     """
 
     model: ModelConfig
@@ -348,6 +358,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     model_extra: dict[str, Any] = field(default_factory=dict)
+    sizes: SizeRange | None = None
 
     def __post_init__(self) -> None:
         model: Any = self.model  # a ModelConfig, or its dict from a caller
@@ -357,6 +368,32 @@ class Manifest:
         defaults: Any = self.sampler_defaults
         if not isinstance(defaults, SamplerDefaults):
             self.sampler_defaults = SamplerDefaults(defaults or {})
+        sizes: Any = self.sizes
+        if sizes is not None and not isinstance(sizes, SizeRange):
+            self.sizes = _size_range(sizes, "manifest.json: sizes")
+
+    def size_range(self, runtime: str | None = None) -> SizeRange | None:
+        """The sizes ``runtime``'s artifacts (all artifacts for None) serve: an artifact's own
+        ``details["sizes"]`` (a compiled runtime's list), else the one size its fixed-size
+        input names (bundles written before sizes were dynamic), else the manifest's range;
+        None when nothing in the bundle limits the size."""
+        p = self.model.patch_size
+        for art in self.artifacts:
+            if art.graph not in ("dit", "pixel_dit") or (runtime is not None
+                                                         and art.runtime != runtime):
+                continue
+            own = art.details.get("sizes")
+            if own is not None:
+                where = f"manifest.json: artifact {'/'.join(art.key)}: details.sizes"
+                return _size_range(own, where)
+            spec = art.input("x_t")
+            if spec is not None and len(spec.shape) == 4:
+                h, w = spec.shape[2:]
+                if isinstance(h, int) and isinstance(w, int):
+                    return SizeRange.fixed((h, w), p)
+        if self.sizes is not None:
+            return self.sizes
+        return None
 
     def _describe(self, runtime: str | None = None) -> str:
         have = [
@@ -404,6 +441,8 @@ class Manifest:
             "artifacts": [a.to_dict() for a in self.artifacts],
             "schedules": self.schedules,
         }
+        if self.sizes is not None:
+            d["sizes"] = self.sizes.to_dict()
         d.update(self.extra)
         return d
 
@@ -432,8 +471,9 @@ class Manifest:
                 "bundle again"
             )
         known = {"format", "format_version", "model", "sampler_defaults", "source",
-                 "package_version", "artifacts", "schedules"}
+                 "package_version", "artifacts", "schedules", "sizes"}
         model, model_extra = model_config_from_manifest(d["model"])
+        sizes = d.get("sizes")
         return cls(
             model=model,
             model_extra=model_extra,
@@ -444,7 +484,18 @@ class Manifest:
             schedules={str(k): dict(v) for k, v in d.get("schedules", {}).items()},
             format_version=version,
             extra={k: v for k, v in d.items() if k not in known},
+            sizes=None if sizes is None else _size_range(sizes, "manifest.json: sizes"),
         )
+
+
+def _size_range(d: Any, where: str) -> SizeRange:
+    """A "sizes" record, or a BundleError naming where it is malformed."""
+    if isinstance(d, SizeRange):
+        return d
+    try:
+        return SizeRange.from_dict(d, where=where)
+    except ConfigError as exc:
+        raise BundleError(f"{exc}; fix the manifest or re-export the bundle") from None
 
 
 def model_config_from_manifest(

@@ -8,10 +8,12 @@ backend checks a loaded graph's I/O against it, and the TensorRT profiles and Co
 choices are computed from it. A new graph is one new `GraphSpec` in `GRAPH_SPECS` plus its
 module in the exporter (``deco_export.export.graphs``).
 
-Axes are symbolic: "batch" stays dynamic in every exported graph; "channels", "height",
-"width", "tokens", "hidden", "text_len" and "text_dim" are fixed per export from the model
-config and image size (see `axis_sizes`). Inputs and outputs are float32 / int64 whatever the
-precision inside a graph. No torch, no numpy: an application reading a bundle imports only this.
+Axes are symbolic: "batch", "height", "width" and "tokens" (= height/p * width/p) are
+dynamic (`DYNAMIC_AXES`): one ONNX graph serves every size of the range the manifest records
+(`runtimes.sizes`); "channels", "hidden", "text_len", "text_dim", "patch_pixels" and
+"decoder_hidden" are fixed per export from the model config (see `axis_sizes`). Inputs and outputs
+are float32 / int64 whatever the precision inside a graph. No torch, no numpy: an application
+reading a bundle imports only this.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .sizes import SizeRange
 
 __all__ = [
+    "DYNAMIC_AXES",
     "GRAPH_NAMES",
     "GRAPH_SPECS",
     "GraphSpec",
@@ -67,6 +71,11 @@ class TensorSpec:
                                       for a in self.shape], self.dtype)
 
 
+DYNAMIC_AXES = ("batch", "height", "width", "tokens")
+ShapeBounds = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max)
+SPATIAL_AXES = ("height", "width", "tokens")
+
+
 def axis_sizes(config: ModelConfig, height: int, width: int,
                batch: int | str = "batch") -> dict[str, int | str]:
     """The size of every symbolic axis for one model at one image size (and batch)."""
@@ -79,7 +88,13 @@ def axis_sizes(config: ModelConfig, height: int, width: int,
     return {"batch": batch, "channels": config.in_channels, "height": int(height),
             "width": int(width), "tokens": config.num_tokens(height, width),
             "hidden": config.hidden_size, "text_len": config.text_len,
-            "text_dim": config.text_dim}
+            "text_dim": config.text_dim, **_decoder_axes(config)}
+
+
+def _decoder_axes(config: ModelConfig) -> dict[str, int]:
+    """The split decoder's modulation axes: the pixels of a patch (p*p) and the decoder's
+    width (decoder_hidden_size)."""
+    return {"patch_pixels": config.patch_size ** 2, "decoder_hidden": config.decoder_hidden_size}
 
 
 @dataclass(frozen=True)
@@ -129,10 +144,15 @@ class GraphSpec:
     def applies_to(self, config: ModelConfig) -> bool:
         return config.family in self.families and config.architecture in self.architectures
 
-    def io_specs(self, config: ModelConfig, height: int, width: int
+    def io_specs(self, config: ModelConfig, height: int | None = None, width: int | None = None
                  ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        """Inputs and outputs as a manifest records them: every axis but the batch resolved."""
-        sizes = axis_sizes(config, height, width)
+        """Inputs and outputs as a manifest records them: the fixed axes resolved, the dynamic
+        ones (`DYNAMIC_AXES`) left symbolic; with ``height`` and ``width`` (an artifact
+        compiled for one size) the spatial axes resolved too."""
+        sizes = axis_sizes(config, *(config.image_size if height is None or width is None
+                                     else (height, width)))
+        if height is None or width is None:
+            sizes = {k: v for k, v in sizes.items() if k not in SPATIAL_AXES}
         return ([s.resolve(sizes) for s in self.inputs], [s.resolve(sizes) for s in self.outputs])
 
     def input_shapes(self, config: ModelConfig, batch: int, height: int, width: int
@@ -149,6 +169,22 @@ class GraphSpec:
         TensorRT pick its fastest kernels, and the sampler pads a batch up to its bucket."""
         return [(n, self.input_shapes(config, n, height, width))
                 for n in sorted({int(b) for b in batches})]
+
+    def tensorrt_profile_ranges(self, config: ModelConfig, sizes: SizeRange,
+                                batches: Sequence[int]
+                                ) -> list[tuple[int, dict[str, ShapeBounds]]]:
+        """One profile per engine batch, smallest first, for graphs whose height and width are
+        dynamic: every input's (min, opt, max) shape with the batch fixed (static batch
+        buckets, as `tensorrt_profiles`) and the spatial axes spanning ``sizes``, the optimum
+        at its default size (the size TensorRT tunes its kernels for)."""
+        (h0, w0), (h1, w1), (hd, wd) = sizes.min_size, sizes.max_size, sizes.default
+        out = []
+        for n in sorted({int(b) for b in batches}):
+            low = self.input_shapes(config, n, h0, w0)
+            opt = self.input_shapes(config, n, hd, wd)
+            high = self.input_shapes(config, n, h1, w1)
+            out.append((n, {k: (low[k], opt[k], high[k]) for k in opt}))
+        return out
 
     def coreml_batch_kinds(self, num_batch_sizes: int, joint_enumeration: bool) -> dict[str, str]:
         """How each input's batch is declared to Core ML: "fixed" (one batch size),
@@ -167,6 +203,7 @@ def _t(name: str, *shape: str, dtype: str = "float32") -> TensorSpec:
 
 _IMAGE = ("batch", "channels", "height", "width")
 _PER_TOKEN = ("batch", "tokens", "hidden")
+_MODULATION = ("batch", "tokens", "patch_pixels", "decoder_hidden")
 
 GRAPH_SPECS: tuple[GraphSpec, ...] = (
     GraphSpec(
@@ -205,6 +242,31 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         families=("c2i", "t2i"),
         description="DeCo condition refresh: SiLU(e_t + hidden) at a new t, for DiT sharing "
                     "(hidden, t -> cond)",
+    ),
+    # The decoder split in two for DiT sharing: on a step that reuses the DiT's condition, the
+    # decoder's per-pixel condition SiLU(cond_embed(cond)) is the last DiT step's, so the
+    # sampler caches it and runs only the pixel part. Optional: a bundle without them samples
+    # the same, recomputing it on every step.
+    GraphSpec(
+        "decoder_cond",
+        inputs=(_t("cond", *_PER_TOKEN),),
+        outputs=(_t("modulation", *_MODULATION),),
+        primary_input="cond",
+        required=False,
+        families=("c2i", "t2i"),
+        description="DeCo decoder, condition part: the per-pixel condition the decoder "
+                    "blocks' adaLN reads, SiLU(cond_embed(cond)) (cond -> modulation), once "
+                    "per DiT step under sharing",
+    ),
+    GraphSpec(
+        "decoder_pixel",
+        inputs=(_t("x_t", *_IMAGE), _t("modulation", *_MODULATION)),
+        outputs=(_t("v", *_IMAGE),),
+        primary_input="x_t",
+        required=False,
+        families=("c2i", "t2i"),
+        description="DeCo decoder, pixel part: the velocity from x_t and a cached modulation "
+                    "(x_t, modulation -> v), on the steps that reuse the DiT's condition",
     ),
     GraphSpec(
         "pixel_dit",

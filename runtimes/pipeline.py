@@ -31,7 +31,7 @@ import numpy as np
 
 from runtimes import bundle as _bundle
 from runtimes import fileio
-from runtimes.backend import close_backend
+from runtimes.backend import close_backend, supports_decoder_split
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
 from runtimes.image import to_pil, to_uint8
@@ -45,6 +45,7 @@ from runtimes.sharing import (
     save_schedule,
     schedule_key,
 )
+from runtimes.sizes import SizeError, SizeRange
 from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
@@ -277,25 +278,13 @@ class DeCoPipeline:
 
     # -- validation ---------------------------------------------------------------------------
 
-    def _graph_size(self) -> tuple[int, int] | None:
-        """(H, W) when the backend's DiT graphs were exported with a fixed spatial size."""
+    def size_range(self) -> SizeRange | None:
+        """The image sizes this pipeline's backend serves (`Manifest.size_range` for the
+        backend's runtime); None without a bundle (a model in memory runs any multiple of the
+        patch size)."""
         if self.manifest is None:
             return None
-        runtime = getattr(self.backend, "runtime", None)
-        sizes = set()
-        for art in self.manifest.artifacts:
-            if art.graph not in ("dit", "pixel_dit") or (
-                runtime is not None and art.runtime != runtime
-            ):
-                continue
-            spec = art.input("x_t")
-            if spec is None or len(spec.shape) != 4:
-                return None
-            h, w = spec.shape[2:]
-            if not (isinstance(h, int) and isinstance(w, int)):
-                return None
-            sizes.add((h, w))
-        return sizes.pop() if len(sizes) == 1 else None
+        return self.manifest.size_range(getattr(self.backend, "runtime", None))
 
     def _labels(self, class_labels: Any) -> list[int]:
         if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
@@ -331,17 +320,17 @@ class DeCoPipeline:
             height = default[0] if height is None else height
             width = default[1] if width is None else width
         p = self.model_config.patch_size
-        static = self._graph_size()
-        if static is not None and (height, width) != static:
-            raise ValueError(
-                f"this bundle's graphs take {static[0]}x{static[1]} images (a fixed spatial "
-                f"size), but {height}x{width} was asked; generate at {static[0]}x{static[1]} or "
-                f"export a bundle for {height}x{width}"
-            )
         for name, v in (("height", height), ("width", width)):
-            if int(v) != v or v <= 0 or v % p:
+            if _is_bool(v) or not isinstance(v, (int, np.integer, float)) or int(v) != v:
+                raise SizeError(f"{name}={v!r} is not an integer number of pixels")
+        height, width = int(height), int(width)
+        sizes = self.size_range()
+        if sizes is not None:
+            return sizes.check(height, width)
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % p:
                 lo = max(p, (int(v) // p) * p)
-                raise ValueError(
+                raise SizeError(
                     f"{name}={v} is not a positive multiple of the patch size {p}; use e.g. {lo} "
                     f"or {lo + p}"
                 )
@@ -431,6 +420,7 @@ class DeCoPipeline:
         guidance_bounds: str | None = None,
         fused_step: bool | None = None,
         *,
+        decoder_split: bool = True,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         prompt_embeds: np.ndarray | None = None,
@@ -446,6 +436,8 @@ class DeCoPipeline:
         schedule key, a dict ({"ratio": 0.75, "mode": "fresh_t"}) or a `SharingSchedule`.
         ``callback(step_index, num_steps, t)`` runs after every step. ``fused_step`` controls
         the backend's whole-step capability (None: use it where it applies; see `sample`).
+        ``decoder_split`` False runs the fused decoder on steps that reuse the DiT's condition
+        instead of the cached modulation's pixel part (see `sample`).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -485,7 +477,7 @@ class DeCoPipeline:
         x = sample(
             self.backend, x0, cond, plan,
             null_class=None if uncond is not None else self.model_config.null_class,
-            uncond=uncond, callback=callback, fused_step=fused_step,
+            uncond=uncond, callback=callback, fused_step=fused_step, decoder_split=decoder_split,
         )
         if output_type == "np":
             images: Any = x
@@ -493,7 +485,9 @@ class DeCoPipeline:
             images = to_uint8(x)
         else:
             images = to_pil(to_uint8(x))
-        return GenerationOutput(images, labels, used_seed, plan.cost(batch), config, prompts)
+        split = decoder_split and supports_decoder_split(self.backend)
+        return GenerationOutput(images, labels, used_seed, plan.cost(batch, split), config,
+                                prompts)
 
     __call__ = generate
 

@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.backend import supports_refresh, supports_step, supports_velocity
+from runtimes.backend import (
+    supports_decoder_split,
+    supports_refresh,
+    supports_step,
+    supports_velocity,
+)
 from runtimes.errors import DecoError
 from runtimes.sharing import SharingSchedule
 
@@ -333,13 +338,25 @@ class SamplingPlan:
         """Whether evaluation k runs the decoder on [uncond; cond]."""
         return self.reference_cfg or self.evaluations[k].guided
 
-    def cost(self, batch_size: int = 1) -> dict[str, int]:
-        """Calls and per-sample passes of each graph (what a benchmark should report)."""
+    def reused_after(self, k: int) -> bool:
+        """Whether evaluation k runs the DiT and the next evaluation reuses its condition as
+        is ("reuse" mode): then a split decoder caches k's modulation for the reused steps."""
+        return (self.sharing_mode == "reuse" and self.run_dit[k]
+                and k + 1 < self.num_evaluations and not self.run_dit[k + 1])
+
+    def cost(self, batch_size: int = 1, decoder_split: bool = False) -> dict[str, int]:
+        """Calls and per-sample passes of each graph (what a benchmark should report).
+
+        ``decoder_calls`` / ``decoder_samples`` count the decoder in any form, one call per
+        evaluation. With ``decoder_split`` (a backend with the split decoder), the condition
+        part runs only where the modulation is new; ``decoder_cond_samples`` says on how many
+        samples (the decoder's samples without it).
+        """
         dit_calls = sum(self.run_dit)
         pairs = zip(self.run_dit, self.dit_both, strict=True)
         dit_rows = sum((2 if both else 1) for run, both in pairs if run)
         dec_rows = sum(2 if self.needs_both(k) else 1 for k in range(self.num_evaluations))
-        return {
+        cost = {
             "steps": self.num_steps,
             "evaluations": self.num_evaluations,
             "dit_calls": dit_calls,
@@ -347,6 +364,15 @@ class SamplingPlan:
             "decoder_calls": self.num_evaluations,
             "decoder_samples": dec_rows * batch_size,
         }
+        if decoder_split and any(self.reused_after(k) for k in range(self.num_evaluations)):
+            cond_rows = 0
+            for k in range(self.num_evaluations):
+                if self.reused_after(k):  # the modulation of the DiT's whole batch, cached
+                    cond_rows += 2 if self.dit_both[k] else 1
+                elif self.run_dit[k] or self.sharing_mode != "reuse":  # the fused decoder
+                    cond_rows += 2 if self.needs_both(k) else 1
+            cost["decoder_cond_samples"] = cond_rows * batch_size
+        return cost
 
 
 def _evaluation_times(config: SamplerConfig, grid: np.ndarray, dts: np.ndarray) -> np.ndarray:
@@ -480,7 +506,19 @@ def condition_inputs(
 
 
 class _Velocity:
-    """Evaluates the guided velocity at evaluation k, caching the DiT output between calls."""
+    """Evaluates the guided velocity at evaluation k, caching the DiT output between calls.
+
+    Under DiT sharing ("reuse") with a backend that has the split decoder, a DiT run whose
+    condition the next evaluations reuse runs ``decoder_cond`` once and ``decoder_pixel`` on
+    its output, and the reused evaluations run ``decoder_pixel`` alone on that cached output.
+    Every other evaluation runs the fused ``decoder``: measured on the S/16-like model at
+    256x256 (docs/benchmarks.md, 2026-12-01), the two split graphs in sequence take as long as
+    the fused one or longer (ONNX Runtime fp32 158 against 131 ms at batch 1, 345 against 360
+    at batch 2; OpenVINO bf16 135 against 110, 201 against 200), since the per-pixel condition
+    makes a round trip through memory that the fused graph keeps inside; so splitting pays
+    only where the cached part is reused, and without sharing the sampler runs exactly the
+    graphs it ran before the split existed.
+    """
 
     def __init__(
         self,
@@ -489,12 +527,20 @@ class _Velocity:
         cond: np.ndarray,
         uncond: np.ndarray,
         on_condition: ConditionHook | None,
+        decoder_split: bool = True,
     ) -> None:
         self.backend = backend
         self.plan = plan
         self.batch = int(cond.shape[0])
         self.on_condition = on_condition
         self.fresh_t = plan.sharing_mode == "fresh_t"
+        # DiT sharing in "reuse" mode with a split decoder: a DiT run whose condition later
+        # steps reuse computes the decoder's modulation once; the reused steps run only the
+        # decoder's pixel part on it. Elsewhere the fused decoder runs (no modulation in memory).
+        self.split = [decoder_split and plan.reused_after(k)
+                      for k in range(plan.num_evaluations)]
+        if any(self.split) and not supports_decoder_split(backend):
+            self.split = [False] * plan.num_evaluations
         self.one_graph = supports_velocity(backend)
         if self.one_graph and (on_condition is not None or not all(plan.run_dit)):
             raise ValueError(
@@ -522,6 +568,8 @@ class _Velocity:
         self.cache: Any = None
         self.cache_both = False
         self.cache_half: Any = None  # the conditional half of a [uncond; cond] cache, sliced once
+        self.modulation: Any = None  # the split decoder's modulation of the cached condition
+        self.modulation_half: Any = None
 
     def __call__(self, x: Any, k: int) -> Any:
         plan, backend, b = self.plan, self.backend, self.batch
@@ -544,12 +592,25 @@ class _Velocity:
                 self.cache = full
             self.cache_both = dit_both
             self.cache_half = None
+            self.modulation = self.modulation_half = None
             if self.on_condition is not None:
                 self.on_condition(k, full)
+            if self.split[k]:
+                mod = self.modulation = backend.decoder_cond(full)
+                if dit_both and not both:
+                    mod = self.modulation_half = self.modulation[b:]
+                return self._guide(backend.decoder_pixel(x2 if both else x, mod), k, both)
             cond = full[b:] if (dit_both and not both) else full
         else:
             if both and not self.cache_both:  # make_plan rules this out; guard the invariant
                 raise RuntimeError("cached DiT output lacks the unconditional half")
+            if self.modulation is not None:
+                mod = self.modulation
+                if self.cache_both and not both:
+                    if self.modulation_half is None:
+                        self.modulation_half = self.modulation[b:]
+                    mod = self.modulation_half
+                return self._guide(backend.decoder_pixel(x2 if both else x, mod), k, both)
             part = self.cache
             if self.cache_both and not both:
                 if self.cache_half is None:
@@ -560,13 +621,17 @@ class _Velocity:
                 cond = backend.refresh_condition(part, t_k)
             else:
                 cond = part
+        return self._guide(backend.decoder(x2 if both else x, cond), k, both)
+
+    def _guide(self, out: Any, k: int, both: bool) -> Any:
+        """The velocity from a decoder output: itself, or the guided mix of its two halves."""
         if not both:
-            return backend.decoder(x, cond)
-        out = backend.decoder(x2, cond)
+            return out
+        b = self.batch
         v_u, v_c = out[:b], out[b:]
+        plan = self.plan
         w = plan.config.guidance if plan.evaluations[k].guided else 1.0
         return v_u + (v_c - v_u) * w
-
 
     def _one_graph(self, x: Any, k: int, both: bool) -> Any:
         """The velocity of a one-graph model: one call on [uncond; cond] when guided."""
@@ -591,6 +656,7 @@ def sample(
     callback: ProgressCallback | None = None,
     on_condition: ConditionHook | None = None,
     fused_step: bool | None = None,
+    decoder_split: bool = True,
 ) -> np.ndarray:
     """Integrate from ``noise`` (t = 0) to a sample (t = 1) and return it as float32 numpy.
 
@@ -605,6 +671,11 @@ def sample(
     ``fused_step``: use the backend's whole-step ``step`` capability where it applies (Euler,
     the DiT at every step, no ``on_condition``). None uses it when the backend offers it; False
     never; True insists (ValueError when it cannot apply).
+
+    ``decoder_split``: under DiT sharing in "reuse" mode, cache the decoder's modulation where
+    the backend has the split decoder (``supports_decoder_split``) and run only its pixel part
+    on the reused steps. False runs the fused decoder on every step, as a backend without the
+    split does (the same velocity to rounding; for comparisons).
     """
     if isinstance(config, SamplingPlan):
         if sharing is not None:
@@ -628,7 +699,7 @@ def sample(
         )
     if fusable and fused_step is not False:
         return _sample_fused(backend, noise, cond, negative, plan, callback)
-    velocity = _Velocity(backend, plan, cond, negative, on_condition)
+    velocity = _Velocity(backend, plan, cond, negative, on_condition, decoder_split)
     x = backend.from_numpy(noise)
     solver = plan.config.solver
     n = plan.num_steps

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,13 +108,20 @@ class GaussianFlowBackend:
 
     def decoder(self, x_t, cond):
         self.calls.append(("decoder", len(x_t)))
+        return self._velocity(x_t, self._per_pixel(cond))
+
+    def _per_pixel(self, cond):
+        """(B, 3, C, H, W) float64: the class mean, a(t) and t of every pixel, from cond."""
         cond = np.asarray(cond, np.float64)
-        _, c, h, w = x_t.shape
+        c, h, w, n = self.c, self.size, self.size, self.c * self.p * self.p
         mu = unpatchify(cond[..., :-2], c, h, w, self.p)
-        per_token = np.repeat(cond[..., -2:-1], c * self.p * self.p, axis=-1)
-        a = unpatchify(per_token, c, h, w, self.p)
-        per_token = np.repeat(cond[..., -1:], c * self.p * self.p, axis=-1)
-        t = unpatchify(per_token, c, h, w, self.p)
+        a = unpatchify(np.repeat(cond[..., -2:-1], n, axis=-1), c, h, w, self.p)
+        t = unpatchify(np.repeat(cond[..., -1:], n, axis=-1), c, h, w, self.p)
+        return np.stack([mu, a, t], axis=1)
+
+    @staticmethod
+    def _velocity(x_t, per_pixel):
+        mu, a, t = per_pixel[:, 0], per_pixel[:, 1], per_pixel[:, 2]
         return (mu + a * (np.asarray(x_t, np.float64) - t * mu)).astype(np.float32)
 
     def from_numpy(self, a):
@@ -129,4 +137,28 @@ class GaussianFlowBackend:
 
     def batches(self, kind: str) -> list[int]:
         return [n for k, n in self.calls if k == kind]
+
+
+class SplitGaussianFlowBackend(GaussianFlowBackend):
+    """`GaussianFlowBackend` with the split decoder: ``decoder_cond`` gives the per-pixel
+    (mean, a(t), t) the fused decoder derives from cond, ``decoder_pixel`` the velocity from
+    them, with the fused decoder's arithmetic (so both paths agree bit for bit). Every
+    modulation made and every one the pixel part received is kept, to check the caching."""
+
+    supports_decoder_split = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.made: list[np.ndarray] = []
+        self.used: list[np.ndarray] = []
+
+    def decoder_cond(self, cond):
+        self.calls.append(("decoder_cond", len(cond)))
+        self.made.append(self._per_pixel(cond))
+        return self.made[-1]
+
+    def decoder_pixel(self, x_t, modulation):
+        self.calls.append(("decoder_pixel", len(x_t)))
+        self.used.append(modulation)
+        return self._velocity(x_t, modulation)
 

@@ -85,6 +85,7 @@ class CudaGraphBackend:
     name = "torch-cuda"
     supports_refresh = True
     supports_step = True
+    supports_decoder_split = True
 
     def __init__(self, model: DeCo, device: str | torch.device = "cuda", precision: str = "bf16",
                  compile: bool = True, compile_mode: str = "max-autotune-no-cudagraphs",
@@ -118,6 +119,8 @@ class CudaGraphBackend:
             _raise_recompile_limit(64)  # one compiled variant per bucket and guidance mode
         self._dit = self._compiled(self.model.dit)
         self._decoder = self._compiled(self.model.decoder)
+        self._decoder_cond = self._compiled(self.model.decoder.modulation)
+        self._decoder_pixel = self._compiled(self.model.decoder.pixels)
         self._steps = {True: self._compiled(self._guided_step),
                        False: self._compiled(self._unguided_step)}
         self._buckets: dict[tuple[int, int, int], _Bucket] = {}
@@ -243,6 +246,17 @@ class CudaGraphBackend:
     def decoder(self, x_t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         self._last_out = None
         return self._decoder(x_t.to(self.dtype), cond.to(self.dtype)).float()
+
+    @torch.no_grad()
+    def decoder_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """The modulation, float32 as every graph output (a cached modulation crosses steps)."""
+        self._last_out = None
+        return self._decoder_cond(cond.to(self.dtype)).float()
+
+    @torch.no_grad()
+    def decoder_pixel(self, x_t: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        self._last_out = None
+        return self._decoder_pixel(x_t.to(self.dtype), modulation.to(self.dtype)).float()
 
     def from_numpy(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

@@ -36,6 +36,7 @@ class TorchBackend:
     name = "torch"
     supports_refresh = True
     supports_velocity = False
+    supports_decoder_split = True
 
     def __init__(self, model: DeCo | PixelDiT, device: str | torch.device | None = "cpu",
                  precision: str = "fp32", compile: bool = False):
@@ -47,13 +48,18 @@ class TorchBackend:
         self.config = model.config
         if isinstance(model, PixelDiT):
             self.supports_refresh, self.supports_velocity = False, True
+            self.supports_decoder_split = False
             self._velocity = torch.compile(self.model) if compile else self.model
             return
         self._dit = self.model.dit
         self._decoder = self.model.decoder
+        self._decoder_cond = self.model.decoder.modulation
+        self._decoder_pixel = self.model.decoder.pixels
         if compile:
             self._dit = torch.compile(self._dit)
             self._decoder = torch.compile(self._decoder)
+            self._decoder_cond = torch.compile(self._decoder_cond)
+            self._decoder_pixel = torch.compile(self._decoder_pixel)
 
     @torch.inference_mode()
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -96,6 +102,18 @@ class TorchBackend:
     def decoder(self, x_t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             v = self._decoder(x_t, cond)
+        return v.float()
+
+    @torch.inference_mode()
+    def decoder_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            modulation = self._decoder_cond(cond)
+        return modulation.float()
+
+    @torch.inference_mode()
+    def decoder_pixel(self, x_t: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            v = self._decoder_pixel(x_t, modulation)
         return v.float()
 
     def from_numpy(self, array: np.ndarray) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,7 +17,12 @@ from ..export.coreml import (
     FP32_ISLANDS,
     PRECISIONS,
 )
-from .options import parse_int_list, parse_size
+from .options import model_text_encoder, parse_int_list, parse_size
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..model import DeCo
 
 
 @click.command("coreml")
@@ -35,6 +41,9 @@ from .options import parse_int_list, parse_size
 @click.option("--fp32-islands", default="all", show_default=True,
               help=f"what stays fp32 in fp16 packages: all, none or {','.join(FP32_ISLANDS)}")
 @click.option("--image-size", default=None, help="HxW (default: the model's, or the bundle's)")
+@click.option("--sizes", "extra_sizes", default="",
+              help="more HxW sizes the packages accept, e.g. 32x64,128x128 (Core ML enumerates "
+                   "them; a fixed size is fastest on the Neural Engine)")
 @click.option("--license", "license_text", default=None, help="licence text for the metadata")
 @click.option("--parity-steps", type=int, default=10, show_default=True,
               help="sampler steps of the end-to-end gate (macOS)")
@@ -42,14 +51,22 @@ from .options import parse_int_list, parse_size
               help="for reference .ckpt files")
 @click.option("--checkpoint", default=None,
               help="the checkpoint behind a bundle, when its recorded path is not valid here")
+@click.option("--text-encoder", default=None,
+              help="text-to-image: a local transformers directory or 'minilm' that encodes "
+                   "--negative-prompt into the bundle [the one the checkpoint's metadata names; "
+                   "a bundle source's stored encoding]")
+@click.option("--negative-prompt", default="", show_default=True,
+              help="text-to-image: the prompt of the unconditional half")
 @click.option("--verbose", is_flag=True, help="show coremltools' progress bars")
 @click.option("--force", is_flag=True,
               help="replace OUT when it is not a bundle of this checkpoint (once the new one is "
                    "complete)")
 def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: str,
                    batch_sizes: str, compute_units: str, compression: str, fp32_islands: str,
-                   image_size: str | None, license_text: str | None, parity_steps: int,
-                   weights: str, checkpoint: str | None, verbose: bool, force: bool) -> None:
+                   image_size: str | None, extra_sizes: str, license_text: str | None,
+                   parity_steps: int,
+                   weights: str, checkpoint: str | None, text_encoder: str | None,
+                   negative_prompt: str, verbose: bool, force: bool) -> None:
     """Write dit, decoder and refresh .mlpackage files (ML programs) into the bundle OUT.
 
     CHECKPOINT_OR_BUNDLE is 'default', a checkpoint directory, a reference .ckpt, or an
@@ -62,6 +79,7 @@ def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: 
     import_coremltools()
     model, record, bundle_size = load_source(source, weights=weights, checkpoint=checkpoint)
     size = parse_size(image_size) if image_size else bundle_size
+    negative, negative_text = negative_prompt_for(model, source, text_encoder, negative_prompt)
     started = time.perf_counter()
     export_coreml(
         model, out, precisions=precisions, image_size=size, source=record, target=target,
@@ -69,5 +87,28 @@ def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: 
         compression=compression, fp32_islands=fp32_islands, license=license_text,
         parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
         verbose=verbose, force=force,
+        image_sizes=[parse_size(s) for s in extra_sizes.replace(" ", "").split(",") if s],
+        negative_prompt_embeds=negative, negative_prompt=negative_text,
     )
     click.echo(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+
+
+def negative_prompt_for(model: DeCo, source: str, text_encoder: str | None,
+                        negative_prompt: str) -> tuple[np.ndarray | None, str | None]:
+    """The encoded negative prompt a text-to-image Core ML export stores, and its text: from
+    ``--text-encoder`` (or the one the checkpoint names), else from a bundle source's stored
+    encoding; (None, None) for a class-conditional model or when neither exists."""
+    encoder = model_text_encoder(model.config, text_encoder, source)
+    if encoder is not None:
+        return encoder.encode([negative_prompt]), negative_prompt
+    from ..sources import is_bundle
+
+    if model.config.family == "t2i" and is_bundle(source):
+        from runtimes import bundle as rb
+        from runtimes.pipeline import TEXT_SECTION, bundle_negative_embeds
+
+        manifest = rb.read_manifest(source)
+        stored = bundle_negative_embeds(source, manifest)
+        if stored is not None:
+            return stored, (manifest.extra.get(TEXT_SECTION) or {}).get("negative_prompt")
+    return None, None

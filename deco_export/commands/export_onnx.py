@@ -8,7 +8,7 @@ import click
 
 from runtimes.bundle import ONNX_PRECISIONS
 
-from .options import parse_size
+from .options import model_text_encoder, parse_size
 
 
 @click.command("onnx")
@@ -19,7 +19,12 @@ from .options import parse_size
               help="repeat for several variants; int8 = fp32 graph with int8 weights (CPU)")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="18 (portable) or 23 (native Attention op)")
-@click.option("--image-size", default=None, help="HxW to export at (default: the model's)")
+@click.option("--image-size", default=None,
+              help="HxW to export at: the bundle's default size (default: the model's)")
+@click.option("--size-range", default=None,
+              help="MIN:MAX sizes the graphs serve, e.g. 32:128 or 32x64:128x256 (HxW), "
+                   "multiples of the patch size [half to twice the export size]; one size "
+                   "(64:64) exports fixed-size graphs")
 @click.option("--parity-steps", type=int, default=10, show_default=True,
               help="sampler steps of the end-to-end parity gate")
 @click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
@@ -29,16 +34,19 @@ from .options import parse_size
                    "new bundle is complete)")
 @click.option("--text-encoder", default=None,
               help="text-to-image: a local transformers directory or 'minilm'; the bundle gets "
-                   "text_encoder.onnx, tokenizer.json and the encoded negative prompt")
+                   "text_encoder.onnx, tokenizer.json and the encoded negative prompt [the one the "
+                   "checkpoint's metadata names, e.g. default-t2i's minilm]")
 @click.option("--negative-prompt", default="", show_default=True,
               help="text-to-image: the prompt of the unconditional half")
 def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
-                        image_size: str | None, parity_steps: int, weights: str,
+                        image_size: str | None, size_range: str | None, parity_steps: int,
+                        weights: str,
                         force: bool, text_encoder: str | None, negative_prompt: str) -> None:
     """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE; the plain DiT
     baseline writes its one graph, pixel_dit.onnx.
 
-    CHECKPOINT is 'default' (the embedded model), a checkpoint directory or a reference .ckpt.
+    CHECKPOINT is 'default' or 'default-t2i' (the embedded models), a checkpoint directory
+    or a reference .ckpt.
     The export is gated on parity with PyTorch; a failing export leaves nothing behind.
     """
     from ..export.onnx import export_onnx
@@ -46,15 +54,16 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
 
     net, source = load_model(model, weights=weights)
     size = parse_size(image_size) if image_size else None
-    encoder = None
-    if text_encoder is not None:
-        if net.config.family != "t2i":
-            raise click.UsageError("--text-encoder is for text-to-image models")
-        from ..text_encoders import load_text_encoder
+    sizes = None
+    if size_range is not None:
+        from runtimes.sizes import parse_size_range
 
-        encoder = load_text_encoder(text_encoder, net.config.text_len, net.config.text_dim)
+        sizes = parse_size_range(size_range, size or net.config.image_size,
+                                 net.config.patch_size)
+    encoder = model_text_encoder(net.config, text_encoder, model,
+                                 say=lambda msg: click.echo(f"  {msg}", err=True))
     export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
                 parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
                 force=force, negative_prompt=negative_prompt if encoder is not None else None,
-                text_encoder=encoder)
+                text_encoder=encoder, size_range=sizes)
     click.echo(f"wrote {bundle}")

@@ -65,3 +65,24 @@ def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if not values:
         raise ValueError(f"{what} is empty; write integers separated by commas, e.g. 1,4")
     return values
+
+
+def model_text_encoder(config: Any, text_encoder: str | None, source: str,
+                       say: Any = None) -> Any:
+    """The text encoder an export of ``source`` uses: ``--text-encoder`` when given, else the
+    one the checkpoint's metadata names (``say`` reports that choice); None when there is
+    neither or ``source`` is a bundle without one. A class-conditional model refuses it."""
+    if config.family != "t2i":
+        if text_encoder is not None:
+            raise click.UsageError("--text-encoder is for text-to-image models")
+        return None
+    from ..sources import is_bundle, model_path
+    from ..text_encoders import load_text_encoder, recorded_text_encoder
+
+    if text_encoder is None and not is_bundle(source):
+        text_encoder = recorded_text_encoder(model_path(source))
+        if text_encoder is not None and say is not None:
+            say(f"text encoder: {text_encoder} (named by {source})")
+    if text_encoder is None:
+        return None
+    return load_text_encoder(text_encoder, config.text_len, config.text_dim)

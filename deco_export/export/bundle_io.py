@@ -31,6 +31,7 @@ import numpy as np
 from runtimes import bundle as rb
 from runtimes import fileio
 from runtimes.sampler import manifest_defaults, release_sampler
+from runtimes.sizes import SizeRange
 
 from ..config import DeCoConfig
 from ..model import DeCo
@@ -38,6 +39,7 @@ from ..parity import END_TO_END_MIN_PSNR, check_end_to_end_gate, finite, max_abs
 
 PARITY_LABELS = (1, 2)  # with the null class in front: an unguided and two guided samples
 PARITY_GUIDANCE = release_sampler("c2i").guidance  # guided at the c2i release's scale
+PARITY_SHARING = 0.5  # the DiT on every second step: reused steps run the split decoder
 NEGATIVE_EMBEDS_NAME = "negative_prompt.npy"
 
 
@@ -70,8 +72,11 @@ class BundleTransaction:
                  source: dict[str, Any] | None = None,
                  sampler_defaults: dict[str, Any] | None = None, force: bool = False,
                  negative_prompt_embeds: np.ndarray | None = None,
-                 negative_prompt: str | None = None):
+                 negative_prompt: str | None = None, sizes: SizeRange | None = None):
+        """``sizes``: the range of image sizes the exported graphs serve (their height and
+        width axes dynamic), recorded as the manifest's "sizes"; None keeps the bundle's."""
         self.bundle = Path(bundle)
+        self.sizes = sizes
         self.negative_prompt_embeds = negative_prompt_embeds
         self.negative_prompt = negative_prompt
         self.config = config
@@ -182,6 +187,13 @@ class BundleTransaction:
                 f"holds a different model ({manifest.model.to_dict()}, this export: "
                 f"{self.model_config.to_dict()})"
             )
+        if self.sizes is not None and manifest.sizes not in (None, self.sizes):
+            if self.force:
+                return None
+            raise self._refuse(
+                f"was exported for sizes {manifest.sizes.describe()} (this export: "
+                f"{self.sizes.describe()}); its other graphs were checked at those"
+            )
         theirs, ours = (manifest.source or {}).get("sha256"), self.source.get("sha256")
         if theirs != ours:
             if self.force:
@@ -199,7 +211,8 @@ class BundleTransaction:
             return manifest
         defaults = self.sampler_defaults or default_sampler_settings(self.config)
         return rb.Manifest(model=self.model_config, sampler_defaults=defaults,
-                           source=dict(self.source), package_version=package_version())
+                           source=dict(self.source), package_version=package_version(),
+                           sizes=self.sizes)
 
     @property
     def model_config(self) -> DeCoConfig:
@@ -230,31 +243,46 @@ class BundleTransaction:
 
     def _staged_manifest(self) -> rb.Manifest:
         manifest = rb.Manifest.from_dict(self.manifest.to_dict())
+        manifest.sizes = self.sizes or manifest.sizes
         manifest.artifacts = []
         for artifact in self.artifacts:
             manifest.add_artifact(artifact)
         return manifest
 
     def record_end_to_end(self, runtime: str, precision: str, figures: dict[str, Any]) -> None:
+        """Store end-to-end figures on the runtime's artefacts at ``precision``: figures at the
+        bundle's default size (or without a size) as "end_to_end", and every sized run in
+        "end_to_end_sizes" (one entry per size, the last run of a size kept)."""
+        size = (figures.get("height"), figures.get("width"))
         for artifact in self.artifacts:
-            if (artifact.runtime, artifact.precision) == (runtime, precision):
+            if (artifact.runtime, artifact.precision) != (runtime, precision):
+                continue
+            if size == (None, None) or size == self.image_size:
                 artifact.parity["end_to_end"] = dict(figures)
+            if size != (None, None):
+                runs = [r for r in artifact.parity.get("end_to_end_sizes", [])
+                        if (r.get("height"), r.get("width")) != size]
+                artifact.parity["end_to_end_sizes"] = [*runs, dict(figures)]
 
     def end_to_end_parity(self, model: DeCo, backend: str, precision: str, steps: int = 10,
                           seed: int = 0, runtime: str | None = None,
+                          image_size: tuple[int, int] | None = None,
                           **backend_options: Any) -> dict[str, Any]:
         """Sample through ``backend`` with the staged artefacts and through PyTorch fp32 from
-        the same noise (reference CFG mode, guidance on); record and gate the PSNR."""
+        the same noise (reference CFG mode, guidance on) at ``image_size`` (default the
+        bundle's size); record and gate the PSNR."""
         import runtimes
 
+        height, width = image_size or self.image_size
         rb.write_manifest(self.staging, self._staged_manifest())
         try:
             pipe = runtimes.load(self.staging, backend=backend, precision=precision,
                                  verify=False, **backend_options)
-            figures = end_to_end_figures(model, pipe, self.image_size, steps, seed)
+            figures = end_to_end_figures(model, pipe, (height, width), steps, seed)
         finally:
             (self.staging / rb.MANIFEST_NAME).unlink(missing_ok=True)
-        check_end_to_end_gate(precision, figures["psnr_db"], what=f"{backend} {precision} export")
+        check_end_to_end_gate(precision, figures["psnr_db"],
+                              what=f"{backend} {precision} export at {height}x{width}")
         figures["threshold_db"] = END_TO_END_MIN_PSNR[precision]
         self.record_end_to_end(runtime or runtime_of(backend), precision,
                                {**figures, "psnr_db": finite(figures["psnr_db"])})
@@ -271,6 +299,7 @@ class BundleTransaction:
             manifest = existing if existing is not None else self._base_manifest()
             for artifact in self.artifacts:
                 manifest.add_artifact(artifact)
+            manifest.sizes = self.sizes or manifest.sizes
             if self._text_section is not None:
                 manifest.extra["text"] = self._text_section
             if existing is not None:
@@ -284,7 +313,11 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
     """Sample the same noise through ``pipe`` and through PyTorch fp32 eager; compare images.
 
     Labels put the null class first, then two real classes; guidance is on (reference CFG
-    mode), so both branches and the guidance arithmetic are exercised.
+    mode), so both branches and the guidance arithmetic are exercised. A DeCo model is sampled
+    twice, without DiT sharing and with sharing `PARITY_SHARING` (where the backend has the
+    split decoder, the reused steps run its pixel graph on the cached modulation): ``psnr_db``
+    and ``max_abs_error`` are the worse of the two, so one gate holds both paths, and
+    ``sharing`` keeps the shared run's own figures.
     """
     import runtimes
 
@@ -308,19 +341,27 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
         labels = [config.null_class, *(min(c, config.num_classes - 1) for c in PARITY_LABELS)]
         condition = {"class_labels": labels}
         batch = len(labels)
-    images = []
+    sharings = [None, PARITY_SHARING] if config.architecture == "deco" else [None]
+    images: list[list[np.ndarray]] = []
     for p in (pipe, reference):
         try:
-            out = p.generate(**condition, steps=steps, guidance=PARITY_GUIDANCE,
-                             seed=seed, output_type="np", cfg_mode="reference",
-                             height=image_size[0], width=image_size[1])
+            images.append([np.asarray(p.generate(
+                **condition, steps=steps, guidance=PARITY_GUIDANCE, seed=seed,
+                output_type="np", cfg_mode="reference", height=image_size[0],
+                width=image_size[1], sharing=sharing).images, dtype=np.float32)
+                for sharing in sharings])
         finally:
             p.close()
-        images.append(np.asarray(out.images, dtype=np.float32))
-    got, expected = images
-    return {"status": "passed", "steps": steps, "seed": seed, "guidance": PARITY_GUIDANCE,
-            "batch": batch, "max_abs_error": max_abs_error(expected, got),
-            "psnr_db": psnr(expected, got, data_range=2.0)}
+    errors = [max_abs_error(expected, got) for got, expected in zip(*images, strict=True)]
+    psnrs = [psnr(expected, got, data_range=2.0) for got, expected in zip(*images, strict=True)]
+    figures: dict[str, Any] = {"status": "passed", "steps": steps, "seed": seed,
+                               "guidance": PARITY_GUIDANCE, "batch": batch,
+                               "height": int(image_size[0]), "width": int(image_size[1]),
+                               "max_abs_error": max(errors), "psnr_db": min(psnrs)}
+    if len(sharings) > 1:
+        figures["sharing"] = {"ratio": PARITY_SHARING, "max_abs_error": errors[1],
+                              "psnr_db": finite(psnrs[1])}
+    return figures
 
 
 def runtime_of(backend: str) -> str:

@@ -8,6 +8,8 @@ A graph's contract (names, inputs and outputs, axes, which input leads) is its r
                 (x_t, t, text) for the text-to-image family: text (B, L, C) float32
 * ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
 * ``refresh``:  (hidden, t)   -> cond             SiLU(e_t + h), for DiT sharing with a fresh t
+* ``decoder_cond``:  cond                -> modulation   the decoder's condition part
+* ``decoder_pixel``: (x_t, modulation)   -> v            its pixel part, on reused sharing steps
 
 The plain pixel DiT baseline (``architecture="dit"``) has no split and exports one graph:
 
@@ -37,10 +39,8 @@ from ..config import DeCoConfig
 from ..model import DeCo, PixelDiT
 
 __all__ = [
-    "GRAPH_CLASSES", "GRAPH_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "PRECISION_DTYPES",
-    "example_inputs", "export_image_size", "graph_modules", "input_names", "io_specs",
-    "output_names", "quiet",
-    "reference_outputs",
+    "GRAPH_CLASSES", "GRAPH_NAMES", "PRECISION_DTYPES", "example_inputs", "export_image_size",
+    "graph_modules", "input_names", "io_specs", "output_names", "quiet", "reference_outputs",
 ]
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -66,6 +66,29 @@ class DecoderGraph(nn.Module):
         return self.decoder(x_t.to(self.dtype), cond.to(self.dtype)).float()
 
 
+class DecoderCondGraph(nn.Module):
+    """The decoder's condition part. Its output stays float32 at every precision, like every
+    graph's outputs: it crosses steps in the sampler's cache."""
+
+    def __init__(self, model: DeCo):
+        super().__init__()
+        self.decoder = model.decoder
+        self.dtype = model.decoder.input_proj.weight.dtype
+
+    def forward(self, cond: Tensor) -> Tensor:
+        return self.decoder.modulation(cond.to(self.dtype)).float()
+
+
+class DecoderPixelGraph(nn.Module):
+    def __init__(self, model: DeCo):
+        super().__init__()
+        self.decoder = model.decoder
+        self.dtype = model.decoder.input_proj.weight.dtype
+
+    def forward(self, x_t: Tensor, modulation: Tensor) -> Tensor:
+        return self.decoder.pixels(x_t.to(self.dtype), modulation.to(self.dtype)).float()
+
+
 class RefreshGraph(nn.Module):
     def __init__(self, model: DeCo):
         super().__init__()
@@ -88,16 +111,14 @@ class PixelDiTGraph(nn.Module):
 
 GRAPH_CLASSES: dict[str, type[nn.Module]] = {
     "dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph,
+    "decoder_cond": DecoderCondGraph, "decoder_pixel": DecoderPixelGraph,
     "pixel_dit": PixelDiTGraph,
 }
-# Views of the class-conditional records, in the list form torch.onnx.export takes; other
-# families' names come from `input_names` / `output_names`.
-INPUT_NAMES = {name: list(g.input_names) for name, g in graphs_for(DeCoConfig()).items()}
-OUTPUT_NAMES = {name: list(g.output_names) for name, g in graphs_for(DeCoConfig()).items()}
 
 
 def input_names(config: DeCoConfig, graph: str) -> list[str]:
-    """The graph's input names for this model's family (a t2i DiT takes ``text``, not ``y``)."""
+    """The graph's input names for this model's family (a t2i DiT takes ``text``, not ``y``),
+    in the list form torch.onnx.export takes."""
     return list(get_graph(graph, config).input_names)
 
 
@@ -138,16 +159,18 @@ def export_image_size(config: DeCoConfig, image_size: tuple[int, int] | None) ->
 
 
 def graph_modules(model: DeCo, precision: str) -> dict[str, nn.Module]:
-    """The three graph wrappers around a copy of ``model`` in ``precision``."""
+    """The graph wrappers of the model's graphs around a copy of ``model`` in ``precision``."""
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, not {precision!r}")
     typed = copy.deepcopy(model).to(device="cpu", dtype=PRECISION_DTYPES[precision]).eval()
     return {name: GRAPH_CLASSES[name](typed).eval() for name in graphs_for(model.config)}
 
 
-def io_specs(config: DeCoConfig, graph: str, height: int, width: int
-             ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """A graph's inputs and outputs as the manifest records them (the batch left dynamic)."""
+def io_specs(config: DeCoConfig, graph: str, height: int | None = None,
+             width: int | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """A graph's inputs and outputs as the manifest records them: the batch, height, width and
+    token axes left dynamic, or with ``height`` and ``width`` only the batch (an artifact
+    compiled for one size)."""
     return get_graph(graph, config).io_specs(config, height, width)
 
 
@@ -173,6 +196,8 @@ def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, 
     if not set(spec.input_names) <= set(values):  # the DiT's outputs feed the other graphs
         with torch.no_grad():
             values["cond"], values["hidden"] = model.dit(values["x_t"], values["t"], condition)
+            if "modulation" in spec.input_names:
+                values["modulation"] = model.decoder.modulation(values["cond"])
     return tuple(values[name] for name in spec.input_names)
 
 

@@ -1,10 +1,13 @@
 """ONNX export: the DiT, the pixel decoder and the refresh graph as separate ONNX files.
 
-Each graph is exported with the dynamo exporter (dynamic batch, static resolution), checked
-with ``onnx.checker`` (full check), run in ONNX Runtime against PyTorch eager at batch 1 and
-batch > 1, and then the whole sampler runs end to end through ONNX Runtime from the same noise
-as PyTorch. Only an export that passes the gate (deco_export.parity) is moved into the bundle;
-a failing one leaves nothing behind and an existing bundle untouched.
+Each graph is exported with the dynamo exporter, its batch, height, width and token axes
+dynamic over the bundle's size range (the RoPE tables are computed in the graph from its
+input's shape), checked with ``onnx.checker`` (full check), run in ONNX Runtime against PyTorch
+eager at batch 1 and batch > 1 at two sizes of the range (the default and a non-square one),
+and then the whole sampler runs end to end through ONNX Runtime from the same noise as PyTorch
+at both sizes. A range of one size exports fixed-size graphs, as before sizes were dynamic.
+Only an export that passes the gate (deco_export.parity) is moved into the bundle; a failing
+one leaves nothing behind and an existing bundle untouched.
 
 ``int8`` is the fp32 graph with ONNX Runtime's dynamic quantization applied: MatMul weights
 stored as int8 per output channel, activations quantized to uint8 per call from their own range.
@@ -25,12 +28,13 @@ import torch
 from runtimes.bundle import ONNX_PRECISIONS
 from runtimes.errors import ConfigError
 from runtimes.graphs import GRAPH_SPECS, GraphSpec
+from runtimes.sizes import SizeRange
 
+from ..config import DeCoConfig
 from ..model import DeCo
 from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
 from . import bundle_io
 from .graphs import (
-    INPUT_NAMES,
     example_inputs,
     export_image_size,
     graph_modules,
@@ -65,15 +69,55 @@ def graph_record(graph: str, names: list[str]) -> GraphSpec:
                       f"use the names of runtimes.graphs")
 
 
-def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path, opset: int,
-                 external_data: bool, names: list[str] | None = None) -> None:
-    """``names``: the graph's input names, which pick its record (default the
-    class-conditional ones; a t2i model's are `graphs.input_names`)."""
-    names = names or INPUT_NAMES[graph]
+def dynamic_shapes(record: GraphSpec, sizes: SizeRange | None) -> tuple[dict[int, Any], ...]:
+    """torch.export dims of each input, by position (the module's argument names differ): the
+    batch always; with a range of several sizes also height and width (multiples of the patch
+    over the range) and the token count, which follows from them where the graph sees an image
+    and is its own range elsewhere (the refresh graph)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
+    axes: dict[str, Any] = {"batch": batch}
+    if sizes is not None and not sizes.is_fixed:
+        p = sizes.multiple
+        (h0, w0), (h1, w1) = sizes.min_size, sizes.max_size
+        axes["height"] = p * torch.export.Dim("grid_h", min=h0 // p, max=h1 // p)
+        axes["width"] = p * torch.export.Dim("grid_w", min=w0 // p, max=w1 // p)
+        has_image = any("height" in s.shape for s in record.inputs)
+        axes["tokens"] = (torch.export.Dim.AUTO if has_image else
+                          torch.export.Dim("tokens", min=(h0 // p) * (w0 // p),
+                                           max=(h1 // p) * (w1 // p)))
+    return tuple({i: axes[a] for i, a in enumerate(s.shape) if isinstance(a, str) and a in axes}
+                 for s in record.inputs)
+
+
+def name_axes(path: Path, record: GraphSpec) -> None:
+    """Give the graph's symbolic input and output dimensions the record's axis names
+    ("height", not the exporter's "16*grid_h"), so tools and readers see one vocabulary."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    specs = {s.name: s for s in (*record.inputs, *record.outputs)}
+    changed = False
+    for value in (*model.graph.input, *model.graph.output):
+        spec = specs.get(value.name)
+        if spec is None:
+            continue
+        for dim, axis in zip(value.type.tensor_type.shape.dim, spec.shape, strict=False):
+            if isinstance(axis, str) and dim.HasField("dim_param") and dim.dim_param != axis:
+                dim.dim_param = axis
+                changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
+def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path, opset: int,
+                 external_data: bool, names: list[str] | None = None,
+                 sizes: SizeRange | None = None) -> None:
+    """``names``: the graph's input names, which pick its record (default the
+    class-conditional ones; a t2i model's are `graphs.input_names`). ``sizes``: the range the
+    height and width axes span (None or one size: fixed-size graphs)."""
+    names = names or input_names(DeCoConfig(), graph)
     record = graph_record(graph, names)
-    dynamic = tuple({i: batch for i, axis in enumerate(s.shape) if axis == "batch"}
-                    for s in record.inputs)  # by position: the module's argument names differ
+    dynamic = dynamic_shapes(record, sizes)
     # The exporter logs a warning per torchvision op it cannot register when torchvision is
     # absent; DeCo uses none of them, so the notice is noise in every export's output.
     with quiet("torch.onnx._internal.exporter._registration"):
@@ -82,6 +126,7 @@ def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path,
             output_names=list(record.output_names), dynamic_shapes=dynamic, verbose=False,
         )
     program.save(str(path), external_data=external_data)
+    name_axes(path, record)
 
 
 def quantize_int8(path: Path, external_data: bool) -> dict:
@@ -109,21 +154,36 @@ def quantize_int8(path: Path, external_data: bool) -> dict:
 
 
 def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
-                 seed: int) -> list[GraphParity]:
-    """Each output of the ONNX graph against PyTorch eager fp32, at batch 1 and batch 3."""
+                 seed: int, sizes: Sequence[tuple[int, int]] | None = None) -> list[GraphParity]:
+    """Each output of the ONNX graph against PyTorch eager fp32, at batch 1 and batch 3, at
+    each of ``sizes`` (default only ``height`` x ``width``)."""
     session = ort_session(path)
     results = []
-    for batch in PARITY_BATCHES:
-        inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
-        expected = reference_outputs(model, graph, inputs)
-        names = input_names(model.config, graph)
-        feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
-        got = session.run(None, feeds)
-        for name, ref, out in zip(output_names(model.config, graph), expected, got, strict=True):
-            label = graph if len(got) == 1 else f"{graph}.{name}"
-            ref_np = ref.numpy()
-            results.append(GraphParity(label, batch, max_abs_error(ref_np, out), psnr(ref_np, out)))
+    names = input_names(model.config, graph)
+    for h, w in sizes or [(height, width)]:
+        for batch in PARITY_BATCHES:
+            inputs = example_inputs(model, graph, batch, h, w, seed=seed + batch)
+            expected = reference_outputs(model, graph, inputs)
+            feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
+            got = session.run(None, feeds)
+            for name, ref, out in zip(output_names(model.config, graph), expected, got,
+                                      strict=True):
+                label = graph if len(got) == 1 else f"{graph}.{name}"
+                ref_np = ref.numpy()
+                results.append(GraphParity(label, batch, max_abs_error(ref_np, out),
+                                           psnr(ref_np, out), h, w))
     return results
+
+
+def trace_size(sizes: SizeRange) -> tuple[int, int]:
+    """The size the graphs are traced at: a non-square one of the range with at least two
+    tokens per side when there is one, so the exporter cannot take the two axes (or a
+    one-token side) for constants."""
+    p = sizes.multiple
+    for h, w in reversed(sizes.parity_sizes()):
+        if h != w and min(h, w) >= 2 * p:
+            return h, w
+    return sizes.default
 
 
 def export_onnx(
@@ -141,10 +201,15 @@ def export_onnx(
     negative_prompt_embeds: Any = None,
     negative_prompt: str | None = None,
     text_encoder: Any = None,
+    size_range: SizeRange | None = None,
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
     checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
     new bundle is complete (see `bundle_io.BundleTransaction`).
+
+    ``size_range``: the image sizes the graphs serve (default `SizeRange.around` the export
+    size: half to twice each side); its default must be the export size. A range of one size
+    exports fixed-size graphs.
 
     A text-to-image model's bundle can store ``negative_prompt_embeds`` (1, L, C), the encoded
     ``negative_prompt`` (the empty prompt by default), for the unconditional half. With
@@ -160,6 +225,16 @@ def export_onnx(
     say = progress or (lambda _msg: None)
     model = model.float().cpu().eval()
     height, width = export_image_size(model.config, image_size)
+    sizes = size_range or SizeRange.around((height, width), model.config.patch_size)
+    if sizes.default != (height, width) or sizes.multiple != model.config.patch_size:
+        raise ConfigError(
+            f"the size range {sizes.describe()} (default {sizes.default[0]}x{sizes.default[1]}, "
+            f"multiple {sizes.multiple}) must have the export size {height}x{width} as default "
+            f"and the patch size {model.config.patch_size} as multiple"
+        )
+    dynamic = not sizes.is_fixed
+    checked = sizes.parity_sizes()
+    traced = trace_size(sizes)
     if text_encoder is not None:
         cfg = model.config
         if cfg.family != "t2i" or (text_encoder.max_length, text_encoder.dim) != (
@@ -175,7 +250,8 @@ def export_onnx(
     with bundle_io.BundleTransaction(bundle, model.config, (height, width), source,
                                      force=force,
                                      negative_prompt_embeds=negative_prompt_embeds,
-                                     negative_prompt=negative_prompt) as txn:
+                                     negative_prompt=negative_prompt,
+                                     sizes=sizes if dynamic else None) as txn:
         if text_encoder is not None:
             from .text_encoder import export_text_encoder
 
@@ -195,9 +271,9 @@ def export_onnx(
                 say(f"exporting {name} (opset {opset})")
                 path = txn.staging / name
                 started = time.perf_counter()
-                inputs = example_inputs(model, graph, 2, height, width, seed=seed)
+                inputs = example_inputs(model, graph, 2, *traced, seed=seed)
                 export_graph(modules[graph], graph, inputs, path, opset, external,
-                             input_names(model.config, graph))
+                             input_names(model.config, graph), sizes)
                 details = {"opset": opset, "exporter": "torch.onnx dynamo",
                            "external_data": external}
                 if precision in QUANTIZED_FROM:
@@ -205,10 +281,11 @@ def export_onnx(
                     details["quantization"] = quantize_int8(path, external)
                 check_onnx(path)
                 say(f"checking {name} in ONNX Runtime against PyTorch")
-                results = graph_parity(model, graph, path, height, width, seed)
+                results = graph_parity(model, graph, path, height, width, seed, checked)
                 parity += results
                 files[graph] = path
-                inputs_spec, outputs_spec = io_specs(model.config, graph, height, width)
+                inputs_spec, outputs_spec = (io_specs(model.config, graph) if dynamic else
+                                             io_specs(model.config, graph, height, width))
                 txn.add_artifact(
                     runtime="onnx", graph=graph, precision=precision, path=path,
                     extra_files=sorted(p for p in txn.staging.iterdir()
@@ -222,8 +299,13 @@ def export_onnx(
                     tools=tool_versions(),
                 )
             check_graph_gate(precision, parity, what=f"ONNX {precision} export")
-            say(f"sampling end to end through ONNX Runtime ({precision}, {parity_steps} steps)")
-            e2e = txn.end_to_end_parity(model, "onnxruntime", precision, parity_steps, seed)
+            psnrs = []
+            for h, w in checked:
+                say(f"sampling end to end through ONNX Runtime ({precision}, {parity_steps} "
+                    f"steps, {h}x{w})")
+                e2e = txn.end_to_end_parity(model, "onnxruntime", precision, parity_steps, seed,
+                                            image_size=(h, w))
+                psnrs.append(f"{h}x{w} {e2e['psnr_db']:.1f} dB")
             say(f"ONNX {precision}: worst graph error "
-                f"{max(r.max_abs_error for r in parity):.2e}, end to end {e2e['psnr_db']:.1f} dB")
+                f"{max(r.max_abs_error for r in parity):.2e}, end to end {', '.join(psnrs)}")
     return Path(bundle)

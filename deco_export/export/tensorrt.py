@@ -5,10 +5,13 @@ that will run it:
 
 * **Strongly typed networks** from the bundle's fp32 / fp16 / bf16 ONNX: layer precision
   follows the graph's tensor types (fp32 statistics stay fp32), not builder flags.
-* **One static profile per engine batch.** User batch buckets (default 1, 2, 4, 8) count the
+* **One profile per engine batch.** User batch buckets (default 1, 2, 4, 8) count the
   CFG doubling: bucket b needs engine batch 2b for guided steps and b for unguided ones
   (`runtimes.backends.tensorrt_keys`). The backend pads a batch up to its bucket and captures a
-  CUDA graph per bucket.
+  CUDA graph per bucket (and image size). The batch of a profile is static; its height and
+  width span the bundle's size range (`runtimes.sizes`) with the optimum at the default size,
+  so one engine serves every size the ONNX graphs do; a bundle of fixed-size graphs gets
+  static profiles at its size.
 * **A timing cache** per TensorRT version and GPU, reused by every build on the machine
   (``~/.cache/deco/tensorrt``; ``--timing-cache`` moves it).
 * **Cache keys.** Each engine is keyed by its ONNX sha256, precision, profiles, builder options,
@@ -37,6 +40,7 @@ from runtimes.backend import BackendError
 from runtimes.backends import tensorrt_keys as tk
 from runtimes.errors import DecoError
 from runtimes.graphs import graphs_for
+from runtimes.sizes import SizeRange
 
 Progress = Callable[[str], None]
 
@@ -156,6 +160,7 @@ def plan_builds(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
     """The engines ``deco export tensorrt`` would build or keep, and why."""
     wanted = check_sources(bundle_dir, manifest, precisions)
     size = manifest.model.image_size
+    span = engine_sizes(manifest)
     root = Path(bundle_dir)
     items: list[BuildItem] = []
     for precision in wanted:
@@ -165,7 +170,7 @@ def plan_builds(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
                 continue
             key = tk.EngineKey(graph, precision, onnx.sha256, size, settings.engine_batches,
                                env.tensorrt_version, env.gpu_name, env.compute_capability,
-                               settings.build)
+                               settings.build, None if span is None else span.to_dict())
             existing = manifest.get_artifact("tensorrt", graph, precision)
             action, reason = "build", "no engine yet"
             if force:
@@ -187,6 +192,15 @@ def plan_builds(bundle_dir: str | os.PathLike[str], manifest: rb.Manifest,
     return items
 
 
+def engine_sizes(manifest: rb.Manifest) -> SizeRange | None:
+    """The size range the engines' profiles span: the ONNX graphs' range (None when they have
+    one size, and the profiles are static)."""
+    span = manifest.size_range("onnx")
+    if span is None or span.is_fixed:
+        return None
+    return SizeRange(span.min_size, span.max_size, span.default, span.multiple)
+
+
 def artifact_details(item: BuildItem, settings: BuildSettings) -> dict[str, Any]:
     """The manifest "details" of a new engine: its cache key and the fields it hashes (what
     the backend checks before loading), and the build settings in readable form."""
@@ -199,6 +213,7 @@ def artifact_details(item: BuildItem, settings: BuildSettings) -> dict[str, Any]
         "engine_batches": list(settings.engine_batches),
         "strongly_typed": True,
         **settings.build,
+        **({} if item.key.sizes is None else {"sizes": dict(item.key.sizes)}),
     }
 
 
@@ -240,8 +255,8 @@ def build_engine(trt: Any, onnx_path: Path, plan_path: Path, profiles: Sequence[
         config.set_timing_cache(cache, False)
     for profile in profiles:
         p = builder.create_optimization_profile()
-        for name, shape in profile.shapes.items():
-            p.set_shape(name, shape, shape, shape)
+        for name in profile.shapes:
+            p.set_shape(name, *profile.bounds(name))  # min, opt, max
         config.add_optimization_profile(p)
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -259,30 +274,33 @@ def build_engine(trt: Any, onnx_path: Path, plan_path: Path, profiles: Sequence[
 
 
 def engine_parity(model: Any, graph: str, plan: Path, batches: Sequence[int],
-                  image_size: tuple[int, int], seed: int, device_id: int) -> list[Any]:
-    """The engine's outputs against PyTorch eager fp32 at every engine batch."""
+                  image_size: tuple[int, int], seed: int, device_id: int,
+                  sizes: Sequence[tuple[int, int]] | None = None) -> list[Any]:
+    """The engine's outputs against PyTorch eager fp32 at every engine batch, at each of
+    ``sizes`` (default ``image_size`` only)."""
     from runtimes.backends.tensorrt_runner import EngineRunner
 
     from ..parity import GraphParity, max_abs_error, psnr
-    from .graphs import INPUT_NAMES, OUTPUT_NAMES, example_inputs, reference_outputs
+    from .graphs import example_inputs, input_names, output_names, reference_outputs
 
-    height, width = image_size
-    runner = EngineRunner(plan, graph, device_id)
+    config = model.config
+    runner = EngineRunner(plan, graph, device_id, config)
     results = []
     try:
-        for n in batches:
+        for (height, width), n in ((s, n) for s in sizes or [image_size] for n in batches):
             inputs = example_inputs(model, graph, n, height, width, seed=seed + n)
             expected = reference_outputs(model, graph, inputs)
-            feeds = {k: v.numpy() for k, v in zip(INPUT_NAMES[graph], inputs, strict=True)}
+            feeds = {k: v.numpy()
+                     for k, v in zip(input_names(config, graph), inputs, strict=True)}
             got = runner.run(feeds)
-            names = [o for o in OUTPUT_NAMES[graph] if o in got]
-            for name, ref in zip(OUTPUT_NAMES[graph], expected, strict=True):
+            names = [o for o in output_names(config, graph) if o in got]
+            for name, ref in zip(output_names(config, graph), expected, strict=True):
                 if name not in got:
                     continue
                 label = graph if len(names) == 1 else f"{graph}.{name}"
                 ref_np = ref.numpy()
                 results.append(GraphParity(label, n, max_abs_error(ref_np, got[name]),
-                                           psnr(ref_np, got[name])))
+                                           psnr(ref_np, got[name]), height, width))
     finally:
         runner.close()
     return results
@@ -336,6 +354,8 @@ def export_tensorrt(
     model = bundle_source_model(root, manifest, checkpoint)
     cache_path = Path(timing_cache) if timing_cache else tk.timing_cache_path(env)
     image_size = manifest.model.image_size
+    span = engine_sizes(manifest)
+    checked = span.parity_sizes() if span is not None else [image_size]
     lines: list[str] = []
     from ..parity import check_graph_gate
     from .bundle_io import BundleTransaction
@@ -348,7 +368,8 @@ def export_tensorrt(
             for item in group:
                 plan = txn.staging / item.key.relpath
                 record = txn.staging / item.key.json_relpath
-                inputs, outputs = io_specs(model.config, item.graph, *image_size)
+                inputs, outputs = (io_specs(model.config, item.graph) if span is not None
+                                   else io_specs(model.config, item.graph, *image_size))
                 details = artifact_details(item, settings)
                 results: list[Any] = []
                 extra = [record]
@@ -364,7 +385,7 @@ def export_tensorrt(
                     say(f"building {item.key.relpath} from {item.onnx.file} "
                         f"(engine batches {list(settings.engine_batches)})")
                     profiles = tk.profiles_for(item.graph, manifest.model, image_size,
-                                               settings.engine_batches)
+                                               settings.engine_batches, span)
                     info = build_engine(trt, root / item.onnx.file, plan, profiles, settings,
                                         cache_path, say)
                     details.update(info)
@@ -374,7 +395,7 @@ def export_tensorrt(
                         built=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info)))
                     say(f"checking {item.graph} {precision} against PyTorch at every engine batch")
                     found = engine_parity(model, item.graph, plan, settings.engine_batches,
-                                          image_size, seed, device_id)
+                                          image_size, seed, device_id, checked)
                     parity += found
                     results = [r.to_dict() for r in found]
                 txn.add_artifact(
@@ -385,10 +406,15 @@ def export_tensorrt(
                 )
             check_graph_gate(precision, parity, what=f"TensorRT {precision} engines")
             if parity_steps > 0:
-                say(f"sampling end to end through TensorRT ({precision}, {parity_steps} steps)")
-                figures = txn.end_to_end_parity(model, "tensorrt", precision, parity_steps, seed,
-                                                runtime="tensorrt", device_id=device_id)
-                e2e = f"end to end {figures['psnr_db']:.1f} dB"
+                runs = []
+                for h, w in checked:
+                    say(f"sampling end to end through TensorRT ({precision}, {parity_steps} "
+                        f"steps, {h}x{w})")
+                    figures = txn.end_to_end_parity(model, "tensorrt", precision, parity_steps,
+                                                    seed, runtime="tensorrt",
+                                                    image_size=(h, w), device_id=device_id)
+                    runs.append(f"{h}x{w} {figures['psnr_db']:.1f} dB")
+                e2e = f"end to end {', '.join(runs)}"
             else:
                 txn.record_end_to_end("tensorrt", precision, {
                     "status": "not run", "reason": "--parity-steps 0"})

@@ -72,7 +72,9 @@ def export_text_encoder_graph(encoder: Any, path: Path, opset: int = 18) -> bool
     weight_bytes = sum(p.numel() * p.element_size() for p in traced.model.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with quiet("torch.onnx._internal.exporter._registration"):
+    # The optimizer's constant folding reports the tokenizer-shaped constants it leaves alone.
+    with quiet("torch.onnx._internal.exporter._registration",
+               "onnxscript.optimizer._constant_folding"):
         program = torch.onnx.export(
             Graph(traced.model).eval(), inputs, dynamo=True, opset_version=opset,
             input_names=list(TEXT_ENCODER_GRAPH.input_names),

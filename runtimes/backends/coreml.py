@@ -2,7 +2,9 @@
 
 Arrays are numpy on the host (Core ML reads host memory and picks CPU, GPU or Neural Engine
 per operation inside ``predict``). Graph inputs and outputs are float32, with int32 labels:
-Core ML has no int64 inputs, so labels are cast here after a range check.
+Core ML has no int64 inputs, so labels are cast here after a range check. A text-to-image
+DiT takes the text features (B, L, C) float32 as ``text`` where a class-conditional one takes
+``y`` (the model's graph record says which).
 
 Batches: each package accepts the batch sizes it was exported with (``details.batch_sizes``
 in the manifest, by default 1 and 2, the CFG pair). A larger batch is split into allowed
@@ -44,11 +46,12 @@ from runtimes import fileio
 from runtimes.backend import BackendError, HostArrays
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_path
 from runtimes.config import ModelConfig
-from runtimes.graphs import graphs_for
+from runtimes.graphs import dit_condition_input, get_graph, graphs_for
 
 __all__ = [
     "COMPUTE_UNITS",
     "CoreMLBackend",
+    "check_package_io",
     "default_cache_dir",
     "measure_load_times",
     "require_macos",
@@ -109,6 +112,23 @@ def split_batch(batch: int, sizes: Sequence[int]) -> list[int]:
     return sorted(pieces, reverse=True)
 
 
+def check_package_io(path: str | os.PathLike[str], graph: str, config: ModelConfig,
+                     spec: Any) -> None:
+    """Refuse a package whose inputs and outputs (its ``Model`` spec's description) are not
+    the ones the model's graph record names: a text-to-image DiT takes ``text``, a
+    class-conditional one ``y``; optional outputs may be missing."""
+    record = get_graph(graph, config)
+    inputs = [f.name for f in spec.description.input]
+    outputs = [f.name for f in spec.description.output]
+    if set(inputs) != set(record.input_names) or not set(record.required_outputs) <= set(
+            outputs):
+        raise BackendError(
+            f"{path}: the {graph} package has inputs {inputs} and outputs {outputs}, expected "
+            f"{list(record.input_names)} -> {list(record.output_names)}; export it again with "
+            "`deco export coreml`"
+        )
+
+
 class CoreMLBackend(HostArrays):
     """Runs an exported bundle's Core ML packages (see the module docstring).
 
@@ -164,6 +184,8 @@ class CoreMLBackend(HostArrays):
         batch_sizes = details.get("batch_sizes") or [1]
         units = compute_units or details.get("compute_units") or "ALL"
         self.precision = precision
+        self._config = manifest.model
+        self._condition = dit_condition_input(manifest.model)
         self._setup(paths, keys, batch_sizes, units, cache_dir, use_cache)
 
     @classmethod
@@ -180,10 +202,13 @@ class CoreMLBackend(HostArrays):
     ) -> CoreMLBackend:
         """A backend on packages outside a bundle ({"dit": path, "decoder": path, ...});
         the exporter uses it to gate staged packages before they are committed. ``model``
-        says which graphs are required (a class-conditional DeCo's when left out)."""
+        says which graphs are required and what the DiT takes (a class-conditional DeCo's
+        when left out)."""
         self = cls.__new__(cls)
         self.bundle_dir = None
         self.precision = precision
+        self._config = model or ModelConfig()
+        self._condition = dit_condition_input(self._config)
         pkgs = {g: Path(p) for g, p in paths.items()}
         missing = [g for g, spec in graphs_for(model or ModelConfig()).items()
                    if spec.required and g not in pkgs]
@@ -211,6 +236,7 @@ class CoreMLBackend(HostArrays):
         for graph, path in paths.items():
             self._models[graph] = self._load(graph, path, keys.get(graph))
         self.supports_refresh = "refresh" in self._models
+        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._models)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -236,6 +262,9 @@ class CoreMLBackend(HostArrays):
             raise
         except Exception as exc:  # Core ML raises plain RuntimeErrors with its own text
             raise BackendError(f"{path}: Core ML cannot load it: {exc}") from exc
+        get_spec = getattr(model, "get_spec", None)  # a CompiledMLModel has no spec to read
+        if callable(get_spec):
+            check_package_io(path, graph, self._config, get_spec())
         self.load_times[graph] = {"seconds": round(time.perf_counter() - started, 3),
                                   "kind": kind, "compute_units": self.compute_units}
         return model
@@ -277,13 +306,16 @@ class CoreMLBackend(HostArrays):
             raise BackendError("class labels do not fit int32, which Core ML inputs use")
         return np.ascontiguousarray(y, dtype=np.int32)
 
+    def _dit_feeds(self, x_t: Any, t: Any, y: Any) -> dict[str, np.ndarray]:
+        """The DiT's inputs: labels as int32 ``y``, or text features as float32 ``text``."""
+        condition = self._float(y) if self._condition == "text" else self._labels(y)
+        return {"x_t": self._float(x_t), "t": self._float(t), self._condition: condition}
+
     def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._predict("dit", "cond", {"x_t": self._float(x_t), "t": self._float(t),
-                                             "y": self._labels(y)})
+        return self._predict("dit", "cond", self._dit_feeds(x_t, t, y))
 
     def dit_hidden(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._predict("dit", "hidden", {"x_t": self._float(x_t), "t": self._float(t),
-                                               "y": self._labels(y)})
+        return self._predict("dit", "hidden", self._dit_feeds(x_t, t, y))
 
     def refresh_condition(self, hidden: Any, t: Any) -> np.ndarray:
         if not self.supports_refresh:
@@ -294,6 +326,13 @@ class CoreMLBackend(HostArrays):
     def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
         return self._predict("decoder", "v", {"x_t": self._float(x_t),
                                               "cond": self._float(cond)})
+
+    def decoder_cond(self, cond: Any) -> np.ndarray:
+        return self._predict("decoder_cond", "modulation", {"cond": self._float(cond)})
+
+    def decoder_pixel(self, x_t: Any, modulation: Any) -> np.ndarray:
+        return self._predict("decoder_pixel", "v", {"x_t": self._float(x_t),
+                                                    "modulation": self._float(modulation)})
 
     def close(self) -> None:
         self._models.clear()
@@ -307,6 +346,7 @@ class CoreMLBackend(HostArrays):
             "batch_sizes": list(self.batch_sizes),
             "load_times": self.load_times,
             "supports_refresh": self.supports_refresh,
+            "supports_decoder_split": self.supports_decoder_split,
         }
 
 

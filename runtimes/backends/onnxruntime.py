@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: runs a bundle's "dit", "decoder" (and optional "refresh") graphs.
+"""ONNX Runtime backend: runs a bundle's "dit", "decoder" (and optional "refresh",
+"decoder_cond" and "decoder_pixel") graphs.
 
 Providers are chosen by short name ("cpu", "cuda", "tensorrt", "coreml") or full ORT name,
 optionally as (name, options) pairs. ONNX Runtime silently falls back to the CPU when a provider
@@ -406,6 +407,7 @@ class OnnxRuntimeBackend:
         self._condition = (dit_condition_input(self.manifest.model)
                            if "dit" in self._sessions else "y")
         self.supports_refresh = "refresh" in self._sessions and "hidden" in dit_outputs
+        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._sessions)
         first = self.providers[0][0]
         self.device = _DEVICE_OF.get(first, "cpu")
         self.device_id = int(device_id)
@@ -498,6 +500,12 @@ class OnnxRuntimeBackend:
     def decoder(self, x_t: Any, cond: Any) -> Any:
         return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
 
+    def decoder_cond(self, cond: Any) -> Any:
+        return self._run("decoder_cond", "modulation", {"cond": cond})
+
+    def decoder_pixel(self, x_t: Any, modulation: Any) -> Any:
+        return self._run("decoder_pixel", "v", {"x_t": x_t, "modulation": modulation})
+
     def dit_hidden(self, x_t: Any, t: Any, y: Any) -> Any:
         if not self.supports_refresh:
             raise BackendError(
@@ -540,4 +548,5 @@ class OnnxRuntimeBackend:
             "providers": {g: s.get_providers() for g, s in self._sessions.items()},
             "device_resident": self.device_resident,
             "supports_refresh": self.supports_refresh,
+            "supports_decoder_split": self.supports_decoder_split,
         }

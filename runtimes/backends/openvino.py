@@ -1,4 +1,5 @@
-"""OpenVINO backend: runs a bundle's existing ONNX graphs ("dit", "decoder", optional "refresh").
+"""OpenVINO backend: runs a bundle's existing ONNX graphs ("dit", "decoder", and the optional
+"refresh", "decoder_cond" and "decoder_pixel").
 
 Nothing is exported for OpenVINO: it reads the fp32 ONNX graphs the bundle already has, and
 the precision is an *inference precision hint* (``fp32`` -> f32, ``bf16`` -> bf16 matrix work
@@ -190,6 +191,7 @@ class OpenVinoBackend(HostArrays):
             self._outputs[graph] = {o.get_any_name(): o for o in compiled.outputs}
             self._requests[graph] = compiled.create_infer_request()
         self.supports_refresh = "refresh" in self._requests and "hidden" in self._outputs["dit"]
+        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._requests)
 
     # -- compiled-model cache -----------------------------------------------------------------
 
@@ -309,6 +311,12 @@ class OpenVinoBackend(HostArrays):
     def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
         return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
 
+    def decoder_cond(self, cond: Any) -> np.ndarray:
+        return self._run("decoder_cond", "modulation", {"cond": cond})
+
+    def decoder_pixel(self, x_t: Any, modulation: Any) -> np.ndarray:
+        return self._run("decoder_pixel", "v", {"x_t": x_t, "modulation": modulation})
+
     def dit_hidden(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
         if not self.supports_refresh:
             raise BackendError(
@@ -338,4 +346,5 @@ class OpenVinoBackend(HostArrays):
             "cache_hits": dict(self.cache_hits),
             "compile_seconds": {k: round(v, 3) for k, v in self.compile_seconds.items()},
             "supports_refresh": self.supports_refresh,
+            "supports_decoder_split": self.supports_decoder_split,
         }

@@ -1,4 +1,5 @@
-"""TensorRT backend: runs a bundle's "dit", "decoder" (and optional "refresh") engines.
+"""TensorRT backend: runs a bundle's "dit", "decoder" (and optional "refresh", "decoder_cond"
+and "decoder_pixel") engines.
 
 The engines are the ones ``deco export tensorrt BUNDLE`` built for this machine; an engine
 built for another TensorRT version or GPU, or from an ONNX graph that has since changed, is
@@ -6,12 +7,16 @@ refused with the reason and the fix before it is deserialised (`tensorrt_keys.re
 
 How it runs (one CUDA stream, no host synchronisation between the first and the last step):
 
-* **Device memory.** Per engine batch (a "slot": the batch sizes the engines were built for,
-  see `tensorrt_keys`) the I/O buffers x_t, t, y, cond, hidden and v are allocated once, on
-  first use, and every execution context of that batch is bound to them once. The DiT writes
-  ``cond`` where the decoder reads it, so the two engines hand over without a copy. All
-  contexts are created with user-managed device memory and share one activation buffer, sized
-  to the largest profile used so far (the engines run one after the other on one stream).
+* **Device memory.** Per engine batch and image size (a "slot": the batch sizes the engines
+  were built for, see `tensorrt_keys`, at a size inside the range their profiles span) the I/O
+  buffers x_t, t, the condition (``y`` int64 labels, or ``text`` float32 (B, L, C) features for
+  a text-to-image model, as the DiT's graph record says), cond, hidden and v (and the split
+  decoder's modulation, when its engines exist) are allocated once, on first use, and every
+  execution context of that batch is bound to them (re-bound when the batch runs another
+  size). The DiT writes ``cond`` where the decoder reads it, so the two engines hand over
+  without a copy. All contexts are created with user-managed device memory and share one
+  activation buffer, sized to the largest profile used so far (the engines run one after the
+  other on one stream).
 * **Native arrays** are `DeviceArray` objects: float32 / int64 device buffers with the
   sampler's arithmetic (``+``, ``-``, ``* scalar``, batch slices) done by three small kernels
   compiled once with NVRTC. Temporaries come from a caching pool, so a sampling loop does no
@@ -61,7 +66,7 @@ from runtimes.backends.tensorrt_keys import (
 )
 from runtimes.backends.tensorrt_runner import EngineRunner
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_file
-from runtimes.graphs import graphs_for
+from runtimes.graphs import axis_sizes, dit_condition_input, get_graph, graphs_for
 
 __all__ = [
     "INSTALL_HINT",
@@ -81,7 +86,8 @@ class _Slot:
     batch: int
     buffers: dict[str, DeviceArray]
     shapes: dict[str, tuple[int, ...]]
-    bound_y: Any = None  # the label array last copied into "y"
+    size: tuple[int, int] = (0, 0)  # the image (height, width) of its buffers
+    bound_y: Any = None  # the condition array (labels or text) last copied into its buffer
     graphs: dict[bool, Any] = field(default_factory=dict)  # guided -> cudaGraphExec_t or False
 
 
@@ -100,6 +106,7 @@ class TensorRTBackend:
 
     runtime = "tensorrt"
     supports_step = True
+    supports_decoder_split = False  # True when the bundle has the split decoder's engines
 
     def __init__(
         self,
@@ -118,10 +125,12 @@ class TensorRTBackend:
         trt = import_tensorrt()
         self._cuda: CudaDevice | None = None
         self._engines: dict[str, Engine] = {}
-        self._slots: dict[int, _Slot] = {}
+        self._slots: dict[tuple[int, int, int], _Slot] = {}  # (batch, height, width)
+        self._size: tuple[int, int] | None = None  # the image size of the last DiT/decoder call
+        self._bound: dict[int, tuple[int, int]] = {}  # engine batch -> size its contexts run
         self._memory = (0, 0)
         self._last_out: DeviceArray | None = None
-        self._last_key: tuple[int, bool] | None = None
+        self._last_key: tuple[int, bool, tuple[int, int]] | None = None
         self.resolved: dict[str, ResolvedEngine] = {}
         try:
             self._cuda = CudaDevice(device_id)
@@ -151,53 +160,88 @@ class TensorRTBackend:
                         raise BundleError(f"{path}: sha256 does not match its engine.json; "
                                           f"{hint}")
                 self.resolved[graph] = resolved
-                self._engines[graph] = Engine(trt, self._runtime, path, graph)
+                self._engines[graph] = Engine(trt, self._runtime, path, graph,
+                                              self.manifest.model)
         except BaseException:
             self.close()
             raise
         model = self.manifest.model
         key = self.resolved["dit"].key
-        self.image_size = tuple(key.image_size)
+        self.image_size = (int(key.image_size[0]), int(key.image_size[1]))
+        self.sizes = key.size_range  # what every engine's profiles span
         self.batches = tuple(sorted(set.intersection(
             *(set(e.batches) for e in self._engines.values()))))
         self.null_class = int(model.num_classes)
         self._c = int(model.in_channels)
-        self._tokens = model.num_tokens(*self.image_size)
+        self._model = model
         self._d = int(model.hidden_size)
         self.supports_refresh = "refresh" in self._engines and (
             "hidden" in self._engines["dit"].outputs)
+        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._engines)
 
     # -- slots and contexts -------------------------------------------------------------------
 
-    def _slot(self, n: int) -> _Slot:
-        slot = self._slots.get(n)
-        if slot is not None:
-            return slot
+    def _condition(self, n: int) -> tuple[str, tuple[int, ...], str]:
+        """The DiT's condition input at engine batch ``n``: (name, shape, dtype) from the
+        model's graph record: ("y", (n,), "int64") or ("text", (n, L, C), "float32")."""
+        name = dit_condition_input(self._model)
+        spec = next(s for s in get_graph("dit", self._model).inputs if s.name == name)
+        shape = spec.resolve(axis_sizes(self._model, *self.image_size, n)).shape
+        return name, tuple(int(d) for d in shape), spec.dtype
+
+    def _slot(self, n: int, size: tuple[int, int] | None = None) -> _Slot:
+        """The buffers of engine batch ``n`` at image ``size`` (default: the last size run),
+        with every engine's context of that batch bound to them."""
+        h, w = size or self._size or self.image_size
+        slot = self._slots.get((n, h, w))
+        if slot is None:
+            slot = self._new_slot(n, h, w)
+            self._slots[(n, h, w)] = slot
+        if self._bound.get(n) not in (None, (h, w)):
+            # The batch's contexts move to another size: graphs captured at the old one would
+            # replay the contexts' old shapes, so they are captured again when next used.
+            self._drop_graphs(n)
+        addresses = {name: buf.ptr for name, buf in slot.buffers.items()}
+        for engine in self._engines.values():
+            engine.context(n, slot.shapes, addresses, self._memory, self._cuda.stream_handle)
+        self._bound[n] = (h, w)
+        return slot
+
+    def _drop_graphs(self, n: int) -> None:
+        for (batch, *_), slot in self._slots.items():
+            if batch == n:
+                for g in slot.graphs.values():
+                    if g:
+                        self._cuda.destroy_graph(g)
+                slot.graphs.clear()
+
+    def _new_slot(self, n: int, h: int, w: int) -> _Slot:
         cuda = self._cuda
-        h, w = self.image_size
-        shapes = {"x_t": (n, self._c, h, w), "t": (n,), "y": (n,),
-                  "cond": (n, self._tokens, self._d), "hidden": (n, self._tokens, self._d),
+        tokens = self._model.num_tokens(h, w)
+        condition, condition_shape, condition_dtype = self._condition(n)
+        shapes = {"x_t": (n, self._c, h, w), "t": (n,), condition: condition_shape,
+                  "cond": (n, tokens, self._d), "hidden": (n, tokens, self._d),
                   "v": (n, self._c, h, w), "params": (4,)}
+        if self.supports_decoder_split:  # the split decoder's (B, L, p*p, d), as its record
+            shapes["modulation"] = tuple(int(v) for v in get_graph("decoder_cond").outputs[
+                0].resolve(axis_sizes(self._model, h, w, n)).shape)
         buffers: dict[str, DeviceArray] = {}
         for name, shape in shapes.items():
-            dtype = "int64" if name == "y" else "float32"
+            dtype = condition_dtype if name == condition else "float32"
             nbytes = numel(shape) * DTYPES[dtype][0]
             ptr = cuda.malloc(nbytes)
             cuda.memset(ptr, nbytes)
             buffers[name] = DeviceArray(cuda, ptr, shape, dtype, "slot")
-        # Padding rows must hold a valid label: fill y with the null class once.
-        nulls = (ctypes.c_int64 * n)(*([self.null_class] * n))
-        cuda.copy(buffers["y"].ptr, ctypes.addressof(nulls), 8 * n, "HostToDevice")
-        cuda.synchronize()  # `nulls` is pageable host memory: let the copy finish
+        if condition == "y":
+            # Padding rows must hold a valid label: fill y with the null class once (padding
+            # rows of text features stay zero, which any DiT accepts).
+            nulls = (ctypes.c_int64 * n)(*([self.null_class] * n))
+            cuda.copy(buffers["y"].ptr, ctypes.addressof(nulls), 8 * n, "HostToDevice")
+            cuda.synchronize()  # `nulls` is pageable host memory: let the copy finish
         need = max(e.memory_size(n) for e in self._engines.values())
         if need > self._memory[1]:
             self._grow_memory(need)
-        slot = _Slot(n, buffers, shapes)
-        addresses = {name: buf.ptr for name, buf in buffers.items()}
-        for engine in self._engines.values():
-            engine.context(n, shapes, addresses, self._memory, self._cuda.stream_handle)
-        self._slots[n] = slot
-        return slot
+        return _Slot(n, buffers, shapes, (h, w))
 
     def _grow_memory(self, size: int) -> None:
         """One activation buffer for every context; growing it re-points every context and
@@ -217,17 +261,23 @@ class TensorRTBackend:
             cuda.free_owned(old)
 
     def _check_batch(self, x: DeviceArray) -> None:
-        if tuple(x.shape[2:]) != self.image_size:
-            raise ValueError(
-                f"these engines were built for {self.image_size[0]}x{self.image_size[1]} images, "
-                f"got {x.shape[2]}x{x.shape[3]}; build engines for that size from an ONNX export "
-                f"at that size"
-            )
+        """Refuse an image size outside the engines' profiles (one line naming the range) and
+        remember it: the refresh graph, which sees only tokens, runs at the last size."""
+        h, w = int(x.shape[2]), int(x.shape[3])
+        self.sizes.check(h, w, where="these TensorRT engines run")
+        self._size = (h, w)
 
     def _run(self, graph: str, feeds: Mapping[str, DeviceArray], output: str) -> DeviceArray:
         rows = int(next(iter(feeds.values())).shape[0])
         n = unguided_engine_batch(rows, self.batches)
         slot = self._slot(n)
+        for name, arr in feeds.items():
+            if tuple(arr.shape[1:]) != tuple(slot.shapes[name][1:]):
+                raise ValueError(
+                    f"{graph} input {name} has shape {tuple(arr.shape)}, the engines run "
+                    f"{slot.shapes[name][1:]} per row at {slot.size[0]}x{slot.size[1]}; run "
+                    "the DiT at this size first"
+                )
         cuda = self._cuda
         self._last_out = None  # a fused step's state in this slot may be overwritten below
         for name, arr in feeds.items():
@@ -235,7 +285,7 @@ class TensorRTBackend:
             if arr.dtype != buf.dtype:
                 raise TypeError(f"{graph} input {name} must be {buf.dtype}, got {arr.dtype}")
             cuda.copy(buf.ptr, arr.ptr, arr.nbytes)
-            if name == "y":
+            if name in ("y", "text"):
                 slot.bound_y = None
         self._engines[graph].execute(n, cuda.stream_handle)
         src = slot.buffers[output]
@@ -246,15 +296,17 @@ class TensorRTBackend:
     # -- Backend protocol ---------------------------------------------------------------------
 
     def dit(self, x_t: DeviceArray, t: DeviceArray, y: DeviceArray) -> DeviceArray:
+        """``y``: class labels (B,) int64, or text features (B, L, C) float32 for a
+        text-to-image model."""
         self._check_batch(x_t)
-        return self._run("dit", {"x_t": x_t, "t": t, "y": y}, "cond")
+        return self._run("dit", {"x_t": x_t, "t": t, self._condition(1)[0]: y}, "cond")
 
     def dit_hidden(self, x_t: DeviceArray, t: DeviceArray, y: DeviceArray) -> DeviceArray:
         if not self.supports_refresh:
             raise BackendError("these engines have no refresh graph; export the bundle with "
                                "the refresh graph and rebuild to use fresh-t sharing")
         self._check_batch(x_t)
-        return self._run("dit", {"x_t": x_t, "t": t, "y": y}, "hidden")
+        return self._run("dit", {"x_t": x_t, "t": t, self._condition(1)[0]: y}, "hidden")
 
     def refresh_condition(self, hidden: DeviceArray, t: DeviceArray) -> DeviceArray:
         if not self.supports_refresh:
@@ -264,6 +316,13 @@ class TensorRTBackend:
     def decoder(self, x_t: DeviceArray, cond: DeviceArray) -> DeviceArray:
         self._check_batch(x_t)
         return self._run("decoder", {"x_t": x_t, "cond": cond}, "v")
+
+    def decoder_cond(self, cond: DeviceArray) -> DeviceArray:
+        return self._run("decoder_cond", {"cond": cond}, "modulation")
+
+    def decoder_pixel(self, x_t: DeviceArray, modulation: DeviceArray) -> DeviceArray:
+        self._check_batch(x_t)
+        return self._run("decoder_pixel", {"x_t": x_t, "modulation": modulation}, "v")
 
     def from_numpy(self, a: np.ndarray) -> DeviceArray:
         a = np.ascontiguousarray(a)
@@ -299,8 +358,9 @@ class TensorRTBackend:
              guidance: float | None) -> DeviceArray:
         """One Euler step ``x + dt * v`` with the DiT, decoder and update as one CUDA graph.
 
-        guidance None: unguided, ``y`` holds the B labels. A float ``w``: guided, ``y`` holds
-        the 2B labels [null; labels] and v = v_u + w (v_c - v_u). The returned array is a view
+        guidance None: unguided, ``y`` holds the B labels (or text features). A float ``w``:
+        guided, ``y`` holds the 2B rows [null; labels] (or [negative; prompts]) and
+        v = v_u + w (v_c - v_u). The returned array is a view
         of the backend's state buffer, valid until the next call into the backend; passing it
         back to the next ``step`` costs no copy.
         """
@@ -311,21 +371,26 @@ class TensorRTBackend:
             b, self.batches)
         if int(y.shape[0]) != (2 * b if guided else b):
             raise ValueError(f"step: y must hold {2 * b if guided else b} labels, got {y.shape[0]}")
-        slot = self._slot(n)
+        slot = self._slot(n, (int(x.shape[2]), int(x.shape[3])))
         cuda = self._cuda
         half = n // 2 if guided else n
-        xbuf, ybuf = slot.buffers["x_t"], slot.buffers["y"]
+        condition = self._condition(n)[0]
+        xbuf, ybuf = slot.buffers["x_t"], slot.buffers[condition]
+        if y.dtype != ybuf.dtype or tuple(y.shape[1:]) != tuple(ybuf.shape[1:]):
+            raise ValueError(f"step: {condition} must be {ybuf.dtype} rows of shape "
+                             f"{tuple(ybuf.shape[1:])}, got {y.dtype} {tuple(y.shape)}")
+        row = y.row_bytes
         state = xbuf[0:b]
-        if not (x is self._last_out and self._last_key == (n, guided)):
+        if not (x is self._last_out and self._last_key == (n, guided, slot.size)):
             cuda.copy(state.ptr, x.ptr, x.nbytes)
             if guided:
                 cuda.copy(xbuf[half:half + b].ptr, x.ptr, x.nbytes)
         if slot.bound_y is not y:
             if guided:
-                cuda.copy(ybuf.ptr, y.ptr, 8 * b)
-                cuda.copy(ybuf[half:half + b].ptr, y[b:2 * b].ptr, 8 * b)
+                cuda.copy(ybuf.ptr, y.ptr, row * b)
+                cuda.copy(ybuf[half:half + b].ptr, y[b:2 * b].ptr, row * b)
             else:
-                cuda.copy(ybuf.ptr, y.ptr, 8 * b)
+                cuda.copy(ybuf.ptr, y.ptr, row * b)
             slot.bound_y = y  # holding the reference keeps the identity test sound
         cuda.copy(slot.buffers["params"].ptr, cuda.params(t, dt, 1.0 if not guided else guidance),
                   12)
@@ -341,7 +406,7 @@ class TensorRTBackend:
             else:
                 self._enqueue_step(slot, guided)
         self._last_out = state
-        self._last_key = (n, guided)
+        self._last_key = (n, guided, slot.size)
         return state
 
     def _enqueue_models(self, slot: _Slot) -> None:
@@ -398,7 +463,9 @@ class TensorRTBackend:
             "gpu": self.environment.gpu_name,
             "compute_capability": self.environment.compute_capability,
             "activation_bytes": self._memory[1],
-            "cuda_graphs": {f"{n}{'g' if g else 'u'}": bool(e) for n, s in self._slots.items()
+            "sizes": self.sizes.describe(),
+            "cuda_graphs": {f"{n}{'g' if g else 'u'}@{h}x{w}": bool(e)
+                            for (n, h, w), s in self._slots.items()
                             for g, e in s.graphs.items()},
         }
 
@@ -415,6 +482,7 @@ class TensorRTBackend:
                     if g:
                         cuda.destroy_graph(g)
             self._slots.clear()
+            self._bound.clear()
             self._last_out = None
             for engine in self._engines.values():
                 engine.close()

@@ -12,6 +12,7 @@ from typing import Any
 from runtimes.backend import BackendError
 from runtimes.backends.cuda_device import INSTALL_HINT, CudaModules, ok
 from runtimes.backends.tensorrt_keys import EngineEnvironment
+from runtimes.config import ModelConfig
 from runtimes.graphs import get_graph
 
 
@@ -47,10 +48,14 @@ def trt_dtype_name(trt: Any, dtype: Any) -> str:
 
 
 class Engine:
-    """One deserialised engine: its I/O, its static profiles by batch, and one execution
-    context per batch (created on first use, user-managed device memory)."""
+    """One deserialised engine: its I/O, its profiles by (static) batch, and one execution
+    context per batch (created on first use, user-managed device memory).
 
-    def __init__(self, trt: Any, runtime: Any, path: Path, graph: str) -> None:
+    ``config`` is the bundle's model: its graph record is what the engine's I/O must match (a
+    text-to-image DiT takes ``text``, a class-conditional one ``y``; default the latter)."""
+
+    def __init__(self, trt: Any, runtime: Any, path: Path, graph: str,
+                 config: ModelConfig | None = None) -> None:
         self.trt = trt
         self.graph = graph
         self.path = path
@@ -65,7 +70,7 @@ class Engine:
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: trt_dtype_name(trt, engine.get_tensor_dtype(n)) for n in names}
-        spec = get_graph(graph)
+        spec = get_graph(graph, config or ModelConfig())
         want_in, want_out = spec.input_names, spec.output_names
         if set(self.inputs) != set(want_in) or not set(spec.required_outputs) <= set(self.outputs):
             raise BackendError(
@@ -83,6 +88,7 @@ class Engine:
                 )
             self.profiles[int(hi[0])] = p
         self.contexts: dict[int, Any] = {}
+        self.bound: dict[int, Any] = {}  # batch -> the (shapes, addresses) its context holds
 
     @property
     def batches(self) -> tuple[int, ...]:
@@ -97,16 +103,23 @@ class Engine:
 
     def context(self, batch: int, shapes: Mapping[str, Sequence[int]],
                 addresses: Mapping[str, int], memory: tuple[int, int], stream: int) -> Any:
+        """The context of engine batch ``batch`` bound to ``shapes`` and ``addresses``: created
+        on first use; re-bound (`IExecutionContext.set_input_shape` / `set_tensor_address`)
+        when an engine with a dynamic height and width runs another image size, since a
+        profile serves one context at a time."""
+        key = (tuple(tuple(int(d) for d in shapes[n]) for n in self.inputs),
+               tuple(int(addresses[n]) for n in (*self.inputs, *self.outputs)))
         ctx = self.contexts.get(batch)
-        if ctx is not None:
+        if ctx is not None and self.bound.get(batch) == key:
             return ctx
-        trt = self.trt
-        ctx = self.engine.create_execution_context(
-            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if ctx is None:
-            raise BackendError(f"{self.path}: TensorRT could not create an execution context")
-        set_context_memory(ctx, *memory)
-        ctx.set_optimization_profile_async(self.profiles[batch], stream)
+            ctx = self.engine.create_execution_context(
+                self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                raise BackendError(
+                    f"{self.path}: TensorRT could not create an execution context")
+            set_context_memory(ctx, *memory)
+            ctx.set_optimization_profile_async(self.profiles[batch], stream)
         for name in self.inputs:
             if not ctx.set_input_shape(name, tuple(int(s) for s in shapes[name])):
                 raise BackendError(
@@ -117,6 +130,7 @@ class Engine:
             if not ctx.set_tensor_address(name, int(addresses[name])):
                 raise BackendError(f"{self.path}: TensorRT rejected the address of {name}")
         self.contexts[batch] = ctx
+        self.bound[batch] = key
         return ctx
 
     def rebind_memory(self, memory: tuple[int, int]) -> None:
@@ -129,6 +143,7 @@ class Engine:
 
     def close(self) -> None:
         self.contexts.clear()
+        self.bound.clear()
         self.engine = None
 
 

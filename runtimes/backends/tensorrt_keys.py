@@ -39,6 +39,7 @@ from typing import Any
 from runtimes.backend import BackendError
 from runtimes.config import ModelConfig
 from runtimes.graphs import get_graph
+from runtimes.sizes import SizeRange
 
 __all__ = [
     "DEFAULT_BATCH_BUCKETS",
@@ -157,21 +158,42 @@ def _suggest(rows: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Profile:
-    """One static optimisation profile: every input at its shape for ``batch`` (min=opt=max)."""
+    """One optimisation profile of one engine batch: every input's optimum shape
+    (``shapes``) and, for graphs with dynamic height and width, the smallest and largest
+    (``min_shapes`` / ``max_shapes``; None for a static profile, min = opt = max)."""
 
     batch: int
     shapes: dict[str, tuple[int, ...]]
+    min_shapes: dict[str, tuple[int, ...]] | None = None
+    max_shapes: dict[str, tuple[int, ...]] | None = None
+
+    def bounds(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) of input ``name``, as `IOptimizationProfile.set_shape` takes them."""
+        opt = self.shapes[name]
+        return ((self.min_shapes or self.shapes)[name], opt, (self.max_shapes or self.shapes)[name])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        d: dict[str, Any] = {"batch": self.batch,
+                             "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        if self.min_shapes is not None and self.max_shapes is not None:
+            d["min_shapes"] = {k: list(v) for k, v in self.min_shapes.items()}
+            d["max_shapes"] = {k: list(v) for k, v in self.max_shapes.items()}
+        return d
 
 
 def profiles_for(graph: str, model: ModelConfig | Mapping[str, Any], image_size: Sequence[int],
-                 batches: Sequence[int]) -> list[Profile]:
-    """One static profile per engine batch for ``graph`` of a model config (or its dict)."""
+                 batches: Sequence[int], sizes: SizeRange | None = None) -> list[Profile]:
+    """One profile per engine batch for ``graph`` of a model config (or its dict): static at
+    ``image_size``, or, with a ``sizes`` range of several sizes, spanning it with the optimum
+    at its default size."""
     if not isinstance(model, ModelConfig):
         model = ModelConfig.from_dict(model)
     spec = get_graph(graph, model)
+    if sizes is not None and not sizes.is_fixed:
+        return [Profile(n, {k: v[1] for k, v in shapes.items()},
+                        {k: v[0] for k, v in shapes.items()},
+                        {k: v[2] for k, v in shapes.items()})
+                for n, shapes in spec.tensorrt_profile_ranges(model, sizes, batches)]
     return [Profile(n, shapes) for n, shapes in
             spec.tensorrt_profiles(model, int(image_size[0]), int(image_size[1]), batches)]
 
@@ -206,9 +228,11 @@ class EngineKey:
     gpu_name: str
     compute_capability: str
     build: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, Any] | None = None  # the size range profiles span (None: image_size only)
 
     def fields(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.sizes is None else {"sizes": dict(self.sizes)}
+        return {**extra,
             "key_version": KEY_VERSION,
             "graph": self.graph,
             "precision": self.precision,
@@ -232,6 +256,7 @@ class EngineKey:
                 tensorrt_version=str(d["tensorrt"]), gpu_name=str(d["gpu"]),
                 compute_capability=str(d["compute_capability"]),
                 build=dict(d.get("build", {})),
+                sizes=None if d.get("sizes") is None else dict(d["sizes"]),
             )
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             raise EngineMismatchError(
@@ -258,12 +283,19 @@ class EngineKey:
     def for_environment(self, env: EngineEnvironment) -> EngineKey:
         return EngineKey(self.graph, self.precision, self.onnx_sha256, self.image_size,
                          self.engine_batches, env.tensorrt_version, env.gpu_name,
-                         env.compute_capability, dict(self.build))
+                         env.compute_capability, dict(self.build), self.sizes)
 
     def with_onnx(self, onnx_sha256: str) -> EngineKey:
         return EngineKey(self.graph, self.precision, onnx_sha256, self.image_size,
                          self.engine_batches, self.tensorrt_version, self.gpu_name,
-                         self.compute_capability, dict(self.build))
+                         self.compute_capability, dict(self.build), self.sizes)
+
+    @property
+    def size_range(self) -> SizeRange:
+        """The sizes the engine runs: its profiles' range, or its one image size."""
+        if self.sizes is not None:
+            return SizeRange.from_dict(self.sizes, where="engine key sizes")
+        return SizeRange.fixed(self.image_size, 1)
 
 
 def key_digest(fields: Mapping[str, Any]) -> str:
@@ -331,7 +363,8 @@ def describe_mismatch(recorded: Mapping[str, Any],
             f"{recorded.get('compute_capability')}), this GPU is {expected.get('gpu')} "
             f"(compute capability {expected.get('compute_capability')})"
         )
-    for name in ("key_version", "graph", "precision", "image_size", "engine_batches", "build"):
+    for name in ("key_version", "graph", "precision", "image_size", "engine_batches", "build",
+                 "sizes"):
         if recorded.get(name) != expected.get(name):
             kind = kind or "stale"
             reasons.append(f"its {name} is {recorded.get(name)!r}, expected {expected.get(name)!r}")

@@ -10,18 +10,21 @@ import numpy as np
 
 from runtimes.backends.cuda_device import DTYPES, CudaDevice, DeviceArray
 from runtimes.backends.tensorrt_engine import Engine, import_tensorrt, set_context_memory
+from runtimes.config import ModelConfig
 
 
 class EngineRunner:
     """Runs one plan file at each of its engine batches on numpy inputs. For checks, not for
-    sampling: every call copies to and from the host and synchronises."""
+    sampling: every call copies to and from the host and synchronises. ``config``: the model
+    whose graph the plan is (its record checks the engine's I/O)."""
 
-    def __init__(self, plan: str | os.PathLike[str], graph: str, device_id: int = 0) -> None:
+    def __init__(self, plan: str | os.PathLike[str], graph: str, device_id: int = 0,
+                 config: ModelConfig | None = None) -> None:
         trt = import_tensorrt()
         self._cuda = CudaDevice(device_id)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = Engine(trt, self._runtime, Path(plan), graph)
+        self.engine = Engine(trt, self._runtime, Path(plan), graph, config)
         self._memory = (0, 0)
 
     @property

@@ -24,12 +24,13 @@ from click.testing import CliRunner
 from torch import nn
 
 from deco_export.export import coreml as cm
-from deco_export.export.graphs import INPUT_NAMES
 from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends.coreml import CoreMLBackend, split_batch
+from runtimes.config import ModelConfig
+from runtimes.graphs import graphs_for
 
-C2I_GRAPHS = tuple(INPUT_NAMES)  # the graphs of the class-conditional model exported here
+C2I_GRAPHS = tuple(graphs_for(ModelConfig()))  # the graphs of the class-conditional model
 
 HAS_COREMLTOOLS = importlib.util.find_spec("coremltools") is not None
 needs_coremltools = pytest.mark.skipif(
@@ -130,8 +131,8 @@ def artifact(manifest: rb.Manifest, graph: str, precision: str) -> rb.Artifact:
 @needs_coremltools
 def test_manifest_records_every_package(exported, manifest):
     names = {a.file for a in manifest.artifacts if a.runtime == "coreml"}
-    assert names == {"dit.fp16.mlpackage", "decoder.fp16.mlpackage", "refresh.fp16.mlpackage",
-                     "dit.mlpackage", "decoder.mlpackage", "refresh.mlpackage"}
+    assert names == {f"{g}{p}.mlpackage" for g in ("dit", "decoder", "refresh", "decoder_cond",
+                                                   "decoder_pixel") for p in ("", ".fp16")}
     assert rb.verify(exported) == []
     for art in manifest.artifacts:
         path = exported / art.file
@@ -170,6 +171,9 @@ def test_inputs_outputs_shapes_and_dtypes(exported, manifest, golden_model):
         "dit": ({"x_t": image, "t": [], "y": []}, {"cond": "float32", "hidden": "float32"}),
         "decoder": ({"x_t": image, "cond": [tokens, cfg.hidden_size]}, {"v": "float32"}),
         "refresh": ({"hidden": [tokens, cfg.hidden_size], "t": []}, {"cond": "float32"}),
+        "decoder_cond": ({"cond": [tokens, cfg.hidden_size]}, {"modulation": "float32"}),
+        "decoder_pixel": ({"x_t": image, "modulation": [
+            tokens, cfg.patch_size ** 2, cfg.decoder_hidden_size]}, {"v": "float32"}),
     }
     for art in manifest.artifacts:
         report = cm.inspect_package(exported / art.file)
@@ -237,8 +241,10 @@ def test_fp32_packages_have_no_fp16(exported):
 def test_operation_counts_follow_the_model(exported, manifest, golden_model):
     depth, dec_depth = golden_model.config.dit_depth, golden_model.config.decoder_depth
     # DiT: patch embed + 2 timestep MLP + 6 per block (qkv, proj, w1, w2, w3, adaLN)
-    # decoder: cond_embed, pixel embed, input_proj, 3 per block, final; refresh: timestep MLP
-    linears = {"dit": 3 + 6 * depth, "decoder": 3 + 3 * dec_depth + 1, "refresh": 2}
+    # decoder: cond_embed, pixel embed, input_proj, 3 per block, final; refresh: timestep MLP;
+    # the split decoder: cond_embed, then the rest
+    linears = {"dit": 3 + 6 * depth, "decoder": 3 + 3 * dec_depth + 1, "refresh": 2,
+               "decoder_cond": 1, "decoder_pixel": 2 + 3 * dec_depth + 1}
     for art in manifest.artifacts:
         report = cm.inspect_package(exported / art.file)
         assert report["op_counts"] == art.details["op_counts"]  # the manifest tells the truth
@@ -292,7 +298,7 @@ def test_int8_weights_are_applied(compressed, exported):
         # every large learned weight became a constexpr; only geometry constants are left
         # (the decoder's folded DCT position term)
         left = large_weights(compressed / art.file)
-        assert left == (1 if art.graph == "decoder" else 0)
+        assert left == (1 if art.graph in ("decoder", "decoder_pixel") else 0)
         assert report["constexpr_ops"] == {
             "constexpr_affine_dequantize": large_weights(plain) - left}
         assert record["compressed_tensors"] == large_weights(plain) - left > 0
@@ -668,3 +674,62 @@ def test_macos_cold_and_warm_load_times(exported, tmp_path):
     assert all(t["kind"] == "warm" for t in times["warm"].values())
     print(f"\nCore ML load seconds: {json.dumps(times)}")
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def multi_size(tmp_path_factory, golden_model) -> Path:
+    """fp32 packages that enumerate a second, non-square size beside the default 64x64."""
+    pytest.importorskip("coremltools")
+    out = tmp_path_factory.mktemp("coreml-sizes") / "bundle"
+    cm.export_coreml(golden_model, out, precisions=("fp32",), image_size=SIZE,
+                     image_sizes=[(32, 96)])
+    return out
+
+
+@needs_coremltools
+def test_enumerated_sizes_are_declared_and_recorded(multi_size, golden_model):
+    cfg = golden_model.config
+    manifest = rb.read_manifest(multi_size)
+    served = manifest.size_range("coreml")
+    assert served.enumerated == ((64, 64), (32, 96)) and served.default == SIZE
+    with pytest.raises(ValueError, match="one of 64x64, 32x96"):
+        served.check(32, 64)
+    tokens = [cfg.num_tokens(*SIZE), cfg.num_tokens(32, 96)]
+    for art in (a for a in manifest.artifacts if a.runtime == "coreml"):
+        report = cm.inspect_package(multi_size / art.file)
+        inputs = {i["name"]: i for i in report["inputs"]}
+        if "x_t" in inputs:
+            assert art.input("x_t").shape == ["batch", 3, "height", "width"]
+            assert {tuple(s[2:]) for s in inputs["x_t"]["enumerated"]} == {(32, 96), (64, 64)}
+        if art.graph == "refresh":  # its primary input carries the token count
+            assert {s[1] for s in inputs["hidden"]["enumerated"]} == set(tokens)
+        if art.graph == "decoder":  # the condition follows x_t within the token range
+            assert inputs["cond"]["range"][1] == [min(tokens), max(tokens)]
+        assert "32x96" in report["metadata"]["user"]["deco.image_sizes"]
+    # the DiT computes its RoPE tables from x_t's shape, not from constants of one size
+    dit = cm.inspect_package(multi_size / "dit.mlpackage")
+    assert "shape" in dit["op_counts"]
+
+
+@needs_coremltools
+def test_enumerated_sizes_must_be_multiples_of_the_patch(golden_model, tmp_path):
+    with pytest.raises(cm.CoreMLExportError, match="multiple of the patch size 16"):
+        cm.export_coreml(golden_model, tmp_path / "b", image_sizes=[(40, 64)])
+    assert not (tmp_path / "b").exists()
+
+
+@needs_coremltools
+@macos_only
+def test_macos_enumerated_sizes_sample_as_pytorch(multi_size, golden_model):
+    """Both listed sizes predict, and match PyTorch at that size; the export gated both."""
+    import runtimes
+    from deco_export.export.bundle_io import end_to_end_figures
+
+    manifest = rb.read_manifest(multi_size)
+    runs = {(r["height"], r["width"]) for r in
+            manifest.find_artifact("coreml", "dit", "fp32").parity["end_to_end_sizes"]}
+    assert runs == {(64, 64), (32, 96)}
+    for size in ((64, 64), (32, 96)):
+        pipe = runtimes.load(multi_size, backend="coreml", precision="fp32",
+                             compute_units="CPU_ONLY")
+        assert end_to_end_figures(golden_model, pipe, size, steps=4, seed=0)["psnr_db"] >= 60

@@ -11,9 +11,11 @@ from click.testing import CliRunner
 
 import runtimes
 from deco_export import parity
+from deco_export.bench.timing import TimingBackend
 from deco_export.cli import main
 from deco_export.export.onnx import export_onnx
 from deco_export.validate import validate_bundle
+from runtimes import bundle as rb
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +28,29 @@ def golden_bundle(tmp_path_factory, golden_model, golden_ckpt):
 
 def test_bundle_layout_and_manifest(golden_bundle):
     names = sorted(p.name for p in golden_bundle.iterdir())
-    assert names == ["decoder.fp16.onnx", "decoder.onnx", "dit.fp16.onnx", "dit.onnx",
-                     "manifest.json", "refresh.fp16.onnx", "refresh.onnx"]
+    assert names == ["decoder.fp16.onnx", "decoder.onnx", "decoder_cond.fp16.onnx",
+                     "decoder_cond.onnx", "decoder_pixel.fp16.onnx", "decoder_pixel.onnx",
+                     "dit.fp16.onnx", "dit.onnx", "manifest.json", "refresh.fp16.onnx",
+                     "refresh.onnx"]
     manifest = json.loads((golden_bundle / "manifest.json").read_text())
     assert manifest["model"]["image_size"] == [64, 64]
     dit = next(a for a in manifest["artifacts"]
                if (a["runtime"], a["graph"], a["precision"]) == ("onnx", "dit", "fp32"))
     assert [i["name"] for i in dit["inputs"]] == ["x_t", "t", "y"]
-    assert dit["inputs"][0]["shape"] == ["batch", 3, 64, 64]
+    assert dit["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert dit["outputs"][0]["shape"] == ["batch", "tokens", 64]
+    assert manifest["sizes"] == {"min": [32, 32], "max": [128, 128], "default": [64, 64],
+                                 "multiple": 16}
     assert [o["name"] for o in dit["outputs"]] == ["cond", "hidden"]
     assert dit["details"]["opset"] == 18
     assert {g["batch"] for g in dit["parity"]["graphs"]} == {1, 3}
+    # Every graph is checked at the default size and a non-square one, end to end too.
+    for art in manifest["artifacts"]:
+        checked = {(g["height"], g["width"]) for g in art["parity"]["graphs"]}
+        assert len(checked) == 2 and (64, 64) in checked
+        assert any(h != w for h, w in checked)
+        runs = {(r["height"], r["width"]) for r in art["parity"]["end_to_end_sizes"]}
+        assert runs == checked
     assert all(g["max_abs_error"] <= 1e-4 for g in dit["parity"]["graphs"])
     assert dit["parity"]["end_to_end"]["psnr_db"] is None or \
         dit["parity"]["end_to_end"]["psnr_db"] >= 60
@@ -44,6 +58,73 @@ def test_bundle_layout_and_manifest(golden_bundle):
                 if (a["graph"], a["precision"]) == ("decoder", "fp16"))
     assert fp16["parity"]["end_to_end"]["psnr_db"] >= 35
     assert "onnxruntime" in dit["tools"] and "torch" in dit["tools"]
+
+
+def test_split_decoder_graphs_are_in_the_manifest_with_their_parity(golden_bundle):
+    manifest = json.loads((golden_bundle / "manifest.json").read_text())
+    split = {(a["graph"], a["precision"]): a for a in manifest["artifacts"]
+             if a["graph"] in ("decoder_cond", "decoder_pixel")}
+    assert set(split) == {(g, p) for g in ("decoder_cond", "decoder_pixel")
+                          for p in ("fp32", "fp16")}
+    cond, pixel = split["decoder_cond", "fp32"], split["decoder_pixel", "fp32"]
+    assert cond["inputs"] == [{"name": "cond", "shape": ["batch", "tokens", 64],
+                               "dtype": "float32"}]
+    assert cond["outputs"][0] == {"name": "modulation",
+                                  "shape": ["batch", "tokens", 256, 32],
+                                  "dtype": "float32"}
+    assert [i["name"] for i in pixel["inputs"]] == ["x_t", "modulation"]
+    for art in (cond, pixel):
+        assert {g["batch"] for g in art["parity"]["graphs"]} == {1, 3}
+        assert all(g["max_abs_error"] <= parity.GRAPH_MAX_ABS["fp32"]
+                   for g in art["parity"]["graphs"])
+    shared = pixel["parity"]["end_to_end"]["sharing"]
+    assert shared["ratio"] == 0.5
+    assert shared["psnr_db"] is None or shared["psnr_db"] >= parity.END_TO_END_MIN_PSNR["fp32"]
+
+
+def test_onnxruntime_reused_steps_match_the_fused_decoder_on_the_cached_condition(
+        golden_bundle, golden):
+    pipe = runtimes.load(golden_bundle, backend="onnxruntime")
+    be = pipe.backend
+    assert be.supports_decoder_split and be.describe()["supports_decoder_split"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 3, 64, 64), dtype=np.float32)
+    cond = be.dit(x, np.full(3, 0.4, np.float32), np.array([1, 2, 10]))
+    np.testing.assert_allclose(be.decoder_pixel(x, be.decoder_cond(cond)), be.decoder(x, cond),
+                               atol=1e-5)
+    pipe.backend = proxy = TimingBackend(be)  # counts the calls by name
+    kwargs = dict(class_labels=golden["labels"].tolist(), steps=12, guidance=3.2,
+                  guidance_interval=(0.1, 1.0), noise=golden["noise"], output_type="np")
+    split = np.asarray(pipe.generate(**kwargs, sharing=0.5).images)
+    assert proxy.calls["decoder_cond"] == 6 and proxy.calls["decoder_pixel"] == 12
+    assert proxy.calls["decoder"] == 0
+    fused = np.asarray(pipe.generate(**kwargs, sharing=0.5, decoder_split=False).images)
+    np.testing.assert_allclose(split, fused, atol=1e-5)
+    proxy.reset()
+    plain = np.asarray(pipe.generate(**kwargs).images)  # sharing off: only the fused decoder
+    assert proxy.calls["decoder"] == 12 and proxy.calls["decoder_pixel"] == 0
+    assert np.array_equal(plain, np.asarray(pipe.generate(**kwargs, decoder_split=False).images))
+
+
+def test_a_bundle_without_the_split_graphs_still_samples(tmp_path, golden_bundle, golden):
+    old = tmp_path / "old"
+    shutil.copytree(golden_bundle, old)
+    manifest = rb.read_manifest(old)
+    manifest.artifacts = [a for a in manifest.artifacts
+                          if a.graph not in ("decoder_cond", "decoder_pixel")]
+    rb.write_manifest(old, manifest)
+    for f in old.glob("decoder_*.onnx"):
+        f.unlink()
+    kwargs = dict(class_labels=golden["labels"].tolist(), steps=12, guidance=3.2,
+                  noise=golden["noise"], output_type="np", sharing=0.5)
+    with runtimes.load(old, backend="onnxruntime") as pipe:
+        assert not pipe.backend.supports_decoder_split
+        out = pipe.generate(**kwargs)
+    assert "decoder_cond_samples" not in out.cost
+    with runtimes.load(golden_bundle, backend="onnxruntime") as pipe:
+        new = pipe.generate(**kwargs)
+    assert new.cost["decoder_cond_samples"] < new.cost["decoder_samples"]
+    np.testing.assert_allclose(np.asarray(out.images), np.asarray(new.images), atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg_mode", ["reference", "fast"])
@@ -131,6 +212,8 @@ def test_failed_gate_keeps_existing_bundle(tmp_path, golden_bundle, golden_model
 def test_validate_passes_and_names_tampered_file(tmp_path, golden_bundle, golden_ckpt):
     lines = validate_bundle(golden_bundle, checkpoint=str(golden_ckpt), steps=2)
     assert any("onnx fp32" in line and "passed" in line for line in lines)
+    fp32 = next(line for line in lines if line.startswith("onnx fp32"))
+    assert "64x64" in fp32 and "32x64" in fp32  # the gate's two sizes, again
     copy = tmp_path / "bundle"
     shutil.copytree(golden_bundle, copy)
     data = bytearray((copy / "decoder.onnx").read_bytes())
@@ -181,3 +264,105 @@ def test_cli_export_errors_are_one_line(tmp_path):
     assert result.exit_code != 0
     assert "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def _torch_pipe(model):
+    from deco_export.backends.torch_backend import TorchBackend
+    from deco_export.export.bundle_io import default_sampler_settings
+
+    return runtimes.DeCoPipeline(TorchBackend(model, device="cpu"), model_config=model.config,
+                                 sampler_defaults=default_sampler_settings(model.config))
+
+
+@pytest.mark.parametrize("size", [(32, 96), (128, 48), (64, 64)])
+def test_one_bundle_samples_any_size_in_range_as_pytorch(golden_bundle, golden_model, size):
+    """The same dit.onnx/decoder.onnx at sizes it was neither traced nor gated at."""
+    h, w = size
+    kwargs = dict(class_labels=[10, 3], steps=4, guidance=3.2, seed=2, output_type="np",
+                  height=h, width=w, sharing=0.5, cfg_mode="reference")
+    got = runtimes.load(golden_bundle).generate(**kwargs).images
+    expected = _torch_pipe(golden_model).generate(**kwargs).images
+    assert got.shape == (2, 3, h, w)
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_openvino_takes_the_dynamic_sizes(golden_bundle, golden_model, tmp_path):
+    pytest.importorskip("openvino")
+    kwargs = dict(class_labels=[10, 3], steps=3, guidance=3.2, seed=1, output_type="np",
+                  height=48, width=112, cfg_mode="reference")
+    got = runtimes.load(golden_bundle, backend="openvino",
+                        cache_dir=tmp_path / "cache").generate(**kwargs).images
+    expected = _torch_pipe(golden_model).generate(**kwargs).images
+    assert got.shape == (2, 3, 48, 112) and np.abs(got - expected).max() < 1e-3
+
+
+def test_sizes_outside_the_range_are_one_line_errors(tmp_path, golden_bundle):
+    from runtimes.sizes import SizeError
+
+    pipe = runtimes.load(golden_bundle)
+    for h, w in ((256, 64), (16, 64), (64, 72)):
+        with pytest.raises(SizeError, match=r"32x32 to 128x128 in steps of 16 \(default 64x64\)"):
+            pipe.generate([1], height=h, width=w, steps=1)
+    result = CliRunner().invoke(main, ["sample", str(golden_bundle), "--classes", "1",
+                                       "--size", "256x64", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code != 0
+    assert "256x64 is not a size this bundle serves" in result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
+
+
+def test_another_size_range_does_not_extend_a_bundle(tmp_path, golden_bundle, golden_model,
+                                                     golden_ckpt):
+    """The bundle's other graphs were gated at its range: a new range replaces it only with
+    --force, refused before any work."""
+    from deco_export.export.bundle_io import TargetError
+    from runtimes.sizes import SizeRange
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(golden_bundle, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    with pytest.raises(TargetError, match=r"exported for sizes 32x32 to 128x128.*--force"):
+        export_onnx(golden_model, copy, image_size=(64, 64), source={"path": str(golden_ckpt)},
+                    size_range=SizeRange((64, 64), (96, 96), (64, 64), 16))
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_cli_size_range_and_fixed_size_bundles(tmp_path, golden_ckpt):
+    """--size-range sets the range; a range of one size writes fixed-size graphs, which read
+    back (as bundles written before sizes were dynamic) as a range of one."""
+    from runtimes.bundle import read_manifest
+
+    out = tmp_path / "fixed"
+    result = CliRunner().invoke(main, ["export", "onnx", str(golden_ckpt), str(out),
+                                       "--image-size", "64x64", "--size-range", "64:64",
+                                       "--parity-steps", "2"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    dit = manifest.find_artifact("onnx", "dit", "fp32")
+    assert manifest.sizes is None and dit.inputs[0].shape == ["batch", 3, 64, 64]
+    assert manifest.size_range("onnx").describe() == "64x64 only"
+    result = CliRunner().invoke(main, ["export", "onnx", str(golden_ckpt), str(tmp_path / "b"),
+                                       "--image-size", "64x64", "--size-range", "80:96"])
+    assert result.exit_code != 0 and "outside" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_dynamic_axes_are_named_and_external_data_kept(tmp_path, golden_model):
+    """The record's axis names on the graph's inputs and outputs, also for a graph whose
+    weights live in external data (the large models): renaming rewrites only the graph."""
+    from deco_export.export.graphs import example_inputs, graph_modules, reference_outputs
+    from deco_export.export.onnx import export_graph
+    from deco_export.export.onnx_tools import ort_session
+    from runtimes.sizes import SizeRange
+
+    path = tmp_path / "refresh.onnx"
+    module = graph_modules(golden_model, "fp32")["refresh"]
+    export_graph(module, "refresh", example_inputs(golden_model, "refresh", 2, 64, 32), path,
+                 18, True, sizes=SizeRange.around((64, 64), 16))
+    assert (tmp_path / "refresh.onnx.data").is_file()
+    session = ort_session(path)
+    assert [i.shape for i in session.get_inputs()] == [["batch", "tokens", 64], ["batch"]]
+    assert session.get_outputs()[0].shape == ["batch", "tokens", 64]
+    inputs = example_inputs(golden_model, "refresh", 3, 48, 112)
+    got = session.run(None, {"hidden": inputs[0].numpy(), "t": inputs[1].numpy()})[0]
+    assert got.shape == (3, 21, 64)
+    assert np.abs(got - reference_outputs(golden_model, "refresh", inputs)[0].numpy()).max() < 1e-5

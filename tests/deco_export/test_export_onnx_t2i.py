@@ -37,6 +37,9 @@ def test_manifest_names_the_text_input_and_the_release_sampler(t2i_bundle):
     dit = next(a for a in manifest["artifacts"] if a["graph"] == "dit")
     assert [i["name"] for i in dit["inputs"]] == ["x_t", "t", "text"]
     assert dit["inputs"][2] == {"name": "text", "shape": ["batch", 8, 48], "dtype": "float32"}
+    assert dit["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert manifest["sizes"]["min"] == [32, 32] and manifest["sizes"]["max"] == [128, 128]
+    assert {(g["height"], g["width"]) for g in dit["parity"]["graphs"]} == {(64, 64), (32, 64)}
     assert all(g["max_abs_error"] <= 1e-4 for g in dit["parity"]["graphs"])
     assert dit["parity"]["end_to_end"]["psnr_db"] >= 60
     assert manifest["sampler_defaults"] == {
@@ -80,6 +83,28 @@ def test_bundle_defaults_are_the_reference_sampler(t2i_bundle, golden_t2i, golde
                             guidance_interval=(0.0, 1.0), accumulate_time=True)
     want = sample(TorchBackend(golden_t2i_model), noise, emb, release, uncond=neg)
     assert np.abs(np.asarray(got) - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_non_square_sizes_equal_pytorch(t2i_bundle, golden_t2i_model, backend, tmp_path):
+    """One bundle at two sizes, both non-square (where the crossed T2I RoPE spans show), each
+    equal to PyTorch at that size."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    options = {"cache_dir": tmp_path / "cache"} if backend == "openvino" else {}
+    pipe = runtimes.load(t2i_bundle, backend=backend, **options)
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((2, 8, 48), dtype=np.float32)
+    neg = rng.standard_normal((1, 8, 48), dtype=np.float32)
+    release = SamplerConfig(solver="ab2", num_steps=6, shift=3.0, guidance=4.0,
+                            guidance_interval=(0.0, 1.0), accumulate_time=True)
+    for h, w in ((32, 96), (112, 48)):
+        noise = rng.standard_normal((2, 3, h, w), dtype=np.float32)
+        got = pipe.generate(prompt_embeds=emb, negative_prompt_embeds=neg, noise=noise,
+                            steps=6, output_type="np").images
+        want = sample(TorchBackend(golden_t2i_model), noise, emb, release, uncond=neg)
+        assert np.asarray(got).shape == (2, 3, h, w)
+        assert np.abs(np.asarray(got) - want).max() < (1e-4 if backend == "onnxruntime" else 1e-3)
 
 
 def test_wrong_conditions_are_one_line_errors(t2i_bundle, golden_t2i):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from deco_export import DeCo, DeCoConfig, get_preset
 from deco_export.config import PRESETS
+from deco_export.layers import length, linspace
 from deco_export.model import patchify, unpatchify
 
 
@@ -65,6 +66,19 @@ def test_patchify_matches_unfold(shape):
     ref = F.unfold(x, kernel_size=p, stride=p)  # (B, C*p*p, L), channel-major
     assert torch.equal(patches.permute(0, 2, 1, 3).reshape(b, -1, c * p * p), ref.transpose(1, 2))
     assert torch.equal(unpatchify(patches, p, h, w), x)
+
+
+@pytest.mark.parametrize("end", [16.0, 3.0, 7.0, 64.0])
+def test_linspace_from_arange_is_torch_linspace_to_the_last_bit(end):
+    """The in-graph positions: the kernel's formula, at most one ulp from torch.linspace (which
+    fuses the second half's multiply-add), exact where PyTorch computes i * step."""
+    for n in range(1, 80):
+        ours, theirs = linspace(end, n), torch.linspace(0, end, n)
+        assert ours.dtype == torch.float32 and ours.shape == (n,)
+        ulp = torch.finfo(torch.float32).eps * end
+        assert (ours - theirs).abs().max() <= ulp
+        assert torch.equal(ours[: max(n // 2, 1)], theirs[: max(n // 2, 1)])
+    assert torch.equal(linspace(length(5), 3), torch.tensor([0.0, 2.5, 5.0]))
 
 
 # --- a literal transcription of the reference forward, used only as a test oracle -------------

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -82,6 +83,24 @@ def test_profiles_are_static_per_engine_batch():
         tk.profiles_for("dit", TINY, (60, 64), (1,))
     with pytest.raises(ValueError, match="unknown graph"):
         tk.profiles_for("vae", TINY, (64, 64), (1,))
+
+
+def test_profiles_span_the_size_range_with_the_optimum_at_the_default():
+    from runtimes.sizes import SizeRange
+
+    sizes = SizeRange((32, 48), (128, 96), (64, 64), 16)
+    dit = tk.profiles_for("dit", TINY, (64, 64), (1, 4), sizes)
+    assert [p.batch for p in dit] == [1, 4]
+    assert dit[1].bounds("x_t") == ((4, 3, 32, 48), (4, 3, 64, 64), (4, 3, 128, 96))
+    assert dit[1].bounds("t") == ((4,), (4,), (4,))  # the batch stays static per profile
+    dec = tk.profiles_for("decoder", TINY, (64, 64), (2,), sizes)[0]
+    assert dec.bounds("cond") == ((2, 6, 64), (2, 16, 64), (2, 48, 64))  # tokens follow H, W
+    ref = tk.profiles_for("refresh", TINY, (64, 64), (8,), sizes)[0]
+    assert ref.bounds("hidden") == ((8, 6, 64), (8, 16, 64), (8, 48, 64))
+    assert ref.to_dict()["min_shapes"] == {"hidden": [8, 6, 64], "t": [8]}
+    # one size: the static profiles of a fixed-size bundle
+    fixed = tk.profiles_for("dit", TINY, (64, 64), (2,), SizeRange.fixed((64, 64), 16))[0]
+    assert fixed.bounds("x_t") == ((2, 3, 64, 64),) * 3 and "min_shapes" not in fixed.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,6 +573,9 @@ class _RecordingCuda:
     def malloc(self, nbytes):
         return self._alloc(nbytes)
 
+    def free_owned(self, ptr):
+        pass
+
     def take(self, nbytes):
         from runtimes.backends.cuda_device import _Block
 
@@ -603,7 +625,9 @@ class _RecordingEngine:
         return 1024 * batch
 
     def context(self, batch, shapes, addresses, memory, stream):
-        assert set(addresses) >= {"x_t", "t", "y", "cond", "hidden", "v"}
+        # the DiT's condition is labels (c2i) or text features (t2i)
+        assert set(addresses) >= {"x_t", "t", "cond", "hidden", "v"}
+        assert len(set(addresses) & {"y", "text"}) == 1
 
     def rebind_memory(self, memory):
         pass
@@ -615,8 +639,10 @@ class _RecordingEngine:
         pass
 
 
-def _recording_backend():
+def _recording_backend(sizes=None):
     from runtimes.backends.tensorrt import TensorRTBackend
+    from runtimes.config import ModelConfig
+    from runtimes.sizes import SizeRange
 
     cuda = _RecordingCuda()
     be = object.__new__(TensorRTBackend)
@@ -625,7 +651,9 @@ def _recording_backend():
                    "decoder": _RecordingEngine(cuda, "decoder", ["v"])}
     be._slots, be._memory, be._last_out, be._last_key = {}, (0, 0), None, None
     be.cuda_graphs, be.image_size, be.batches = True, (64, 64), (1, 2, 4, 8, 16)
-    be.null_class, be._c, be._tokens, be._d = 10, 3, 16, 64
+    be.null_class, be._c, be._d = 10, 3, 64
+    be._model, be._size, be._bound = ModelConfig.from_dict(TINY), None, {}
+    be.sizes = sizes or SizeRange.fixed((64, 64), 16)
     be.supports_refresh = False
     return be, cuda
 
@@ -638,7 +666,7 @@ def test_step_bookkeeping_guided_then_replay_then_unguided():
     x = DeviceArray(cuda, 5000 << 12, (3, 3, 64, 64), "float32")
     y2 = DeviceArray(cuda, 6000 << 12, (6,), "int64")
     out = be.step(x, y2, 0.2, 0.01, 3.2)
-    slot = be._slots[8]  # 3 images guided -> [3 | pad 1; 3 | pad 1]
+    slot = be._slots[(8, 64, 64)]  # 3 images guided -> [3 | pad 1; 3 | pad 1]
     xs, ys = slot.buffers["x_t"].ptr, slot.buffers["y"].ptr
     calls = [c for c in cuda.take_calls() if c[0] != "copy" or c[4] != "HostToDevice"]
     copies = [c[1:4] for c in calls if c[0] == "copy"]
@@ -663,7 +691,7 @@ def test_step_bookkeeping_guided_then_replay_then_unguided():
     # Leaving the guidance interval: the state moves to the unguided slot once.
     y = DeviceArray(cuda, 7000 << 12, (3,), "int64")
     be.step(again, y, 0.05, 0.01, None)
-    slot4 = be._slots[4]
+    slot4 = be._slots[(4, 64, 64)]
     calls = [c for c in cuda.take_calls() if c[0] != "copy" or c[4] != "HostToDevice"]
     copies = [c[1:4] for c in calls if c[0] == "copy"]
     assert copies[:2] == [(slot4.buffers["x_t"].ptr, xs, 3 * row),
@@ -681,15 +709,39 @@ def test_graph_calls_run_the_models_then_copy_out_fresh_arrays():
     t2 = DeviceArray(cuda, 5100 << 12, (6,), "float32")
     y2 = DeviceArray(cuda, 5200 << 12, (6,), "int64")
     cond = be.dit(x2, t2, y2)
-    slot = be._slots[8]
+    slot = be._slots[(8, 64, 64)]
     calls = [c for c in cuda.take_calls() if c[0] != "copy" or c[4] != "HostToDevice"]
     assert ("execute", "dit", 8) in calls
     assert cond.shape == (6, 16, 64) and cond.ptr != slot.buffers["cond"].ptr
     assert calls[-1][1:4] == (cond.ptr, slot.buffers["cond"].ptr, 6 * 16 * 64 * 4)
-    with pytest.raises(ValueError, match="built for 64x64"):
+    with pytest.raises(ValueError, match="32x32 is not a size these TensorRT engines run.*64x64"):
         be.decoder(DeviceArray(cuda, 1 << 30, (6, 3, 32, 32), "float32"), cond)
     with pytest.raises(ValueError, match="--batch-buckets"):
         be.dit(DeviceArray(cuda, 1 << 30, (17, 3, 64, 64), "float32"), t2, y2)
+
+
+def test_engines_with_a_size_range_run_each_size_in_its_own_slot():
+    """A second size gets its own buffers; the batch's contexts move to it, so a graph
+    captured at the first size is captured again when that size comes back."""
+    from runtimes.backends.tensorrt import DeviceArray
+    from runtimes.sizes import SizeRange
+
+    be, cuda = _recording_backend(SizeRange.around((64, 64), 16))
+    y = DeviceArray(cuda, 7000 << 12, (1,), "int64")
+    a = be.step(DeviceArray(cuda, 5000 << 12, (1, 3, 64, 64), "float32"), y, 0.2, 0.1, None)
+    b = be.step(DeviceArray(cuda, 5100 << 12, (1, 3, 32, 96), "float32"), y, 0.2, 0.1, None)
+    assert set(be._slots) == {(1, 64, 64), (1, 32, 96)}
+    assert be._slots[(1, 32, 96)].shapes["cond"] == (1, 12, 64) and b.shape == (1, 3, 32, 96)
+    assert a.ptr != b.ptr and be._bound[1] == (32, 96)
+    assert not be._slots[(1, 64, 64)].graphs  # dropped when the contexts moved
+    cuda.take_calls()
+    be.step(a, y, 0.3, 0.1, None)
+    assert [c[0] for c in cuda.take_calls()].count("begin_capture") == 1
+    cond = be.dit(DeviceArray(cuda, 1 << 30, (1, 3, 32, 96), "float32"),
+                  DeviceArray(cuda, 2 << 30, (1,), "float32"), y)
+    assert cond.shape == (1, 12, 64)
+    with pytest.raises(ValueError, match="16x96 is not a size these TensorRT engines run"):
+        be.decoder(DeviceArray(cuda, 1 << 30, (1, 3, 16, 96), "float32"), cond)
 
 
 def test_device_array_views_and_arithmetic_match_the_kernel_signature():
@@ -716,3 +768,284 @@ def test_device_array_views_and_arithmetic_match_the_kernel_signature():
         a * b
     with pytest.raises(ValueError, match="shape mismatch"):
         a + b[0:2]
+
+
+def test_engines_of_a_dynamic_size_bundle_are_keyed_by_its_range(tmp_path):
+    """The profiles' range is part of the key (a new range rebuilds), the artifact records it,
+    and a fixed-size bundle's keys stay what they were."""
+    from deco_export.export.tensorrt import BuildSettings, artifact_details, plan_builds
+    from runtimes.sizes import SizeRange
+
+    root = _bundle(tmp_path)
+    fixed = plan_builds(root, rb.read_manifest(root), ["fp16"], H100, BuildSettings())[0]
+    assert fixed.key.sizes is None and "sizes" not in fixed.key.fields()
+    manifest = rb.read_manifest(root)
+    manifest.sizes = SizeRange.around((64, 64), 16)
+    rb.write_manifest(root, manifest)
+    dynamic = plan_builds(root, rb.read_manifest(root), ["fp16"], H100, BuildSettings())[0]
+    assert dynamic.key.fields()["sizes"] == manifest.sizes.to_dict()
+    assert dynamic.key.digest != fixed.key.digest
+    assert tk.EngineKey.from_fields(dynamic.key.fields()) == dynamic.key
+    assert dynamic.key.size_range == manifest.sizes
+    details = artifact_details(dynamic, BuildSettings())
+    assert details["sizes"] == manifest.sizes.to_dict()
+    kind, reasons = tk.describe_mismatch(fixed.key.fields(), dynamic.key.fields())
+    assert kind == "stale" and any("sizes" in r for r in reasons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-image: the DiT takes (x_t, t, text) with text float32 (B, L, C)
+
+T2I = dict(TINY, num_classes=0, family="t2i", text_len=8, text_dim=48, refine_depth=1)
+
+
+def test_t2i_profiles_fix_the_text_shape_and_follow_the_batch():
+    from runtimes.sizes import SizeRange
+
+    static = tk.profiles_for("dit", T2I, (64, 64), (1, 4))
+    assert static[1].shapes == {"x_t": (4, 3, 64, 64), "t": (4,), "text": (4, 8, 48)}
+    sizes = SizeRange((32, 48), (128, 96), (64, 64), 16)
+    ranged = tk.profiles_for("dit", T2I, (64, 64), (2,), sizes)[0]
+    assert ranged.bounds("x_t") == ((2, 3, 32, 48), (2, 3, 64, 64), (2, 3, 128, 96))
+    assert ranged.bounds("text") == ((2, 8, 48),) * 3  # text_len, text_dim fixed
+    assert tk.profiles_for("decoder", T2I, (64, 64), (2,))[0].shapes == {
+        "x_t": (2, 3, 64, 64), "cond": (2, 16, 64)}
+
+
+class _RecordingTRT:
+    """The parts of the ``tensorrt`` module `build_engine` calls, recording each call: no
+    network is built, the plan is a fixed byte string."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    class BuilderFlag:
+        TF32 = 7
+
+    __version__ = "10.8.0.43"
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        trt = self
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                trt.calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
+
+        class Cache:
+            def serialize(self):
+                return b"timings"
+
+        class Config:
+            builder_optimization_level = 0
+
+            def set_memory_pool_limit(self, pool, size):
+                trt.calls.append(("workspace", size))
+
+            def clear_flag(self, flag):
+                trt.calls.append(("clear_flag", flag))
+
+            def set_flag(self, flag):
+                trt.calls.append(("set_flag", flag))
+
+            def create_timing_cache(self, data):
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                return True
+
+            def get_timing_cache(self):
+                return Cache()
+
+            def add_optimization_profile(self, profile):
+                trt.calls.append(("add_optimization_profile",))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                trt.calls.append(("create_network", flags))
+                return "network"
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                trt.calls.append(("build", config.builder_optimization_level))
+                return b"plan"
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                trt.calls.append(("parse", Path(path).name))
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+def test_t2i_engine_build_declares_the_text_profile(tmp_path):
+    """`build_engine` for a text-to-image DiT: one optimisation profile per engine batch, each
+    setting x_t, t and text, the text (batch, text_len, text_dim) with the batch of x_t."""
+    from deco_export.export.tensorrt import BuildSettings, build_engine
+    from runtimes.sizes import SizeRange
+
+    trt = _RecordingTRT()
+    settings = BuildSettings(buckets=(1, 2))
+    profiles = tk.profiles_for("dit", T2I, (64, 64), settings.engine_batches,
+                               SizeRange.around((64, 64), 16))
+    (tmp_path / "dit.onnx").write_bytes(b"onnx")
+    info = build_engine(trt, tmp_path / "dit.onnx", tmp_path / "out" / "dit.plan", profiles,
+                        settings, tmp_path / "timing.cache", lambda _msg: None)
+    assert (tmp_path / "out" / "dit.plan").read_bytes() == b"plan"
+    assert (tmp_path / "timing.cache").read_bytes() == b"timings" and "build_seconds" in info
+    shapes = [c for c in trt.calls if c[0] == "set_shape"]
+    assert [c[1] for c in shapes] == ["x_t", "t", "text"] * 3  # engine batches 1, 2, 4
+    texts = [c[2:] for c in shapes if c[1] == "text"]
+    assert texts == [((n, 8, 48),) * 3 for n in (1, 2, 4)]
+    images = [c[2:] for c in shapes if c[1] == "x_t"]
+    assert [lo[0] for lo, _, _ in images] == [1, 2, 4] and images[0][2] == (1, 3, 128, 128)
+    assert [c[0] for c in trt.calls].count("add_optimization_profile") == 3
+    assert ("parse", "dit.onnx") in trt.calls and ("clear_flag", 7) in trt.calls
+
+
+class _RecordingCudaEngine:
+    """A deserialised engine as `tensorrt.ICudaEngine` describes its I/O."""
+
+    def __init__(self, inputs, outputs, batches):
+        self.io = [(n, "in") for n in inputs] + [(n, "out") for n in outputs]
+        self.num_io_tensors = len(self.io)
+        self.num_optimization_profiles = len(batches)
+        self._batches = batches
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return dict(self.io)[name]
+
+    def get_tensor_dtype(self, name):
+        return "float32"
+
+    def get_tensor_profile_shape(self, name, p):
+        n = self._batches[p]
+        return (n, 3, 64, 64), (n, 3, 64, 64), (n, 3, 64, 64)
+
+
+def _engine_trt(inputs, outputs=("cond", "hidden"), batches=(1, 2)):
+    trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in"),
+                          DataType=SimpleNamespace(FLOAT="float32", INT64="int64"))
+    runtime = SimpleNamespace(
+        deserialize_cuda_engine=lambda data: _RecordingCudaEngine(inputs, outputs, batches))
+    return trt, runtime
+
+
+def test_t2i_engine_io_is_checked_against_the_t2i_record(tmp_path):
+    from runtimes.backends.tensorrt_engine import Engine
+    from runtimes.config import ModelConfig
+
+    plan = tmp_path / "dit.plan"
+    plan.write_bytes(b"plan")
+    config = ModelConfig.from_dict(T2I)
+    engine = Engine(*_engine_trt(["x_t", "t", "text"]), plan, "dit", config)
+    assert engine.inputs == ["x_t", "t", "text"] and engine.batches == (1, 2)
+    with pytest.raises(BackendError, match=r"inputs \['x_t', 't', 'y'\].*'text'.*rebuild it"):
+        Engine(*_engine_trt(["x_t", "t", "y"]), plan, "dit", config)
+    # a class-conditional bundle still wants labels
+    with pytest.raises(BackendError, match=r"expected \['x_t', 't', 'y'\]"):
+        Engine(*_engine_trt(["x_t", "t", "text"]), plan, "dit", ModelConfig.from_dict(TINY))
+
+
+def test_t2i_backend_feeds_text_rows_into_the_slot():
+    """The DiT call copies the (B, L, C) text into the slot's ``text`` buffer; a guided fused
+    step lays [negative; prompts] out as [uncond | pad; cond | pad] row by row."""
+    from runtimes.backends.tensorrt import DeviceArray
+    from runtimes.config import ModelConfig
+
+    be, cuda = _recording_backend()
+    be._model = ModelConfig.from_dict(T2I)
+    text_row = 8 * 48 * 4
+    x = DeviceArray(cuda, 5000 << 12, (3, 3, 64, 64), "float32")
+    t = DeviceArray(cuda, 5100 << 12, (3,), "float32")
+    text = DeviceArray(cuda, 5200 << 12, (3, 8, 48), "float32")
+    cond = be.dit(x, t, text)
+    slot = be._slots[(4, 64, 64)]
+    assert "y" not in slot.buffers and slot.shapes["text"] == (4, 8, 48)
+    assert slot.buffers["text"].dtype == "float32"
+    copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy"]
+    assert (slot.buffers["text"].ptr, text.ptr, 3 * text_row) in copies
+    assert cond.shape == (3, 16, 64)
+    with pytest.raises(TypeError, match="text must be float32"):
+        be.dit(x, t, DeviceArray(cuda, 5300 << 12, (3, 8, 48), "int64"))
+
+    both = DeviceArray(cuda, 6000 << 12, (6, 8, 48), "float32")
+    be.step(x, both, 0.2, 0.01, 4.0)
+    slot8 = be._slots[(8, 64, 64)]
+    tb = slot8.buffers["text"].ptr
+    copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy" and c[4] != "HostToDevice"]
+    assert (tb, both.ptr, 3 * text_row) in copies
+    assert (tb + 4 * text_row, both.ptr + 3 * text_row, 3 * text_row) in copies
+    with pytest.raises(ValueError, match=r"step: text must be float32 rows of shape \(8, 48\)"):
+        be.step(x, DeviceArray(cuda, 7000 << 12, (6,), "int64"), 0.2, 0.01, 4.0)
+
+
+def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
+    """What `deco export tensorrt` commits into a text-to-image bundle (its transaction, the
+    manifest entries of built engines) leaves the stored negative prompt as the ONNX export
+    wrote it, so the TensorRT pipeline's unconditional half needs no text encoder."""
+    from deco_export.export import tensorrt as ex
+    from deco_export.export.bundle_io import BundleTransaction
+    from runtimes.config import ModelConfig
+    from runtimes.pipeline import bundle_negative_embeds
+
+    config = ModelConfig.from_dict(T2I)
+    source = {"path": "/nonexistent/ckpt", "sha256": "0" * 64}
+    negative = np.random.default_rng(0).standard_normal((1, 8, 48), dtype=np.float32)
+    root = tmp_path / "bundle"
+    with BundleTransaction(root, config, (64, 64), source, negative_prompt_embeds=negative,
+                           negative_prompt="blurry") as txn:
+        for g in ("dit", "decoder"):
+            path = txn.staging / f"{g}.fp16.onnx"
+            path.write_bytes(f"{g}-fp16".encode())
+            txn.add_artifact(runtime="onnx", graph=g, precision="fp16", path=path,
+                             **_t2i_io(config, g))
+    settings = ex.BuildSettings(buckets=(1,))
+    manifest = rb.read_manifest(root)
+    items = ex.plan_builds(root, manifest, ["fp16"], H100, settings)
+    assert [(i.graph, i.action) for i in items] == [("dit", "build"), ("decoder", "build")]
+    with BundleTransaction(root, manifest.model, (64, 64), manifest.source) as txn:
+        for item in items:
+            plan = txn.staging / item.key.relpath
+            plan.parent.mkdir(parents=True)
+            plan.write_bytes(b"plan-" + item.graph.encode())
+            txn.add_artifact(runtime="tensorrt", graph=item.graph, precision="fp16", path=plan,
+                             details=ex.artifact_details(item, settings),
+                             **_t2i_io(config, item.graph))
+    after = rb.read_manifest(root)
+    dit = after.get_artifact("tensorrt", "dit", "fp16")
+    assert [s.name for s in dit.inputs] == ["x_t", "t", "text"]
+    assert dit.input("text").shape == ["batch", 8, 48]
+    assert after.extra["text"]["negative_prompt"] == "blurry"
+    assert np.array_equal(bundle_negative_embeds(root, after), negative)
+    assert rb.verify(root, runtime="tensorrt") == []
+
+
+def _t2i_io(config, graph):
+    from deco_export.export.graphs import io_specs
+
+    inputs, outputs = io_specs(config, graph, 64, 64)
+    return {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}

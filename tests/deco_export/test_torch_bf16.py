@@ -37,7 +37,8 @@ def test_bf16_autocast_passes_the_gate(golden_model, compile):
                                   (64, 64), steps=4, what=f"torch bf16 compile={compile}")
     assert lines[0].endswith("passed")
     graphs = figures["graphs"]
-    assert {g["graph"] for g in graphs} == {"dit.cond", "dit.hidden", "decoder", "refresh"}
+    assert {g["graph"] for g in graphs} == {"dit.cond", "dit.hidden", "decoder", "refresh",
+                                           "decoder_cond", "decoder_pixel"}
     assert min(g["psnr_db"] for g in graphs) >= parity.GRAPH_MIN_PSNR["bf16"]
     # bf16 really ran: fp32 autocast-free graphs agree with PyTorch to ~1e-6.
     assert max(g["max_abs_error"] for g in graphs) > 1e-4

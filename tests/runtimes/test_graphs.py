@@ -21,7 +21,8 @@ TINY = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=16, num_
 
 
 def test_one_list_of_graphs_and_one_tensor_spec():
-    assert GRAPH_NAMES == ("dit", "decoder", "refresh", "pixel_dit", "text_encoder") == rb.GRAPHS
+    assert GRAPH_NAMES == ("dit", "decoder", "refresh", "decoder_cond", "decoder_pixel",
+                           "pixel_dit", "text_encoder") == rb.GRAPHS
     assert rb.TensorSpec is TensorSpec is runtimes.TensorSpec
     assert not hasattr(rb, "GRAPH_IO")
     assert [g for g, spec in graphs_for(TINY).items() if spec.required] == ["dit", "decoder"]
@@ -56,6 +57,20 @@ def test_coreml_batch_kinds_follow_the_primary_input():
     assert set(get_graph("refresh").coreml_batch_kinds(2, True).values()) == {"enumerated"}
 
 
+def test_split_decoder_records_carry_the_modulation_and_are_optional():
+    cond, pixel = get_graph("decoder_cond"), get_graph("decoder_pixel")
+    assert not cond.required and not pixel.required
+    assert cond.output_names == ("modulation",) and pixel.input_names == ("x_t", "modulation")
+    assert pixel.output_names == get_graph("decoder").output_names == ("v",)
+    wide = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=8, num_classes=10,
+                       decoder_hidden_size=16, decoder_depth=2, image_size=(64, 64))
+    _, outputs = cond.io_specs(wide, 64, 32)
+    assert outputs[0].shape == ["batch", 32, 64, 16]  # tokens, p*p, d
+    assert pixel.input_shapes(wide, 2, 64, 32)["modulation"] == (2, 32, 64, 16)
+    assert list(graphs_for(TINY))[-2:] == ["decoder_cond", "decoder_pixel"]
+    assert "decoder_cond" not in graphs_for(ModelConfig(architecture="dit"))
+
+
 def test_unknown_graphs_and_models_without_graphs_are_named():
     with pytest.raises(ConfigError, match="unknown graph 'vae'"):
         get_graph("vae")
@@ -75,7 +90,8 @@ T2I = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=16, num_c
 
 def test_text_to_image_records_share_decoder_and_refresh():
     c2i, t2i = graphs_for(TINY), graphs_for(T2I)
-    assert list(t2i) == ["dit", "decoder", "refresh"]  # the sampler's graphs, in order
+    assert list(t2i) == ["dit", "decoder", "refresh", "decoder_cond",
+                         "decoder_pixel"]  # the sampler's graphs, in order
     assert t2i["dit"].input_names == ("x_t", "t", "text") != c2i["dit"].input_names
     assert t2i["dit"].output_names == c2i["dit"].output_names
     assert t2i["decoder"] is c2i["decoder"] and t2i["refresh"] is c2i["refresh"]
@@ -87,7 +103,8 @@ def test_text_to_image_records_share_decoder_and_refresh():
 
 def test_text_encoder_is_a_t2i_record_the_sampler_does_not_load():
     everything = graphs_for(T2I, sampled_only=False)
-    assert list(everything) == ["dit", "decoder", "refresh", "text_encoder"]
+    assert list(everything) == ["dit", "decoder", "refresh", "decoder_cond", "decoder_pixel",
+                                "text_encoder"]
     enc = everything["text_encoder"]
     assert not enc.required and not enc.sampled
     assert enc.input_names == ("input_ids", "attention_mask")

@@ -20,6 +20,7 @@ import runtimes  # noqa: E402
 from runtimes.backend import Backend, BackendError  # noqa: E402
 from runtimes.backends.onnxruntime import OnnxRuntimeBackend, _one_node_model  # noqa: E402
 from runtimes.bundle import Artifact, BundleError, Manifest, write_manifest  # noqa: E402
+from runtimes.sizes import SizeError  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
 C, H, P, D, CLASSES = 3, 8, 4, 8, 5
@@ -237,9 +238,9 @@ def test_device_resident_arrays_give_the_same_samples(bundle):
 
 def test_fixed_graph_size_is_checked_before_running(bundle):
     pipe = runtimes.load(bundle)
-    with pytest.raises(ValueError, match=r"take 8x8 images .* 16x16 was asked"):
+    with pytest.raises(SizeError, match=r"16x16 is not a size this bundle serves: .* 8x8 only"):
         pipe.generate([0], height=16, width=16)
-    with pytest.raises(ValueError, match=r"take 8x8 images"):
+    with pytest.raises(SizeError, match=r"8x8 only"):
         pipe.generate([0], noise=np.zeros((1, C, 16, 16), np.float32))
 
 

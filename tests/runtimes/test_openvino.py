@@ -55,12 +55,39 @@ def test_fp32_reproduces_the_golden_sample(bundle, golden, cache, cfg_mode):
     assert info["device"] == "CPU" and info["precision"] == "fp32" and info["supports_refresh"]
 
 
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_reused_steps_match_the_fused_decoder_on_the_cached_condition(bundle, golden, cache,
+                                                                      precision):
+    with runtimes.load(bundle, backend="openvino", precision=precision, threads=1,
+                       cache_dir=cache) as pipe:
+        be = pipe.backend
+        assert be.supports_decoder_split and be.describe()["supports_decoder_split"]
+        x = golden["noise"]
+        cond = be.dit(x, np.full(len(x), 0.4, np.float32), golden["labels"].astype(np.int64))
+        fused_call = be.decoder(x, cond)
+        split_call = be.decoder_pixel(x, be.decoder_cond(cond))
+        kwargs = dict(class_labels=golden["labels"].tolist(), steps=12, guidance=3.2,
+                      guidance_interval=(0.1, 1.0), noise=golden["noise"], output_type="np",
+                      sharing=0.5)
+        split = pipe.generate(**kwargs)
+        fused = pipe.generate(**kwargs, decoder_split=False)
+    assert split.cost["decoder_cond_samples"] < split.cost["decoder_samples"]
+    if precision == "fp32":
+        np.testing.assert_allclose(split_call, fused_call, atol=1e-5)
+        np.testing.assert_allclose(split.images, fused.images, atol=1e-5)
+    else:  # bf16 rounds the modulation where the fused graph keeps it inside
+        assert parity.psnr(fused_call, split_call) >= parity.GRAPH_MIN_PSNR["bf16"]
+        assert parity.psnr(np.asarray(fused.images), np.asarray(split.images),
+                           data_range=2.0) >= parity.END_TO_END_MIN_PSNR["bf16"]
+
+
 def test_fp32_passes_the_gate(bundle, golden_ckpt, cache):
     lines, figures = validate_backend(bundle, "openvino", "fp32", checkpoint=str(golden_ckpt),
                                       steps=4, threads=1, cache_dir=cache)
     assert "passed" in lines[0]
     graphs = {g["graph"] for g in figures["graphs"]}
-    assert graphs == {"dit.cond", "dit.hidden", "decoder", "refresh"}
+    assert graphs == {"dit.cond", "dit.hidden", "decoder", "refresh", "decoder_cond",
+                      "decoder_pixel"}
     assert all(g["max_abs_error"] <= parity.GRAPH_MAX_ABS["fp32"] for g in figures["graphs"])
 
 
@@ -85,10 +112,12 @@ def test_bf16_below_a_raised_gate_is_refused(bundle, golden_ckpt, cache, monkeyp
 
 def test_compiled_models_are_cached_and_keyed(bundle, golden, cache):
     first = OpenVinoBackend(bundle, precision="fp32", threads=1, cache_dir=cache)
-    assert first.cache_hits == {"dit": False, "decoder": False, "refresh": False}
+    graphs = ("dit", "decoder", "refresh", "decoder_cond", "decoder_pixel")
+    assert first.cache_hits == dict.fromkeys(graphs, False)
     dirs = sorted(p.name for p in cache.iterdir())
-    assert [d.rsplit("-", 1)[0] for d in dirs] == ["decoder-fp32", "dit-fp32", "refresh-fp32"]
-    record = json.loads((cache / dirs[1] / "model.json").read_text())
+    assert [d.rsplit("-", 1)[0] for d in dirs] == sorted(f"{g}-fp32" for g in graphs)
+    dit_dir = next(d for d in dirs if d.startswith("dit-"))
+    record = json.loads((cache / dit_dir / "model.json").read_text())
     manifest = runtimes.read_manifest(bundle)
     assert record["key"]["onnx_sha256"] == manifest.find_artifact("onnx", "dit", "fp32").sha256
     assert record["key"]["openvino"] == first.openvino_version
@@ -100,12 +129,12 @@ def test_compiled_models_are_cached_and_keyed(bundle, golden, cache):
     t, y = np.array([0.2, 0.7], np.float32), np.array([1, 2], np.int64)
     np.testing.assert_array_equal(first.dit(x, t, y), second.dit(x, t, y))
 
-    blob = cache / dirs[1] / "dit.blob"
+    blob = cache / dit_dir / "dit.blob"
     blob.write_bytes(blob.read_bytes()[:-7] + b"garbage")  # the recorded sha256 no longer holds
     third = OpenVinoBackend(bundle, precision="fp32", threads=1, cache_dir=cache)
     assert third.cache_hits["dit"] is False and third.cache_hits["decoder"] is True
     np.testing.assert_array_equal(first.dit(x, t, y), third.dit(x, t, y))
-    assert len(list(cache.iterdir())) == 3  # the broken blob was replaced, not added
+    assert len(list(cache.iterdir())) == len(graphs)  # the broken blob was replaced
 
 
 @needs_bf16
@@ -113,8 +142,8 @@ def test_precisions_get_separate_cache_entries(bundle, cache):
     OpenVinoBackend(bundle, precision="fp32", threads=1, cache_dir=cache)
     OpenVinoBackend(bundle, precision="bf16", threads=1, cache_dir=cache)
     names = sorted(p.name.rsplit("-", 1)[0] for p in cache.iterdir())
-    assert names == sorted(f"{g}-{p}" for g in ("dit", "decoder", "refresh")
-                           for p in ("fp32", "bf16"))
+    assert names == sorted(f"{g}-{p}" for g in ("dit", "decoder", "refresh", "decoder_cond",
+                                                "decoder_pixel") for p in ("fp32", "bf16"))
 
 
 def test_no_cache_writes_nothing(bundle, tmp_path, monkeypatch):
@@ -123,7 +152,7 @@ def test_no_cache_writes_nothing(bundle, tmp_path, monkeypatch):
     assert be.cache_dir is None and not (tmp_path / "env-cache").exists()
     default = OpenVinoBackend(bundle, precision="fp32", threads=1)
     assert default.cache_dir == tmp_path / "env-cache" / "openvino"
-    assert len(list(default.cache_dir.iterdir())) == 3
+    assert len(list(default.cache_dir.iterdir())) == 5
 
 
 @pytest.mark.parametrize(("device", "message"), [

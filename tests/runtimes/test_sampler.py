@@ -14,7 +14,7 @@ from runtimes.sampler import (
     torch_linspace,
 )
 from runtimes.sharing import explicit_schedule, uniform_schedule
-from tests.helpers import GaussianFlowBackend
+from tests.helpers import GaussianFlowBackend, SplitGaussianFlowBackend
 
 NULL = 3
 
@@ -291,3 +291,77 @@ def test_release_samplers_and_manifest_fallbacks_come_from_one_place():
         neutral.shift)
     with pytest.raises(ValueError, match="no released sampler"):
         release_sampler("t2v")
+
+
+# -- the split decoder under DiT sharing ------------------------------------------------------
+
+
+def _split_config(cfg_mode: str = "fast") -> SamplerConfig:
+    return SamplerConfig(num_steps=10, guidance=3.0, guidance_interval=(0.25, 1.0),
+                         cfg_mode=cfg_mode)
+
+
+@pytest.mark.parametrize("cfg_mode", ["fast", "reference"])
+def test_reused_steps_run_only_the_pixel_part_on_the_cached_modulation(cfg_mode):
+    noise, labels = _noise(2), [0, 2]
+    cfg, sched = _split_config(cfg_mode), uniform_schedule(10, ratio=0.5)
+    be = SplitGaussianFlowBackend()
+    split = sample(be, noise, labels, cfg, null_class=NULL, sharing=sched)
+    kinds = [k for k, _ in be.calls]
+    assert kinds.count("dit") == kinds.count("decoder_cond") == 5
+    assert kinds.count("decoder_pixel") == 10 and "decoder" not in kinds
+    # Each DiT run computes the modulation once and the next (reused) step takes it as is.
+    dit_runs = [i for i, k in enumerate(kinds) if k == "dit"]
+    assert all(kinds[i + 1] == "decoder_cond" for i in dit_runs)
+    for j, made in enumerate(be.made):
+        assert all(np.shares_memory(made, used) for used in be.used[2 * j:2 * j + 2])
+    fused_be = SplitGaussianFlowBackend()
+    fused = sample(fused_be, noise, labels, cfg, null_class=NULL, sharing=sched,
+                   decoder_split=False)
+    assert fused_be.batches("decoder_cond") == [] and len(fused_be.batches("decoder")) == 10
+    plain = sample(GaussianFlowBackend(), noise, labels, cfg, null_class=NULL, sharing=sched)
+    assert np.array_equal(split, fused) and np.array_equal(split, plain)
+
+
+def test_the_fused_decoder_runs_where_no_later_step_reuses_the_condition():
+    noise, labels = _noise(2), [0, 2]
+    cfg = _split_config()
+    be = SplitGaussianFlowBackend()
+    plain = sample(be, noise, labels, cfg, null_class=NULL)
+    assert be.batches("decoder_cond") == be.batches("decoder_pixel") == []
+    assert np.array_equal(plain, sample(GaussianFlowBackend(), noise, labels, cfg,
+                                        null_class=NULL))
+    # DiT at 0, 1, 2, 6: evaluations 0 and 1 are not reused (fused decoder), 2 and 6 are.
+    be = SplitGaussianFlowBackend()
+    sample(be, noise, labels, cfg, null_class=NULL, sharing=explicit_schedule([0, 1, 2, 6], 10))
+    kinds = [k for k, _ in be.calls]
+    assert kinds[:4] == ["dit", "decoder", "dit", "decoder"]
+    assert kinds.count("decoder_cond") == 2 and kinds.count("decoder_pixel") == 8
+    # fresh_t rebuilds the condition on every step, so there is nothing to cache.
+    be = SplitGaussianFlowBackend()
+    sample(be, noise, labels, cfg, null_class=NULL,
+           sharing=uniform_schedule(10, ratio=0.5, mode="fresh_t"))
+    assert be.batches("decoder_cond") == [] and len(be.batches("decoder")) == 10
+
+
+def test_a_cached_modulation_keeps_both_halves_across_the_guidance_boundary():
+    # Step 0 is unguided but its condition is reused into guided steps: the modulation is made
+    # for [uncond; cond] once, its conditional half feeds step 0, the whole the guided steps.
+    noise, labels = _noise(2), [0, 2]
+    sched = explicit_schedule([0, 5], 10)
+    out = {}
+    for mode in ("fast", "reference"):
+        be = SplitGaussianFlowBackend()
+        out[mode] = sample(be, noise, labels, _split_config(mode), null_class=NULL,
+                           sharing=sched)
+        assert be.batches("decoder_cond") == [4, 4]
+    assert be.batches("decoder_pixel") == [4] * 10
+    fast = SplitGaussianFlowBackend()
+    sample(fast, noise, labels, _split_config(), null_class=NULL, sharing=sched)
+    pixel_batches = fast.batches("decoder_pixel")
+    assert pixel_batches[0] == 2 and 4 in pixel_batches
+    np.testing.assert_allclose(out["fast"], out["reference"], atol=1e-5)
+    plan = make_plan(_split_config(), sched)
+    cost = plan.cost(2, decoder_split=True)
+    assert cost["decoder_cond_samples"] == 2 * 4 and "decoder_cond_samples" not in plan.cost(2)
+    assert cost["decoder_calls"] == 10

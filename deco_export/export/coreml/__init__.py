@@ -22,6 +22,11 @@ How a graph is made:
   other batch-carrying inputs get a bounded range; since every input shares the batch, the
   enumerated input decides which batches run. From iOS 18 / macOS 15 all inputs are enumerated
   together.
+* The image size is fixed (the default size: the fast path on the Neural Engine) unless more
+  sizes are listed (``image_sizes``, ``--sizes``): then they are enumerated with the batch on
+  the same inputs, the others taking a range over the token count. The trace computes the RoPE
+  tables and reshapes from the input's shape, so one program serves every listed size; the
+  manifest records the list in each artefact's ``details["sizes"]``.
 * Labels are int32 (Core ML has no int64 inputs); graph outputs are float32 and named.
 * Optional weight compression after conversion: 8-bit linear (per-channel symmetric) or 6- and
   4-bit palettisation (1-D k-means look-up tables; per tensor, or per group of 16 output

@@ -10,10 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.config import ModelConfig
 from runtimes.graphs import GRAPH_SPECS, get_graph
 
+from ...config import DeCoConfig
 from ...model import DeCo
-from ..graphs import INPUT_NAMES, OUTPUT_NAMES, example_inputs
+from ..graphs import example_inputs, input_names, output_names
 from .inspect import ProgramReport, program_report
 from .precision import ALL_ISLANDS, PrecisionPolicy
 from .targets import (
@@ -80,23 +82,54 @@ def unsupported_ops(traced: torch.jit.ScriptModule) -> list[str]:
     return found
 
 
+def input_shapes(graph: str, inputs: Sequence[torch.Tensor], batch_sizes: Sequence[int],
+                 config: ModelConfig | None = None,
+                 image_sizes: Sequence[tuple[int, int]] | None = None
+                 ) -> dict[str, list[tuple[int, ...]]]:
+    """Every shape each input takes, the default first: the batch sizes at the traced size,
+    or, with ``image_sizes`` (the first the default), every batch at every image size."""
+    batches = sorted(set(batch_sizes))
+    if config is None or not image_sizes:
+        return {name: [(b, *(int(s) for s in x.shape[1:])) for b in batches]
+                for name, x in zip(input_names(config or DeCoConfig(), graph), inputs,
+                                   strict=True)}
+    spec = get_graph(graph, config)
+    out: dict[str, list[tuple[int, ...]]] = {name: [] for name in spec.input_names}
+    for h, w in image_sizes:
+        for b in batches:
+            for name, shape in spec.input_shapes(config, b, h, w).items():
+                if shape not in out[name]:
+                    out[name].append(shape)
+    return out
+
+
 def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
-                batch_sizes: Sequence[int], target: Any) -> list[Any]:
-    """Core ML input types with the batch enumerated (see the module docstring)."""
-    sizes = sorted(set(batch_sizes))
-    kinds = get_graph(graph).coreml_batch_kinds(len(sizes), joint_enumerated_shapes(ct, target))
+                batch_sizes: Sequence[int], target: Any, config: ModelConfig | None = None,
+                image_sizes: Sequence[tuple[int, int]] | None = None) -> list[Any]:
+    """Core ML input types with the batch (and the image size) enumerated (see the module
+    docstring). An input that is not enumerated takes a range in each varying dimension.
+    ``config``: the model (default a class-conditional DeCo), whose family names the inputs
+    (a text-to-image DiT takes float32 ``text`` (B, L, C) where a c2i one takes labels)."""
+    config_ = config or DeCoConfig()
+    shapes = input_shapes(graph, inputs, batch_sizes, config, image_sizes)
+    count = max(len(v) for v in shapes.values())
+    kinds = get_graph(graph, config_).coreml_batch_kinds(count,
+                                                         joint_enumerated_shapes(ct, target))
     types = []
-    for name, x in zip(INPUT_NAMES[graph], inputs, strict=True):
-        rest = tuple(int(s) for s in x.shape[1:])
+    for name, x in zip(input_names(config_, graph), inputs, strict=True):
+        options = shapes[name]
         dtype = np.int32 if not torch.is_floating_point(x) else np.float32
-        if kinds[name] == "fixed":
-            shape: Any = (sizes[0], *rest)
+        if len(options) == 1 or kinds[name] == "fixed":
+            shape: Any = options[0]
         elif kinds[name] == "enumerated":
-            shape = ct.EnumeratedShapes(shapes=[(b, *rest) for b in sizes],
-                                        default=(sizes[0], *rest))
+            shape = ct.EnumeratedShapes(shapes=options, default=options[0])
         else:
-            shape = ct.Shape((ct.RangeDim(lower_bound=sizes[0], upper_bound=sizes[-1],
-                                          default=sizes[0]), *rest))
+            dims = []
+            for i, default in enumerate(options[0]):
+                values = [o[i] for o in options]
+                dims.append(default if min(values) == max(values) else ct.RangeDim(
+                    lower_bound=min(values), upper_bound=max(values), default=default))
+            shape = ct.Shape(tuple(dims))
         types.append(ct.TensorType(name=name, shape=shape, dtype=dtype))
     return types
 
@@ -106,12 +139,16 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                   islands: Sequence[str] = ALL_ISLANDS,
                   compute_units: str = DEFAULT_COMPUTE_UNITS,
-                  verbose: bool = False) -> tuple[Any, ProgramReport]:
+                  verbose: bool = False, config: ModelConfig | None = None,
+                  image_sizes: Sequence[tuple[int, int]] | None = None
+                  ) -> tuple[Any, ProgramReport]:
     """Trace and convert one graph wrapper; returns the MLModel (not loaded) and its report.
 
     ``module`` is a float32 graph wrapper (``graph_modules(model, "fp32")[graph]``); the
     precision is applied by coremltools. An fp16 conversion that leaves an fp32 operation
-    outside ``islands`` is refused, naming it.
+    outside ``islands`` is refused, naming it. ``image_sizes`` (with the model's ``config``)
+    enumerates the (height, width) the package accepts, the first the default: the trace
+    computes the RoPE tables and reshapes from the input's shape, so one program serves them.
     """
     ct = import_coremltools()
     if precision not in PRECISIONS:
@@ -131,9 +168,10 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
         try:
             mlmodel = ct.convert(
                 traced,
-                inputs=input_types(ct, graph, inputs, batch_sizes, ml_target),
+                inputs=input_types(ct, graph, inputs, batch_sizes, ml_target, config,
+                                   image_sizes),
                 outputs=[ct.TensorType(name=name, dtype=np.float32)
-                         for name in OUTPUT_NAMES[graph]],
+                         for name in output_names(config or DeCoConfig(), graph)],
                 convert_to="mlprogram",
                 compute_precision=compute_precision,
                 minimum_deployment_target=ml_target,
@@ -164,16 +202,21 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
 def tracing_inputs(model: DeCo, height: int, width: int, seed: int
                    ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Batch-2 inputs of every graph from one DiT forward (``example_inputs`` runs the DiT once
-    per graph, which costs more than converting the small graphs of a large model)."""
-    x_t, t, y = example_inputs(model, "dit", 2, height, width, seed=seed)
+    per graph, which costs more than converting the small graphs of a large model). The DiT's
+    condition is its family's: labels (c2i) or text features (t2i)."""
+    x_t, t, condition = example_inputs(model, "dit", 2, height, width, seed=seed)
     with torch.no_grad():
-        cond, hidden = model.dit(x_t, t, y)
-    return {"dit": (x_t, t, y), "decoder": (x_t, cond), "refresh": (hidden, t)}
+        cond, hidden = model.dit(x_t, t, condition)
+        modulation = model.decoder.modulation(cond)
+    return {"dit": (x_t, t, condition), "decoder": (x_t, cond), "refresh": (hidden, t),
+            "decoder_cond": (cond,), "decoder_pixel": (x_t, modulation)}
 
 
-def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int]) -> dict[str, str]:
-    """How each input's batch is declared: "enumerated", "range" or "fixed"."""
-    spec = get_graph(graph)
+def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int],
+                      config: ModelConfig | None = None) -> dict[str, str]:
+    """How each input's batch is declared: "enumerated", "range" or "fixed" (the inputs of
+    ``config``'s graph; default a class-conditional DeCo's)."""
+    spec = get_graph(graph, config or DeCoConfig())
     if len(sizes) == 1:
         return spec.coreml_batch_kinds(1, joint_enumeration=False)
     joint = joint_enumerated_shapes(ct, deployment_target(ct, target))

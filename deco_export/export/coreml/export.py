@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.sizes import SizeRange
+
 from ...model import DeCo
 from ...parity import (
     END_TO_END_MIN_PSNR,
@@ -27,12 +29,12 @@ from ...parity import (
 )
 from .. import bundle_io
 from ..graphs import (
-    INPUT_NAMES,
-    OUTPUT_NAMES,
     example_inputs,
     export_image_size,
     graph_modules,
+    input_names,
     io_specs,
+    output_names,
     reference_outputs,
 )
 from .compress import compress_model
@@ -64,14 +66,22 @@ GRAPH_DESCRIPTIONS = {
     "dit": "DeCo DiT: noisy image, time and label -> per-token condition and last hidden state",
     "decoder": "DeCo pixel decoder: noisy image and per-token condition -> velocity",
     "refresh": "DeCo condition refresh: cached hidden state and a new time -> condition",
+    "decoder_cond": "DeCo decoder, condition part: per-token condition -> per-pixel condition",
+    "decoder_pixel": "DeCo decoder, pixel part: noisy image and cached condition -> velocity",
 }
+T2I_DIT_DESCRIPTION = ("DeCo text-to-image DiT: noisy image, time and text features -> "
+                       "per-token condition and last hidden state")
 TENSOR_DESCRIPTIONS = {
     "x_t": "noisy image (B, C, H, W), float32; t = 0 is pure noise, t = 1 data",
     "t": "time (B,) in [0, 1], float32",
     "y": "class label (B,), int32; num_classes is the null (unconditional) class",
+    "text": "text encoder features (B, L, C), float32, right-padded to L; the bundle's "
+            "negative_prompt.npy is the unconditional row",
     "hidden": "last DiT block output h (B, L, D), float32",
     "cond": "per-token condition SiLU(e_t + h) (B, L, D), float32",
     "v": "velocity x - noise (B, C, H, W), float32",
+    "modulation": "the decoder blocks' per-pixel condition SiLU(cond_embed(cond)) "
+                  "(B, L, p*p, d), float32",
 }
 
 
@@ -83,7 +93,8 @@ def coreml_file_name(graph: str, precision: str) -> str:
 def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
                    image_size: tuple[int, int], batch_sizes: Sequence[int], target: str,
                    compute_units: str, compression: str, islands: Sequence[str],
-                   license: str, source: dict[str, Any] | None) -> None:
+                   license: str, source: dict[str, Any] | None,
+                   image_sizes: Sequence[tuple[int, int]] = ()) -> None:
     """Write the model metadata Xcode and ``MLModel.get_spec()`` show: author, licence,
     version, descriptions of every input and output, and the DeCo config as JSON."""
     from ... import __version__
@@ -91,10 +102,11 @@ def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
     mlmodel.author = f"deco-export {__version__}"
     mlmodel.license = license
     mlmodel.version = __version__
-    mlmodel.short_description = GRAPH_DESCRIPTIONS[graph]
-    for name in INPUT_NAMES[graph]:
+    mlmodel.short_description = (T2I_DIT_DESCRIPTION if (graph, model.config.family) == (
+        "dit", "t2i") else GRAPH_DESCRIPTIONS[graph])
+    for name in input_names(model.config, graph):
         mlmodel.input_description[name] = TENSOR_DESCRIPTIONS[name]
-    for name in OUTPUT_NAMES[graph]:
+    for name in output_names(model.config, graph):
         mlmodel.output_description[name] = TENSOR_DESCRIPTIONS[name]
     user = {
         "deco.graph": graph,
@@ -102,6 +114,7 @@ def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
         "deco.config": json.dumps(model.config.to_dict() | {"image_size": list(image_size)},
                                   sort_keys=True),
         "deco.image_size": f"{image_size[0]}x{image_size[1]}",
+        "deco.image_sizes": ",".join(f"{h}x{w}" for h, w in image_sizes or [image_size]),
         "deco.batch_sizes": ",".join(str(b) for b in batch_sizes),
         "deco.deployment_target": target,
         "deco.compute_units": compute_units,
@@ -147,13 +160,26 @@ def export_coreml(
     progress: Progress | None = None,
     verbose: bool = False,
     force: bool = False,
+    image_sizes: Sequence[tuple[int, int]] = (),
+    negative_prompt_embeds: Any = None,
+    negative_prompt: str | None = None,
 ) -> Path:
     """Export ``model`` as Core ML packages into ``bundle`` (created or extended); its path.
+
+    ``image_sizes`` are (height, width) sizes the packages accept beside ``image_size`` (the
+    default): Core ML enumerates them (``EnumeratedShapes``; a fixed size is the fast path on
+    the Neural Engine, so none are added unless asked). The manifest records the list in each
+    artifact's ``details["sizes"]``, which the runtime checks a size against.
 
     ``batch_sizes`` are added to (1, 2). ``compute_units`` is recorded for the runtime (the
     package runs on any). ``compression`` is "none", "int8", "palette6" or "palette4".
     ``fp32_islands`` picks what stays fp32 in fp16 packages ("all", "none" or names from
     `FP32_ISLANDS`; "none" suits CPU_AND_NE, where fp32 work leaves the Neural Engine).
+
+    A text-to-image model's packages take the text encoder's features; the bundle stores the
+    encoded ``negative_prompt`` (``negative_prompt_embeds`` (1, L, C)) as the ONNX export does
+    (``negative_prompt.npy``, named in the manifest's "text" section), so the unconditional
+    half needs no encoder. Exporting into a bundle that already stores one keeps it.
     """
     say = progress or (lambda _msg: None)
     if model.config.architecture == "dit":
@@ -180,11 +206,15 @@ def export_coreml(
         height, width = export_image_size(model.config, image_size)
     except ValueError as exc:
         raise CoreMLExportError(str(exc)) from None
+    served = enumerated_sizes(model.config.patch_size, (height, width), image_sizes,
+                              len(sizes))
+    checked = served.parity_sizes()
     licence = license or (source or {}).get("license") or DEFAULT_LICENSE
     modules = graph_modules(model, "fp32")
     trace_inputs = tracing_inputs(model, height, width, seed)
     with bundle_io.BundleTransaction(bundle, model.config, (height, width), source,
-                                     force=force) as txn:
+                                     force=force, negative_prompt_embeds=negative_prompt_embeds,
+                                     negative_prompt=negative_prompt) as txn:
         for precision in precisions:
             parity: list[GraphParity] = []
             for graph in modules:  # the graphs of this model, in the records' order
@@ -195,14 +225,15 @@ def export_coreml(
                 mlmodel, report = convert_graph(
                     modules[graph], graph, trace_inputs[graph], precision=precision, target=target,
                     batch_sizes=sizes, islands=islands, compute_units=compute_units,
-                    verbose=verbose)
+                    verbose=verbose, config=model.config,
+                    image_sizes=None if served.is_fixed else served.enumerated)
                 convert_seconds = time.perf_counter() - started
                 mlmodel, compression_record = compress_model(mlmodel, compression, target,
                                                               verbose=verbose)
                 describe_model(mlmodel, model, graph, precision, image_size=(height, width),
                                batch_sizes=sizes, target=target, compute_units=compute_units,
                                compression=compression, islands=islands, license=licence,
-                               source=source)
+                               source=source, image_sizes=served.enumerated or ())
                 path = txn.staging / name
                 with quiet_logs():
                     mlmodel.save(str(path))
@@ -214,7 +245,8 @@ def export_coreml(
                     "specification_version": structure["specification_version"],
                     "compute_units": compute_units,
                     "batch_sizes": list(sizes),
-                    "batch_shapes": batch_shape_kinds(ct, graph, target, sizes),
+                    "batch_shapes": batch_shape_kinds(ct, graph, target, sizes, model.config),
+                    "sizes": served.to_dict(),
                     "compute_precision": precision,
                     "fp32_islands": {n: report.islands.get(n, 0) for n in islands}
                     if precision == "fp16" else "all",
@@ -229,14 +261,16 @@ def export_coreml(
                 graph_figures: dict[str, Any]
                 if can_predict():
                     say(f"checking {name} in Core ML against PyTorch")
-                    results = graph_parity(model, graph, path, height, width, seed,
-                                           compute_units)
+                    results = [r for h, w in checked
+                               for r in graph_parity(model, graph, path, h, w, seed,
+                                                     compute_units)]
                     parity += results
                     graph_figures = {"graphs": [r.to_dict() for r in results]}
                 else:
                     graph_figures = {"status": "not run",
                                      "reason": NOT_RUN_REASON.format(platform=sys.platform)}
-                inputs_spec, outputs_spec = coreml_io_specs(model, graph, height, width)
+                inputs_spec, outputs_spec = (coreml_io_specs(model, graph) if not served.is_fixed
+                                             else coreml_io_specs(model, graph, height, width))
                 txn.add_artifact(
                     runtime="coreml", graph=graph, precision=precision, path=path,
                     inputs=inputs_spec, outputs=outputs_spec, details=details,
@@ -247,17 +281,40 @@ def export_coreml(
                     f"{structure['weight_bytes'] / 1e6:.1f} MB weights, "
                     f"{convert_seconds:.1f} s")
             if can_predict():
-                end_to_end(txn, model, precision, compression, parity, parity_steps, seed,
-                           compute_units, sizes, say)
+                for size in checked:
+                    end_to_end(txn, model, precision, compression, parity, parity_steps, seed,
+                               compute_units, sizes, say, size)
             else:
                 txn.record_end_to_end("coreml", precision, {
                     "status": "not run", "reason": NOT_RUN_REASON.format(platform=sys.platform)})
     return Path(bundle)
 
 
-def coreml_io_specs(model: DeCo, graph: str, height: int, width: int
-                    ) -> tuple[list[dict], list[dict]]:
-    """The shared I/O specs with Core ML's int32 labels."""
+def enumerated_sizes(patch: int, default: tuple[int, int], extra: Sequence[tuple[int, int]],
+                     num_batches: int) -> SizeRange:
+    """The sizes a package serves: the default first, then ``extra``, each a multiple of the
+    patch; at most 128 shapes (sizes x batches), Core ML's limit on an enumeration."""
+    listed = list(dict.fromkeys([tuple(default), *(tuple(int(v) for v in s) for s in extra)]))
+    bad = [s for s in listed if len(s) != 2 or min(s) < patch or s[0] % patch or s[1] % patch]
+    if bad:
+        raise CoreMLExportError(
+            f"image size {bad[0][0]}x{bad[0][1]} is not a positive multiple of the patch size "
+            f"{patch}; list sizes such as {default[0]}x{default[1]}"
+        )
+    if len(listed) * num_batches > 128:
+        raise CoreMLExportError(
+            f"{len(listed)} sizes x {num_batches} batch sizes make {len(listed) * num_batches} "
+            "enumerated shapes, more than Core ML's 128; list fewer sizes or batch sizes"
+        )
+    low = (min(s[0] for s in listed), min(s[1] for s in listed))
+    high = (max(s[0] for s in listed), max(s[1] for s in listed))
+    return SizeRange(low, high, listed[0], patch, tuple(listed))  # type: ignore[arg-type]
+
+
+def coreml_io_specs(model: DeCo, graph: str, height: int | None = None,
+                    width: int | None = None) -> tuple[list[dict], list[dict]]:
+    """The shared I/O specs with Core ML's int32 labels (the spatial axes symbolic when the
+    package enumerates several sizes)."""
     inputs, outputs = io_specs(model.config, graph, height, width)
     ins = [dict(s.to_dict(), dtype="int32" if s.dtype == "int64" else s.dtype) for s in inputs]
     return ins, [s.to_dict() for s in outputs]
@@ -269,24 +326,25 @@ def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int, s
     ct = import_coremltools()
     mlmodel = ct.models.MLModel(str(path), compute_units=compute_unit(ct, compute_units))
     results = []
-    for batch in PARITY_BATCHES:
+    for batch in PARITY_BATCHES:  # at one image size; the export calls it per checked size
         inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
         expected = reference_outputs(model, graph, inputs)
         feeds = {name: x.numpy().astype(np.int32 if not torch.is_floating_point(x)
                                         else np.float32)
-                 for name, x in zip(INPUT_NAMES[graph], inputs, strict=True)}
+                 for name, x in zip(input_names(model.config, graph), inputs, strict=True)}
         got = mlmodel.predict(feeds)
-        for name, ref in zip(OUTPUT_NAMES[graph], expected, strict=True):
+        for name, ref in zip(output_names(model.config, graph), expected, strict=True):
             label = graph if len(expected) == 1 else f"{graph}.{name}"
             ref_np, out = ref.numpy(), np.asarray(got[name], dtype=np.float32)
             results.append(GraphParity(label, batch, max_abs_error(ref_np, out),
-                                       psnr(ref_np, out)))
+                                       psnr(ref_np, out), height, width))
     return results
 
 
 def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, compression: str,
                parity: list[GraphParity], steps: int, seed: int, compute_units: str,
-               batch_sizes: Sequence[int], say: Progress) -> None:
+               batch_sizes: Sequence[int], say: Progress,
+               image_size: tuple[int, int] | None = None) -> None:
     """Gate one precision's packages (macOS): per graph, then the sampler end to end.
 
     Uncompressed packages take the ONNX gates for their precision. Compressed weights change
@@ -294,10 +352,12 @@ def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, co
     reach the fp16 end-to-end gate whatever the compute precision.
     """
     what = f"Core ML {precision} export"
+    height, width = image_size or txn.image_size
     if compression == "none":
         check_graph_gate(precision, parity, what=what)
-        say(f"sampling end to end through Core ML ({precision}, {steps} steps)")
+        say(f"sampling end to end through Core ML ({precision}, {steps} steps, {height}x{width})")
         figures = txn.end_to_end_parity(model, "coreml", precision, steps, seed,
+                                        image_size=(height, width),
                                         compute_units=compute_units)
     else:
         from runtimes import DeCoPipeline
@@ -307,10 +367,9 @@ def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, co
         paths = {a.graph: txn.staging / a.file for a in txn.artifacts
                  if (a.runtime, a.precision) == ("coreml", precision)}
         backend = CoreMLBackend.from_packages(paths, compute_units=compute_units,
-                                              batch_sizes=batch_sizes)
+                                              batch_sizes=batch_sizes, model=model.config)
         pipe = DeCoPipeline(backend, model.config,
                             bundle_io.default_sampler_settings(model.config))
-        (height, width) = txn.image_size
         figures = bundle_io.end_to_end_figures(model, pipe, (height, width), steps, seed)
         threshold = END_TO_END_MIN_PSNR["fp16"]
         check_end_to_end_gate("fp16", figures["psnr_db"], what=f"{what} ({compression})")
