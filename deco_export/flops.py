@@ -13,9 +13,9 @@ The decoder is counted in two parts, as the split decoder's graphs run it under 
 * ``decoder_pixel``: the rest: the pixel embedding, ``input_proj``, the blocks' per-pixel adaLN
   modulations (d -> 3d each) and MLPs, and the final layer.
 
-The text-to-image DiT (``family="t2i"``) adds the text path: ``y_embedder``, the refine blocks
-over the text tokens, each block's text keys/values (``kv_y``) and the image queries' attention
-to the text keys.
+The text-to-image DiT (``family="t2i"``) adds the text path: the refine blocks over the text
+tokens, each block's text keys/values (``kv_y``) and the image queries' attention to the text
+keys, every step; ``y_embedder`` is its own graph, ``text_embed``, once per generation.
 
 The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
 blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
@@ -30,7 +30,8 @@ from typing import Any
 
 __all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "training_flops"]
 
-GRAPHS = ("dit", "decoder", "decoder_cond", "decoder_pixel", "refresh", "pixel_dit")
+GRAPHS = ("dit", "text_embed", "decoder", "decoder_cond", "decoder_pixel", "refresh",
+          "pixel_dit")
 # Forward + backward: the backward pass does two matrix products per forward product.
 TRAINING_FACTOR = 3
 FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
@@ -61,6 +62,8 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
     b = int(batch)
     if graph == "refresh":
         return b * _timestep_mlp(d_model)
+    if graph == "text_embed":  # y_embedder's Linear; RMSNorm and the position add are free
+        return b * 2 * _field(config, "text_len") * _field(config, "text_dim") * d_model
     if graph == "pixel_dit":
         final = 2 * d_model * 2 * d_model + 2 * tokens * d_model * c * p * p
         return graph_flops(config, "dit", b, height, width) + b * final
@@ -81,8 +84,7 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
             refine = (2 * d_model * 6 * d_model + 2 * text_len * d_model * 3 * d_model
                       + 4 * text_len * text_len * d_model + 2 * text_len * d_model * d_model
                       + 3 * 2 * text_len * d_model * mlp)
-            per_sample += (2 * text_len * _field(config, "text_dim") * d_model  # y_embedder
-                           + _field(config, "refine_depth") * refine
+            per_sample += (_field(config, "refine_depth") * refine
                            + depth * 2 * text_len * d_model * 2 * d_model)  # kv_y
         return b * per_sample
     depth = _field(config, "decoder_depth")
@@ -103,7 +105,8 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
 
     ``decoder_cond_samples``: when the decoder's condition part runs apart from its pixel part
     (DiT sharing with the split decoder: the cost's ``decoder_cond_samples``), the samples it
-    ran; None counts it on every decoder sample.
+    ran; None counts it on every decoder sample. A text-to-image cost's
+    ``text_embed_samples`` adds the once-per-generation text embedding.
     """
     dit = graph_flops(config, "dit", 1, height, width)
     dec_pixel_one = graph_flops(config, "decoder_pixel", 1, height, width)
@@ -113,7 +116,9 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
     cond_samples = dec_samples if decoder_cond_samples is None else int(decoder_cond_samples)
     return (int(cost["dit_samples"]) * dit
             + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
-            + cond_samples * dec_cond)
+            + cond_samples * dec_cond
+            + int(cost.get("text_embed_samples", 0)) * graph_flops(config, "text_embed", 1,
+                                                                   height, width))
 
 
 def _family(config: Any) -> str:

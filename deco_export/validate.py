@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as rb
-from runtimes.backend import supports_decoder_split
+from runtimes.backend import supports_decoder_split, supports_text_embedding
 
 from .parity import GraphParity, check_end_to_end_gate, check_graph_gate, max_abs_error, psnr
 from .sources import bundle_source_model
@@ -110,6 +110,8 @@ def backend_graph_parity(model: Any, backend: Any, height: int, width: int,
     if supports_decoder_split(backend):
         calls["decoder_cond"] = [("modulation", backend.decoder_cond)]
         calls["decoder_pixel"] = [("v", backend.decoder_pixel)]
+    if supports_text_embedding(backend):
+        calls["text_embed"] = [("text_tokens", backend.embed_text)]
     results = []
     for batch in PARITY_BATCHES:
         for graph, outputs in calls.items():

@@ -33,6 +33,14 @@ both sets ``supports_decoder_split = True``; the sampler then computes the modul
 DiT run whose condition later steps reuse, and runs only the pixel part on those steps. The
 modulation is opaque to the sampler, which only slices it along the batch.
 
+Text-to-image backends (text embedding): the DiT's text path starts with work that depends on
+the prompt alone (y_embedder + position embedding). A backend that runs it as its own call sets
+``supports_text_embedding = True`` and offers ``embed_text(text) -> text_tokens``, text features
+(B, L, C) float32 to the DiT's text tokens (B, L, D); its ``dit`` and ``dit_hidden`` (and
+``step``) then take those tokens as ``y``. The sampler embeds the conditional and unconditional
+rows once per generation, so no step repeats the prompt's work. A backend without the capability
+takes the text features in ``dit`` itself.
+
 Optional capability (fused steps): a backend that can run a whole Euler step as one unit (for
 example one captured CUDA graph: fill t -> DiT -> decoder -> guidance -> update) sets
 ``supports_step = True`` and offers ``step(x, y, t, dt, guidance) -> x_next``. ``guidance`` is
@@ -69,6 +77,7 @@ __all__ = [
     "supports_decoder_split",
     "supports_refresh",
     "supports_step",
+    "supports_text_embedding",
     "supports_velocity",
 ]
 
@@ -135,6 +144,13 @@ def supports_decoder_split(backend: Any) -> bool:
     """True when ``backend`` offers ``decoder_cond`` and ``decoder_pixel`` and says so."""
     return bool(getattr(backend, "supports_decoder_split", False)) and all(
         callable(getattr(backend, name, None)) for name in ("decoder_cond", "decoder_pixel")
+    )
+
+
+def supports_text_embedding(backend: Any) -> bool:
+    """True when ``backend`` embeds text once (``embed_text``) and takes text tokens in ``dit``."""
+    return bool(getattr(backend, "supports_text_embedding", False)) and callable(
+        getattr(backend, "embed_text", None)
     )
 
 

@@ -204,6 +204,7 @@ def _t(name: str, *shape: str, dtype: str = "float32") -> TensorSpec:
 _IMAGE = ("batch", "channels", "height", "width")
 _PER_TOKEN = ("batch", "tokens", "hidden")
 _MODULATION = ("batch", "tokens", "patch_pixels", "decoder_hidden")
+_TEXT_TOKENS = ("batch", "text_len", "hidden")
 
 GRAPH_SPECS: tuple[GraphSpec, ...] = (
     GraphSpec(
@@ -217,13 +218,14 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
     ),
     GraphSpec(
         "dit",
-        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("text", "batch", "text_len", "text_dim")),
+        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("text_tokens", *_TEXT_TOKENS)),
         outputs=(_t("cond", *_PER_TOKEN), _t("hidden", *_PER_TOKEN)),
         primary_input="x_t",
         optional_outputs=("hidden",),
         families=("t2i",),
-        description="DeCo text-to-image DiT: as the c2i DiT, conditioned on the text "
-                    "encoder's features (x_t, t, text -> cond, hidden), once per DiT step",
+        description="DeCo text-to-image DiT: as the c2i DiT, conditioned on the embedded "
+                    "text tokens of `text_embed` (x_t, t, text_tokens -> cond, hidden), once "
+                    "per DiT step",
     ),
     GraphSpec(
         "decoder",
@@ -277,6 +279,19 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         description="plain pixel DiT baseline: the whole model, DiT blocks then a linear map "
                     "to each patch's pixels (x_t, t, y -> v), every step",
     ),
+    # The prompt-only part of the text-to-image DiT (y_embedder + y_pos_embedding): it depends
+    # on the prompt alone, so the sampler runs it once per generation (conditional and
+    # unconditional rows together) and feeds its tokens to every DiT step.
+    GraphSpec(
+        "text_embed",
+        inputs=(_t("text", "batch", "text_len", "text_dim"),),
+        outputs=(_t("text_tokens", *_TEXT_TOKENS),),
+        primary_input="text",
+        families=("t2i",),
+        description="DeCo text-to-image text embedding: the text encoder's features to the "
+                    "DiT's text tokens, y_embedder(text) + y_pos_embedding (text -> "
+                    "text_tokens), once per generation",
+    ),
     GraphSpec(
         "text_encoder",
         inputs=(_t("input_ids", "batch", "text_len", dtype="int64"),
@@ -319,5 +334,6 @@ def get_graph(name: str, config: ModelConfig | None = None) -> GraphSpec:
 
 def dit_condition_input(config: ModelConfig) -> str:
     """The DiT input that carries the condition for this model's family: "y" (class labels)
-    or "text" (the text encoder's features); the backends feed the sampler's condition to it."""
+    or "text_tokens" (the embedded text of `text_embed`); the backends feed the sampler's
+    condition to it."""
     return next(n for n in get_graph("dit", config).input_names if n not in ("x_t", "t"))

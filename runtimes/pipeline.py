@@ -31,7 +31,7 @@ import numpy as np
 
 from runtimes import bundle as _bundle
 from runtimes import fileio
-from runtimes.backend import close_backend, supports_decoder_split
+from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
 from runtimes.image import to_pil, to_uint8
@@ -486,8 +486,9 @@ class DeCoPipeline:
         else:
             images = to_pil(to_uint8(x))
         split = decoder_split and supports_decoder_split(self.backend)
-        return GenerationOutput(images, labels, used_seed, plan.cost(batch, split), config,
-                                prompts)
+        embedded = self.is_text_to_image and supports_text_embedding(self.backend)
+        return GenerationOutput(images, labels, used_seed, plan.cost(batch, split, embedded),
+                                config, prompts)
 
     __call__ = generate
 

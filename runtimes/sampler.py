@@ -26,6 +26,7 @@ from runtimes.backend import (
     supports_decoder_split,
     supports_refresh,
     supports_step,
+    supports_text_embedding,
     supports_velocity,
 )
 from runtimes.errors import DecoError
@@ -43,6 +44,7 @@ __all__ = [
     "SampleDiverged",
     "SamplerConfig",
     "SamplingPlan",
+    "condition_arrays",
     "condition_inputs",
     "guidance_flags",
     "make_plan",
@@ -344,13 +346,16 @@ class SamplingPlan:
         return (self.sharing_mode == "reuse" and self.run_dit[k]
                 and k + 1 < self.num_evaluations and not self.run_dit[k + 1])
 
-    def cost(self, batch_size: int = 1, decoder_split: bool = False) -> dict[str, int]:
+    def cost(self, batch_size: int = 1, decoder_split: bool = False,
+             text_embedding: bool = False) -> dict[str, int]:
         """Calls and per-sample passes of each graph (what a benchmark should report).
 
         ``decoder_calls`` / ``decoder_samples`` count the decoder in any form, one call per
         evaluation. With ``decoder_split`` (a backend with the split decoder), the condition
         part runs only where the modulation is new; ``decoder_cond_samples`` says on how many
-        samples (the decoder's samples without it).
+        samples (the decoder's samples without it). With ``text_embedding`` (a text-to-image
+        backend with `embed_text`) the text is embedded once, on the B conditional and B
+        unconditional rows (`condition_arrays`): ``text_embed_calls`` / ``text_embed_samples``.
         """
         dit_calls = sum(self.run_dit)
         pairs = zip(self.run_dit, self.dit_both, strict=True)
@@ -372,6 +377,8 @@ class SamplingPlan:
                 elif self.run_dit[k] or self.sharing_mode != "reuse":  # the fused decoder
                     cond_rows += 2 if self.needs_both(k) else 1
             cost["decoder_cond_samples"] = cond_rows * batch_size
+        if text_embedding:
+            cost["text_embed_calls"], cost["text_embed_samples"] = 1, 2 * batch_size
         return cost
 
 
@@ -505,6 +512,20 @@ def condition_inputs(
     return cond, negative
 
 
+def condition_arrays(backend: Any, cond: np.ndarray, uncond: np.ndarray) -> tuple[Any, Any]:
+    """The native DiT conditions of one generation: the conditional rows and [uncond; cond].
+
+    For a backend with the text embedding (`supports_text_embedding`), text features become the
+    DiT's text tokens here, in one ``embed_text`` call for both halves: the prompt-only work runs
+    once per generation instead of once per step.
+    """
+    both = backend.from_numpy(np.concatenate([uncond, cond]))
+    if cond.ndim != 3 or not supports_text_embedding(backend):
+        return backend.from_numpy(cond), both
+    both = backend.embed_text(both)
+    return both[int(uncond.shape[0]):], both
+
+
 class _Velocity:
     """Evaluates the guided velocity at evaluation k, caching the DiT output between calls.
 
@@ -554,8 +575,7 @@ class _Velocity:
                 "use mode 'reuse'"
             )
         b = self.batch
-        self.y_cond = backend.from_numpy(cond)
-        self.y_both = backend.from_numpy(np.concatenate([uncond, cond]))
+        self.y_cond, self.y_both = condition_arrays(backend, cond, uncond)
         # Time arrays for every evaluation, made before the loop (no host work inside it).
         self.t_single: list[Any] = []
         self.t_double: list[Any | None] = []
@@ -751,8 +771,7 @@ def _sample_fused(
     callback: ProgressCallback | None,
 ) -> np.ndarray:
     """Euler through the backend's fused ``step``: the same arithmetic, one call per step."""
-    y_cond = backend.from_numpy(cond)
-    y_both = backend.from_numpy(np.concatenate([uncond, cond]))
+    y_cond, y_both = condition_arrays(backend, cond, uncond)
     x = backend.from_numpy(noise)
     n = plan.num_steps
     for i in range(n):

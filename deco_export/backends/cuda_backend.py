@@ -39,13 +39,22 @@ COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "max-autotune", "reduc
 _PARAM_CACHE = 4096
 
 
+def dit_forward(model: DeCo, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, hidden) from class labels, or from a text-to-image model's text tokens (the
+    output of ``embed_text``, computed once per generation)."""
+    if model.config.family == "t2i":
+        return model.dit.forward_embedded(x_t, t, y.to(x_t.dtype))
+    return model.dit(x_t, t, y)
+
+
 def guided_step(model: DeCo, dtype: torch.dtype, x: torch.Tensor, y2: torch.Tensor,
                 params: torch.Tensor) -> torch.Tensor:
     """x + dt (v_u + w (v_c - v_u)) from one [x; x] batch; params = (t, dt, w) on the device.
     The same operations, in the same order, as the sampler's guidance and Euler update."""
     b = x.shape[0]
     x2 = torch.cat([x, x]).to(dtype)
-    cond, _ = model.dit(x2, params[0].expand(2 * b), y2)
+    cond, _ = dit_forward(model, x2, params[0].expand(2 * b), y2)
     v = model.decoder(x2, cond).float()
     v_u, v_c = v[:b], v[b:]
     return x + (v_u + (v_c - v_u) * params[2]) * params[1]
@@ -55,7 +64,7 @@ def unguided_step(model: DeCo, dtype: torch.dtype, x: torch.Tensor, y: torch.Ten
                   params: torch.Tensor) -> torch.Tensor:
     """x + dt v for the conditional batch alone."""
     xd = x.to(dtype)
-    cond, _ = model.dit(xd, params[0].expand(x.shape[0]), y)
+    cond, _ = dit_forward(model, xd, params[0].expand(x.shape[0]), y)
     return x + model.decoder(xd, cond).float() * params[1]
 
 
@@ -64,8 +73,8 @@ class _Bucket:
     """Static buffers of one (batch, height, width) bucket and its captured step graphs."""
 
     x: torch.Tensor
-    y: torch.Tensor  # (B,) labels for unguided steps
-    y2: torch.Tensor  # (2B,) [null; labels] for guided steps
+    y: torch.Tensor  # (B,) labels (or (B, L, D) text tokens) for unguided steps
+    y2: torch.Tensor  # (2B,) [null; labels] (or [negative; prompts] tokens) for guided steps
     params: torch.Tensor  # (3,) t, dt, w
     bound: dict[bool, Any] = field(default_factory=dict)  # guided -> label array last copied
     runners: dict[bool, Callable[[], Any]] = field(default_factory=dict)
@@ -117,7 +126,10 @@ class CudaGraphBackend:
         self.warmup = max(1, int(warmup))
         if compile:
             _raise_recompile_limit(64)  # one compiled variant per bucket and guidance mode
-        self._dit = self._compiled(self.model.dit)
+        self.supports_text_embedding = model.config.family == "t2i"
+        self._dit = self._compiled(self._dit_forward)
+        self._embed_text = self._compiled(self.model.dit.embed_text) if (
+            self.supports_text_embedding) else None
         self._decoder = self._compiled(self.model.decoder)
         self._decoder_cond = self._compiled(self.model.decoder.modulation)
         self._decoder_pixel = self._compiled(self.model.decoder.pixels)
@@ -134,6 +146,10 @@ class CudaGraphBackend:
         return torch.compile(fn, mode=self.compile_mode, fullgraph=True, dynamic=False)
 
     # -- the step, as the graph sees it -----------------------------------------------------------
+
+    def _dit_forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return dit_forward(self.model, x_t, t, y)
 
     def _guided_step(self, x: torch.Tensor, y2: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return guided_step(self.model, self.dtype, x, y2, params)
@@ -175,14 +191,16 @@ class CudaGraphBackend:
         bucket = self._buckets.get(key)
         if bucket is None:
             c = self.config.in_channels
-            null = self.config.null_class
             dev = self.device
-            bucket = _Bucket(
-                x=torch.zeros(b, c, h, w, device=dev),
-                y=torch.full((b,), null, dtype=torch.int64, device=dev),
-                y2=torch.full((2 * b,), null, dtype=torch.int64, device=dev),
-                params=torch.zeros(3, device=dev),
-            )
+            if self.supports_text_embedding:  # text tokens (B, L, D), float32 as embed_text's
+                row: tuple[int, ...] = (self.config.text_len, self.config.hidden_size)
+                y, y2 = (torch.zeros(n, *row, device=dev) for n in (b, 2 * b))
+            else:
+                null = self.config.null_class
+                y, y2 = (torch.full((n,), null, dtype=torch.int64, device=dev)
+                         for n in (b, 2 * b))
+            bucket = _Bucket(x=torch.zeros(b, c, h, w, device=dev), y=y, y2=y2,
+                             params=torch.zeros(3, device=dev))
             self._buckets[key] = bucket
         return bucket
 
@@ -225,6 +243,13 @@ class CudaGraphBackend:
         return graph.replay
 
     # -- Backend protocol ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """A text-to-image model's text tokens (B, L, D) float32, once per generation."""
+        if self._embed_text is None:
+            raise ValueError("embed_text is for text-to-image models")
+        return self._embed_text(text).float()
 
     @torch.no_grad()
     def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ class TorchBackend:
     supports_refresh = True
     supports_velocity = False
     supports_decoder_split = True
+    supports_text_embedding = False  # True for a text-to-image model
 
     def __init__(self, model: DeCo | PixelDiT, device: str | torch.device | None = "cpu",
                  precision: str = "fp32", compile: bool = False):
@@ -51,12 +52,19 @@ class TorchBackend:
             self.supports_decoder_split = False
             self._velocity = torch.compile(self.model) if compile else self.model
             return
-        self._dit = self.model.dit
+        # A text-to-image DiT embeds the text once per generation (embed_text); its steps
+        # start from the text tokens.
+        self.supports_text_embedding = self.config.family == "t2i"
+        self._dit = self.model.dit.forward_embedded if self.supports_text_embedding else (
+            self.model.dit)
+        self._embed_text = self.model.dit.embed_text if self.supports_text_embedding else None
         self._decoder = self.model.decoder
         self._decoder_cond = self.model.decoder.modulation
         self._decoder_pixel = self.model.decoder.pixels
         if compile:
             self._dit = torch.compile(self._dit)
+            if self._embed_text is not None:
+                self._embed_text = torch.compile(self._embed_text)
             self._decoder = torch.compile(self._decoder)
             self._decoder_cond = torch.compile(self._decoder_cond)
             self._decoder_pixel = torch.compile(self._decoder_pixel)
@@ -79,6 +87,15 @@ class TorchBackend:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text features (B, L, C) to the DiT's text tokens (B, L, D), float32."""
+        if self._embed_text is None:
+            raise ValueError("embed_text is for text-to-image models")
+        with self._autocast():
+            tokens = self._embed_text(text)
+        return tokens.float()
 
     @torch.inference_mode()
     def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

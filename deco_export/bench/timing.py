@@ -12,7 +12,8 @@ import numpy as np
 class TimingBackend:
     """A `runtimes.Backend` that forwards every call to ``inner`` and times the graph calls.
 
-    ``dit``, ``dit_hidden`` and ``refresh_condition`` count as the DiT stage, ``decoder`` and
+    ``dit``, ``dit_hidden``, ``refresh_condition`` and a text-to-image DiT's once-per-generation
+    ``embed_text`` count as the DiT stage, ``decoder`` and
     the split decoder's ``decoder_cond`` and ``decoder_pixel`` as the decoder stage, and a fused
     whole-step ``step`` as its own stage. Only the capabilities
     ``inner`` has are exposed, so the sampler takes the same path through the proxy as without
@@ -21,7 +22,8 @@ class TimingBackend:
     """
 
     STAGES: ClassVar[dict[str, str]] = {
-        "dit": "dit", "dit_hidden": "dit", "refresh_condition": "dit", "decoder": "decoder",
+        "dit": "dit", "dit_hidden": "dit", "refresh_condition": "dit", "embed_text": "dit",
+        "decoder": "decoder",
         "decoder_cond": "decoder", "decoder_pixel": "decoder", "step": "step"}
 
     def __init__(self, inner: Any, clock: Callable[[], float] = time.perf_counter) -> None:

@@ -5,7 +5,9 @@ A graph's contract (names, inputs and outputs, axes, which input leads) is its r
 (`GRAPH_CLASSES`), realistic example inputs and the eager fp32 reference outputs.
 
 * ``dit``:      (x_t, t, y)   -> (cond, hidden)   the expensive half, once per DiT step
-                (x_t, t, text) for the text-to-image family: text (B, L, C) float32
+                (x_t, t, text_tokens) for the text-to-image family
+* ``text_embed``: text        -> text_tokens      text-to-image only: y_embedder(text) +
+                y_pos_embedding, which depends on the prompt alone (once per generation)
 * ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
 * ``refresh``:  (hidden, t)   -> cond             SiLU(e_t + h), for DiT sharing with a fresh t
 * ``decoder_cond``:  cond                -> modulation   the decoder's condition part
@@ -46,14 +48,31 @@ PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.
 
 
 class DiTGraph(nn.Module):
+    """The DiT on class labels (c2i), or on the text tokens of `TextEmbedGraph` (t2i)."""
+
     def __init__(self, model: DeCo):
         super().__init__()
         self.dit = model.dit
         self.dtype = model.dit.s_embedder.proj.weight.dtype
+        self.text_tokens = model.config.family == "t2i"
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        cond, hidden = self.dit(x_t.to(self.dtype), t, y)
+        if self.text_tokens:
+            cond, hidden = self.dit.forward_embedded(x_t.to(self.dtype), t, y.to(self.dtype))
+        else:
+            cond, hidden = self.dit(x_t.to(self.dtype), t, y)
         return cond.float(), hidden.float()
+
+
+class TextEmbedGraph(nn.Module):
+    """The text-to-image DiT's prompt-only part: text features -> text tokens."""
+
+    def __init__(self, model: DeCo):
+        super().__init__()
+        self.dit = model.dit
+
+    def forward(self, text: Tensor) -> Tensor:
+        return self.dit.embed_text(text).float()
 
 
 class DecoderGraph(nn.Module):
@@ -110,7 +129,8 @@ class PixelDiTGraph(nn.Module):
 
 
 GRAPH_CLASSES: dict[str, type[nn.Module]] = {
-    "dit": DiTGraph, "decoder": DecoderGraph, "refresh": RefreshGraph,
+    "dit": DiTGraph, "text_embed": TextEmbedGraph, "decoder": DecoderGraph,
+    "refresh": RefreshGraph,
     "decoder_cond": DecoderCondGraph, "decoder_pixel": DecoderPixelGraph,
     "pixel_dit": PixelDiTGraph,
 }
@@ -177,8 +197,8 @@ def io_specs(config: DeCoConfig, graph: str, height: int | None = None,
 def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, width: int,
                    seed: int = 0) -> tuple[Tensor, ...]:
     """Realistic float32 inputs: noise-like x_t, t in [0, 1], labels with the null class (or
-    text embeddings of unit scale, as a final-norm encoder gives), and the condition/hidden the
-    fp32 DiT really produces for them."""
+    text embeddings of unit scale, as a final-norm encoder gives, and their text tokens), and
+    the condition/hidden the fp32 DiT really produces for them."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     spec = get_graph(graph, cfg)
@@ -187,8 +207,11 @@ def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, 
     shapes = first.input_shapes(cfg, batch, height, width)
     values = {"x_t": torch.randn(shapes["x_t"], generator=g),
               "t": torch.rand(shapes["t"], generator=g)}
-    if "text" in shapes:
-        values["text"] = torch.randn(shapes["text"], generator=g)
+    if cfg.family == "t2i":
+        text_shape = get_graph("text_embed", cfg).input_shapes(cfg, batch, height, width)
+        values["text"] = torch.randn(text_shape["text"], generator=g)
+        with torch.no_grad():
+            values["text_tokens"] = model.dit.embed_text(values["text"])
     else:
         values["y"] = torch.randint(0, cfg.num_classes + 1, shapes["y"], generator=g)
         values["y"][0] = cfg.null_class

@@ -237,6 +237,7 @@ class CoreMLBackend(HostArrays):
             self._models[graph] = self._load(graph, path, keys.get(graph))
         self.supports_refresh = "refresh" in self._models
         self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._models)
+        self.supports_text_embedding = "text_embed" in self._models
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -307,9 +308,12 @@ class CoreMLBackend(HostArrays):
         return np.ascontiguousarray(y, dtype=np.int32)
 
     def _dit_feeds(self, x_t: Any, t: Any, y: Any) -> dict[str, np.ndarray]:
-        """The DiT's inputs: labels as int32 ``y``, or text features as float32 ``text``."""
-        condition = self._float(y) if self._condition == "text" else self._labels(y)
+        """The DiT's inputs: labels as int32 ``y``, or text tokens as float32 ``text_tokens``."""
+        condition = self._labels(y) if self._condition == "y" else self._float(y)
         return {"x_t": self._float(x_t), "t": self._float(t), self._condition: condition}
+
+    def embed_text(self, text: Any) -> np.ndarray:
+        return self._predict("text_embed", "text_tokens", {"text": self._float(text)})
 
     def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
         return self._predict("dit", "cond", self._dit_feeds(x_t, t, y))

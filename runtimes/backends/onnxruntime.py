@@ -408,6 +408,7 @@ class OnnxRuntimeBackend:
                            if "dit" in self._sessions else "y")
         self.supports_refresh = "refresh" in self._sessions and "hidden" in dit_outputs
         self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._sessions)
+        self.supports_text_embedding = "text_embed" in self._sessions
         first = self.providers[0][0]
         self.device = _DEVICE_OF.get(first, "cpu")
         self.device_id = int(device_id)
@@ -493,6 +494,9 @@ class OnnxRuntimeBackend:
     def velocity(self, x_t: Any, t: Any, y: Any) -> Any:
         """v of the one-graph plain DiT baseline (``supports_velocity``)."""
         return self._run("pixel_dit", "v", {"x_t": x_t, "t": t, "y": y})
+
+    def embed_text(self, text: Any) -> Any:
+        return self._run("text_embed", "text_tokens", {"text": text})
 
     def dit(self, x_t: Any, t: Any, y: Any) -> Any:
         return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})

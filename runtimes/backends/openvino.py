@@ -142,7 +142,7 @@ class OpenVinoBackend(HostArrays):
         source_precision = self.artifact_precision(precision)
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
-        # The DiT's condition input: labels "y", or "text" embeddings for text-to-image.
+        # The DiT's condition input: labels "y", or "text_tokens" for text-to-image.
         self._condition = dit_condition_input(self.manifest.model)
         self.precision = precision
         self.openvino_version = str(ov.get_version())
@@ -192,6 +192,7 @@ class OpenVinoBackend(HostArrays):
             self._requests[graph] = compiled.create_infer_request()
         self.supports_refresh = "refresh" in self._requests and "hidden" in self._outputs["dit"]
         self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._requests)
+        self.supports_text_embedding = "text_embed" in self._requests
 
     # -- compiled-model cache -----------------------------------------------------------------
 
@@ -304,6 +305,10 @@ class OpenVinoBackend(HostArrays):
         result = self._requests[graph].infer(
             {name: np.ascontiguousarray(value) for name, value in feeds.items()})
         return np.asarray(result[self._outputs[graph][output]])
+
+    def embed_text(self, text: Any) -> np.ndarray:
+        # A copy: the tokens outlive later calls of this graph's infer request.
+        return np.array(self._run("text_embed", "text_tokens", {"text": text}))
 
     def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
         return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})

@@ -9,8 +9,9 @@ How it runs (one CUDA stream, no host synchronisation between the first and the 
 
 * **Device memory.** Per engine batch and image size (a "slot": the batch sizes the engines
   were built for, see `tensorrt_keys`, at a size inside the range their profiles span) the I/O
-  buffers x_t, t, the condition (``y`` int64 labels, or ``text`` float32 (B, L, C) features for
-  a text-to-image model, as the DiT's graph record says), cond, hidden and v (and the split
+  buffers x_t, t, the condition (``y`` int64 labels, or ``text_tokens`` float32 (B, L, D) for
+  a text-to-image model, as the DiT's graph record says, with text_embed's input ``text``),
+  cond, hidden and v (and the split
   decoder's modulation, when its engines exist) are allocated once, on first use, and every
   execution context of that batch is bound to them (re-bound when the batch runs another
   size). The DiT writes ``cond`` where the decoder reads it, so the two engines hand over
@@ -107,6 +108,7 @@ class TensorRTBackend:
     runtime = "tensorrt"
     supports_step = True
     supports_decoder_split = False  # True when the bundle has the split decoder's engines
+    supports_text_embedding = False  # True for a text-to-image bundle's text_embed engines
 
     def __init__(
         self,
@@ -178,12 +180,13 @@ class TensorRTBackend:
         self.supports_refresh = "refresh" in self._engines and (
             "hidden" in self._engines["dit"].outputs)
         self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._engines)
+        self.supports_text_embedding = "text_embed" in self._engines
 
     # -- slots and contexts -------------------------------------------------------------------
 
     def _condition(self, n: int) -> tuple[str, tuple[int, ...], str]:
         """The DiT's condition input at engine batch ``n``: (name, shape, dtype) from the
-        model's graph record: ("y", (n,), "int64") or ("text", (n, L, C), "float32")."""
+        model's graph record: ("y", (n,), "int64") or ("text_tokens", (n, L, D), "float32")."""
         name = dit_condition_input(self._model)
         spec = next(s for s in get_graph("dit", self._model).inputs if s.name == name)
         shape = spec.resolve(axis_sizes(self._model, *self.image_size, n)).shape
@@ -222,9 +225,13 @@ class TensorRTBackend:
         shapes = {"x_t": (n, self._c, h, w), "t": (n,), condition: condition_shape,
                   "cond": (n, tokens, self._d), "hidden": (n, tokens, self._d),
                   "v": (n, self._c, h, w), "params": (4,)}
+        sizes = axis_sizes(self._model, h, w, n)
         if self.supports_decoder_split:  # the split decoder's (B, L, p*p, d), as its record
             shapes["modulation"] = tuple(int(v) for v in get_graph("decoder_cond").outputs[
-                0].resolve(axis_sizes(self._model, h, w, n)).shape)
+                0].resolve(sizes).shape)
+        if self.supports_text_embedding:  # text_embed's input, the text features (B, L, C)
+            shapes["text"] = tuple(int(v) for v in get_graph(
+                "text_embed", self._model).inputs[0].resolve(sizes).shape)
         buffers: dict[str, DeviceArray] = {}
         for name, shape in shapes.items():
             dtype = condition_dtype if name == condition else "float32"
@@ -234,7 +241,7 @@ class TensorRTBackend:
             buffers[name] = DeviceArray(cuda, ptr, shape, dtype, "slot")
         if condition == "y":
             # Padding rows must hold a valid label: fill y with the null class once (padding
-            # rows of text features stay zero, which any DiT accepts).
+            # rows of text tokens stay zero, which any DiT accepts).
             nulls = (ctypes.c_int64 * n)(*([self.null_class] * n))
             cuda.copy(buffers["y"].ptr, ctypes.addressof(nulls), 8 * n, "HostToDevice")
             cuda.synchronize()  # `nulls` is pageable host memory: let the copy finish
@@ -285,9 +292,11 @@ class TensorRTBackend:
             if arr.dtype != buf.dtype:
                 raise TypeError(f"{graph} input {name} must be {buf.dtype}, got {arr.dtype}")
             cuda.copy(buf.ptr, arr.ptr, arr.nbytes)
-            if name in ("y", "text"):
+            if name in ("y", "text_tokens"):
                 slot.bound_y = None
         self._engines[graph].execute(n, cuda.stream_handle)
+        if output == "text_tokens":  # text_embed wrote the DiT's condition buffer
+            slot.bound_y = None
         src = slot.buffers[output]
         out = DeviceArray.empty(cuda, (rows, *src.shape[1:]), "float32")
         cuda.copy(out.ptr, src.ptr, out.nbytes)
@@ -295,9 +304,13 @@ class TensorRTBackend:
 
     # -- Backend protocol ---------------------------------------------------------------------
 
+    def embed_text(self, text: DeviceArray) -> DeviceArray:
+        """Text features (B, L, C) to the DiT's text tokens (B, L, D), once per generation."""
+        return self._run("text_embed", {"text": text}, "text_tokens")
+
     def dit(self, x_t: DeviceArray, t: DeviceArray, y: DeviceArray) -> DeviceArray:
-        """``y``: class labels (B,) int64, or text features (B, L, C) float32 for a
-        text-to-image model."""
+        """``y``: class labels (B,) int64, or the text tokens of `embed_text` (B, L, D)
+        float32 for a text-to-image model."""
         self._check_batch(x_t)
         return self._run("dit", {"x_t": x_t, "t": t, self._condition(1)[0]: y}, "cond")
 
@@ -358,7 +371,7 @@ class TensorRTBackend:
              guidance: float | None) -> DeviceArray:
         """One Euler step ``x + dt * v`` with the DiT, decoder and update as one CUDA graph.
 
-        guidance None: unguided, ``y`` holds the B labels (or text features). A float ``w``:
+        guidance None: unguided, ``y`` holds the B labels (or text tokens). A float ``w``:
         guided, ``y`` holds the 2B rows [null; labels] (or [negative; prompts]) and
         v = v_u + w (v_c - v_u). The returned array is a view
         of the backend's state buffer, valid until the next call into the backend; passing it

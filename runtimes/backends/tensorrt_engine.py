@@ -52,7 +52,8 @@ class Engine:
     context per batch (created on first use, user-managed device memory).
 
     ``config`` is the bundle's model: its graph record is what the engine's I/O must match (a
-    text-to-image DiT takes ``text``, a class-conditional one ``y``; default the latter)."""
+    text-to-image DiT takes ``text_tokens``, a class-conditional one ``y``; default the
+    latter)."""
 
     def __init__(self, trt: Any, runtime: Any, path: Path, graph: str,
                  config: ModelConfig | None = None) -> None:

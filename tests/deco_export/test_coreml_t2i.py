@@ -44,25 +44,32 @@ def test_dit_package_takes_text_features(t2i_coreml, golden_t2i_model):
     manifest = rb.read_manifest(t2i_coreml)
     dit = manifest.get_artifact("coreml", "dit", "fp16")
     assert dit is not None and dit.file == "dit.fp16.mlpackage"
+    hidden = golden_t2i_model.config.hidden_size
     assert [(s.name, s.dtype) for s in dit.inputs] == [
-        ("x_t", "float32"), ("t", "float32"), ("text", "float32")]
-    assert dit.input("text").shape == ["batch", TEXT_LEN, TEXT_DIM]
-    assert dit.details["batch_shapes"] == {"x_t": "enumerated", "t": "range", "text": "range"}
+        ("x_t", "float32"), ("t", "float32"), ("text_tokens", "float32")]
+    assert dit.input("text_tokens").shape == ["batch", TEXT_LEN, hidden]
+    assert dit.details["batch_shapes"] == {"x_t": "enumerated", "t": "range",
+                                           "text_tokens": "range"}
     assert dit.parity["status"] == "not run" or sys.platform == "darwin"
     report = cm.inspect_package(t2i_coreml / dit.file)
     inputs = {i["name"]: i for i in report["inputs"]}
-    assert list(inputs) == ["x_t", "t", "text"]
-    text = inputs["text"]
-    assert text["dtype"] == "float32" and text["shape"] == [1, TEXT_LEN, TEXT_DIM]
-    assert text["range"][0] == [1, 4]  # the batch follows x_t's enumerated 1, 2, 4
-    assert "negative_prompt.npy" in text["description"]
+    assert list(inputs) == ["x_t", "t", "text_tokens"]
+    tokens = inputs["text_tokens"]
+    assert tokens["dtype"] == "float32" and tokens["shape"] == [1, TEXT_LEN, hidden]
+    assert tokens["range"][0] == [1, 4]  # the batch follows x_t's enumerated 1, 2, 4
+    assert "text_embed" in tokens["description"]
     assert inputs["x_t"]["enumerated"] == [[b, 3, 64, 64] for b in (1, 2, 4)]
     assert {o["name"]: o["dtype"] for o in report["outputs"]} == {
         "cond": "float32", "hidden": "float32"}
     assert report["metadata"]["short_description"] == cm.export.T2I_DIT_DESCRIPTION
     assert json.loads(report["metadata"]["user"]["deco.config"])["family"] == "t2i"
     spec = ct.models.MLModel(str(t2i_coreml / dit.file), skip_model_load=True).get_spec()
-    assert [i.name for i in spec.description.input] == ["x_t", "t", "text"]
+    assert [i.name for i in spec.description.input] == ["x_t", "t", "text_tokens"]
+    embed = manifest.get_artifact("coreml", "text_embed", "fp16")
+    assert embed.input("text").shape == ["batch", TEXT_LEN, TEXT_DIM]
+    assert embed.output("text_tokens").shape == ["batch", TEXT_LEN, hidden]
+    text = {i["name"]: i for i in cm.inspect_package(t2i_coreml / embed.file)["inputs"]}["text"]
+    assert text["dtype"] == "float32" and "negative_prompt.npy" in text["description"]
     # the graphs the family shares with c2i (decoder, refresh, ...) convert unchanged
     assert {a.graph for a in manifest.artifacts if a.runtime == "coreml"} == set(
         graphs_for(golden_t2i_model.config))
@@ -89,7 +96,8 @@ def test_bundle_source_passes_its_negative_prompt_on(t2i_coreml, golden_t2i, tmp
                                        "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     manifest = rb.read_manifest(out)
-    assert manifest.get_artifact("coreml", "dit", "fp32").input("text").dtype == "float32"
+    assert manifest.get_artifact("coreml", "dit", "fp32").input("text_tokens").dtype == (
+        "float32")
     assert np.array_equal(bundle_negative_embeds(out, manifest), golden_t2i["uncond_text"][:1])
     assert manifest.extra["text"]["negative_prompt"] == ""
 
@@ -129,7 +137,7 @@ def test_backend_checks_package_io_against_the_family_record(t2i_coreml, golden_
     dit = t2i_coreml / "dit.fp16.mlpackage"
     spec = ct.utils.load_spec(str(dit))
     check_package_io(dit, "dit", t2i, spec)
-    with pytest.raises(BackendError, match=r"inputs \['x_t', 't', 'text'\].*expected "
+    with pytest.raises(BackendError, match=r"inputs \['x_t', 't', 'text_tokens'\].*expected "
                                            r"\['x_t', 't', 'y'\].*deco export coreml"):
         check_package_io(dit, "dit", c2i, spec)
     decoder = t2i_coreml / "decoder.fp16.mlpackage"

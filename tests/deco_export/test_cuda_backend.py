@@ -179,3 +179,32 @@ def test_cuda_graph_steps_fp32_equal_eager_on_the_gpu(model):
     finally:
         be.close()
     assert np.abs(graphed - eager).max() < 1e-4
+
+
+@pytest.mark.parametrize("cfg_mode", ["fast", "reference"])
+def test_text_to_image_fused_steps_embed_the_text_once(golden_t2i_model, golden_t2i, cfg_mode):
+    """A text-to-image model: the text is embedded once per generation (embed_text), the
+    buckets hold (B, L, D) text tokens, and the fused Euler steps equal the sampler's unfused
+    path and the PyTorch backend."""
+    be = CudaGraphBackend(golden_t2i_model, device="cpu", precision="fp32", compile=False,
+                          allow_cpu=True)
+    assert be.supports_text_embedding
+    calls = []
+    embed = be.embed_text
+
+    def counted(text):
+        calls.append(text.shape)
+        return embed(text)
+
+    be.embed_text = counted
+    cfg = SamplerConfig(num_steps=6, guidance=4.0, guidance_interval=(0.0, 1.0),
+                        guidance_bounds="()", cfg_mode=cfg_mode, shift=3.0)
+    text, neg, noise = golden_t2i["cond_text"], golden_t2i["uncond_text"], golden_t2i["noise"]
+    fused = sample(be, noise, text, cfg, uncond=neg)
+    assert calls == [(2 * len(text), *text.shape[1:])]
+    bucket = next(iter(be._buckets.values()))
+    assert bucket.y2.shape == (2 * len(text), 8, golden_t2i_model.config.hidden_size)
+    unfused = sample(be, noise, text, cfg, uncond=neg, fused_step=False)
+    reference = sample(TorchBackend(golden_t2i_model), noise, text, cfg, uncond=neg)
+    assert np.array_equal(fused, unfused)
+    assert np.abs(fused - reference).max() < 1e-5

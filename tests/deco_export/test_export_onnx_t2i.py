@@ -1,6 +1,7 @@
-"""ONNX export of the golden text-to-image model: the DiT graph takes (x_t, t, text), the bundle
-stores the encoded negative prompt and the release's sampler, and the golden AB2 sample comes
-back through ONNX Runtime, also where torch cannot be imported."""
+"""ONNX export of the golden text-to-image model: text_embed maps the text features to text
+tokens once per generation and the DiT graph takes (x_t, t, text_tokens); the bundle stores the
+encoded negative prompt and the release's sampler, and the golden AB2 sample comes back through
+ONNX Runtime, also where torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -35,8 +36,14 @@ def test_manifest_names_the_text_input_and_the_release_sampler(t2i_bundle):
     manifest = json.loads((t2i_bundle / "manifest.json").read_text())
     assert manifest["model"]["family"] == "t2i" and manifest["model"]["text_len"] == 8
     dit = next(a for a in manifest["artifacts"] if a["graph"] == "dit")
-    assert [i["name"] for i in dit["inputs"]] == ["x_t", "t", "text"]
-    assert dit["inputs"][2] == {"name": "text", "shape": ["batch", 8, 48], "dtype": "float32"}
+    hidden = manifest["model"]["hidden_size"]
+    assert [i["name"] for i in dit["inputs"]] == ["x_t", "t", "text_tokens"]
+    assert dit["inputs"][2] == {"name": "text_tokens", "shape": ["batch", 8, hidden],
+                                "dtype": "float32"}
+    embed = next(a for a in manifest["artifacts"] if a["graph"] == "text_embed")
+    assert embed["inputs"] == [{"name": "text", "shape": ["batch", 8, 48], "dtype": "float32"}]
+    assert embed["outputs"][0]["shape"] == ["batch", 8, hidden]
+    assert all(g["max_abs_error"] <= 1e-4 for g in embed["parity"]["graphs"])
     assert dit["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     assert manifest["sizes"]["min"] == [32, 32] and manifest["sizes"]["max"] == [128, 128]
     assert {(g["height"], g["width"]) for g in dit["parity"]["graphs"]} == {(64, 64), (32, 64)}
@@ -60,6 +67,33 @@ def test_golden_sample_through_onnxruntime(t2i_bundle, golden_t2i, cfg_mode):
                         cfg_mode=cfg_mode)
     assert np.abs(np.asarray(out.images) - golden_t2i["sample"]).max() < 1e-4
     assert out.class_labels == [] and out.cost["steps"] == 12
+
+
+def test_the_text_is_embedded_once_per_generation(t2i_bundle, golden_t2i):
+    """The prompt-only work (y_embedder + position embedding) runs once, on the conditional and
+    unconditional rows together, not once per step: 1 text_embed call against 12 DiT calls."""
+    pipe = runtimes.load(t2i_bundle, backend="onnxruntime")
+    backend, calls = pipe.backend, {"embed_text": [], "dit": []}
+
+    def counting(name):
+        fn = getattr(backend, name)
+
+        def counted(*args):
+            calls[name].append(args)
+            return fn(*args)
+        return counted
+
+    for name in calls:
+        setattr(backend, name, counting(name))
+    b = golden_t2i["cond_text"].shape[0]
+    out = pipe.generate(prompt_embeds=golden_t2i["cond_text"],
+                        negative_prompt_embeds=golden_t2i["uncond_text"], steps=12,
+                        guidance=4.0, shift=3.0, noise=golden_t2i["noise"], output_type="np")
+    assert len(calls["embed_text"]) == 1 and len(calls["dit"]) == 12
+    (text,), = calls["embed_text"]
+    assert text.shape == (2 * b, 8, 48)
+    assert out.cost["text_embed_calls"] == 1 and out.cost["text_embed_samples"] == 2 * b
+    assert np.abs(np.asarray(out.images) - golden_t2i["sample"]).max() < 1e-4
 
 
 def test_stored_negative_prompt_is_the_default(t2i_bundle, golden_t2i):

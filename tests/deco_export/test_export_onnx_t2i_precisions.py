@@ -13,7 +13,7 @@ from deco_export.parity import END_TO_END_MIN_PSNR, psnr
 from runtimes import bundle as rb
 
 PRECISIONS = ("fp32", "fp16", "int8")
-GRAPHS = ("dit", "decoder", "refresh")
+GRAPHS = ("dit", "decoder", "refresh", "text_embed")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_every_precision_records_graph_and_end_to_end_figures(manifest, precisio
         assert art.parity["end_to_end"] == next(r for r in runs if (r["height"], r["width"])
                                                 == (64, 64))
     dit = manifest.get_artifact("onnx", "dit", precision)
-    assert [s.name for s in dit.inputs] == ["x_t", "t", "text"]
+    assert [s.name for s in dit.inputs] == ["x_t", "t", "text_tokens"]
     if precision == "int8":
         quantization = dit.details["quantization"]
         assert quantization["quantized_matmuls"] > 0

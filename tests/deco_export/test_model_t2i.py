@@ -308,11 +308,21 @@ def test_analytic_flops_match_the_profiler(golden_t2i_model, size):
 
     h, w = size
     x, t, text = torch.randn(2, 3, h, w), torch.rand(2), torch.randn(2, 8, 48)
-    counter = FlopCounterMode(display=False)
-    # The math attention kernel is matmuls the counter sees; the fused CPU kernel is not.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        golden_t2i_model.dit(x, t, text)
-    assert graph_flops(golden_t2i_model.config, "dit", 2, h, w) == counter.get_total_flops()
+    dit, cfg = golden_t2i_model.dit, golden_t2i_model.config
+
+    def counted(fn, *args):
+        counter = FlopCounterMode(display=False)
+        # The math attention kernel is matmuls the counter sees; the fused CPU kernel is not.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            fn(*args)
+        return counter.get_total_flops()
+
+    with torch.no_grad():
+        tokens = dit.embed_text(text)
+    assert graph_flops(cfg, "text_embed", 2, h, w) == counted(dit.embed_text, text)
+    assert graph_flops(cfg, "dit", 2, h, w) == counted(dit.forward_embedded, x, t, tokens)
+    assert (graph_flops(cfg, "text_embed", 2, h, w) + graph_flops(cfg, "dit", 2, h, w)
+            == counted(dit, x, t, text))  # the whole forward, as the reference runs it
 
 
 def test_text_path_share_of_the_release():

@@ -625,9 +625,10 @@ class _RecordingEngine:
         return 1024 * batch
 
     def context(self, batch, shapes, addresses, memory, stream):
-        # the DiT's condition is labels (c2i) or text features (t2i)
+        # the DiT's condition is labels (c2i) or text tokens (t2i, with text_embed's text)
         assert set(addresses) >= {"x_t", "t", "cond", "hidden", "v"}
-        assert len(set(addresses) & {"y", "text"}) == 1
+        assert len(set(addresses) & {"y", "text_tokens"}) == 1
+        assert ("text" in addresses) == ("text_tokens" in addresses)
 
     def rebind_memory(self, memory):
         pass
@@ -794,7 +795,8 @@ def test_engines_of_a_dynamic_size_bundle_are_keyed_by_its_range(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Text-to-image: the DiT takes (x_t, t, text) with text float32 (B, L, C)
+# Text-to-image: text_embed maps the text float32 (B, L, C) to text tokens (B, L, D) once per
+# generation, and the DiT takes (x_t, t, text_tokens)
 
 T2I = dict(TINY, num_classes=0, family="t2i", text_len=8, text_dim=48, refine_depth=1)
 
@@ -803,11 +805,13 @@ def test_t2i_profiles_fix_the_text_shape_and_follow_the_batch():
     from runtimes.sizes import SizeRange
 
     static = tk.profiles_for("dit", T2I, (64, 64), (1, 4))
-    assert static[1].shapes == {"x_t": (4, 3, 64, 64), "t": (4,), "text": (4, 8, 48)}
+    assert static[1].shapes == {"x_t": (4, 3, 64, 64), "t": (4,), "text_tokens": (4, 8, 64)}
     sizes = SizeRange((32, 48), (128, 96), (64, 64), 16)
     ranged = tk.profiles_for("dit", T2I, (64, 64), (2,), sizes)[0]
     assert ranged.bounds("x_t") == ((2, 3, 32, 48), (2, 3, 64, 64), (2, 3, 128, 96))
-    assert ranged.bounds("text") == ((2, 8, 48),) * 3  # text_len, text_dim fixed
+    assert ranged.bounds("text_tokens") == ((2, 8, 64),) * 3  # text_len, hidden fixed
+    embed = tk.profiles_for("text_embed", T2I, (64, 64), (2,), sizes)[0]
+    assert embed.bounds("text") == ((2, 8, 48),) * 3  # no image axis: one shape per batch
     assert tk.profiles_for("decoder", T2I, (64, 64), (2,))[0].shapes == {
         "x_t": (2, 3, 64, 64), "cond": (2, 16, 64)}
 
@@ -900,7 +904,8 @@ class _RecordingTRT:
 
 def test_t2i_engine_build_declares_the_text_profile(tmp_path):
     """`build_engine` for a text-to-image DiT: one optimisation profile per engine batch, each
-    setting x_t, t and text, the text (batch, text_len, text_dim) with the batch of x_t."""
+    setting x_t, t and text_tokens, the tokens (batch, text_len, hidden) with the batch of
+    x_t."""
     from deco_export.export.tensorrt import BuildSettings, build_engine
     from runtimes.sizes import SizeRange
 
@@ -914,9 +919,9 @@ def test_t2i_engine_build_declares_the_text_profile(tmp_path):
     assert (tmp_path / "out" / "dit.plan").read_bytes() == b"plan"
     assert (tmp_path / "timing.cache").read_bytes() == b"timings" and "build_seconds" in info
     shapes = [c for c in trt.calls if c[0] == "set_shape"]
-    assert [c[1] for c in shapes] == ["x_t", "t", "text"] * 3  # engine batches 1, 2, 4
-    texts = [c[2:] for c in shapes if c[1] == "text"]
-    assert texts == [((n, 8, 48),) * 3 for n in (1, 2, 4)]
+    assert [c[1] for c in shapes] == ["x_t", "t", "text_tokens"] * 3  # engine batches 1, 2, 4
+    texts = [c[2:] for c in shapes if c[1] == "text_tokens"]
+    assert texts == [((n, 8, 64),) * 3 for n in (1, 2, 4)]
     images = [c[2:] for c in shapes if c[1] == "x_t"]
     assert [lo[0] for lo, _, _ in images] == [1, 2, 4] and images[0][2] == (1, 3, 128, 128)
     assert [c[0] for c in trt.calls].count("add_optimization_profile") == 3
@@ -961,46 +966,87 @@ def test_t2i_engine_io_is_checked_against_the_t2i_record(tmp_path):
     plan = tmp_path / "dit.plan"
     plan.write_bytes(b"plan")
     config = ModelConfig.from_dict(T2I)
-    engine = Engine(*_engine_trt(["x_t", "t", "text"]), plan, "dit", config)
-    assert engine.inputs == ["x_t", "t", "text"] and engine.batches == (1, 2)
-    with pytest.raises(BackendError, match=r"inputs \['x_t', 't', 'y'\].*'text'.*rebuild it"):
+    engine = Engine(*_engine_trt(["x_t", "t", "text_tokens"]), plan, "dit", config)
+    assert engine.inputs == ["x_t", "t", "text_tokens"] and engine.batches == (1, 2)
+    with pytest.raises(BackendError,
+                       match=r"inputs \['x_t', 't', 'y'\].*'text_tokens'.*rebuild it"):
         Engine(*_engine_trt(["x_t", "t", "y"]), plan, "dit", config)
+    # a DiT that still takes the raw text features (an older bundle) is refused too
+    with pytest.raises(BackendError, match=r"'text_tokens'.*rebuild it"):
+        Engine(*_engine_trt(["x_t", "t", "text"]), plan, "dit", config)
+    embed = Engine(*_engine_trt(["text"], ("text_tokens",)), plan, "text_embed", config)
+    assert embed.inputs == ["text"] and embed.outputs == ["text_tokens"]
     # a class-conditional bundle still wants labels
     with pytest.raises(BackendError, match=r"expected \['x_t', 't', 'y'\]"):
-        Engine(*_engine_trt(["x_t", "t", "text"]), plan, "dit", ModelConfig.from_dict(TINY))
+        Engine(*_engine_trt(["x_t", "t", "text_tokens"]), plan, "dit",
+               ModelConfig.from_dict(TINY))
 
 
-def test_t2i_backend_feeds_text_rows_into_the_slot():
-    """The DiT call copies the (B, L, C) text into the slot's ``text`` buffer; a guided fused
-    step lays [negative; prompts] out as [uncond | pad; cond | pad] row by row."""
-    from runtimes.backends.tensorrt import DeviceArray
+def _t2i_recording_backend():
     from runtimes.config import ModelConfig
 
     be, cuda = _recording_backend()
     be._model = ModelConfig.from_dict(T2I)
-    text_row = 8 * 48 * 4
+    be._engines["text_embed"] = _RecordingEngine(cuda, "text_embed", ["text_tokens"])
+    be.supports_text_embedding = True
+    return be, cuda
+
+
+def test_t2i_backend_feeds_text_token_rows_into_the_slot():
+    """The DiT call copies the (B, L, D) text tokens into the slot's ``text_tokens`` buffer; a
+    guided fused step lays [negative; prompts] out as [uncond | pad; cond | pad] row by row."""
+    from runtimes.backends.tensorrt import DeviceArray
+
+    be, cuda = _t2i_recording_backend()
+    row = 8 * 64 * 4
     x = DeviceArray(cuda, 5000 << 12, (3, 3, 64, 64), "float32")
     t = DeviceArray(cuda, 5100 << 12, (3,), "float32")
-    text = DeviceArray(cuda, 5200 << 12, (3, 8, 48), "float32")
-    cond = be.dit(x, t, text)
+    tokens = DeviceArray(cuda, 5200 << 12, (3, 8, 64), "float32")
+    cond = be.dit(x, t, tokens)
     slot = be._slots[(4, 64, 64)]
-    assert "y" not in slot.buffers and slot.shapes["text"] == (4, 8, 48)
-    assert slot.buffers["text"].dtype == "float32"
+    assert "y" not in slot.buffers and slot.shapes["text_tokens"] == (4, 8, 64)
+    assert slot.shapes["text"] == (4, 8, 48)  # text_embed's input, in the same slot
+    assert slot.buffers["text_tokens"].dtype == "float32"
     copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy"]
-    assert (slot.buffers["text"].ptr, text.ptr, 3 * text_row) in copies
+    assert (slot.buffers["text_tokens"].ptr, tokens.ptr, 3 * row) in copies
     assert cond.shape == (3, 16, 64)
-    with pytest.raises(TypeError, match="text must be float32"):
-        be.dit(x, t, DeviceArray(cuda, 5300 << 12, (3, 8, 48), "int64"))
+    with pytest.raises(TypeError, match="text_tokens must be float32"):
+        be.dit(x, t, DeviceArray(cuda, 5300 << 12, (3, 8, 64), "int64"))
 
-    both = DeviceArray(cuda, 6000 << 12, (6, 8, 48), "float32")
+    both = DeviceArray(cuda, 6000 << 12, (6, 8, 64), "float32")
     be.step(x, both, 0.2, 0.01, 4.0)
     slot8 = be._slots[(8, 64, 64)]
-    tb = slot8.buffers["text"].ptr
+    tb = slot8.buffers["text_tokens"].ptr
     copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy" and c[4] != "HostToDevice"]
-    assert (tb, both.ptr, 3 * text_row) in copies
-    assert (tb + 4 * text_row, both.ptr + 3 * text_row, 3 * text_row) in copies
-    with pytest.raises(ValueError, match=r"step: text must be float32 rows of shape \(8, 48\)"):
+    assert (tb, both.ptr, 3 * row) in copies
+    assert (tb + 4 * row, both.ptr + 3 * row, 3 * row) in copies
+    with pytest.raises(ValueError,
+                       match=r"step: text_tokens must be float32 rows of shape \(8, 64\)"):
         be.step(x, DeviceArray(cuda, 7000 << 12, (6,), "int64"), 0.2, 0.01, 4.0)
+
+
+def test_t2i_backend_embeds_text_into_the_slot_the_dit_reads():
+    """embed_text runs the text_embed engine on the (2B, L, C) text: the text goes into the
+    slot's ``text`` buffer, the engine writes ``text_tokens`` (the DiT's condition buffer) and
+    the tokens come back as a copy; the next fused step copies its condition again."""
+    from runtimes.backends.tensorrt import DeviceArray
+
+    be, cuda = _t2i_recording_backend()
+    x = DeviceArray(cuda, 5000 << 12, (3, 3, 64, 64), "float32")
+    both = DeviceArray(cuda, 6000 << 12, (6, 8, 64), "float32")
+    be.step(x, both, 0.2, 0.01, 4.0)
+    cuda.take_calls()
+    text = DeviceArray(cuda, 6500 << 12, (6, 8, 48), "float32")
+    tokens = be.embed_text(text)
+    slot = be._slots[(8, 64, 64)]
+    calls = cuda.take_calls()
+    assert ("copy", slot.buffers["text"].ptr, text.ptr, 6 * 8 * 48 * 4) in [c[:4] for c in calls]
+    assert ("execute", "text_embed", 8) in calls
+    assert tokens.shape == (6, 8, 64) and tokens.dtype == "float32"
+    assert slot.bound_y is None  # text_embed overwrote the DiT's condition buffer
+    be.step(x, both, 0.3, 0.01, 4.0)
+    copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy"]
+    assert (slot.buffers["text_tokens"].ptr, both.ptr, 3 * 8 * 64 * 4) in copies
 
 
 def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
@@ -1018,7 +1064,7 @@ def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
     root = tmp_path / "bundle"
     with BundleTransaction(root, config, (64, 64), source, negative_prompt_embeds=negative,
                            negative_prompt="blurry") as txn:
-        for g in ("dit", "decoder"):
+        for g in ("dit", "decoder", "text_embed"):
             path = txn.staging / f"{g}.fp16.onnx"
             path.write_bytes(f"{g}-fp16".encode())
             txn.add_artifact(runtime="onnx", graph=g, precision="fp16", path=path,
@@ -1026,7 +1072,8 @@ def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
     settings = ex.BuildSettings(buckets=(1,))
     manifest = rb.read_manifest(root)
     items = ex.plan_builds(root, manifest, ["fp16"], H100, settings)
-    assert [(i.graph, i.action) for i in items] == [("dit", "build"), ("decoder", "build")]
+    assert [(i.graph, i.action) for i in items] == [("dit", "build"), ("decoder", "build"),
+                                                     ("text_embed", "build")]
     with BundleTransaction(root, manifest.model, (64, 64), manifest.source) as txn:
         for item in items:
             plan = txn.staging / item.key.relpath
@@ -1037,8 +1084,10 @@ def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
                              **_t2i_io(config, item.graph))
     after = rb.read_manifest(root)
     dit = after.get_artifact("tensorrt", "dit", "fp16")
-    assert [s.name for s in dit.inputs] == ["x_t", "t", "text"]
-    assert dit.input("text").shape == ["batch", 8, 48]
+    assert [s.name for s in dit.inputs] == ["x_t", "t", "text_tokens"]
+    assert dit.input("text_tokens").shape == ["batch", 8, 64]
+    embed = after.get_artifact("tensorrt", "text_embed", "fp16")
+    assert embed.input("text").shape == ["batch", 8, 48]
     assert after.extra["text"]["negative_prompt"] == "blurry"
     assert np.array_equal(bundle_negative_embeds(root, after), negative)
     assert rb.verify(root, runtime="tensorrt") == []

@@ -22,7 +22,7 @@ TINY = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=16, num_
 
 def test_one_list_of_graphs_and_one_tensor_spec():
     assert GRAPH_NAMES == ("dit", "decoder", "refresh", "decoder_cond", "decoder_pixel",
-                           "pixel_dit", "text_encoder") == rb.GRAPHS
+                           "pixel_dit", "text_embed", "text_encoder") == rb.GRAPHS
     assert rb.TensorSpec is TensorSpec is runtimes.TensorSpec
     assert not hasattr(rb, "GRAPH_IO")
     assert [g for g, spec in graphs_for(TINY).items() if spec.required] == ["dit", "decoder"]
@@ -91,20 +91,35 @@ T2I = ModelConfig(hidden_size=64, num_heads=4, dit_depth=2, patch_size=16, num_c
 def test_text_to_image_records_share_decoder_and_refresh():
     c2i, t2i = graphs_for(TINY), graphs_for(T2I)
     assert list(t2i) == ["dit", "decoder", "refresh", "decoder_cond",
-                         "decoder_pixel"]  # the sampler's graphs, in order
-    assert t2i["dit"].input_names == ("x_t", "t", "text") != c2i["dit"].input_names
+                         "decoder_pixel", "text_embed"]  # the sampler's graphs, in order
+    assert t2i["dit"].input_names == ("x_t", "t", "text_tokens") != c2i["dit"].input_names
     assert t2i["dit"].output_names == c2i["dit"].output_names
     assert t2i["decoder"] is c2i["decoder"] and t2i["refresh"] is c2i["refresh"]
-    assert (dit_condition_input(TINY), dit_condition_input(T2I)) == ("y", "text")
+    assert (dit_condition_input(TINY), dit_condition_input(T2I)) == ("y", "text_tokens")
     inputs, _ = get_graph("dit", T2I).io_specs(T2I, 64, 64)
-    assert inputs[2].to_dict() == {"name": "text", "shape": ["batch", 7, 24], "dtype": "float32"}
-    assert get_graph("dit", T2I).input_shapes(T2I, 3, 64, 64)["text"] == (3, 7, 24)
+    assert inputs[2].to_dict() == {"name": "text_tokens", "shape": ["batch", 7, 64],
+                                   "dtype": "float32"}
+    assert get_graph("dit", T2I).input_shapes(T2I, 3, 64, 64)["text_tokens"] == (3, 7, 64)
+
+
+def test_text_embed_is_the_prompt_only_part_of_the_t2i_dit():
+    """text_embed maps the text features to the DiT's text tokens; it has no image axes, so the
+    sampler runs it once per generation whatever the size."""
+    embed = get_graph("text_embed", T2I)
+    assert embed.required and embed.sampled and embed.families == ("t2i",)
+    ins, outs = embed.io_specs(T2I)
+    assert ins[0].to_dict() == {"name": "text", "shape": ["batch", 7, 24], "dtype": "float32"}
+    assert outs[0].to_dict() == {"name": "text_tokens", "shape": ["batch", 7, 64],
+                                 "dtype": "float32"}
+    assert embed.outputs[0].shape == get_graph("dit", T2I).inputs[2].shape
+    assert embed.input_shapes(T2I, 2, 32, 96) == embed.input_shapes(T2I, 2, 64, 64)
+    assert "text_embed" not in graphs_for(TINY)
 
 
 def test_text_encoder_is_a_t2i_record_the_sampler_does_not_load():
     everything = graphs_for(T2I, sampled_only=False)
     assert list(everything) == ["dit", "decoder", "refresh", "decoder_cond", "decoder_pixel",
-                                "text_encoder"]
+                                "text_embed", "text_encoder"]
     enc = everything["text_encoder"]
     assert not enc.required and not enc.sampled
     assert enc.input_names == ("input_ids", "attention_mask")

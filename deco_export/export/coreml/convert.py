@@ -15,7 +15,7 @@ from runtimes.graphs import GRAPH_SPECS, get_graph
 
 from ...config import DeCoConfig
 from ...model import DeCo
-from ..graphs import example_inputs, input_names, output_names
+from ..graphs import GRAPH_CLASSES, example_inputs, input_names, output_names
 from .inspect import ProgramReport, program_report
 from .precision import ALL_ISLANDS, PrecisionPolicy
 from .targets import (
@@ -203,13 +203,17 @@ def tracing_inputs(model: DeCo, height: int, width: int, seed: int
                    ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Batch-2 inputs of every graph from one DiT forward (``example_inputs`` runs the DiT once
     per graph, which costs more than converting the small graphs of a large model). The DiT's
-    condition is its family's: labels (c2i) or text features (t2i)."""
+    condition is its family's: labels (c2i) or text tokens (t2i, whose ``text_embed`` takes the
+    text features)."""
     x_t, t, condition = example_inputs(model, "dit", 2, height, width, seed=seed)
     with torch.no_grad():
-        cond, hidden = model.dit(x_t, t, condition)
+        cond, hidden = GRAPH_CLASSES["dit"](model)(x_t, t, condition)
         modulation = model.decoder.modulation(cond)
-    return {"dit": (x_t, t, condition), "decoder": (x_t, cond), "refresh": (hidden, t),
-            "decoder_cond": (cond,), "decoder_pixel": (x_t, modulation)}
+    inputs = {"dit": (x_t, t, condition), "decoder": (x_t, cond), "refresh": (hidden, t),
+              "decoder_cond": (cond,), "decoder_pixel": (x_t, modulation)}
+    if model.config.family == "t2i":
+        inputs["text_embed"] = example_inputs(model, "text_embed", 2, height, width, seed=seed)
+    return inputs
 
 
 def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int],

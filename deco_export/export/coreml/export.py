@@ -68,8 +68,9 @@ GRAPH_DESCRIPTIONS = {
     "refresh": "DeCo condition refresh: cached hidden state and a new time -> condition",
     "decoder_cond": "DeCo decoder, condition part: per-token condition -> per-pixel condition",
     "decoder_pixel": "DeCo decoder, pixel part: noisy image and cached condition -> velocity",
+    "text_embed": "DeCo text-to-image text embedding: text features -> the DiT's text tokens",
 }
-T2I_DIT_DESCRIPTION = ("DeCo text-to-image DiT: noisy image, time and text features -> "
+T2I_DIT_DESCRIPTION = ("DeCo text-to-image DiT: noisy image, time and text tokens -> "
                        "per-token condition and last hidden state")
 TENSOR_DESCRIPTIONS = {
     "x_t": "noisy image (B, C, H, W), float32; t = 0 is pure noise, t = 1 data",
@@ -77,6 +78,8 @@ TENSOR_DESCRIPTIONS = {
     "y": "class label (B,), int32; num_classes is the null (unconditional) class",
     "text": "text encoder features (B, L, C), float32, right-padded to L; the bundle's "
             "negative_prompt.npy is the unconditional row",
+    "text_tokens": "the DiT's text tokens y_embedder(text) + y_pos_embedding (B, L, D), "
+                   "float32, from the text_embed package once per generation",
     "hidden": "last DiT block output h (B, L, D), float32",
     "cond": "per-token condition SiLU(e_t + h) (B, L, D), float32",
     "v": "velocity x - noise (B, C, H, W), float32",
