@@ -111,7 +111,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     env, s, model = report["environment"], report["settings"], report["model"]
     gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in env.get("gpus") or [])
     libs = env["libraries"]
-    size = "x".join(str(v) for v in model.get("image_size") or [])
+    size = "x".join(str(v) for v in report.get("image_size") or model.get("image_size") or [])
     bounds = report.get("guidance_bounds") or "(]"
     lines = [
         f"**Model** {report['source']['input']} ({model['hidden_size']} wide, "

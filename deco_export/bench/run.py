@@ -128,7 +128,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         from ..sampling import parse_sharing
 
         sharing = parse_sharing(settings.sharing, settings.sharing_mode)
-    size = list(manifest.model.image_size or settings.image_size or ())
+    size = list(settings.image_size or manifest.model.image_size or ())
     work = out / ".work"
     logs = out / "logs"
     shutil.rmtree(work, ignore_errors=True)
@@ -219,6 +219,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": asdict(src) | {"bundle": str(src.bundle)},
         "model": manifest.model.to_dict(),
+        "image_size": size,  # what every row ran (a bundle's default or a size of its range)
         "guidance": guidance,
         "solver": defaults.solver,
         "guidance_bounds": defaults.get("guidance_bounds"),

@@ -27,6 +27,21 @@ class Source:
     build: list[dict[str, Any]] = field(default_factory=list)
 
 
+def check_bundle_size(bundle: Path, manifest: Any, size: tuple[int, int]) -> None:
+    """Refuse a benchmark size the bundle's graphs do not serve (one line naming the range):
+    a bundle exported with a size range runs every size inside it."""
+    default = tuple(manifest.model.image_size)
+    if tuple(size) == default:
+        return
+    span = manifest.size_range("onnx")
+    if span is None or span.is_fixed:
+        raise ValueError(
+            f"{bundle} runs at {default[0]}x{default[1]} only (fixed-size graphs); export it "
+            "again with --size-range to benchmark other sizes"
+        )
+    span.check(*size, where=f"{bundle}'s graphs serve")
+
+
 def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
                    say: Callable[[str], None]) -> tuple[Source, Any]:
     """Resolve ``source``; export a checkpoint's ONNX graphs into ``out/bundle`` (build time).
@@ -44,10 +59,8 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
         manifest = rb.read_manifest(bundle)
         bundle_source(bundle, manifest, settings.checkpoint, use="the reference row runs it")
         checkpoint = settings.checkpoint or manifest.source["path"]
-        size = list(manifest.model.image_size)
-        if settings.image_size is not None and list(settings.image_size) != size:
-            raise ValueError(f"{bundle} runs at {'x'.join(map(str, size))}, the size it was "
-                             "exported at; --image-size applies to checkpoints")
+        if settings.image_size is not None:
+            check_bundle_size(bundle, manifest, settings.image_size)
         src = Source(text, "bundle", bundle, str(checkpoint))
         for art in manifest.artifacts:
             seconds = (art.details or {}).get("export_seconds")

@@ -42,7 +42,9 @@ from .options import parse_csv, parse_ints, parse_size
 @click.option("--guidance", type=float, default=None, help="default: the bundle's sampler default")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="device of the PyTorch rows")
-@click.option("--image-size", default=None, help="HxW to export a checkpoint at")
+@click.option("--image-size", default=None,
+              help="HxW to benchmark at: a checkpoint is exported at it, a bundle runs it "
+                   "inside its size range [the model's / the bundle's default]")
 @click.option("--checkpoint", default=None,
               help="the bundle's source checkpoint, when the manifest's path is not valid here")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -198,6 +198,28 @@ def test_bundle_source_with_sharing_and_no_warmup(bench, tmp_path):
     assert not (tmp_path / "b" / "latency.png").exists()
 
 
+def test_bundle_benchmarks_another_size_of_its_range(bench, tmp_path):
+    """A bundle runs every size of its range: `--image-size 32x64` (non-square) times every row
+    at that size on the same noise, the reference included; a size outside is one line."""
+    _, out, _ = bench
+    args = ["bench", str(out / "bundle"), "--out", str(tmp_path / "b"), "--backends",
+            "onnxruntime-cpu", "--batch-sizes", "2", "--steps", "2", "--repeats", "1",
+            "--warmup", "0", "--threads", "1", "--no-plots", "--no-progress",
+            "--peak-size", "0", "--image-size", "32x64"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["image_size"] == [32, 64]
+    ref, ort = report["rows"]
+    assert ort["psnr_db"] is not None and ort["psnr_db"] > 60
+    assert ref["cost"]["dit_samples"] > 0 and ort["cost"]["dit_samples"] > 0
+    assert ") at 32x64;" in (tmp_path / "b" / "bench.md").read_text()
+    result = CliRunner().invoke(main, [*args[:-1], "256x256"])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "256x256 is not a size" in lines[0] and "32x32" in lines[0], lines
+
+
 def have_inception() -> bool:
     if find_spec("training") is None:
         return False
