@@ -179,10 +179,15 @@ def export_image_size(config: DeCoConfig, image_size: tuple[int, int] | None) ->
 
 
 def graph_modules(model: DeCo, precision: str) -> dict[str, nn.Module]:
-    """The graph wrappers of the model's graphs around a copy of ``model`` in ``precision``."""
+    """The graph wrappers of the model's graphs around ``model`` in ``precision``: a copy cast to
+    a reduced precision, or at fp32 the CPU float32 model itself (exporting reads its weights and
+    changes none, so a 4.5 GB model is not held twice)."""
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, not {precision!r}")
-    typed = copy.deepcopy(model).to(device="cpu", dtype=PRECISION_DTYPES[precision]).eval()
+    dtype = PRECISION_DTYPES[precision]
+    as_is = all(p.dtype == dtype and p.device.type == "cpu"
+                for p in (*model.parameters(), *model.buffers()) if p.is_floating_point())
+    typed = (model if as_is else copy.deepcopy(model).to(device="cpu", dtype=dtype)).eval()
     return {name: GRAPH_CLASSES[name](typed).eval() for name in graphs_for(model.config)}
 
 

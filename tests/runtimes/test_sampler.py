@@ -365,3 +365,56 @@ def test_a_cached_modulation_keeps_both_halves_across_the_guidance_boundary():
     cost = plan.cost(2, decoder_split=True)
     assert cost["decoder_cond_samples"] == 2 * 4 and "decoder_cond_samples" not in plan.cost(2)
     assert cost["decoder_calls"] == 10
+
+
+class _TextBackend:
+    """numpy text-to-image backend whose DiT reads text tokens 2 * text + 1; with
+    ``embeds=False`` it takes the raw text features and embeds them inside ``dit`` (a backend
+    without the capability), so both must sample the same."""
+
+    def __init__(self, embeds: bool) -> None:
+        self.supports_text_embedding = embeds
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def embed_text(self, text: np.ndarray) -> np.ndarray:
+        self.calls.append(("embed_text", text.shape))
+        return text * 2.0 + 1.0
+
+    def dit(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.calls.append(("dit", y.shape))
+        tokens = y if self.supports_text_embedding else y * 2.0 + 1.0
+        pooled = tokens.mean(axis=(1, 2))[:, None, None]
+        return np.broadcast_to(pooled + t[:, None, None], (len(x_t), 4, 2)).astype(np.float32)
+
+    def decoder(self, x_t: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        return (cond.mean(axis=(1, 2))[:, None, None, None] - x_t).astype(np.float32)
+
+    def from_numpy(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def to_numpy(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def concat(self, arrays) -> np.ndarray:
+        return np.concatenate(arrays)
+
+
+@pytest.mark.parametrize("solver", ["euler", "ab2", "heun"])
+def test_text_is_embedded_once_for_every_step(solver):
+    """A backend with `embed_text` gets [negative; prompts] once per generation and its DiT the
+    tokens at every step; the samples equal a backend that embeds inside every DiT call."""
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    text = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    negative = rng.standard_normal((1, 5, 3)).astype(np.float32)
+    cfg = SamplerConfig(solver=solver, num_steps=6, guidance=4.0, guidance_interval=(0.0, 1.0),
+                        guidance_bounds="()", cfg_mode="fast")
+    once, inside = _TextBackend(embeds=True), _TextBackend(embeds=False)
+    got = sample(once, noise, text, cfg, uncond=negative)
+    want = sample(inside, noise, text, cfg, uncond=negative)
+    assert np.allclose(got, want, rtol=0, atol=1e-6)
+    assert [c for c in once.calls if c[0] == "embed_text"] == [("embed_text", (4, 5, 3))]
+    assert once.calls[0] == ("embed_text", (4, 5, 3))  # before the first step
+    dits = [c for c in once.calls if c[0] == "dit"]
+    assert len(dits) == len([c for c in inside.calls if c[0] == "dit"]) > 1
+    assert {shape[0] for _, shape in dits} <= {2, 4}
