@@ -366,3 +366,19 @@ def test_dynamic_axes_are_named_and_external_data_kept(tmp_path, golden_model):
     got = session.run(None, {"hidden": inputs[0].numpy(), "t": inputs[1].numpy()})[0]
     assert got.shape == (3, 21, 64)
     assert np.abs(got - reference_outputs(golden_model, "refresh", inputs)[0].numpy()).max() < 1e-5
+
+
+def test_fp32_graphs_wrap_the_model_itself_and_reduced_precision_a_copy(golden_model):
+    """A released-size model (4.5 GB) is held once by an fp32 export; fp16 casts a copy and
+    leaves the caller's model float32."""
+    import torch
+
+    from deco_export.export.graphs import graph_modules
+
+    model = golden_model.float().cpu().eval()
+    fp32 = graph_modules(model, "fp32")
+    assert fp32["dit"].dit is model.dit and fp32["decoder"].decoder is model.decoder
+    fp16 = graph_modules(model, "fp16")
+    assert fp16["dit"].dit is not model.dit
+    assert fp16["dit"].dit.s_embedder.proj.weight.dtype == torch.float16
+    assert model.dit.s_embedder.proj.weight.dtype == torch.float32
