@@ -114,11 +114,12 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
     dec_cond = graph_flops(config, "decoder_cond", 1, height, width)
     dec_samples = int(cost["decoder_samples"])
     cond_samples = dec_samples if decoder_cond_samples is None else int(decoder_cond_samples)
+    text_samples = int(cost.get("text_embed_samples", 0))
+    text = text_samples * graph_flops(config, "text_embed", 1, height, width) if (
+        text_samples) else 0
     return (int(cost["dit_samples"]) * dit
             + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
-            + cond_samples * dec_cond
-            + int(cost.get("text_embed_samples", 0)) * graph_flops(config, "text_embed", 1,
-                                                                   height, width))
+            + cond_samples * dec_cond + text)
 
 
 def _family(config: Any) -> str:

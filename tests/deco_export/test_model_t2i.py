@@ -338,3 +338,27 @@ def test_text_path_share_of_the_release():
                                                                           side)
         path = refine + 16 * 2 * 128 * 1536 * 2 * 1536  # + the text keys/values kv_y
         assert abs(path / total - share) < 0.002
+
+
+def test_a_guided_generation_counts_the_text_embedding_once(golden_t2i_model, golden_t2i):
+    """The profiler's count of a whole text-to-image generation through the PyTorch backend is
+    the analytic count of its cost: the DiT and decoder per step, text_embed once on the 2B
+    rows of [negative; prompts]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import runtimes
+    from deco_export.backends.torch_backend import TorchBackend
+    from deco_export.flops import sampling_flops
+
+    cfg = golden_t2i_model.config
+    pipe = runtimes.DeCoPipeline(TorchBackend(golden_t2i_model), cfg.to_dict())
+    kwargs = dict(prompt_embeds=golden_t2i["cond_text"],
+                  negative_prompt_embeds=golden_t2i["uncond_text"], steps=3, guidance=4.0,
+                  seed=0, output_type="np", height=64, width=64)
+    out = pipe.generate(**kwargs)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        pipe.generate(**kwargs)
+    b = len(golden_t2i["cond_text"])
+    assert out.cost["text_embed_calls"] == 1 and out.cost["text_embed_samples"] == 2 * b
+    assert fc.get_total_flops() == sampling_flops(cfg, out.cost, 64, 64)
