@@ -555,5 +555,30 @@ def report(out: str, docs: str, command: str) -> None:
     click.echo(table(result) + "\n\n" + curve_table(result))
 
 
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--samples", default=96, show_default=True, help="per arm, labels cycling")
+def speckles(out: str, samples: int) -> None:
+    """Isolated outlier pixels per sample at each arm's last checkpoint (the counter of
+    scripts/speckle_study.py; seeds 0..samples-1, the plan's steps and CFG)."""
+    import torch
+
+    from training.metrics import generate, load_generator
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from speckle_study import speckles as count
+
+    plan = load_plan(Path(out), None)
+    torch.set_num_threads(plan.threads)
+    result = {}
+    for name in ARMS:
+        model = load_generator(Path(out) / name / "checkpoints" / f"step_{plan.steps:07d}", "cpu")
+        labels = np.arange(samples) % model.config.num_classes
+        images = generate(model, labels, num_steps=plan.sample_steps, cfg_scale=plan.cfg,
+                          seed=0, batch_size=CHUNK)
+        result[name] = float(np.mean(count(images)))
+    click.echo(json.dumps({"samples": samples, "speckles_per_image": result}))
+
+
 if __name__ == "__main__":
     cli()
