@@ -7,8 +7,9 @@ keeps tensors on a GPU):
 - ``dit(x_t, t, y) -> cond``: the expensive, low-frequency half. ``x_t`` is (B, C, H, W)
   float32, ``t`` is (B,) float32 in [0, 1] with **t = 0 pure noise and t = 1 data**, ``y`` is
   (B,) int64 class labels where the null (unconditional) class is ``num_classes`` (a
-  text-to-image model takes text embeddings (B, L, C) float32 there instead, the unconditional
-  rows being the encoded empty or negative prompt). It returns
+  text-to-image model takes its text there instead, the unconditional rows being the encoded
+  empty or negative prompt: the text tokens of ``embed_text``, below, or the text embeddings
+  (B, L, C) float32 for a backend without it). It returns
   the per-token condition (B, L, D) with L = (H / p) * (W / p).
 - ``decoder(x_t, cond) -> v``: the cheap, full-resolution half; returns the velocity
   (B, C, H, W) float32.

@@ -20,9 +20,10 @@ token axes are then symbolic. A runtime compiled for fewer sizes records them in
 the size its graphs' shapes name.
 
 Graphs are declared in `runtimes.graphs` (names, inputs and outputs, per model family): "dit"
-(x_t, t, y -> cond, hidden; a text-to-image model's DiT takes ``text`` (B, L, C) float32 in
-place of the labels ``y``), "decoder", the optional "refresh", and a text-to-image bundle's
-"text_encoder" (input_ids, attention_mask -> hidden, with its tokenizer.json as an extra file).
+(x_t, t, y -> cond, hidden; a text-to-image model's DiT takes ``text_tokens`` (B, L, D)
+float32 in place of the labels ``y``, from its "text_embed" graph: text -> text_tokens),
+"decoder", the optional "refresh", and a text-to-image bundle's "text_encoder" (input_ids,
+attention_mask -> hidden, with its tokenizer.json as an extra file).
 Runtimes: "onnx", "coreml", "tensorrt". Precisions: "fp32",
 "fp16", "bf16", and "int8" (ONNX graphs with int8 weights, quantized dynamically by ONNX
 Runtime). Graph inputs and outputs are float32 / int64 whatever the precision: reduced precision

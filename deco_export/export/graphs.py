@@ -137,7 +137,7 @@ GRAPH_CLASSES: dict[str, type[nn.Module]] = {
 
 
 def input_names(config: DeCoConfig, graph: str) -> list[str]:
-    """The graph's input names for this model's family (a t2i DiT takes ``text``, not ``y``),
+    """The graph's input names for this model's family (a t2i DiT takes ``text_tokens``, not ``y``),
     in the list form torch.onnx.export takes."""
     return list(get_graph(graph, config).input_names)
 

@@ -115,7 +115,7 @@ def split_batch(batch: int, sizes: Sequence[int]) -> list[int]:
 def check_package_io(path: str | os.PathLike[str], graph: str, config: ModelConfig,
                      spec: Any) -> None:
     """Refuse a package whose inputs and outputs (its ``Model`` spec's description) are not
-    the ones the model's graph record names: a text-to-image DiT takes ``text``, a
+    the ones the model's graph record names: a text-to-image DiT takes ``text_tokens``, a
     class-conditional one ``y``; optional outputs may be missing."""
     record = get_graph(graph, config)
     inputs = [f.name for f in spec.description.input]

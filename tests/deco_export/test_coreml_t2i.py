@@ -1,7 +1,7 @@
-"""Core ML export of the golden text-to-image model: the DiT package takes (x_t, t, text) with
-text float32 (B, L, C), the bundle stores the encoded negative prompt as an ONNX bundle does,
-and a bundle source passes its stored encoding on. Conversion runs everywhere coremltools is
-installed; prediction only on macOS."""
+"""Core ML export of the golden text-to-image model: the DiT package takes (x_t, t,
+text_tokens) and the text_embed package text float32 (B, L, C), the bundle stores the encoded
+negative prompt as an ONNX bundle does, and a bundle source passes its stored encoding on.
+Conversion runs everywhere coremltools is installed; prediction only on macOS."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
     """Core ML input types with the batch (and the image size) enumerated (see the module
     docstring). An input that is not enumerated takes a range in each varying dimension.
     ``config``: the model (default a class-conditional DeCo), whose family names the inputs
-    (a text-to-image DiT takes float32 ``text`` (B, L, C) where a c2i one takes labels)."""
+    (a text-to-image DiT takes float32 ``text_tokens`` (B, L, D) where a c2i one takes labels)."""
     config_ = config or DeCoConfig()
     shapes = input_shapes(graph, inputs, batch_sizes, config, image_sizes)
     count = max(len(v) for v in shapes.values())
