@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "training_flops"]
+__all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "text_embedding_flops",
+           "training_flops"]
 
 GRAPHS = ("dit", "text_embed", "decoder", "decoder_cond", "decoder_pixel", "refresh",
           "pixel_dit")
@@ -114,12 +115,17 @@ def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int
     dec_cond = graph_flops(config, "decoder_cond", 1, height, width)
     dec_samples = int(cost["decoder_samples"])
     cond_samples = dec_samples if decoder_cond_samples is None else int(decoder_cond_samples)
-    text_samples = int(cost.get("text_embed_samples", 0))
-    text = text_samples * graph_flops(config, "text_embed", 1, height, width) if (
-        text_samples) else 0
     return (int(cost["dit_samples"]) * dit
             + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
-            + cond_samples * dec_cond + text)
+            + cond_samples * dec_cond + text_embedding_flops(config, cost, height, width))
+
+
+def text_embedding_flops(config: Any, cost: Mapping[str, int], height: int, width: int) -> int:
+    """FLOPs of a generation's once-per-generation text embedding (the cost's
+    ``text_embed_samples``); 0 for a cost without it (class-conditional, whose config has no
+    text fields)."""
+    samples = int(cost.get("text_embed_samples", 0))
+    return samples * graph_flops(config, "text_embed", 1, height, width) if samples else 0
 
 
 def _family(config: Any) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..flops import graph_flops, sampling_flops
+from ..flops import graph_flops, sampling_flops, text_embedding_flops
 from ..machine import roofline as roofline_of
 from .catalogue import KINDS, PEAK_PRECISION, RowSpec
 
@@ -75,10 +75,9 @@ def roofline_figures(row: Mapping[str, Any], run: Mapping[str, Any],
     peak = (context.get("peaks") or {}).get(peak_precision, {}).get("gflops") if on_cpu else None
     total = sampling_flops(model, cost, height, width, cost.get("decoder_cond_samples"))
     whole = roofline_of(total, statistics.median(run["seconds"]), peak)
-    dit_flops = int(cost["dit_samples"]) * graph_flops(model, "dit", 1, height, width)
-    if cost.get("text_embed_samples"):  # the once-per-generation text embedding: a DiT stage
-        dit_flops += int(cost["text_embed_samples"]) * graph_flops(model, "text_embed", 1,
-                                                                   height, width)
+    # The once-per-generation text embedding is timed in the DiT stage.
+    dit_flops = (int(cost["dit_samples"]) * graph_flops(model, "dit", 1, height, width)
+                 + text_embedding_flops(model, cost, height, width))
     dit_s = statistics.median(run["stages"]["dit"])
     dit = roofline_of(dit_flops, dit_s, peak) if dit_s > 0 else {"gflops": None,
                                                                 "percent_of_peak": None}
