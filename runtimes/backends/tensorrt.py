@@ -292,10 +292,10 @@ class TensorRTBackend:
             if arr.dtype != buf.dtype:
                 raise TypeError(f"{graph} input {name} must be {buf.dtype}, got {arr.dtype}")
             cuda.copy(buf.ptr, arr.ptr, arr.nbytes)
-            if name in ("y", "text_tokens"):
-                slot.bound_y = None
         self._engines[graph].execute(n, cuda.stream_handle)
-        if output == "text_tokens":  # text_embed wrote the DiT's condition buffer
+        # The DiT's condition buffer was written (as an input, or as text_embed's output): a
+        # fused step must copy its condition in again.
+        if self._condition(n)[0] in (*feeds, output):
             slot.bound_y = None
         src = slot.buffers[output]
         out = DeviceArray.empty(cuda, (rows, *src.shape[1:]), "float32")
