@@ -15,12 +15,11 @@ the machine; a measurement taken in the same run as the rows it divides does.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Sequence
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
+
+from runtimes.cpu import cpu_flags, cpu_model
 
 __all__ = [
     "RELEVANT_FLAGS",
@@ -39,33 +38,6 @@ RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile
                   "avx512_vnni", "avx_vnni", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-CPUINFO = Path("/proc/cpuinfo")
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (the first processor's ``flags`` line); empty where
-    /proc/cpuinfo does not exist (macOS, Windows)."""
-    try:
-        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        for line in CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_features() -> dict[str, bool]:

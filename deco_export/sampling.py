@@ -15,8 +15,10 @@ BUNDLE_BACKENDS = ("onnxruntime", "openvino", "coreml", "tensorrt")
 
 
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
-                  providers: str | None = None, device: str = "cpu", compile: bool = False):
-    """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch)."""
+                  providers: str | None = None, device: str = "cpu", compile: bool = False,
+                  allow_below_gate: bool = False):
+    """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch).
+    ``allow_below_gate``: open int8 graphs measured below their gate on this CPU."""
     import runtimes
 
     if is_bundle(source):
@@ -35,6 +37,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             options["allow_spinning"] = False
         if backend == "openvino":
             options["device"] = device  # CPU, GPU or NPU
+        if allow_below_gate:
+            options["allow_below_gate"] = True
         return runtimes.load(source, backend=backend, precision=precision, **options)
     backend = backend or "torch"
     if backend != "torch":

@@ -10,7 +10,9 @@ through the backend against PyTorch eager fp32 at batch 1 and 3, then the whole 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,30 @@ import numpy as np
 
 from runtimes import bundle as rb
 from runtimes.backend import supports_decoder_split, supports_text_embedding
+from runtimes.cpu import int8_kernel
+from runtimes.int8 import Int8KernelWarning, record_int8_gate
 
-from .parity import GraphParity, check_end_to_end_gate, check_graph_gate, max_abs_error, psnr
+from .parity import (
+    END_TO_END_MIN_PSNR,
+    GraphParity,
+    check_end_to_end_gate,
+    check_graph_gate,
+    max_abs_error,
+    psnr,
+)
 from .sources import bundle_source_model
 
 
 def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: int = 10,
                     hashes_only: bool = False, seed: int = 1,
-                    progress: Callable[[str], None] | None = None) -> list[str]:
-    """Return report lines; raise ValueError naming every problem found."""
+                    progress: Callable[[str], None] | None = None,
+                    precisions: Sequence[str] | None = None) -> list[str]:
+    """Return report lines; raise ValueError naming every problem found.
+
+    ``precisions``: the ONNX precisions to gate (default every one the bundle has). An int8
+    gate's result on this CPU is recorded in the manifest by kind of int8 kernel
+    (`runtimes.int8`), passed or not, so loads on this kind of CPU know it.
+    """
     say = progress or (lambda _msg: None)
     bundle = Path(bundle)
     say("verifying sha256 of every file")
@@ -43,6 +60,13 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     lines = [f"hashes: {files} files match the manifest"]
     if hashes_only:
         return lines
+    onnx_precisions = sorted({a.precision for a in manifest.artifacts if a.runtime == "onnx"})
+    missing = sorted(set(precisions or ()) - set(onnx_precisions))
+    if missing:
+        raise rb.BundleError(
+            f"{bundle} has no ONNX {', '.join(missing)} graphs (it has "
+            f"{', '.join(onnx_precisions) or 'none'}); export them with `deco export onnx "
+            f"... --precision {missing[0]}`")
 
     model = bundle_source_model(bundle, manifest, checkpoint)
 
@@ -51,8 +75,7 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
 
     height, width = manifest.model.image_size
     checked = parity_sizes(manifest, "onnx")
-    onnx_precisions = sorted({a.precision for a in manifest.artifacts if a.runtime == "onnx"})
-    for precision in onnx_precisions:
+    for precision in precisions or onnx_precisions:
         results = []
         for artifact in manifest.artifacts:
             if artifact.graph == "text_encoder":
@@ -67,18 +90,29 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
         import runtimes
 
         runs = []
+        worst_db = math.inf
         for h, w in checked:
             say(f"sampling end to end through ONNX Runtime ({precision}, {steps} steps, "
                 f"{h}x{w})")
-            pipe = runtimes.load(bundle, backend="onnxruntime", precision=precision,
-                                 verify=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Int8KernelWarning)  # this is the proof
+                pipe = runtimes.load(bundle, backend="onnxruntime", precision=precision,
+                                     verify=False, allow_below_gate=True)
             figures = end_to_end_figures(model, pipe, (h, w), steps, seed)
-            check_end_to_end_gate(precision, figures["psnr_db"],
-                                  what=f"{bundle} ONNX {precision} at {h}x{w}")
+            worst_db = min(worst_db, figures["psnr_db"])
             runs.append(f"{h}x{w} {figures['psnr_db']:.1f} dB")
+        if precision == "int8":
+            threshold = END_TO_END_MIN_PSNR[precision]
+            record_int8_gate(bundle, worst_db, worst_db >= threshold, threshold)
+            check_end_to_end_gate(
+                precision, worst_db, what=f"{bundle} ONNX int8 on this CPU ({int8_kernel()} "
+                "int8 kernels)", consequence="recorded in the manifest: loads of its int8 "
+                "graphs on this kind of CPU are refused (use fp32, or allow_below_gate=True)")
+        check_end_to_end_gate(precision, worst_db, what=f"{bundle} ONNX {precision}")
         worst = max(r.max_abs_error for r in results)
+        where = f" on {int8_kernel()} int8 kernels (recorded)" if precision == "int8" else ""
         lines.append(f"onnx {precision}: worst graph error {worst:.2e}, end to end "
-                     f"{', '.join(runs)} over {steps} steps: passed")
+                     f"{', '.join(runs)} over {steps} steps{where}: passed")
     for runtime in sorted({a.runtime for a in manifest.artifacts} - {"onnx"}):
         lines.append(f"{runtime}: hashes verified; its parity figures are in the manifest "
                      "(re-run them with its exporter on a machine that runs it)")

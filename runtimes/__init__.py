@@ -28,6 +28,7 @@ from runtimes.bundle import (
 from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError, DecoError
 from runtimes.image import make_grid, save_png, to_pil, to_uint8
+from runtimes.int8 import Int8GateError, Int8KernelWarning
 from runtimes.noise import sample_noise
 from runtimes.pipeline import (
     CalibrationResult,
@@ -63,6 +64,8 @@ __all__ = [
     "DeCoPipeline",
     "DecoError",
     "GenerationOutput",
+    "Int8GateError",
+    "Int8KernelWarning",
     "Manifest",
     "ModelConfig",
     "RefreshBackend",

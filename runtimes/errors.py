@@ -8,7 +8,7 @@ names the problem and the fix. Subclasses keep a second, built-in base (``ValueE
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DecoError"]
+__all__ = ["ConfigError", "DecoError", "DecoWarning"]
 
 
 class DecoError(Exception):
@@ -17,3 +17,8 @@ class DecoError(Exception):
 
 class ConfigError(DecoError, ValueError):
     """A model or sampler configuration is incomplete, mistyped or out of range."""
+
+
+class DecoWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it as one
+    line."""

@@ -35,6 +35,7 @@ from runtimes.backend import close_backend, supports_decoder_split, supports_tex
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
 from runtimes.image import to_pil, to_uint8
+from runtimes.int8 import check_int8_load
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
 from runtimes.sharing import (
@@ -596,6 +597,15 @@ def record_schedule(
     return path
 
 
+def _on_cpu(providers: Any) -> bool:
+    """True when ONNX Runtime providers run the graphs on the CPU (the default)."""
+    if providers is None:
+        return True
+    names = providers.split(",") if isinstance(providers, str) else [
+        p if isinstance(p, str) else p[0] for p in providers]
+    return all(str(n).strip().lower() in ("cpu", "cpuexecutionprovider") for n in names)
+
+
 def create_backend(name: str, bundle_dir: str | os.PathLike[str] | None, manifest: Any,
                    **options: Any) -> Any:
     """The registered backend ``name``, created as ``load`` creates it but without reading or
@@ -611,13 +621,17 @@ def load(
     precision: str = "fp32",
     providers: Any = None,
     verify: bool = True,
+    allow_below_gate: bool = False,
     **backend_options: Any,
 ) -> DeCoPipeline:
     """Open a bundle: read the manifest, verify the hashes of the files the backend will read,
     create the backend and return a `DeCoPipeline`.
 
     ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
-    (e.g. ``intra_op_threads=2``) are passed to the backend.
+    (e.g. ``intra_op_threads=2``) are passed to the backend. int8 graphs on the CPU are checked
+    against the kind of CPU their gate ran on (`runtimes.int8`): a warning where they are not
+    proven, an `Int8GateError` where they were measured below the gate here, unless
+    ``allow_below_gate``.
     """
     root = Path(bundle_dir)
     manifest = _bundle.read_manifest(root)
@@ -637,6 +651,8 @@ def load(
                 + "\n  ".join(problems)
                 + "\n(load(..., verify=False) skips this check)"
             )
+    if precision == "int8" and runtime == "onnx" and _on_cpu(providers):
+        check_int8_load(root, manifest, allow_below_gate=allow_below_gate)
     options = dict(backend_options)
     if providers is not None:
         options["providers"] = providers

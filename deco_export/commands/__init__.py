@@ -12,6 +12,7 @@ the ``deco.commands`` entry-point group, so this package never imports ``trainin
 from __future__ import annotations
 
 import os
+import warnings
 
 # On shared or busy machines OpenMP threads that spin while waiting slow every torch call
 # several-fold; waiting passively costs nothing measurable when the machine is idle. This must
@@ -19,6 +20,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
+
+from runtimes.errors import DecoWarning
 
 from .group import DecoGroup
 
@@ -39,3 +42,16 @@ VERBS = {
 @click.version_option(package_name="deco-export")
 def main() -> None:
     """DeCo: faithful model, split-graph export and fast sampling on every runtime."""
+    warnings.formatwarning = one_line_warning
+
+
+_python_format = warnings.formatwarning
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                     lineno: int, line: str | None = None) -> str:
+    """The package's own warnings as one line on the terminal ("warning: ..."); others as
+    Python writes them."""
+    if issubclass(category, DecoWarning):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)

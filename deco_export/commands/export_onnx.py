@@ -17,6 +17,11 @@ from .options import model_text_encoder, parse_size
 @click.option("--precision", "precisions", multiple=True,
               type=click.Choice(list(ONNX_PRECISIONS)), default=("fp32",), show_default=True,
               help="repeat for several variants; int8 = fp32 graph with int8 weights (CPU)")
+@click.option("--int8-weights", type=click.Choice(["int8-7bit", "int8", "uint8"]),
+              default=None,
+              help="with --precision int8: how weights are quantized. int8-7bit (default) is "
+                   "exact on every x86 CPU; int8 (8-bit) saturates on CPUs without VNNI; uint8 "
+                   "runs u8 x u8 kernels (docs/benchmarks.md)")
 @click.option("--opset", type=int, default=18, show_default=True,
               help="18 (portable) or 23 (native Attention op)")
 @click.option("--image-size", default=None,
@@ -38,7 +43,8 @@ from .options import model_text_encoder, parse_size
                    "checkpoint's metadata names, e.g. default-t2i's minilm]")
 @click.option("--negative-prompt", default="", show_default=True,
               help="text-to-image: the prompt of the unconditional half")
-def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], opset: int,
+def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
+                        int8_weights: str | None, opset: int,
                         image_size: str | None, size_range: str | None, parity_steps: int,
                         weights: str,
                         force: bool, text_encoder: str | None, negative_prompt: str) -> None:
@@ -50,7 +56,11 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
     The export is gated on parity with PyTorch; a failing export leaves nothing behind.
     """
     from ..export.onnx import export_onnx
+    from ..export.quantize import INT8_WEIGHTS
     from ..sources import load_model
+
+    if int8_weights is not None and "int8" not in precisions:
+        raise click.UsageError("--int8-weights applies to int8 graphs: add --precision int8")
 
     net, source = load_model(model, weights=weights)
     size = parse_size(image_size) if image_size else None
@@ -65,5 +75,6 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...], o
     export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
                 parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
                 force=force, negative_prompt=negative_prompt if encoder is not None else None,
-                text_encoder=encoder, size_range=sizes)
+                text_encoder=encoder, size_range=sizes,
+                int8=INT8_WEIGHTS[int8_weights or "int8-7bit"])
     click.echo(f"wrote {bundle}")

@@ -15,6 +15,8 @@ from .options import SolverChoice, parse_int_list, parse_size
               help="onnxruntime, openvino, coreml, tensorrt (bundles) or torch (checkpoints); "
                    "default: onnxruntime for bundles, torch for checkpoints")
 @click.option("--precision", default="fp32", show_default=True)
+@click.option("--allow-below-gate", is_flag=True,
+              help="run int8 graphs that `deco validate` measured below their gate on this CPU")
 @click.option("--providers", default=None, help="ONNX Runtime providers, e.g. cuda,cpu")
 @click.option("--device", default="cpu", show_default=True,
               help="torch backend device; openvino: CPU, GPU or NPU")
@@ -45,7 +47,8 @@ from .options import SolverChoice, parse_int_list, parse_size
 @click.option("--cols", type=int, default=None, help="grid columns")
 @click.option("--scale", type=int, default=None,
               help="enlarge each image by pixel repetition [small images to >= 128 px]")
-def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
+def sample(source: str, backend: str | None, precision: str, allow_below_gate: bool,
+           providers: str | None, device: str,
            classes: str | None, per_class: int, steps: int | None, guidance: float | None,
            solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
            prompts: tuple[str, ...], negative_prompt: str | None, text_encoder: str | None,
@@ -56,8 +59,10 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
     from ..sampling import open_pipeline, parse_sharing, progress_callback
 
     image_format(out)  # an unknown extension fails before the model loads
+    if allow_below_gate and precision != "int8":
+        raise click.UsageError("--allow-below-gate applies to int8 graphs: add --precision int8")
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
-                         device=device)
+                         device=device, allow_below_gate=allow_below_gate)
     if per_class < 1 or (scale is not None and scale < 1):
         raise click.UsageError("--per-class and --scale must be >= 1")
     height, width = parse_size(size) if size else (None, None)

@@ -9,11 +9,12 @@ at both sizes. A range of one size exports fixed-size graphs, as before sizes we
 Only an export that passes the gate (deco_export.parity) is moved into the bundle; a failing
 one leaves nothing behind and an existing bundle untouched.
 
-``int8`` is the fp32 graph with ONNX Runtime's dynamic quantization applied: MatMul weights
-stored as int8 per output channel, activations quantized to uint8 per call from their own range.
+``int8`` is the fp32 graph with ONNX Runtime's dynamic quantization applied
+(`deco_export.export.quantize`: 7-bit int8 weights per output channel by default, which every
+x86 kernel computes exactly; activations quantized to uint8 per call from their own range).
 It needs no calibration data, runs on any CPU (integer dot products: the decoder's 32-wide
 GEMMs and the DiT's projections), and is held to the same end-to-end gate as every precision
-(40 dB against PyTorch fp32).
+(40 dB against PyTorch fp32); the manifest records the settings and the CPU the gate ran on.
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ from .graphs import (
     reference_outputs,
 )
 from .onnx_tools import check_onnx, ort_session, tool_versions
+from .quantize import Int8Settings, quantize_int8
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
 PARITY_BATCHES = (1, 3)
 QUANTIZED_FROM = {"int8": "fp32"}  # quantized precision -> the precision its graph is exported in
-QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 Progress = Callable[[str], None]
 
@@ -129,30 +130,6 @@ def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path,
     name_axes(path, record)
 
 
-def quantize_int8(path: Path, external_data: bool) -> dict:
-    """Replace the fp32 graph at ``path`` by its dynamically quantized int8 version.
-
-    The quantizer re-infers shapes; the dynamo exporter's value_info (symbolic batch) trips it,
-    so it is dropped first (ONNX Runtime re-derives what it needs at load).
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    model = onnx.load(str(path))
-    del model.graph.value_info[:]
-    for stale in [path, *path.parent.glob(path.name + ".data")]:
-        stale.unlink()
-    with quiet(""):  # the quantizer suggests its pre-processing pass on the root logger
-        quantize_dynamic(model, path, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=external_data)
-    quantized = onnx.load(str(path), load_external_data=False)
-    ops = [n.op_type for n in quantized.graph.node]
-    return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per channel",
-            "activations": "uint8 per tensor, dynamic", "ops": QUANTIZED_OPS,
-            "quantized_matmuls": ops.count("MatMulInteger"),
-            "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
-
-
 def graph_parity(model: DeCo, graph: str, path: Path, height: int, width: int,
                  seed: int, sizes: Sequence[tuple[int, int]] | None = None) -> list[GraphParity]:
     """Each output of the ONNX graph against PyTorch eager fp32, at batch 1 and batch 3, at
@@ -202,6 +179,7 @@ def export_onnx(
     negative_prompt: str | None = None,
     text_encoder: Any = None,
     size_range: SizeRange | None = None,
+    int8: Int8Settings | None = None,
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
     checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
@@ -209,7 +187,8 @@ def export_onnx(
 
     ``size_range``: the image sizes the graphs serve (default `SizeRange.around` the export
     size: half to twice each side); its default must be the export size. A range of one size
-    exports fixed-size graphs.
+    exports fixed-size graphs. ``int8``: how int8 graphs are quantized (default
+    `Int8Settings()`).
 
     A text-to-image model's bundle can store ``negative_prompt_embeds`` (1, L, C), the encoded
     ``negative_prompt`` (the empty prompt by default), for the unconditional half. With
@@ -277,8 +256,9 @@ def export_onnx(
                 details = {"opset": opset, "exporter": "torch.onnx dynamo",
                            "external_data": external}
                 if precision in QUANTIZED_FROM:
-                    say(f"quantizing {name} (int8 weights, dynamic activations)")
-                    details["quantization"] = quantize_int8(path, external)
+                    settings = int8 or Int8Settings()
+                    say(f"quantizing {name} ({settings.describe()})")
+                    details["quantization"] = quantize_int8(path, external, settings)
                 check_onnx(path)
                 say(f"checking {name} in ONNX Runtime against PyTorch")
                 results = graph_parity(model, graph, path, height, width, seed, checked)

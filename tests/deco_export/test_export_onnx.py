@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -14,8 +17,11 @@ from deco_export import parity
 from deco_export.bench.timing import TimingBackend
 from deco_export.cli import main
 from deco_export.export.onnx import export_onnx
+from deco_export.export.quantize import Int8Settings
 from deco_export.validate import validate_bundle
 from runtimes import bundle as rb
+from runtimes.cpu import int8_kernel
+from runtimes.int8 import GATES_KEY, Int8GateError, Int8KernelWarning, int8_gates, record_int8_gate
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +179,86 @@ def test_int8_graphs_hold_int8_weights_and_pass_the_gate(int8_bundle, golden_ckp
         assert [i.type.tensor_type.elem_type for i in model.graph.input] == \
             [onnx.TensorProto.FLOAT if i.name != "y" else onnx.TensorProto.INT64
              for i in model.graph.input]
+        quantization = art["details"]["quantization"]
+        assert quantization["settings"] == Int8Settings().to_dict()
+        assert quantization["saturation_free"]
+        assert art["parity"]["end_to_end"]["cpu"]["int8_kernel"] == int8_kernel()
     lines = validate_bundle(int8_bundle, checkpoint=str(golden_ckpt), steps=2)
     assert any("onnx int8" in line and "passed" in line for line in lines)
+
+
+@pytest.fixture
+def int8_copy(int8_bundle, tmp_path):
+    """A copy of the int8 bundle whose manifest says its gate ran on another kind of CPU."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(int8_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    other = "amx" if int8_kernel() != "amx" else "avx2"
+    for art in manifest["artifacts"]:
+        art["parity"].pop(GATES_KEY, None)
+        if art["precision"] == "int8":
+            art["parity"]["end_to_end"]["cpu"]["int8_kernel"] = other
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy, other
+
+
+def test_int8_on_another_kind_of_cpu_warns_then_follows_validate(int8_copy):
+    copy, other = int8_copy
+    with pytest.warns(Int8KernelWarning, match=f"gated on {other} int8 kernels, not on this "
+                                               f"CPU's \\({int8_kernel()}\\).*deco validate"):
+        runtimes.load(copy, backend="onnxruntime", precision="int8").close()
+
+    record_int8_gate(copy, 31.5, passed=False, threshold_db=40.0)
+    with pytest.raises(Int8GateError, match="31.5 dB .* below the gate.*allow_below_gate"):
+        runtimes.load(copy, backend="onnxruntime", precision="int8")
+    runtimes.load(copy, backend="onnxruntime", precision="int8", allow_below_gate=True).close()
+    assert rb.verify(copy) == []  # the record changes the manifest only
+
+    record_int8_gate(copy, 48.0, passed=True, threshold_db=40.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Int8KernelWarning)
+        runtimes.load(copy, backend="onnxruntime", precision="int8").close()
+    gates = int8_gates(rb.read_manifest(copy))
+    assert gates[other]["by"] == "export" and gates[int8_kernel()]["psnr_db"] == 48.0
+
+
+def test_validate_precision_int8_records_the_gate_on_this_cpu(int8_copy, golden_ckpt):
+    copy, _ = int8_copy
+    result = CliRunner().invoke(main, ["validate", str(copy), "--precision", "int8",
+                                       "--steps", "2", "--checkpoint", str(golden_ckpt)])
+    assert result.exit_code == 0, result.output
+    assert f"on {int8_kernel()} int8 kernels (recorded): passed" in result.output
+    record = int8_gates(rb.read_manifest(copy))[int8_kernel()]
+    assert record["passed"] and record["psnr_db"] >= 40 and record["by"] == "validate"
+    assert record["cpu"]["int8_kernel"] == int8_kernel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Int8KernelWarning)
+        runtimes.load(copy, backend="onnxruntime", precision="int8").close()
+    missing = CliRunner().invoke(main, ["validate", str(copy), "--precision", "fp16"])
+    assert missing.exit_code != 0 and "has no ONNX fp16 graphs (it has int8)" in missing.output
+
+
+def test_int8_only_flags_are_refused_without_int8(tmp_path, int8_copy):
+    copy, _ = int8_copy
+    result = CliRunner().invoke(main, ["sample", str(copy), "--allow-below-gate",
+                                       "--out", str(tmp_path / "s.png")])
+    assert result.exit_code != 0 and "add --precision int8" in result.output
+    result = CliRunner().invoke(main, ["export", "onnx", "default", str(tmp_path / "b"),
+                                       "--int8-weights", "uint8"])
+    assert result.exit_code != 0 and "add --precision int8" in result.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_cli_prints_an_unproven_int8_bundle_as_one_warning_line(tmp_path, int8_copy):
+    copy, other = int8_copy
+    result = subprocess.run(
+        [sys.executable, "-m", "deco_export.cli", "sample", str(copy), "--precision", "int8",
+         "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "s.png")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "int8 kernels" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and other in lines[0]
+    assert "Traceback" not in result.stderr and (tmp_path / "s.png").is_file()
 
 
 def test_int8_bundle_samples_close_to_the_golden(int8_bundle, golden):

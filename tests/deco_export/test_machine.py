@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from deco_export import machine
+from runtimes import cpu
 
 
 def test_flags_come_from_proc_cpuinfo(tmp_path, monkeypatch):
@@ -14,8 +15,9 @@ def test_flags_come_from_proc_cpuinfo(tmp_path, monkeypatch):
     fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n"
                     "flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n\nprocessor\t: 1\n"
                     "flags\t\t: fpu\n")
-    monkeypatch.setattr(machine, "CPUINFO", fake)
-    machine.cpu_flags.cache_clear()
+    monkeypatch.setattr(cpu, "CPUINFO", fake)
+    cpu.cpu_flags.cache_clear()
+    cpu.cpu_model.cache_clear()
     try:
         assert machine.cpu_model() == "Test CPU 9000"
         features = machine.cpu_features()
@@ -28,7 +30,8 @@ def test_flags_come_from_proc_cpuinfo(tmp_path, monkeypatch):
         assert machine.gemm_peak(["bf16"], size=64, repeats=1)["bf16"] == {
             "gflops": None, "reason": reason}
     finally:
-        machine.cpu_flags.cache_clear()
+        cpu.cpu_flags.cache_clear()
+        cpu.cpu_model.cache_clear()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
