@@ -222,7 +222,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "image_size": size,  # what every row ran (a bundle's default or a size of its range)
         "guidance": guidance,
         "solver": defaults.solver,
-        "guidance_bounds": defaults.get("guidance_bounds"),
+        "guidance_bounds": defaults.guidance_bounds,
         "guidance_interval": list(defaults.guidance_interval),
         "settings": {**asdict(settings), "device": device},
         "environment": env,
