@@ -41,6 +41,7 @@ __all__ = [
     "CFG_MODES",
     "DIVERGENCE_CHECK_EVERY",
     "DIVERGENCE_LIMIT",
+    "FAST_SAMPLERS",
     "MAX_STEPS",
     "RELEASE_SAMPLERS",
     "SOLVERS",
@@ -420,6 +421,15 @@ RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
     # running sum of the step sizes.
     "t2i": SamplerConfig(solver="ab2", num_steps=25, guidance=4.0, guidance_interval=(0.0, 1.0),
                          guidance_bounds="()", shift=3.0, accumulate_time=True),
+}
+
+
+# Each family's recommended few-step setting (`deco sample --fast`): the solver, its step count
+# and the guidance edges, applied over the bundle's own guidance, interval and shift. Chosen
+# from the measured PSNR-vs-NFE curves of the embedded models (docs/sampling.md).
+FAST_SAMPLERS: dict[str, dict[str, Any]] = {
+    "c2i": {"solver": "unipc", "num_steps": 8, "guidance_edges": True},
+    "t2i": {"solver": "unipc", "num_steps": 8, "guidance_edges": True},
 }
 
 
