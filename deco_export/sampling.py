@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from runtimes.sampler import release_sampler
+
 from .sources import is_bundle
 
 BUNDLE_BACKENDS = ("onnxruntime", "openvino", "coreml", "tensorrt")
@@ -47,7 +49,6 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             f"(`deco export onnx {source} BUNDLE`) to use {backend}"
         )
     from .backends import create_backend
-    from .export.bundle_io import default_sampler_settings
     from .sources import load_model, model_path
     from .text_encoders import LazyTextEncoder, recorded_text_encoder
 
@@ -59,7 +60,7 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
     if cfg.family == "t2i" and (name := recorded_text_encoder(model_path(source))):
         encoder = LazyTextEncoder(name, cfg.text_len, cfg.text_dim)
     return runtimes.DeCoPipeline(backend_obj, model_config=cfg, text_encoder=encoder,
-                                 sampler_defaults=default_sampler_settings(cfg))
+                                 sampler_defaults=release_sampler(cfg.family))
 
 
 def parse_sharing(text: str | None, mode: str = "reuse") -> Any:

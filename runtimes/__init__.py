@@ -19,7 +19,6 @@ from runtimes.bundle import (
     Artifact,
     BundleError,
     Manifest,
-    SamplerDefaults,
     TensorSpec,
     read_manifest,
     verify,
@@ -40,7 +39,14 @@ from runtimes.pipeline import (
     record_schedule,
     register_backend,
 )
-from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample, timesteps
+from runtimes.sampler import (
+    SamplerConfig,
+    SamplingPlan,
+    make_plan,
+    release_sampler,
+    sample,
+    timesteps,
+)
 from runtimes.sharing import (
     SharingSchedule,
     SimilarityAccumulator,
@@ -70,7 +76,6 @@ __all__ = [
     "ModelConfig",
     "RefreshBackend",
     "SamplerConfig",
-    "SamplerDefaults",
     "SamplingPlan",
     "SharingSchedule",
     "SimilarityAccumulator",
@@ -88,6 +93,7 @@ __all__ = [
     "read_manifest",
     "record_schedule",
     "register_backend",
+    "release_sampler",
     "sample",
     "sample_noise",
     "save_png",

@@ -33,7 +33,6 @@ lives inside the graph.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +65,6 @@ __all__ = [
     "BundleError",
     "Manifest",
     "ModelConfig",
-    "SamplerDefaults",
     "SizeRange",
     "TensorSpec",
     "atomic_write_bytes",
@@ -271,78 +269,10 @@ class Artifact:
             ) from None
 
 
-_FALLBACK = SamplerConfig()  # what a key left out of "sampler_defaults" reads as
-
-
-class SamplerDefaults(dict[str, Any]):
-    """The manifest's "sampler_defaults" dict with typed accessors and the reference fallbacks
-    (Euler, 100 steps, no guidance, interval (0, 1], no shift) for keys it leaves out.
-    Optional keys: "last_step", "guidance_bounds"."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._check()
-
-    def _check(self) -> None:
-        """Refuse values the sampler cannot use, naming the key (the manifest is user-editable)."""
-        def bad(key: str, need: str) -> BundleError:
-            return BundleError(
-                f"manifest.json: sampler_defaults.{key} must be {need}, got {self[key]!r}; fix "
-                "the manifest or re-export the bundle"
-            )
-
-        def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if "steps" in self and (isinstance(self["steps"], bool)
-                                or not isinstance(self["steps"], int) or self["steps"] < 1):
-            raise bad("steps", "a positive integer")
-        if "guidance" in self and not (number(self["guidance"]) and self["guidance"] >= 0):
-            raise bad("guidance", "a finite number >= 0")
-        if "shift" in self and not (number(self["shift"]) and self["shift"] > 0):
-            raise bad("shift", "a finite number > 0")
-        if "solver" in self and not isinstance(self["solver"], str):
-            raise bad("solver", "a solver name")
-        if "guidance_interval" in self:
-            gi = self["guidance_interval"]
-            if (not isinstance(gi, (list, tuple)) or len(gi) != 2
-                    or not all(number(v) for v in gi) or not 0 <= gi[0] < gi[1] <= 1):
-                raise bad("guidance_interval", "[t_min, t_max] with 0 <= t_min < t_max <= 1")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> SamplerDefaults:
-        if d is not None and not isinstance(d, Mapping):
-            raise BundleError(f"manifest.json: sampler_defaults must be an object, got {d!r}")
-        return cls(d or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self)
-
-    @property
-    def solver(self) -> str:
-        return str(self.get("solver", _FALLBACK.solver))
-
-    @property
-    def steps(self) -> int:
-        return int(self.get("steps", _FALLBACK.num_steps))
-
-    @property
-    def guidance(self) -> float:
-        return float(self.get("guidance", _FALLBACK.guidance))
-
-    @property
-    def guidance_interval(self) -> tuple[float, float]:
-        lo, hi = self.get("guidance_interval", _FALLBACK.guidance_interval)
-        return (float(lo), float(hi))
-
-    @property
-    def shift(self) -> float:
-        return float(self.get("shift", _FALLBACK.shift))
-
-
 @dataclass
 class Manifest:
-    """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` may be given as dicts.
+    """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` (a `SamplerConfig`)
+    may be given as dicts.
 
     ``model_extra`` keeps keys of the "model" section this version does not know (written by a
     newer exporter), so reading and rewriting a manifest never drops them. ``sizes`` is the
@@ -351,7 +281,7 @@ class Manifest:
     """
 
     model: ModelConfig
-    sampler_defaults: SamplerDefaults = field(default_factory=SamplerDefaults)
+    sampler_defaults: SamplerConfig = field(default_factory=SamplerConfig)
     source: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
     artifacts: list[Artifact] = field(default_factory=list)
@@ -367,8 +297,8 @@ class Manifest:
             self.model, extra = model_config_from_manifest(model)
             self.model_extra = {**extra, **self.model_extra}
         defaults: Any = self.sampler_defaults
-        if not isinstance(defaults, SamplerDefaults):
-            self.sampler_defaults = SamplerDefaults(defaults or {})
+        if not isinstance(defaults, SamplerConfig):
+            self.sampler_defaults = _sampler_defaults(defaults)
         sizes: Any = self.sizes
         if sizes is not None and not isinstance(sizes, SizeRange):
             self.sizes = _size_range(sizes, "manifest.json: sizes")
@@ -436,7 +366,7 @@ class Manifest:
             "format": FORMAT,
             "format_version": self.format_version,
             "model": {**self.model.to_dict(), **self.model_extra},
-            "sampler_defaults": dict(self.sampler_defaults),
+            "sampler_defaults": self.sampler_defaults.to_dict(),
             "source": self.source,
             "package_version": self.package_version,
             "artifacts": [a.to_dict() for a in self.artifacts],
@@ -478,7 +408,7 @@ class Manifest:
         return cls(
             model=model,
             model_extra=model_extra,
-            sampler_defaults=SamplerDefaults(d.get("sampler_defaults") or {}),
+            sampler_defaults=_sampler_defaults(d.get("sampler_defaults")),
             source=dict(d.get("source", {})),
             package_version=str(d.get("package_version", "")),
             artifacts=[Artifact.from_dict(a) for a in d.get("artifacts", [])],
@@ -487,6 +417,15 @@ class Manifest:
             extra={k: v for k, v in d.items() if k not in known},
             sizes=None if sizes is None else _size_range(sizes, "manifest.json: sizes"),
         )
+
+
+def _sampler_defaults(d: Any) -> SamplerConfig:
+    """The "sampler_defaults" section as a `SamplerConfig`, or a BundleError naming the key."""
+    try:
+        return SamplerConfig.from_dict(d)
+    except ConfigError as exc:
+        raise BundleError(f"manifest.json: {exc}; fix the manifest or re-export the bundle"
+                          ) from None
 
 
 def _size_range(d: Any, where: str) -> SizeRange:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,9 @@ import numpy as np
 from runtimes import bundle as _bundle
 from runtimes import fileio
 from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
-from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
+from runtimes.bundle import BundleError, Manifest, model_config_from_manifest
 from runtimes.config import ModelConfig
+from runtimes.errors import ConfigError
 from runtimes.image import to_pil, to_uint8
 from runtimes.int8 import check_int8_load
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
@@ -47,6 +48,7 @@ from runtimes.sharing import (
     schedule_key,
 )
 from runtimes.sizes import SizeError, SizeRange
+from runtimes.solvers import get_solver
 from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
@@ -196,16 +198,16 @@ class DeCoPipeline:
     """Class-conditional DeCo generation on any backend.
 
     backend: a `Backend` (ONNX Runtime, PyTorch, ...). model_config: `ModelConfig` or its dict
-    (patch_size, num_classes, in_channels, image_size are used). sampler_defaults: the settings
-    used when a call leaves them out. schedules: calibrated sharing schedules by key (the
-    bundle manifest's "schedules").
+    (patch_size, num_classes, in_channels, image_size are used). sampler_defaults: the
+    `SamplerConfig` (or its manifest dict) used where a call leaves a setting out. schedules:
+    calibrated sharing schedules by key (the bundle manifest's "schedules").
     """
 
     def __init__(
         self,
         backend: Any,
         model_config: ModelConfig | Mapping[str, Any],
-        sampler_defaults: SamplerDefaults | Mapping[str, Any] | None = None,
+        sampler_defaults: SamplerConfig | Mapping[str, Any] | None = None,
         *,
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         manifest: Manifest | None = None,
@@ -222,8 +224,8 @@ class DeCoPipeline:
         )
         self.sampler_defaults = (
             sampler_defaults
-            if isinstance(sampler_defaults, SamplerDefaults)
-            else SamplerDefaults.from_dict(sampler_defaults)
+            if isinstance(sampler_defaults, SamplerConfig)
+            else SamplerConfig.from_dict(sampler_defaults)
         )
         self.schedules = dict(schedules or {})
         self.manifest = manifest
@@ -241,34 +243,30 @@ class DeCoPipeline:
         timesteps: Sequence[float] | None = None,
         cfg_mode: str = "fast",
         guidance_bounds: str | None = None,
+        guidance_edges: bool | None = None,
     ) -> SamplerConfig:
-        """The bundle's sampler defaults with the given overrides applied."""
-        d = self.sampler_defaults
+        """The bundle's sampler defaults with the given overrides applied
+        (``dataclasses.replace``; the config checks every value)."""
         if timesteps is not None and steps is not None and len(timesteps) != steps + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"steps={steps} but {len(timesteps)} timesteps were given (need steps + 1); "
                 f"pass only timesteps="
             )
-        if steps is not None and (isinstance(steps, bool)
-                                  or not isinstance(steps, (int, np.integer))):
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if _is_bool(guidance) or _is_bool(shift):
-            raise ValueError("guidance and shift must be numbers, not True/False")
-        g = d.guidance if guidance is None else float(guidance)
-        if not np.isfinite(g) or g < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
-        return SamplerConfig(
-            solver=solver or d.solver,
-            num_steps=int(steps if steps is not None else d.steps),
-            shift=float(shift if shift is not None else d.shift),
-            timesteps=tuple(timesteps) if timesteps is not None else None,
-            last_step=d.get("last_step"),
-            guidance=g,
-            guidance_interval=tuple(guidance_interval or d.guidance_interval),  # type: ignore[arg-type]
-            guidance_bounds=guidance_bounds or d.get("guidance_bounds"),
-            cfg_mode=cfg_mode,
-            accumulate_time=bool(d.get("accumulate_time", False)),
-        )
+            raise ConfigError("guidance and shift must be numbers, not True/False")
+        given = {"num_steps": steps, "guidance": guidance, "solver": solver, "shift": shift,
+                 "guidance_bounds": guidance_bounds, "cfg_mode": cfg_mode,
+                 "guidance_edges": guidance_edges,
+                 "guidance_interval": None if guidance_interval is None else tuple(
+                     guidance_interval)}
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if timesteps is not None:
+            overrides["timesteps"] = tuple(timesteps)
+        elif steps is not None:
+            overrides["timesteps"] = None  # a step count replaces the defaults' explicit grid
+        if solver is not None and get_solver(solver).name != "table":
+            overrides["coefficients"] = None  # a table belongs to the "table" solver
+        return replace(self.sampler_defaults, **overrides)
 
     def plan(
         self, config: SamplerConfig, sharing: Any = None
@@ -426,6 +424,7 @@ class DeCoPipeline:
         negative_prompt: str | Sequence[str] | None = None,
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
+        guidance_edges: bool | None = None,
     ) -> GenerationOutput:
         """Generate one image per class label (label ``num_classes`` gives an unconditional one),
         or, for a text-to-image bundle, one per prompt (``prompt=``, or ``prompt_embeds=``
@@ -438,7 +437,8 @@ class DeCoPipeline:
         ``callback(step_index, num_steps, t)`` runs after every step. ``fused_step`` controls
         the backend's whole-step capability (None: use it where it applies; see `sample`).
         ``decoder_split`` False runs the fused decoder on steps that reuse the DiT's condition
-        instead of the cached modulation's pixel part (see `sample`).
+        instead of the cached modulation's pixel part (see `sample`). ``guidance_edges`` puts
+        a step boundary on each edge of the guidance interval (`SamplerConfig`).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -466,6 +466,7 @@ class DeCoPipeline:
         config = self.sampler_config(
             steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
             shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
+            guidance_edges=guidance_edges,
         )
         plan = self.plan(config, sharing)
         shape = (batch, self.model_config.in_channels, h, w)

@@ -1,4 +1,7 @@
-"""The one sampler: time grids, solvers, classifier-free guidance and DiT sharing.
+"""The one sampler: time grids, the step loop, classifier-free guidance and DiT sharing.
+
+The solvers (Euler, Heun, Adams-Bashforth, DPM-Solver++, UniPC, the coefficient table) are
+classes in `runtimes.solvers`; the sampler runs whichever the config names through one loop.
 
 It drives any `runtimes.backend.Backend` and knows nothing about the runtime behind it (the
 diffusers model/scheduler split applied to DeCo's two graphs). Conventions follow the reference
@@ -16,8 +19,9 @@ write that order in two places.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,13 +33,15 @@ from runtimes.backend import (
     supports_text_embedding,
     supports_velocity,
 )
-from runtimes.errors import DecoError
+from runtimes.errors import ConfigError, DecoError
 from runtimes.sharing import SharingSchedule
+from runtimes.solvers import SOLVER_ALIASES, SOLVERS, Solver, get_solver
 
 __all__ = [
     "CFG_MODES",
     "DIVERGENCE_CHECK_EVERY",
     "DIVERGENCE_LIMIT",
+    "FAST_SAMPLERS",
     "MAX_STEPS",
     "RELEASE_SAMPLERS",
     "SOLVERS",
@@ -46,26 +52,16 @@ __all__ = [
     "SamplingPlan",
     "condition_arrays",
     "condition_inputs",
+    "edge_timesteps",
     "guidance_flags",
     "make_plan",
-    "manifest_defaults",
     "release_sampler",
     "sample",
     "timesteps",
     "torch_linspace",
 ]
 
-SOLVERS = ("euler", "heun", "heun_reuse", "ab2")
 CFG_MODES = ("fast", "reference")
-# Older spellings, still accepted (the CLI lists only SOLVERS).
-SOLVER_ALIASES = {
-    "heun_exact": "heun",
-    "heun2": "heun",
-    "heun_cheap": "heun_reuse",
-    "adams2": "ab2",
-    "adams_bashforth2": "ab2",
-    "adamlms": "ab2",
-}
 _BOUNDS = ("(]", "()", "[]", "[)")
 
 # The latent is read back every DIVERGENCE_CHECK_EVERY steps and after the last one. A sane
@@ -111,7 +107,7 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     the guidance interval boundary at t = 0.1 depends on the last bit of grid values.
     """
     if steps < 1:
-        raise ValueError(f"linspace needs at least one step, got {steps}")
+        raise ConfigError(f"linspace needs at least one step, got {steps}")
     start32, end32 = np.float32(start), np.float32(end)
     if steps == 1:
         return np.array([start32], dtype=np.float32)
@@ -131,14 +127,14 @@ def timesteps(num_steps: int, shift: float = 1.0, last_step: float | None = None
     the reference leaves steps 0..10 unguided.
     """
     if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}")
     num_steps = int(num_steps)
     if last_step is None or num_steps == 1:
         last_step = 1.0 / num_steps
     if not 0.0 < last_step <= 1.0:
-        raise ValueError(f"last_step must be in (0, 1], got {last_step}")
+        raise ConfigError(f"last_step must be in (0, 1], got {last_step}")
     if not shift > 0.0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+        raise ConfigError(f"shift must be > 0, got {shift}")
     grid = np.concatenate([torch_linspace(0.0, 1.0 - last_step, num_steps), [np.float32(1.0)]])
     grid = grid.astype(np.float32)
     one = np.float32(1.0)
@@ -155,7 +151,7 @@ def guidance_flags(
     the reference's Adams-Bashforth and DDT rule.
     """
     if bounds not in _BOUNDS:
-        raise ValueError(f"guidance_bounds must be one of {_BOUNDS}, got {bounds!r}")
+        raise ConfigError(f"guidance_bounds must be one of {_BOUNDS}, got {bounds!r}")
     t = np.asarray(t, dtype=np.float32)
     lo, hi = np.float32(interval[0]), np.float32(interval[1])
     above = t >= lo if bounds[0] == "[" else t > lo
@@ -164,21 +160,65 @@ def guidance_flags(
     return inside
 
 
+def edge_timesteps(num_steps: int, shift: float, interval: tuple[float, float]) -> np.ndarray:
+    """A grid of N + 1 float32 times with a step boundary on each edge of the guidance
+    interval that lies inside (0, 1), so no step straddles the jump of the guided velocity.
+
+    The step count is unchanged: the edges split [0, 1] into segments, each gets steps in
+    proportion to its length in the unshifted coordinate u (t = u / (u + (1 - u) s)), at least
+    one, and inside a segment the steps are uniform in u, as `timesteps` is (an interval with
+    no edge inside (0, 1) keeps the `timesteps` grid). N must be at least the number of
+    segments (2 for c2i's (0.1, 1]; 1 for an interval (0, 1)).
+    """
+    edges = sorted({float(e) for e in interval if 0.0 < float(e) < 1.0})
+    if not edges:
+        return timesteps(num_steps, shift)  # the reference grid, bit for bit
+    # u of each edge under the shift (the inverse of t = u / (u + (1 - u) s))
+    cuts = [0.0, *(e * shift / (1.0 - e + e * shift) for e in edges), 1.0]
+    lengths = np.diff(cuts)
+    if num_steps < lengths.size:
+        raise ConfigError(
+            f"guidance_edges places a step boundary on each edge of the guidance interval "
+            f"{interval}: that needs at least {lengths.size} steps, got {num_steps}"
+        )
+    counts = np.maximum(1, np.round(lengths * num_steps)).astype(int)
+    while counts.sum() != num_steps:  # the rounding's excess or deficit on the longest segment
+        j = int(np.argmax(lengths / counts)) if counts.sum() < num_steps else int(
+            np.argmax(np.where(counts > 1, counts / lengths, -np.inf)))
+        counts[j] += 1 if counts.sum() < num_steps else -1
+    u = np.concatenate([np.linspace(cuts[k], cuts[k + 1], int(counts[k]) + 1)[:-1]
+                        for k in range(lengths.size)] + [np.array([1.0])])
+    grid = u / (u + (1.0 - u) * shift)
+    out = grid.astype(np.float32)
+    for e, k in zip(edges, np.cumsum(counts)[:-1], strict=True):
+        out[k] = np.float32(e)  # the edge itself, whatever the rounding of the map
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and math.isfinite(float(value)))
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Sampler settings (all host-side; a config never touches a backend).
+    """Sampler settings (all host-side; a config never touches a backend). The one form of
+    them: a bundle's manifest stores one ("sampler_defaults", `to_dict` / `from_dict`),
+    ``pipe.sampler_defaults`` is one, and a call's overrides are ``dataclasses.replace``.
 
-    solver: "euler" (x += v dt, last step ordinary), "heun" (2nd order, two evaluations per step,
-        the last step Euler as in the reference HeunSampler with exact_henu=True), "heun_reuse"
-        (the reference default exact_henu=False: the corrector's evaluation at (x_hat, t_next) is
-        reused as the next step's slope, about one evaluation per step), "ab2" (2-step
-        Adams-Bashforth with variable step, the first step Euler).
+    solver: a name in `runtimes.solvers.SOLVERS` (or an alias): "euler", "heun" (2nd order,
+        two evaluations per step, the last step Euler as in the reference HeunSampler with
+        exact_henu=True), "heun_reuse" (the corrector's evaluation reused as the next step's
+        slope, about one evaluation per step), "ab2" (2-step Adams-Bashforth with variable
+        step, the first step Euler), "ab3", "dpm++2m" (flow DPM-Solver++ 2M, data prediction),
+        "unipc" (bh2, order 2, one evaluation per step) and "table" (N time deltas and a
+        lower-triangular coefficient table: ``timesteps`` and ``coefficients``).
     num_steps: N; ignored when ``timesteps`` is given (N = len(timesteps) - 1).
     shift: timestep shift s in t / (t + (1 - t) s); s > 1 spends more steps near noise.
     timesteps: explicit increasing grid in [0, 1] used as is (no shift), N + 1 values.
     last_step: length of the final jump (None: 1 / N).
-    guidance: CFG scale w; v = v_u + w (v_c - v_u) inside the interval, v = v_c outside.
-    guidance_interval: (t_min, t_max).
+    guidance: CFG scale w >= 0; v = v_u + w (v_c - v_u) inside the interval, v = v_c outside.
+    guidance_interval: (t_min, t_max) with 0 <= t_min < t_max <= 1.
     guidance_bounds: "(]", "()", "[]" or "[)"; None picks the reference's rule for the solver
         ("()" for ab2, "(]" otherwise).
     cfg_mode: "fast" runs the unconditional half only where guidance is active and never when
@@ -187,6 +227,12 @@ class SamplerConfig:
     accumulate_time: feed the network a float32 running sum of the step sizes instead of the
         grid values, as the reference's Adams-Bashforth sampler does (its t differs from the grid
         in the last bits).
+    coefficients: the "table" solver's N x N strictly lower-triangular table.
+    guidance_edges: place a step boundary on each edge of the guidance interval inside (0, 1)
+        (`edge_timesteps`; the step count is unchanged), decide guidance per step by whether
+        the step lies inside the interval (so the bounds' open or closed ends no longer
+        matter), and restart multistep solvers' history where guidance switches: no step and
+        no extrapolation straddles the jump of the guided velocity field.
     """
 
     solver: str = "euler"
@@ -199,63 +245,168 @@ class SamplerConfig:
     guidance_bounds: str | None = None
     cfg_mode: str = "fast"
     accumulate_time: bool = False
+    coefficients: tuple[tuple[float, ...], ...] | None = None
+    guidance_edges: bool = False
 
     def __post_init__(self) -> None:
-        solver = SOLVER_ALIASES.get(self.solver, self.solver)
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
-        object.__setattr__(self, "solver", solver)
+        object.__setattr__(self, "solver", get_solver(self.solver).name)
         if self.cfg_mode not in CFG_MODES:
-            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
+            raise ConfigError(f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
         if self.guidance_bounds is not None and self.guidance_bounds not in _BOUNDS:
-            raise ValueError(
+            raise ConfigError(
                 f"guidance_bounds must be one of {_BOUNDS} or None, got {self.guidance_bounds!r}"
             )
-        if not np.isfinite(self.guidance):
-            raise ValueError(f"guidance must be a finite number, got {self.guidance}")
-        if not (np.isfinite(self.shift) and self.shift > 0):
-            raise ValueError(f"shift must be a finite number > 0, got {self.shift}")
+        if not _is_number(self.guidance) or self.guidance < 0:
+            raise ConfigError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if not (_is_number(self.shift) and self.shift > 0):
+            raise ConfigError(f"shift must be a finite number > 0, got {self.shift!r}")
+        object.__setattr__(self, "guidance", float(self.guidance))
+        object.__setattr__(self, "shift", float(self.shift))
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)):
-            raise ValueError(
+            raise ConfigError(
                 f"steps must be a positive integer, got {self.num_steps!r} "
                 f"({type(self.num_steps).__name__})"
             )
         if not 1 <= self.num_steps <= MAX_STEPS and self.timesteps is None:
-            raise ValueError(
+            raise ConfigError(
                 f"steps must be between 1 and {MAX_STEPS}, got {self.num_steps}; DeCo samples "
-                "well in 50-250 steps"
+                "well in 50-250 steps (4-16 with a few-step solver)"
             )
-        lo, hi = (float(v) for v in self.guidance_interval)
-        if not lo < hi:
-            raise ValueError(
-                f"guidance_interval must be (t_min, t_max) with t_min < t_max, got {(lo, hi)}"
+        if self.last_step is not None and not (_is_number(self.last_step)
+                                               and 0 < self.last_step <= 1):
+            raise ConfigError(f"last_step must be in (0, 1], got {self.last_step!r}")
+        interval = tuple(self.guidance_interval)
+        if len(interval) != 2 or not all(_is_number(v) for v in interval):
+            raise ConfigError(
+                f"guidance_interval must be (t_min, t_max), two numbers, got {interval!r}")
+        lo, hi = (float(v) for v in interval)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ConfigError(
+                f"guidance_interval must be (t_min, t_max) with 0 <= t_min < t_max <= 1, got "
+                f"{(lo, hi)}"
             )
         object.__setattr__(self, "guidance_interval", (lo, hi))
         if self.timesteps is not None:
             grid = np.asarray(self.timesteps, dtype=np.float32)
             if grid.ndim != 1 or grid.size < 2:
-                raise ValueError("timesteps must be a list of at least two times (N + 1 values)")
+                raise ConfigError(
+                    "timesteps must be a list of at least two times (N + 1 values)")
             if not np.all(np.isfinite(grid)) or grid[0] < 0 or grid[-1] > 1:
-                raise ValueError("timesteps must lie in [0, 1] (t = 0 noise, t = 1 data)")
+                raise ConfigError("timesteps must lie in [0, 1] (t = 0 noise, t = 1 data)")
             if not np.all(np.diff(grid) > 0):
-                raise ValueError("timesteps must be strictly increasing (from noise to data)")
+                raise ConfigError("timesteps must be strictly increasing (from noise to data)")
             object.__setattr__(self, "timesteps", tuple(float(v) for v in grid))
             object.__setattr__(self, "num_steps", int(grid.size - 1))
-        elif int(self.num_steps) != self.num_steps or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        elif self.guidance_edges and self.last_step is not None:
+            raise ConfigError("guidance_edges makes its own grid; it cannot take last_step "
+                              "(pass explicit timesteps instead)")
+        if self.coefficients is not None:
+            table = np.asarray(self.coefficients, dtype=np.float64)
+            if table.ndim != 2 or not np.all(np.isfinite(table)):
+                raise ConfigError("coefficients must be a table of finite numbers (N rows of N)")
+            object.__setattr__(self, "coefficients",
+                               tuple(tuple(float(v) for v in row) for row in table))
+        if (self.coefficients is None) != (self.solver != "table"):
+            raise ConfigError("coefficients go with solver 'table' and only with it")
 
     @property
     def bounds(self) -> str:
         """The guidance bounds actually used."""
         if self.guidance_bounds is not None:
             return self.guidance_bounds
-        return "()" if self.solver == "ab2" else "(]"
+        return get_solver(self.solver).default_bounds
 
     def grid(self) -> np.ndarray:
         """The N + 1 float32 times of this configuration."""
         if self.timesteps is not None:
             return np.asarray(self.timesteps, dtype=np.float32)
+        if self.guidance_edges:
+            return edge_timesteps(self.num_steps, self.shift, self.guidance_interval)
         return timesteps(self.num_steps, self.shift, self.last_step)
+
+    # -- the manifest's "sampler_defaults" ------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest form: the five keys every bundle has, then only the settings that
+        differ from their defaults (so older manifests stay byte-identical)."""
+        d: dict[str, Any] = {"solver": self.solver, "steps": self.num_steps,
+                             "guidance": self.guidance,
+                             "guidance_interval": list(self.guidance_interval),
+                             "shift": self.shift}
+        if self.last_step is not None:
+            d["last_step"] = self.last_step
+        if self.guidance_bounds is not None:
+            d["guidance_bounds"] = self.guidance_bounds
+        if self.accumulate_time:
+            d["accumulate_time"] = True
+        if self.timesteps is not None:
+            d["timesteps"] = list(self.timesteps)
+        if self.coefficients is not None:
+            d["coefficients"] = [list(row) for row in self.coefficients]
+        if self.guidance_edges:
+            d["guidance_edges"] = True
+        if self.cfg_mode != "fast":
+            d["cfg_mode"] = self.cfg_mode
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> SamplerConfig:
+        """Read the manifest form; a key left out reads as the field's default (Euler, 100
+        steps, no guidance, interval (0, 1], no shift), an unknown key (a newer writer's) is
+        ignored, and a mistyped value is a ConfigError naming ``sampler_defaults.<key>``."""
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"sampler_defaults must be an object, got {d!r}")
+
+        def bad(key: str, need: str) -> ConfigError:
+            return ConfigError(f"sampler_defaults.{key} must be {need}, got {d[key]!r}")
+
+        def is_list(v: Any) -> bool:
+            return isinstance(v, (list, tuple))
+
+        checks: dict[str, tuple[str, str, Callable[[Any], bool]]] = {
+            "solver": ("solver", "a solver name", lambda v: isinstance(v, str)),
+            "steps": ("num_steps", "a positive integer",
+                      lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "guidance": ("guidance", "a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+            "guidance_interval": (
+                "guidance_interval", "[t_min, t_max] with 0 <= t_min < t_max <= 1",
+                lambda v: is_list(v) and len(v) == 2 and all(_is_number(x) for x in v)
+                and 0 <= v[0] < v[1] <= 1),
+            "shift": ("shift", "a finite number > 0", lambda v: _is_number(v) and v > 0),
+            "last_step": ("last_step", "a number in (0, 1] or null",
+                          lambda v: v is None or (_is_number(v) and 0 < v <= 1)),
+            "guidance_bounds": ("guidance_bounds", f"one of {_BOUNDS} or null",
+                                lambda v: v is None or v in _BOUNDS),
+            "accumulate_time": ("accumulate_time", "true or false",
+                                lambda v: isinstance(v, bool)),
+            "timesteps": ("timesteps", "a list of increasing times in [0, 1] or null",
+                          lambda v: v is None or (is_list(v)
+                                                  and all(_is_number(x) for x in v))),
+            "coefficients": ("coefficients", "a table (a list of lists of numbers) or null",
+                             lambda v: v is None or (is_list(v) and all(
+                                 is_list(r) and all(_is_number(x) for x in r) for r in v))),
+            "guidance_edges": ("guidance_edges", "true or false", lambda v: isinstance(v, bool)),
+            "cfg_mode": ("cfg_mode", f"one of {CFG_MODES}", lambda v: v in CFG_MODES),
+        }
+        kwargs: dict[str, Any] = {}
+        for key, (attr, need, ok) in checks.items():
+            if key not in d:
+                continue
+            if not ok(d[key]):
+                raise bad(key, need)
+            kwargs[attr] = d[key]
+        if "guidance_interval" in kwargs:
+            kwargs["guidance_interval"] = tuple(float(v) for v in kwargs["guidance_interval"])
+        for key in ("timesteps", "coefficients"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key]) if key == "timesteps" else tuple(
+                    tuple(r) for r in kwargs[key])
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"sampler_defaults: {exc}") from None
 
 
 # The sampler each model family was released with: what an export writes as a bundle's
@@ -273,27 +424,21 @@ RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
 }
 
 
+# Each family's recommended few-step setting (`deco sample --fast`): the solver, its step count
+# and the guidance edges, applied over the bundle's own guidance, interval and shift. Chosen
+# from the measured PSNR-vs-NFE curves of the embedded models (docs/sampling.md).
+FAST_SAMPLERS: dict[str, dict[str, Any]] = {
+    "c2i": {"solver": "unipc", "num_steps": 8, "guidance_edges": True},
+    "t2i": {"solver": "unipc", "num_steps": 8, "guidance_edges": True},
+}
+
+
 def release_sampler(family: str) -> SamplerConfig:
     """The released sampler settings of a model family ("c2i" or "t2i")."""
     if family not in RELEASE_SAMPLERS:
-        raise ValueError(f"no released sampler for family {family!r}; expected one of "
-                         f"{', '.join(RELEASE_SAMPLERS)}")
+        raise ConfigError(f"no released sampler for family {family!r}; expected one of "
+                          f"{', '.join(RELEASE_SAMPLERS)}")
     return RELEASE_SAMPLERS[family]
-
-
-def manifest_defaults(config: SamplerConfig) -> dict[str, Any]:
-    """A config in the manifest's "sampler_defaults" form (the keys `SamplerDefaults` reads)."""
-    d: dict[str, Any] = {"solver": config.solver, "steps": config.num_steps,
-                         "guidance": config.guidance,
-                         "guidance_interval": list(config.guidance_interval),
-                         "shift": config.shift}
-    if config.last_step is not None:
-        d["last_step"] = config.last_step
-    if config.guidance_bounds is not None:
-        d["guidance_bounds"] = config.guidance_bounds
-    if config.accumulate_time:
-        d["accumulate_time"] = True
-    return d
 
 
 @dataclass(frozen=True)
@@ -312,7 +457,9 @@ class SamplingPlan:
     ``run_dit[k]`` says whether evaluation k runs the DiT (otherwise the last condition is
     reused); ``dit_both[k]`` whether that DiT run computes both CFG halves (it does when any
     evaluation before the next DiT run needs guidance, so a cached condition never lacks the
-    unconditional half).
+    unconditional half). ``coefficients`` is the solver's per-step constants (`Solver.prepare`)
+    and ``restarts[i]`` whether the velocity field may jump after step i (a guidance edge under
+    ``guidance_edges``), where multistep solvers drop their history.
     """
 
     config: SamplerConfig
@@ -322,7 +469,12 @@ class SamplingPlan:
     run_dit: tuple[bool, ...]
     dit_both: tuple[bool, ...]
     sharing_mode: str = "reuse"
-    ab2_coeffs: tuple[tuple[float, float], ...] = field(default=())
+    coefficients: tuple[Any, ...] = ()
+    restarts: tuple[bool, ...] = ()
+
+    @property
+    def solver(self) -> Solver:
+        return get_solver(self.config.solver)
 
     @property
     def num_steps(self) -> int:
@@ -393,59 +545,46 @@ def _evaluation_times(config: SamplerConfig, grid: np.ndarray, dts: np.ndarray) 
     return acc
 
 
-def _ab2_coeffs(grid: np.ndarray) -> tuple[tuple[float, float], ...]:
-    """(c_prev, c_cur) per step: v = c_prev v_{i-1} + c_cur v_i, i.e. the variable-step AB2
-    weights (-h / 2h', 1 + h / 2h'), computed in float32 with the reference's Lagrange
-    pre-integration formula. Step 0 is Euler: (0, 1)."""
-    coeffs = [(0.0, 1.0)]
-    half = np.float32(0.5)
-    for i in range(1, grid.size - 1):
-        t1, t2, s, e = grid[i - 1], grid[i], grid[i], grid[i + 1]
-        int1 = half / (t1 - t2) * ((e - t2) * (e - t2) - (s - t2) * (s - t2))
-        int2 = half / (t2 - t1) * ((e - t1) * (e - t1) - (s - t1) * (s - t1))
-        total = np.float32(int1 + int2)
-        coeffs.append((float(np.float32(int1 / total)), float(np.float32(int2 / total))))
-    return tuple(coeffs)
+def _step_guidance(config: SamplerConfig, grid: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Whether each step is guided: the reference's rule on the time fed at the step's start,
+    or, under ``guidance_edges``, whether the step lies inside the interval (its midpoint)."""
+    if not config.guidance_edges:
+        return guidance_flags(times[:-1], config.guidance_interval, config.bounds)
+    mid = (grid[:-1].astype(np.float64) + grid[1:]) / 2.0
+    lo, hi = config.guidance_interval
+    inside: np.ndarray = (mid > lo) & (mid < hi)
+    return inside
 
 
 def _evaluation_list(
-    config: SamplerConfig, times: np.ndarray, flags: np.ndarray
+    solver: Solver, times: np.ndarray, flags: np.ndarray, restarts: Sequence[bool]
 ) -> list[Evaluation]:
-    n = times.size - 1
-
-    def ev(step: int, at: int) -> Evaluation:
-        # The reference decides guidance once per step from t_cur, also for the corrector that
-        # runs at t_next; keep that so the two agree at the interval boundary.
-        return Evaluation(step=step, t=float(times[at]), guided=bool(flags[step]))
-
-    evals: list[Evaluation] = []
-    if config.solver in ("euler", "ab2"):
-        evals = [ev(i, i) for i in range(n)]
-    elif config.solver == "heun":
-        for i in range(n):
-            evals.append(ev(i, i))
-            if i < n - 1:
-                evals.append(ev(i, i + 1))
-    else:  # heun_reuse
-        evals.append(ev(0, 0))
-        for i in range(n - 1):
-            evals.append(ev(i, i + 1))
-    return evals
+    # The reference decides guidance once per step from t_cur, also for the corrector that
+    # runs at t_next; keep that so the two agree at the interval boundary.
+    return [Evaluation(step=step, t=float(times[at]), guided=bool(flags[step]))
+            for step, at in solver.evaluation_points(times.size - 1, restarts)]
 
 
 def make_plan(config: SamplerConfig, sharing: SharingSchedule | None = None) -> SamplingPlan:
-    """Precompute grid, step sizes, guidance flags and the DiT schedule for ``config``.
+    """Precompute grid, step sizes, guidance flags, the solver's coefficients and the DiT
+    schedule for ``config``.
 
     ``sharing`` lists the evaluations at which the DiT runs (one entry per model evaluation; for
-    Euler and AB2 that is one per step). Evaluation 0 always runs it.
+    the one-evaluation-per-step solvers that is one per step). Evaluation 0 always runs it.
     """
+    solver = get_solver(config.solver)
     grid = config.grid()
     dts = (grid[1:] - grid[:-1]).astype(np.float32)
     times = _evaluation_times(config, grid, dts)
-    flags = guidance_flags(times[:-1], config.guidance_interval, config.bounds)
+    flags = _step_guidance(config, grid, times)
     if config.cfg_mode == "fast" and config.guidance == 1.0:
         flags[:] = False
-    evals = _evaluation_list(config, times, flags)
+    # Where guidance switches on or off the guided velocity jumps (unless w = 1).
+    jumps = config.guidance_edges and config.guidance != 1.0
+    restarts = tuple(bool(jumps and i + 1 < flags.size and flags[i] != flags[i + 1])
+                     for i in range(flags.size))
+    coefficients = solver.prepare(grid, restarts, config.coefficients)
+    evals = _evaluation_list(solver, times, flags, restarts)
     n_eval = len(evals)
 
     mode = "reuse"
@@ -468,7 +607,8 @@ def make_plan(config: SamplerConfig, sharing: SharingSchedule | None = None) -> 
         run_dit=tuple(bool(r) for r in run),
         dit_both=tuple(bool(b) for b in both),
         sharing_mode=mode,
-        ab2_coeffs=_ab2_coeffs(grid) if config.solver == "ab2" else (),
+        coefficients=coefficients,
+        restarts=restarts,
     )
 
 
@@ -485,27 +625,27 @@ def condition_inputs(
     """
     b = noise.shape[0] if noise.ndim == 4 else -1
     if (null_class is None) == (uncond is None):
-        raise ValueError(
+        raise ConfigError(
             "pass null_class with class labels or uncond with text embeddings (one of the two)"
         )
     if uncond is None:
         cond = np.asarray(labels, dtype=np.int64)
         if noise.ndim != 4 or cond.shape != (b,):
-            raise ValueError(
+            raise ConfigError(
                 f"noise must be (B, C, H, W) and labels (B,), got {noise.shape} and {cond.shape}"
             )
         return cond, np.full(b, null_class, dtype=np.int64)
     cond = np.ascontiguousarray(labels, dtype=np.float32)
     negative = np.ascontiguousarray(uncond, dtype=np.float32)
     if noise.ndim != 4 or cond.ndim != 3 or cond.shape[0] != b:
-        raise ValueError(
+        raise ConfigError(
             f"noise must be (B, C, H, W) and text embeddings (B, L, C), got {noise.shape} and "
             f"{cond.shape}"
         )
     if negative.shape[0] == 1 and b > 1:
         negative = np.ascontiguousarray(np.broadcast_to(negative, cond.shape))
     if negative.shape != cond.shape:
-        raise ValueError(
+        raise ConfigError(
             f"the unconditional embeddings must be {cond.shape} or (1, *{cond.shape[1:]}), got "
             f"{negative.shape}"
         )
@@ -564,12 +704,12 @@ class _Velocity:
             self.split = [False] * plan.num_evaluations
         self.one_graph = supports_velocity(backend)
         if self.one_graph and (on_condition is not None or not all(plan.run_dit)):
-            raise ValueError(
+            raise ConfigError(
                 "this model is one graph (the plain DiT baseline): it has no DiT output to share "
                 "between steps; sample it without DiT sharing"
             )
         if self.fresh_t and not supports_refresh(backend):
-            raise ValueError(
+            raise ConfigError(
                 "sharing mode 'fresh_t' needs a backend that exposes the DiT hidden state and a "
                 "refresh graph (supports_refresh); export the bundle with the 'refresh' graph or "
                 "use mode 'reuse'"
@@ -690,7 +830,7 @@ def sample(
 
     ``fused_step``: use the backend's whole-step ``step`` capability where it applies (Euler,
     the DiT at every step, no ``on_condition``). None uses it when the backend offers it; False
-    never; True insists (ValueError when it cannot apply).
+    never; True insists (ConfigError when it cannot apply).
 
     ``decoder_split``: under DiT sharing in "reuse" mode, cache the decoder's modulation where
     the backend has the split decoder (``supports_decoder_split``) and run only its pixel part
@@ -699,64 +839,45 @@ def sample(
     """
     if isinstance(config, SamplingPlan):
         if sharing is not None:
-            raise ValueError("pass sharing to make_plan, not to sample, when giving a plan")
+            raise ConfigError("pass sharing to make_plan, not to sample, when giving a plan")
         plan = config
     else:
         plan = make_plan(config, sharing)
     noise = np.ascontiguousarray(noise, dtype=np.float32)
     cond, negative = condition_inputs(noise, labels, null_class, uncond)
     fusable = (
-        plan.config.solver == "euler"
+        plan.solver.fusable
         and all(plan.run_dit)
         and on_condition is None
         and supports_step(backend)
         and not supports_velocity(backend)
     )
     if fused_step and not fusable:
-        raise ValueError(
+        raise ConfigError(
             "fused_step=True needs a backend with supports_step, the Euler solver, no DiT "
             "sharing and no on_condition hook"
         )
     if fusable and fused_step is not False:
         return _sample_fused(backend, noise, cond, negative, plan, callback)
     velocity = _Velocity(backend, plan, cond, negative, on_condition, decoder_split)
+    solver = plan.solver
+    state = solver.start()
+    count = [0]  # evaluations run so far: the plan's evaluation order is the solver's
+
+    def evaluate(x_k: Any) -> Any:
+        k = count[0]
+        count[0] = k + 1
+        return velocity(x_k, k)
+
     x = backend.from_numpy(noise)
-    solver = plan.config.solver
     n = plan.num_steps
-    k = 0
-    v_prev: Any = None
     for i in range(n):
-        dt = plan.dts[i]
-        if solver == "euler":
-            v = velocity(x, k)
-            k += 1
-            x = x + v * dt
-        elif solver == "ab2":
-            v_i = velocity(x, k)
-            k += 1
-            c_prev, c_cur = plan.ab2_coeffs[i]
-            v = v_i if v_prev is None else v_prev * c_prev + v_i * c_cur
-            v_prev = v_i
-            x = x + v * dt
-        else:  # heun, heun_reuse
-            if i == 0 or solver == "heun":
-                v = velocity(x, k)
-                k += 1
-            else:
-                v = v_prev
-            if i < n - 1:
-                x_hat = x + v * dt
-                v_hat = velocity(x_hat, k)
-                k += 1
-                x = x + ((v + v_hat) * 0.5) * dt
-                v_prev = v_hat
-            else:
-                x = x + v * dt
+        x = solver.step(i, x, plan.dts[i], plan.coefficients, state, evaluate)
         if (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and i + 1 < n:
             check_latent(np.asarray(backend.to_numpy(x)), i + 1, n)
         if callback is not None:
             callback(i, n, float(plan.grid[i]))
-    assert k == plan.num_evaluations
+    assert count[0] == plan.num_evaluations
     out = np.asarray(backend.to_numpy(x), dtype=np.float32)
     check_latent(out, n, n)
     return out

@@ -136,7 +136,7 @@ def main() -> None:
     c = pipe.model_config
     if c.family != "t2i":
         raise SystemExit(f"{args.model} is a class-conditional model; this scores text-to-image")
-    defaults = dict(pipe.sampler_defaults)
+    defaults = pipe.sampler_defaults.to_dict()
 
     train_ds, train_seqs = emoji_split("train", c.image_size)
     seqs, _, _ = read_emoji_test()

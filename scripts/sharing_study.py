@@ -222,7 +222,6 @@ def main() -> None:
     import torch
 
     from deco_export.backends.torch_backend import TorchBackend
-    from deco_export.export.bundle_io import default_sampler_settings
     from deco_export.sources import load_model
     from training import metrics
     from training.data import default_cache_dir
@@ -236,7 +235,7 @@ def main() -> None:
     model, source = load_model(args.model)
     model = model.float().eval()
     cfg = model.config
-    defaults = default_sampler_settings(cfg)
+    defaults = runtimes.release_sampler(cfg.family).to_dict()
     steps = args.steps or int(defaults["steps"])
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     bundle = ensure_bundle(model, source, work / "bundle")

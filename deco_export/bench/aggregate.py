@@ -40,7 +40,7 @@ def summarise_run(row: RowSpec, run: Mapping[str, Any]) -> dict[str, Any]:
                 "text_encoder_share": statistics.median(encoder) / median if median else 0.0}
     return {
         "backend": row.backend, "precision": row.precision, "cfg_mode": row.cfg_mode,
-        "batch": batch, "steps": run["steps"],
+        "batch": batch, "steps": run["steps"], "nfe": int(run["cost"]["evaluations"]),
         "ms_per_image": median * per_image,
         "p90_ms_per_image": _p90(totals) * per_image,
         "best_ms_per_image": min(totals) * per_image,

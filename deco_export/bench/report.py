@@ -9,7 +9,9 @@ from typing import Any
 from .catalogue import REFERENCE
 
 SOLVER_NAMES = {"euler": "Euler", "ab2": "Adams-Bashforth 2", "heun": "Heun",
-                "heun_reuse": "Heun (slope reuse)"}
+                "heun_reuse": "Heun (slope reuse)", "ab3": "Adams-Bashforth 3",
+                "dpm++2m": "DPM-Solver++ 2M", "unipc": "UniPC (bh2)",
+                "table": "coefficient table"}
 
 
 def _ms(x: float | None) -> str:
@@ -69,8 +71,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     text = bool(report.get("text"))
     stages = "text encoder (share) / DiT / decoder / other ms" if text else (
         "DiT / decoder / other ms")
-    head = ("| backend | precision | CFG | batch | steps | ms/image | p90 | images/s | speed-up "
-            f"| {stages} | GFLOP/s | % of peak (DiT) | PSNR dB | max abs err "
+    head = ("| backend | precision | CFG | batch | steps (NFE) | ms/image | p90 | images/s "
+            f"| speed-up | {stages} | GFLOP/s | % of peak (DiT) | PSNR dB | max abs err "
             "| load s cold / warm | first run s | peak RSS MiB |")
     lines = [head, "|" + "---|" * 3 + "---:|" * 14]
     for r in report["rows"]:
@@ -92,7 +94,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         lines.append(
             f"| {r['backend']} | {r['precision']} | "
             f"{'reference' if r['cfg_mode'] == 'reference' else 'fast'} | {r['batch']} | "
-            f"{r['steps']} | {_ms(r['ms_per_image'])} | {_ms(r['p90_ms_per_image'])} | "
+            f"{r['steps']} ({r.get('nfe', r['steps'])}) | {_ms(r['ms_per_image'])} | "
+            f"{_ms(r['p90_ms_per_image'])} | "
             f"{r['images_per_s']:.2f} | {speed} | {stage} | {_gflops(r)} | {_percent(r)} | "
             f"{_db(r)} | {err} | "
             f"{_s(r['load_s']['cold_s'])} / {_s(r['load_s']['warm_s'])} | "

@@ -141,6 +141,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "batch_sizes": list(settings.batch_sizes), "steps": list(settings.steps),
         "repeats": settings.repeats, "warmup": settings.warmup, "threads": settings.threads,
         "seed": settings.seed, "guidance": guidance, "sharing": sharing, "device": device,
+        "solver": settings.solver,
         "outputs": str(work),
     }
     if text_to_image:
@@ -221,8 +222,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
         "model": manifest.model.to_dict(),
         "image_size": size,  # what every row ran (a bundle's default or a size of its range)
         "guidance": guidance,
-        "solver": defaults.solver,
-        "guidance_bounds": defaults.get("guidance_bounds"),
+        "solver": settings.solver or defaults.solver,
+        "guidance_bounds": defaults.guidance_bounds,
         "guidance_interval": list(defaults.guidance_interval),
         "settings": {**asdict(settings), "device": device},
         "environment": env,

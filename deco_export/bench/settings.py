@@ -50,6 +50,8 @@ class BenchSettings:
     fid_samples: int = 500
     # Text-to-image bundles: the prompts to encode (empty: DEFAULT_PROMPTS).
     prompts: tuple[str, ...] = ()
+    # The solver of every row (None: the bundle's sampler default); rows report its NFE.
+    solver: str | None = None
 
     QUICK: ClassVar[dict[str, Any]] = {"batch_sizes": (1, 4), "steps": (10,), "repeats": 2,
                                        "warmup": 1, "skip": ("torch-compile",),
@@ -97,5 +99,9 @@ class BenchSettings:
                              f"{self.peak_size}")
         if any(not p.strip() for p in self.prompts):
             raise ValueError("--prompt must not be empty (the negative prompt is the bundle's)")
+        if self.solver is not None:
+            from runtimes.solvers import get_solver
+
+            self.solver = get_solver(self.solver).name
         if self.sharing_mode not in ("reuse", "fresh_t"):
             raise ValueError(f"--sharing-mode must be reuse or fresh_t, not {self.sharing_mode!r}")

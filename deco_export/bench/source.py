@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.bundle import ONNX_PRECISIONS
+from runtimes.sampler import release_sampler
 
 from .availability import has_artifacts
 from .catalogue import KINDS
@@ -103,10 +104,9 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
                           "parity_steps": ONNX_PARITY_STEPS})
         manifest = rb.read_manifest(bundle)
     if manifest is None:  # no ONNX row asked for: an empty manifest still describes the model
-        from ..export.bundle_io import default_sampler_settings
 
         manifest = rb.Manifest(model=replace(model.config, image_size=tuple(size)),
-                               sampler_defaults=default_sampler_settings(model.config),
+                               sampler_defaults=release_sampler(model.config.family),
                                source=record)
     return src, manifest
 

@@ -147,6 +147,7 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
                 proxy.synchronize()
                 start = time.perf_counter()
                 out = pipe.generate(**condition, steps=steps, guidance=spec["guidance"],
+                                    solver=spec.get("solver"),
                                     noise=noise, output_type="np", cfg_mode=row["cfg_mode"],
                                     sharing=spec["sharing"] if row["backend"] != REFERENCE
                                     else None)
@@ -227,6 +228,7 @@ def generate_fid_set(pipe: Any, spec: Mapping[str, Any], path: Path,
     for start in range(0, len(labels), batch):
         part = labels[start:start + batch]
         out = pipe.generate(class_labels=part, steps=fid["steps"], guidance=spec["guidance"],
+                            solver=spec.get("solver"),
                             seed=[base + start + i for i in range(len(part))], output_type="np",
                             cfg_mode=spec["row"]["cfg_mode"],
                             sharing=spec["sharing"] if spec["row"]["backend"] != REFERENCE

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..bench import CFG_MODES, KINDS
-from .options import parse_csv, parse_ints, parse_size
+from .options import SolverChoice, parse_csv, parse_ints, parse_size
 
 
 @click.command("bench")
@@ -40,6 +40,9 @@ from .options import parse_csv, parse_ints, parse_size
 @click.option("--cfg-mode", type=click.Choice(list(CFG_MODES)), default="fast", show_default=True,
               help="CFG of every row but the reference (which always runs both halves)")
 @click.option("--guidance", type=float, default=None, help="default: the bundle's sampler default")
+@click.option("--solver", type=SolverChoice(), default=None,
+              help="the solver of every row [the bundle's sampler default]; rows report its "
+                   "NFE (model evaluations per CFG branch)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="device of the PyTorch rows")
 @click.option("--image-size", default=None,
@@ -72,7 +75,7 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
                   device: str, image_size: str | None, checkpoint: str | None, seed: int,
                   timeout: float, quick: bool, fid_data: str | None, fid_samples: int,
                   peak_size: int | None, prompts: tuple[str, ...], no_plots: bool,
-                  no_progress: bool) -> None:
+                  no_progress: bool, solver: str | None) -> None:
     """Benchmark every backend x precision x batch size x step count on one model and noise.
 
     BUNDLE_OR_CHECKPOINT is a bundle (its source checkpoint runs the PyTorch rows), a
@@ -108,7 +111,7 @@ def bench_command(source: str, out: Path, backends: str | None, skip: tuple[str,
         plots=not no_plots, progress=not no_progress, fid_data=fid_data,
         fid_samples=fid_samples,
         peak_size=base.peak_size if peak_size is None else peak_size,
-        prompts=tuple(prompts),
+        prompts=tuple(prompts), solver=solver,
     )
     report = run_benchmark(source, out, settings, say=lambda m: click.echo(m, err=True))
     click.echo(markdown_table(report), nl=False)

@@ -24,9 +24,17 @@ from .options import SolverChoice, parse_int_list, parse_size
               help="comma-separated labels [every class of a model with <= 16, else 0..7]")
 @click.option("--per-class", type=int, default=1, show_default=True,
               help="images per label; the grid then has one column per label")
-@click.option("--steps", type=int, default=None, help="default: the bundle's sampler default")
+@click.option("--steps", type=int, default=None,
+              help="solver steps [the bundle's sampler default]")
 @click.option("--guidance", type=float, default=None)
-@click.option("--solver", type=SolverChoice(), default=None)
+@click.option("--solver", type=SolverChoice(), default=None,
+              help="the ODE solver [the bundle's sampler default]; see docs/sampling.md")
+@click.option("--guidance-edges/--no-guidance-edges", default=None,
+              help="a step boundary on each edge of the guidance interval, multistep history "
+                   "restarted there [the bundle's default: off]")
+@click.option("--fast", is_flag=True,
+              help="the family's recommended few-step setting (docs/sampling.md); --solver, "
+                   "--steps and --guidance-edges override its parts")
 @click.option("--shift", type=float, default=None)
 @click.option("--sharing", default=None,
               help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
@@ -50,7 +58,8 @@ from .options import SolverChoice, parse_int_list, parse_size
 def sample(source: str, backend: str | None, precision: str, allow_below_gate: bool,
            providers: str | None, device: str,
            classes: str | None, per_class: int, steps: int | None, guidance: float | None,
-           solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
+           solver: str | None, guidance_edges: bool | None, fast: bool, shift: float | None,
+           sharing: str | None, sharing_mode: str,
            prompts: tuple[str, ...], negative_prompt: str | None, text_encoder: str | None,
            size: str | None, seed: int, out: Path, cols: int | None, scale: int | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
@@ -92,11 +101,19 @@ def sample(source: str, backend: str | None, precision: str, allow_below_gate: b
             range(num_classes if num_classes <= 16 else 8))
         condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
         count = len(distinct)
+    if fast:
+        from runtimes.sampler import FAST_SAMPLERS
+
+        preset = FAST_SAMPLERS[pipe.model_config.family]
+        solver = solver or preset["solver"]
+        steps = steps or preset["num_steps"]
+        guidance_edges = preset["guidance_edges"] if guidance_edges is None else guidance_edges
     if per_class > 1 and cols is None:
         cols = count
     with progress_callback("sampling") as callback:
         result = pipe.generate(**condition, steps=steps, guidance=guidance,
-                               solver=solver, shift=shift, seed=seed, height=height,
+                               solver=solver, guidance_edges=guidance_edges, shift=shift,
+                               seed=seed, height=height,
                                width=width, sharing=parse_sharing(sharing, sharing_mode),
                                callback=callback)
     from runtimes.image import legible_scale, save_grid

@@ -33,7 +33,7 @@ from runtimes import bundle as rb
 from runtimes import fileio
 from runtimes.cpu import cpu_record
 from runtimes.int8 import Int8KernelWarning
-from runtimes.sampler import manifest_defaults, release_sampler
+from runtimes.sampler import SamplerConfig, release_sampler
 from runtimes.sizes import SizeRange
 
 from ..config import DeCoConfig
@@ -73,7 +73,7 @@ class BundleTransaction:
 
     def __init__(self, bundle: str | Path, config: DeCoConfig, image_size: tuple[int, int],
                  source: dict[str, Any] | None = None,
-                 sampler_defaults: dict[str, Any] | None = None, force: bool = False,
+                 sampler_defaults: SamplerConfig | None = None, force: bool = False,
                  negative_prompt_embeds: np.ndarray | None = None,
                  negative_prompt: str | None = None, sizes: SizeRange | None = None):
         """``sizes``: the range of image sizes the exported graphs serve (their height and
@@ -212,7 +212,7 @@ class BundleTransaction:
         manifest = self._existing()
         if manifest is not None:
             return manifest
-        defaults = self.sampler_defaults or default_sampler_settings(self.config)
+        defaults = self.sampler_defaults or release_sampler(self.config.family)
         return rb.Manifest(model=self.model_config, sampler_defaults=defaults,
                            source=dict(self.source), package_version=package_version(),
                            sizes=self.sizes)
@@ -332,7 +332,7 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
     config = model.config
     reference = runtimes.DeCoPipeline(
         TorchBackend(model, device="cpu"), model_config=config,
-        sampler_defaults=default_sampler_settings(config))
+        sampler_defaults=release_sampler(config.family))
     if config.family == "t2i":
         # Unit-scale stand-ins for encoded prompts (the graphs see only embeddings); three
         # prompts against one negative row, the guidance arithmetic on.
@@ -372,12 +372,6 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
 
 def runtime_of(backend: str) -> str:
     return {"onnxruntime": "onnx", "coreml": "coreml", "tensorrt": "tensorrt"}.get(backend, backend)
-
-
-def default_sampler_settings(config: DeCoConfig) -> dict[str, Any]:
-    """The sampler the model's family was released with, as a bundle's "sampler_defaults"
-    (c2i: 100 Euler steps, CFG 3.2 on (0.1, 1])."""
-    return manifest_defaults(release_sampler(config.family))
 
 
 def package_version() -> str:

@@ -12,9 +12,9 @@ import pytest
 import runtimes
 from deco_export.backends import create_backend, register
 from deco_export.backends.torch_backend import TorchBackend
-from deco_export.export.bundle_io import default_sampler_settings
 from deco_export.sources import load_model
 from runtimes.bundle import Manifest, write_manifest
+from runtimes.sampler import release_sampler
 from tests.helpers import REPO
 
 
@@ -28,7 +28,7 @@ def _bundle(tmp_path, model, record):
     root = tmp_path / "bundle"
     root.mkdir()
     write_manifest(root, Manifest(model=model.config.to_dict(),
-                                  sampler_defaults=default_sampler_settings(model.config),
+                                  sampler_defaults=release_sampler(model.config.family),
                                   source=record))
     return root
 
@@ -43,7 +43,7 @@ def test_load_runs_the_bundles_checkpoint_through_the_registry(tmp_path, golden_
     pipe = runtimes.load(_bundle(tmp_path, model, record), backend="torch")
     assert isinstance(pipe.backend, TorchBackend)
     direct = runtimes.DeCoPipeline(TorchBackend(model), model.config.to_dict(),
-                                   default_sampler_settings(model.config))
+                                   release_sampler(model.config.family))
     np.testing.assert_array_equal(_images(pipe), _images(direct))
 
 

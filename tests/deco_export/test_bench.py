@@ -65,7 +65,7 @@ def test_writes_json_table_and_plots(bench):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / ".work").exists()  # intermediate images are cleaned up
     assert "| backend | precision |" in result.stdout
-    assert "| torch-reference | fp32 | reference | 1 | 2 |" in result.stdout
+    assert "| torch-reference | fp32 | reference | 1 | 2 (2) |" in result.stdout
     env = report["environment"]
     for key in ("cpu_model", "cpu_count", "os", "python", "gpus", "libraries"):
         assert key in env
@@ -196,6 +196,24 @@ def test_bundle_source_with_sharing_and_no_warmup(bench, tmp_path):
     assert ort["psnr_db"] is not None and math.isfinite(ort["psnr_db"])
     assert report["source"]["kind"] == "bundle"
     assert not (tmp_path / "b" / "latency.png").exists()
+
+
+def test_solver_option_reaches_every_row_and_rows_report_nfe(bench, tmp_path):
+    """`--solver heun --steps 3`: every row (the reference too) runs exact Heun, 5 model
+    evaluations, and the table's steps column says so."""
+    _, out, _ = bench
+    args = ["bench", str(out / "bundle"), "--out", str(tmp_path / "b"), "--backends",
+            "onnxruntime-cpu", "--batch-sizes", "1", "--steps", "3", "--repeats", "1",
+            "--warmup", "0", "--threads", "1", "--solver", "heun", "--no-plots",
+            "--no-progress", "--peak-size", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["solver"] == "heun"
+    for row in report["rows"]:
+        assert row["nfe"] == 5 and row["calls"]["dit"] == 5
+    assert "| 3 (5) |" in (tmp_path / "b" / "bench.md").read_text()
+    assert "Heun" in (tmp_path / "b" / "bench.md").read_text()
 
 
 def test_bundle_benchmarks_another_size_of_its_range(bench, tmp_path):

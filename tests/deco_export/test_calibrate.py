@@ -45,7 +45,7 @@ def golden_bundle(tmp_path, golden_dir, weights_sha) -> Path:
     """A bundle directory whose backend is the golden model in PyTorch."""
     from deco_export.backends.torch_backend import TorchBackend
     from deco_export.checkpoint import load_pretrained
-    from deco_export.export.bundle_io import default_sampler_settings
+    from runtimes.sampler import release_sampler
 
     model = load_pretrained(golden_dir)
     runtimes.register_backend(TEST_BACKEND, lambda root, manifest, precision, **kw:
@@ -53,7 +53,7 @@ def golden_bundle(tmp_path, golden_dir, weights_sha) -> Path:
     root = tmp_path / "bundle"
     root.mkdir()
     write_manifest(root, Manifest(model=model.config.to_dict(),
-                                  sampler_defaults=default_sampler_settings(model.config),
+                                  sampler_defaults=release_sampler(model.config.family),
                                   source={"path": str(golden_dir), "sha256": weights_sha}))
     return root
 

@@ -455,13 +455,13 @@ def test_missing_coremltools_names_the_install_command(monkeypatch, golden_ckpt,
 
 def onnx_only_bundle(path: Path, model) -> Path:
     """A bundle holding one (stand-in) ONNX artefact and no Core ML one."""
-    from deco_export.export.bundle_io import default_sampler_settings
+    from runtimes.sampler import release_sampler
 
     path.mkdir()
     (path / "dit.onnx").write_bytes(b"stand-in")
     model_dict = model.config.to_dict() | {"image_size": list(SIZE)}
-    manifest = rb.Manifest(model=model_dict, sampler_defaults=default_sampler_settings(
-        model.config), source={}, package_version="test")
+    manifest = rb.Manifest(model=model_dict, sampler_defaults=release_sampler(
+        model.config.family), source={}, package_version="test")
     manifest.add_artifact(rb.Artifact.from_file(path, "onnx", "dit", "fp32", "dit.onnx"))
     rb.write_manifest(path, manifest)
     return path

@@ -352,10 +352,10 @@ def test_cli_export_errors_are_one_line(tmp_path):
 
 def _torch_pipe(model):
     from deco_export.backends.torch_backend import TorchBackend
-    from deco_export.export.bundle_io import default_sampler_settings
+    from runtimes.sampler import release_sampler
 
     return runtimes.DeCoPipeline(TorchBackend(model, device="cpu"), model_config=model.config,
-                                 sampler_defaults=default_sampler_settings(model.config))
+                                 sampler_defaults=release_sampler(model.config.family))
 
 
 @pytest.mark.parametrize("size", [(32, 96), (128, 48), (64, 64)])

@@ -10,9 +10,9 @@ import pytest
 import runtimes
 from deco_export import parity
 from deco_export.backends.torch_backend import TorchBackend
-from deco_export.export.bundle_io import default_sampler_settings
 from deco_export.machine import missing_bf16_reason
 from deco_export.validate import gate_backend
+from runtimes.sampler import release_sampler
 
 NO_BF16 = missing_bf16_reason()
 pytestmark = pytest.mark.skipif(NO_BF16 is not None, reason=NO_BF16 or "")
@@ -22,7 +22,7 @@ def _opener(model, compile: bool):
     def open_pipeline():
         backend = TorchBackend(model, device="cpu", precision="bf16", compile=compile)
         return runtimes.DeCoPipeline(backend, model.config.to_dict(),
-                                     default_sampler_settings(model.config))
+                                     release_sampler(model.config.family))
     return open_pipeline
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -95,8 +97,8 @@ def test_evaluation_counts_follow_the_reference_samplers():
 
 def test_ab2_weights_on_a_uniform_grid_and_accumulated_time():
     plan = make_plan(SamplerConfig(solver="ab2", num_steps=8))
-    assert plan.ab2_coeffs[0] == (0.0, 1.0)
-    np.testing.assert_allclose(plan.ab2_coeffs[3], (-0.5, 1.5), atol=1e-6)
+    assert plan.coefficients[0] == (0.0, 1.0)
+    np.testing.assert_allclose(plan.coefficients[3], (-0.5, 1.5), atol=1e-6)
     acc = make_plan(SamplerConfig(solver="ab2", num_steps=8, shift=3.0, accumulate_time=True))
     t = np.float32(0.0)
     for ev, dt in zip(acc.evaluations, acc.dts, strict=True):
@@ -172,7 +174,7 @@ def test_fast_cfg_runs_the_unconditional_half_only_inside_the_interval():
 # -- DiT sharing ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun", "ab2"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "ab2", "ab3", "dpm++2m", "unipc"])
 @pytest.mark.parametrize("cfg_mode", ["fast", "reference"])
 def test_sharing_ratio_zero_is_bit_identical(solver, cfg_mode):
     noise, labels = _noise(2), [1, 2]
@@ -276,21 +278,62 @@ def test_fused_step_capability_gives_the_same_samples(cfg_mode):
 
 
 def test_release_samplers_and_manifest_fallbacks_come_from_one_place():
-    from runtimes.bundle import SamplerDefaults
-    from runtimes.sampler import manifest_defaults, release_sampler
+    from runtimes.errors import ConfigError
+    from runtimes.sampler import release_sampler
 
-    assert manifest_defaults(release_sampler("c2i")) == {
+    # The manifest form of the release samplers is what exports have always written.
+    assert release_sampler("c2i").to_dict() == {
         "solver": "euler", "steps": 100, "guidance": 3.2, "guidance_interval": [0.1, 1.0],
         "shift": 1.0}
     t2i = release_sampler("t2i")
     assert (t2i.solver, t2i.num_steps, t2i.guidance, t2i.shift) == ("ab2", 25, 4.0, 3.0)
-    assert manifest_defaults(t2i)["guidance_bounds"] == "()"
-    empty, neutral = SamplerDefaults(), SamplerConfig()
-    assert (empty.solver, empty.steps, empty.guidance, empty.guidance_interval, empty.shift) == (
-        neutral.solver, neutral.num_steps, neutral.guidance, neutral.guidance_interval,
-        neutral.shift)
-    with pytest.raises(ValueError, match="no released sampler"):
+    assert t2i.to_dict() == {
+        "solver": "ab2", "steps": 25, "guidance": 4.0, "guidance_interval": [0.0, 1.0],
+        "shift": 3.0, "guidance_bounds": "()", "accumulate_time": True}
+    assert SamplerConfig.from_dict({}) == SamplerConfig.from_dict(None) == SamplerConfig()
+    with pytest.raises(ConfigError, match="no released sampler"):
         release_sampler("t2v")
+
+
+@pytest.mark.parametrize("config", [
+    SamplerConfig(), SamplerConfig(solver="unipc", num_steps=8, guidance=3.2,
+                                   guidance_interval=(0.1, 1.0), guidance_edges=True),
+    SamplerConfig(solver="table", timesteps=(0.0, 0.4, 1.0), coefficients=((0, 0), (-0.5, 0)),
+                  last_step=None, cfg_mode="reference"),
+    SamplerConfig(num_steps=250, last_step=0.04, shift=3.0, accumulate_time=True),
+])
+def test_sampler_config_round_trips_through_the_manifest_form(config):
+    import json
+
+    d = json.loads(json.dumps(config.to_dict()))
+    assert SamplerConfig.from_dict(d) == config
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("steps", 2.5, "sampler_defaults.steps must be a positive integer"),
+    ("steps", True, "sampler_defaults.steps"),
+    ("guidance", "3", "sampler_defaults.guidance must be a finite number"),
+    ("guidance_interval", [0.1, 5], "sampler_defaults.guidance_interval"),
+    ("solver", "dpm", "unknown solver 'dpm'"),
+    ("guidance_edges", 1, "sampler_defaults.guidance_edges must be true or false"),
+])
+def test_a_bad_manifest_value_is_a_config_error_naming_the_key(key, value, needle):
+    from runtimes.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        SamplerConfig.from_dict({key: value})
+
+
+def test_pipeline_overrides_are_replacements_of_the_bundle_defaults():
+    from runtimes import DeCoPipeline, release_sampler
+
+    be = GaussianFlowBackend()
+    pipe = DeCoPipeline(be, be.model_config(), release_sampler("t2i").to_dict())
+    assert pipe.sampler_defaults == release_sampler("t2i")
+    got = pipe.sampler_config(steps=8, solver="unipc", guidance_edges=True)
+    assert got == replace(release_sampler("t2i"), num_steps=8, solver="unipc",
+                          guidance_edges=True)
+    assert pipe.sampler_config() == release_sampler("t2i")
 
 
 # -- the split decoder under DiT sharing ------------------------------------------------------
@@ -399,7 +442,7 @@ class _TextBackend:
         return np.concatenate(arrays)
 
 
-@pytest.mark.parametrize("solver", ["euler", "ab2", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "ab2", "heun", "unipc", "dpm++2m"])
 def test_text_is_embedded_once_for_every_step(solver):
     """A backend with `embed_text` gets [negative; prompts] once per generation and its DiT the
     tokens at every step; the samples equal a backend that embeds inside every DiT call."""

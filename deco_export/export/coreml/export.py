@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.sampler import release_sampler
 from runtimes.sizes import SizeRange
 
 from ...model import DeCo
@@ -372,7 +373,7 @@ def end_to_end(txn: bundle_io.BundleTransaction, model: DeCo, precision: str, co
         backend = CoreMLBackend.from_packages(paths, compute_units=compute_units,
                                               batch_sizes=batch_sizes, model=model.config)
         pipe = DeCoPipeline(backend, model.config,
-                            bundle_io.default_sampler_settings(model.config))
+                            release_sampler(model.config.family))
         figures = bundle_io.end_to_end_figures(model, pipe, (height, width), steps, seed)
         threshold = END_TO_END_MIN_PSNR["fp16"]
         check_end_to_end_gate("fp16", figures["psnr_db"], what=f"{what} ({compression})")
