@@ -87,6 +87,22 @@ def parse_sharing(text: str | None, mode: str = "reuse") -> Any:
     return text
 
 
+def preview_writer(path: Path, every: int, cols: int | None = None,
+                   scale: int | None = None) -> Any:
+    """A step callback that writes the grid of clean estimates to ``path`` every ``every``
+    steps (atomically: a viewer polling the file never reads half an image)."""
+    from runtimes.image import legible_scale, save_grid, to_uint8
+
+    def write(state: Any) -> None:
+        if (state.step + 1) % every and state.step + 1 < state.num_steps:
+            return
+        images = to_uint8(state.clean_estimate)
+        height, width = images.shape[1:3]
+        save_grid(images, path, cols=cols, scale=scale or legible_scale(height, width))
+
+    return write
+
+
 @contextlib.contextmanager
 def progress_callback(description: str) -> Iterator[Any]:
     """A tqdm bar fed by the sampler's ``callback(step, num_steps, t)``."""

@@ -46,6 +46,7 @@ from runtimes.sharing import (
     schedule_key,
 )
 from runtimes.sizes import SizeError, SizeRange
+from runtimes.steps import Cancellable, GenerationInterrupted, GenerationTask, StepHook, StepState
 from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
@@ -148,6 +149,8 @@ class GenerationOutput:
         empty for a text-to-image model (``prompts`` holds the prompts when they were given).
     cost: graph calls and per-sample passes (see `SamplingPlan.cost`).
     config: the resolved sampler settings.
+    stopped_after: None for a finished run; for a stopped one (`GenerationInterrupted`), the
+        steps taken, and ``images`` is the clean estimate after the last of them.
     """
 
     images: Any
@@ -156,6 +159,7 @@ class GenerationOutput:
     cost: dict[str, int] = field(default_factory=dict)
     config: SamplerConfig | None = None
     prompts: list[str] | None = None
+    stopped_after: int | None = None
 
 
 # The manifest section of a text-to-image bundle: the negative prompt and the file holding its
@@ -425,6 +429,9 @@ class DeCoPipeline:
         negative_prompt: str | Sequence[str] | None = None,
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
+        on_step: Callable[[StepState], Any] | None = None,
+        cancel: Cancellable | None = None,
+        return_partial: bool = False,
     ) -> GenerationOutput:
         """Generate one image per class label (label ``num_classes`` gives an unconditional one),
         or, for a text-to-image bundle, one per prompt (``prompt=``, or ``prompt_embeds=``
@@ -434,7 +441,13 @@ class DeCoPipeline:
         replaces the seeded noise (see `runtimes.noise` for how seeds map to noise).
         ``sharing``: None, a ratio (0.5), a list of DiT evaluation indices, a calibrated
         schedule key, a dict ({"ratio": 0.75, "mode": "fresh_t"}) or a `SharingSchedule`.
-        ``callback(step_index, num_steps, t)`` runs after every step. ``fused_step`` controls
+        ``callback(step_index, num_steps, t)`` runs after every step (a progress bar).
+        ``on_step(state)`` also runs after every step and sees the images: a `StepState` with
+        the step, t, the latents x_t and the clean estimate x̂ = x_t + (1 - t) v (numpy, the
+        batch); returning `runtimes.STOP` from it, or setting ``cancel`` (a
+        `threading.Event`), ends the run after that step with `GenerationInterrupted`, whose
+        ``output`` is the partial result; ``return_partial=True`` returns that instead (its
+        ``stopped_after`` says how many steps ran). ``fused_step`` controls
         the backend's whole-step capability (None: use it where it applies; see `sample`).
         ``decoder_split`` False runs the fused decoder on steps that reuse the DiT's condition
         instead of the cached modulation's pixel part (see `sample`).
@@ -474,23 +487,43 @@ class DeCoPipeline:
         else:
             x0 = sample_noise(seed, *shape)
             used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
-        x = sample(
-            self.backend, x0, cond, plan,
-            null_class=None if uncond is not None else self.model_config.null_class,
-            uncond=uncond, callback=callback, fused_step=fused_step, decoder_split=decoder_split,
-        )
-        if output_type == "np":
-            images: Any = x
-        elif output_type == "uint8":
-            images = to_uint8(x)
-        else:
-            images = to_pil(to_uint8(x))
+        hook = None
+        if on_step is not None or cancel is not None:
+            hook = StepHook(self.backend, plan.grid, on_step=on_step, cancel=cancel)
         split = decoder_split and supports_decoder_split(self.backend)
         embedded = self.is_text_to_image and supports_text_embedding(self.backend)
-        return GenerationOutput(images, labels, used_seed, plan.cost(batch, split, embedded),
-                                config, prompts)
+
+        def output(x: np.ndarray, stopped_after: int | None = None) -> GenerationOutput:
+            if output_type == "np":
+                images: Any = x
+            elif output_type == "uint8":
+                images = to_uint8(x)
+            else:
+                images = to_pil(to_uint8(x))
+            return GenerationOutput(images, labels, used_seed, plan.cost(batch, split, embedded),
+                                    config, prompts, stopped_after)
+
+        try:
+            x = sample(
+                self.backend, x0, cond, plan,
+                null_class=None if uncond is not None else self.model_config.null_class,
+                uncond=uncond, callback=callback, fused_step=fused_step,
+                decoder_split=decoder_split, after_step=hook,
+            )
+        except GenerationInterrupted as stopped:
+            stopped.output = output(stopped.clean_estimate, stopped.steps_done)
+            if return_partial:
+                return stopped.output  # type: ignore[no-any-return]
+            raise
+        return output(x)
 
     __call__ = generate
+
+    def submit(self, *args: Any, **kwargs: Any) -> GenerationTask:
+        """Start ``generate(*args, **kwargs)`` in a worker thread and return its
+        `GenerationTask` (``cancel()``, ``latest``, ``result()``, ``future``): the form a GUI
+        application uses. One pipeline runs one generation at a time."""
+        return GenerationTask(self.generate, *args, **kwargs)
 
     # -- sharing calibration ------------------------------------------------------------------
 

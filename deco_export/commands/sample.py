@@ -45,17 +45,23 @@ from .options import SolverChoice, parse_int_list, parse_size
 @click.option("--cols", type=int, default=None, help="grid columns")
 @click.option("--scale", type=int, default=None,
               help="enlarge each image by pixel repetition [small images to >= 128 px]")
+@click.option("--preview-every", type=int, default=None, metavar="K",
+              help="every K steps, write the clean estimate x_t + (1 - t) v of the images "
+                   "so far to OUT's name with .preview before the extension")
 def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
            classes: str | None, per_class: int, steps: int | None, guidance: float | None,
            solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
            prompts: tuple[str, ...], negative_prompt: str | None, text_encoder: str | None,
-           size: str | None, seed: int, out: Path, cols: int | None, scale: int | None) -> None:
+           size: str | None, seed: int, out: Path, cols: int | None, scale: int | None,
+           preview_every: int | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
     from runtimes.image import image_format
 
-    from ..sampling import open_pipeline, parse_sharing, progress_callback
+    from ..sampling import open_pipeline, parse_sharing, preview_writer, progress_callback
 
     image_format(out)  # an unknown extension fails before the model loads
+    if preview_every is not None and preview_every < 1:
+        raise click.UsageError("--preview-every must be >= 1")
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
                          device=device)
     if per_class < 1 or (scale is not None and scale < 1):
@@ -89,11 +95,15 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
         count = len(distinct)
     if per_class > 1 and cols is None:
         cols = count
+    on_step = None
+    if preview_every is not None:
+        on_step = preview_writer(out.with_name(f"{out.stem}.preview{out.suffix}"),
+                                 preview_every, cols=cols, scale=scale)
     with progress_callback("sampling") as callback:
         result = pipe.generate(**condition, steps=steps, guidance=guidance,
                                solver=solver, shift=shift, seed=seed, height=height,
                                width=width, sharing=parse_sharing(sharing, sharing_mode),
-                               callback=callback)
+                               callback=callback, on_step=on_step)
     from runtimes.image import legible_scale, save_grid
 
     width, height = result.images[0].size
