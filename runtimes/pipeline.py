@@ -20,6 +20,7 @@ and ``deco_export.backends.register`` calls, for each::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,7 @@ from runtimes import fileio
 from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
-from runtimes.image import to_pil, to_uint8
+from runtimes.image import ImageInputError, image_input, mask_input, to_pil, to_uint8
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
 from runtimes.sharing import (
@@ -46,7 +47,15 @@ from runtimes.sharing import (
     schedule_key,
 )
 from runtimes.sizes import SizeError, SizeRange
-from runtimes.steps import Cancellable, GenerationInterrupted, GenerationTask, StepHook, StepState
+from runtimes.steps import (
+    Cancellable,
+    GenerationInterrupted,
+    GenerationTask,
+    Inpainting,
+    StepHook,
+    StepState,
+    noised,
+)
 from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
@@ -61,6 +70,9 @@ __all__ = [
 ]
 
 OUTPUT_TYPES = ("pil", "np", "uint8")
+# The cost of a call that runs no step (image-to-image at strength 0).
+_NO_COST = ("steps", "evaluations", "dit_calls", "dit_samples", "decoder_calls",
+            "decoder_samples")
 
 
 def _is_bool(value: Any) -> bool:
@@ -432,6 +444,9 @@ class DeCoPipeline:
         on_step: Callable[[StepState], Any] | None = None,
         cancel: Cancellable | None = None,
         return_partial: bool = False,
+        image: Any = None,
+        strength: float | None = None,
+        mask_image: Any = None,
     ) -> GenerationOutput:
         """Generate one image per class label (label ``num_classes`` gives an unconditional one),
         or, for a text-to-image bundle, one per prompt (``prompt=``, or ``prompt_embeds=``
@@ -447,7 +462,17 @@ class DeCoPipeline:
         batch); returning `runtimes.STOP` from it, or setting ``cancel`` (a
         `threading.Event`), ends the run after that step with `GenerationInterrupted`, whose
         ``output`` is the partial result; ``return_partial=True`` returns that instead (its
-        ``stopped_after`` says how many steps ran). ``fused_step`` controls
+        ``stopped_after`` says how many steps ran).
+
+        Image-to-image: ``image`` (see `runtimes.image.image_input`: PIL RGB, uint8, or float
+        in [-1, 1]; one image for the batch or one per image; its size is the default size)
+        and ``strength`` in [0, 1] (default 0.8, 1.0 with a mask). The run starts at the first
+        time t0 of the solver's grid at or above 1 - strength, from x = t0 image + (1 - t0) eps
+        (t = 1 is data here), so it takes the last steps of the full run: strength 0 returns
+        the image, strength 1 ignores it. Inpainting: ``mask_image`` (white = generate, black =
+        keep; see `runtimes.image.mask_input`); after every step the kept pixels are set to
+        the image re-noised to the new t, so they end as the image exactly.
+        ``fused_step`` controls
         the backend's whole-step capability (None: use it where it applies; see `sample`).
         ``decoder_split`` False runs the fused decoder on steps that reuse the DiT's condition
         instead of the cached modulation's pixel part (see `sample`).
@@ -473,35 +498,63 @@ class DeCoPipeline:
             labels = self._labels(class_labels)
             cond = np.asarray(labels, dtype=np.int64)
             batch = len(labels)
+        init = self._init_image(image, strength, mask_image, batch)
+        if init is not None and noise is None:
+            height = init[0].shape[2] if height is None else height
+            width = init[0].shape[3] if width is None else width
         h, w = self._size(height, width, noise)
         # Settings first: a bad one fails before anything is allocated.
         config = self.sampler_config(
             steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
             shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
         )
-        plan = self.plan(config, sharing)
         shape = (batch, self.model_config.in_channels, h, w)
+        if init is not None and init[0].shape[2:] != shape[2:]:
+            raise ImageInputError(
+                f"the image is {init[0].shape[2]}x{init[0].shape[3]} (HxW) but this call "
+                f"generates {h}x{w}; resize it, or leave height/width out to use its size"
+            )
+        if init is not None and init[1] is not None and init[1].shape[2:] != shape[2:]:
+            raise ImageInputError(
+                f"the mask is {init[1].shape[2]}x{init[1].shape[3]} (HxW) but the image is "
+                f"{h}x{w}; give a mask of the image's size"
+            )
+        steps_left = -1
+        if init is not None:  # the last steps of the full run, from t0 = 1 - strength on
+            grid = config.grid()
+            start = int(np.argmax(grid >= np.float32(1.0 - init[2]) - np.float32(1e-6)))
+            steps_left = grid.size - 1 - start
+            if steps_left:
+                config = dataclasses.replace(config,
+                                             timesteps=tuple(float(t) for t in grid[start:]))
         if noise is not None:
             x0 = check_noise(noise, shape)
             used_seed: int | list[int] | None = None
         else:
             x0 = sample_noise(seed, *shape)
             used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
+        inpainting = None
+        if init is not None:
+            known = np.ascontiguousarray(np.broadcast_to(init[0], shape), dtype=np.float32)
+            if steps_left == 0:  # strength 0: nothing to generate
+                return GenerationOutput(*self._images(known, output_type), labels, used_seed,
+                                        dict.fromkeys(_NO_COST, 0), config, prompts)
+            t0 = float(config.grid()[0])
+            if init[1] is not None:
+                inpainting = Inpainting(known, init[1], x0)
+            x0 = noised(known, x0, t0)
+        plan = self.plan(config, sharing)
         hook = None
-        if on_step is not None or cancel is not None:
-            hook = StepHook(self.backend, plan.grid, on_step=on_step, cancel=cancel)
+        if on_step is not None or cancel is not None or inpainting is not None:
+            hook = StepHook(self.backend, plan.grid, on_step=on_step, cancel=cancel,
+                            inpainting=inpainting)
         split = decoder_split and supports_decoder_split(self.backend)
         embedded = self.is_text_to_image and supports_text_embedding(self.backend)
 
         def output(x: np.ndarray, stopped_after: int | None = None) -> GenerationOutput:
-            if output_type == "np":
-                images: Any = x
-            elif output_type == "uint8":
-                images = to_uint8(x)
-            else:
-                images = to_pil(to_uint8(x))
-            return GenerationOutput(images, labels, used_seed, plan.cost(batch, split, embedded),
-                                    config, prompts, stopped_after)
+            return GenerationOutput(*self._images(x, output_type), labels, used_seed,
+                                    plan.cost(batch, split, embedded), config, prompts,
+                                    stopped_after)
 
         try:
             x = sample(
@@ -518,6 +571,38 @@ class DeCoPipeline:
         return output(x)
 
     __call__ = generate
+
+    @staticmethod
+    def _images(x: np.ndarray, output_type: str) -> tuple[Any]:
+        if output_type == "np":
+            return (x,)
+        if output_type == "uint8":
+            return (to_uint8(x),)
+        return (to_pil(to_uint8(x)),)
+
+    def _init_image(self, image: Any, strength: float | None, mask_image: Any,
+                    batch: int) -> tuple[np.ndarray, np.ndarray | None, float] | None:
+        """(image (1 or B, C, H, W), mask (1 or B, 1, H, W) or None, strength) of an
+        image-to-image or inpainting call; None for one from noise."""
+        if image is None:
+            if strength is not None or mask_image is not None:
+                raise ValueError("strength= and mask_image= need image= (the image to start "
+                                 "from)")
+            return None
+        if strength is None:
+            strength = 1.0 if mask_image is not None else 0.8
+        if _is_bool(strength) or not isinstance(strength, (int, float, np.number)) or not (
+                0.0 <= float(strength) <= 1.0):
+            raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 "
+                             f"ignores it), got {strength!r}")
+        known = image_input(image, self.model_config.in_channels)
+        mask = mask_input(mask_image) if mask_image is not None else None
+        for name, a in (("image", known), ("mask_image", mask)):
+            if a is not None and a.shape[0] not in (1, batch):
+                raise ImageInputError(
+                    f"{name} holds {a.shape[0]} images for a batch of {batch}; give one for "
+                    "all or one per image")
+        return known, mask, float(strength)
 
     def submit(self, *args: Any, **kwargs: Any) -> GenerationTask:
         """Start ``generate(*args, **kwargs)`` in a worker thread and return its

@@ -48,12 +48,20 @@ from .options import SolverChoice, parse_int_list, parse_size
 @click.option("--preview-every", type=int, default=None, metavar="K",
               help="every K steps, write the clean estimate x_t + (1 - t) v of the images "
                    "so far to OUT's name with .preview before the extension")
+@click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="image-to-image: start from this image (its size unless "
+                                 "--size is given)")
+@click.option("--strength", type=float, default=None,
+              help="with --image: 0 keeps it, 1 ignores it [0.8; 1.0 with --mask]")
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="with --image: inpaint where the mask is white, keep the rest")
 def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
            classes: str | None, per_class: int, steps: int | None, guidance: float | None,
            solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
            prompts: tuple[str, ...], negative_prompt: str | None, text_encoder: str | None,
            size: str | None, seed: int, out: Path, cols: int | None, scale: int | None,
-           preview_every: int | None) -> None:
+           preview_every: int | None, init_image: Path | None, strength: float | None,
+           mask: Path | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
     from runtimes.image import image_format
 
@@ -95,6 +103,10 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
         count = len(distinct)
     if per_class > 1 and cols is None:
         cols = count
+    if init_image is not None:
+        condition.update(start_image(init_image, strength, mask))
+    elif strength is not None or mask is not None:
+        raise click.UsageError("--strength and --mask need --image")
     on_step = None
     if preview_every is not None:
         on_step = preview_writer(out.with_name(f"{out.stem}.preview{out.suffix}"),
@@ -109,3 +121,17 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
     width, height = result.images[0].size
     save_grid(result.images, out, cols=cols, scale=scale or legible_scale(height, width))
     click.echo(f"wrote {out} ({len(result.images)} images, seed {seed})")
+
+
+def start_image(path: Path, strength: float | None, mask: Path | None) -> dict:
+    """``generate``'s image-to-image arguments from the command line's files: greyscale and
+    palette images read as RGB, a mask as greyscale."""
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB") if opened.mode in ("L", "P") else opened.copy()
+    arguments: dict = {"image": picture, "strength": strength}
+    if mask is not None:
+        with Image.open(mask) as opened:
+            arguments["mask_image"] = opened.convert("L")
+    return arguments

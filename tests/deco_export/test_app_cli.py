@@ -33,6 +33,34 @@ def test_preview_every_writes_the_clean_estimate(tmp_path):
     assert result.exit_code != 0 and "--preview-every must be >= 1" in result.output
 
 
+def test_sample_from_an_image_and_a_mask(tmp_path):
+    start = tmp_path / "start.png"
+    assert CliRunner().invoke(main, ["sample", "default", "--classes", "2", "--steps", "3",
+                                     "--scale", "1", "--out", str(start)]).exit_code == 0
+    common = ["sample", "default", "--classes", "0", "--steps", "5", "--scale", "1",
+              "--image", str(start)]
+    same = tmp_path / "same.png"
+    result = CliRunner().invoke(main, [*common, "--strength", "0", "--out", str(same)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(same)), np.asarray(Image.open(start)))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).convert("RGB").save(tmp_path / "mask.png")  # read as greyscale
+    inpainted = tmp_path / "inpainted.png"
+    result = CliRunner().invoke(main, [*common, "--mask", str(tmp_path / "mask.png"),
+                                       "--out", str(inpainted)])
+    assert result.exit_code == 0, result.output
+    got, was = np.asarray(Image.open(inpainted)), np.asarray(Image.open(start))
+    assert np.array_equal(got[mask == 0], was[mask == 0]) and not np.array_equal(got, was)
+    Image.new("RGBA", (32, 32)).save(tmp_path / "rgba.png")
+    result = CliRunner().invoke(main, ["sample", "default", "--image", str(tmp_path / "rgba.png"),
+                                       "--out", str(tmp_path / "x.png")])
+    assert result.exit_code != 0 and "RGBA image; this model takes RGB" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
+    result = CliRunner().invoke(main, ["sample", "default", "--strength", "0.5"])
+    assert result.exit_code != 0 and "--strength and --mask need --image" in result.output
+
+
 def _interrupt(args: list[str], cwd: Path, ready) -> subprocess.CompletedProcess:
     """Run ``deco ARGS``, send SIGINT once ``ready()`` holds, and return how it ended."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
