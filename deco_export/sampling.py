@@ -14,13 +14,19 @@ from .sources import is_bundle
 BUNDLE_BACKENDS = ("onnxruntime", "openvino", "coreml", "tensorrt")
 
 
+def default_backend(source: str | Path) -> str:
+    """The backend a source runs on when none is named: ONNX Runtime for a bundle, PyTorch for
+    a checkpoint."""
+    return "onnxruntime" if is_bundle(source) else "torch"
+
+
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
                   providers: str | None = None, device: str = "cpu", compile: bool = False):
     """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch)."""
     import runtimes
 
+    backend = backend or default_backend(source)
     if is_bundle(source):
-        backend = backend or "onnxruntime"
         if backend == "torch":
             raise ValueError(
                 f"{source} is an exported bundle; the torch backend samples checkpoints. Use "
@@ -36,7 +42,6 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         if backend == "openvino":
             options["device"] = device  # CPU, GPU or NPU
         return runtimes.load(source, backend=backend, precision=precision, **options)
-    backend = backend or "torch"
     if backend != "torch":
         raise ValueError(
             f"{source} is a checkpoint, which only the torch backend runs; export it first "
@@ -44,10 +49,11 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         )
     from .backends import create_backend
     from .export.bundle_io import default_sampler_settings
+    from .labels import id2label_for
     from .sources import load_model, model_path
     from .text_encoders import LazyTextEncoder, recorded_text_encoder
 
-    model, _ = load_model(source)
+    model, record = load_model(source)
     backend_obj = create_backend("torch", model, device=device, precision=precision,
                                  compile=compile)
     cfg = model.config
@@ -55,7 +61,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
     if cfg.family == "t2i" and (name := recorded_text_encoder(model_path(source))):
         encoder = LazyTextEncoder(name, cfg.text_len, cfg.text_dim)
     return runtimes.DeCoPipeline(backend_obj, model_config=cfg, text_encoder=encoder,
-                                 sampler_defaults=default_sampler_settings(cfg))
+                                 sampler_defaults=default_sampler_settings(cfg),
+                                 id2label=id2label_for(cfg, record))
 
 
 def parse_sharing(text: str | None, mode: str = "reuse") -> Any:
@@ -122,3 +129,25 @@ def progress_callback(description: str) -> Iterator[Any]:
     finally:
         if bar is not None:
             bar.close()
+
+
+def parse_classes(text: str) -> list[int | str]:
+    """``--classes``: comma-separated class indices or names ("0,4" or "Flags,Objects")."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("--classes is empty: give class indices or names, comma-separated")
+    return [int(item) if item.lstrip("-").isdigit() else item for item in items]
+
+
+def start_image(path: Path, strength: float | None, mask: Path | None) -> dict:
+    """``generate``'s image-to-image arguments from the command line's files: greyscale and
+    palette images read as RGB, a mask as greyscale."""
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB") if opened.mode in ("L", "P") else opened.copy()
+    arguments: dict = {"image": picture, "strength": strength}
+    if mask is not None:
+        with Image.open(mask) as opened:
+            arguments["mask_image"] = opened.convert("L")
+    return arguments

@@ -26,6 +26,7 @@ __all__ = [
     "legible_scale",
     "make_grid",
     "mask_input",
+    "png_text",
     "save_grid",
     "save_image",
     "save_png",
@@ -146,8 +147,10 @@ def save_image(image: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a PIL image or (H, W, C) uint8 array as PNG atomically.
+def save_png(image: Any, path: str | os.PathLike[str],
+             text: dict[str, str] | None = None) -> Path:
+    """Write a PIL image or (H, W, C) uint8 array as PNG atomically, with ``text`` as PNG
+    text chunks (iTXt, so any Unicode; `png_text` reads them back).
 
     The file is written to a temporary name in the same directory and renamed over ``path``, so
     readers never see a half-written image and an interrupted run leaves the old file intact.
@@ -157,10 +160,25 @@ def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
     if isinstance(image, np.ndarray):
         arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         image = image_mod.fromarray(arr)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The text chunks of the PNG at ``path`` (empty for another format or none)."""
+    image_mod = _pil()
+    with image_mod.open(path) as image:
+        image.load()
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
 
 def save_grid(

@@ -35,6 +35,7 @@ from runtimes import fileio
 from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
+from runtimes.errors import DecoError
 from runtimes.image import ImageInputError, image_input, mask_input, to_pil, to_uint8
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
@@ -60,6 +61,7 @@ from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
     "CalibrationResult",
+    "ClassNameError",
     "DeCoPipeline",
     "GenerationOutput",
     "available_backends",
@@ -78,6 +80,23 @@ _NO_COST = ("steps", "evaluations", "dit_calls", "dit_samples", "decoder_calls",
 def _is_bool(value: Any) -> bool:
     """True for True/False: Python treats them as 1/0, which is never what a caller meant."""
     return isinstance(value, (bool, np.bool_))
+
+
+def _is_text(value: Any) -> bool:
+    """A prompt or a list of prompts (what diffusers' pipelines take first)."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
+
+
+def _either(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """One setting under its own name or diffusers' (``steps`` / ``num_inference_steps``)."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"{name}= and {alias}= are the same setting; pass one of them")
+    return value if value is not None else alias_value
+
+
+class ClassNameError(DecoError, ValueError):
+    """A class name the model does not know, or one that names two classes."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +232,8 @@ class DeCoPipeline:
     backend: a `Backend` (ONNX Runtime, PyTorch, ...). model_config: `ModelConfig` or its dict
     (patch_size, num_classes, in_channels, image_size are used). sampler_defaults: the settings
     used when a call leaves them out. schedules: calibrated sharing schedules by key (the
-    bundle manifest's "schedules").
+    bundle manifest's "schedules"). id2label: class names by index (default: the manifest's),
+    so ``class_labels`` takes names (`get_label_ids`).
     """
 
     def __init__(
@@ -226,6 +246,7 @@ class DeCoPipeline:
         manifest: Manifest | None = None,
         text_encoder: Any = None,
         negative_prompt_embeds: np.ndarray | None = None,
+        id2label: Mapping[int | str, str] | None = None,
     ) -> None:
         self.backend = backend
         self.text_encoder = text_encoder
@@ -242,6 +263,9 @@ class DeCoPipeline:
         )
         self.schedules = dict(schedules or {})
         self.manifest = manifest
+        names = id2label if id2label is not None else (
+            manifest.id2label if manifest is not None else {})
+        self.id2label: dict[int, str] = {int(k): str(v) for k, v in names.items()}
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -302,9 +326,57 @@ class DeCoPipeline:
             return None
         return self.manifest.size_range(getattr(self.backend, "runtime", None))
 
-    def _labels(self, class_labels: Any) -> list[int]:
-        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class index by name: every comma-separated synonym of each ``id2label`` entry
+        ("tench, Tinca tinca" gives "tench" and "Tinca tinca"), as diffusers' DiT pipeline."""
+        out: dict[str, int] = {}
+        for index, names in sorted(self.id2label.items()):
+            for name in names.split(","):
+                out.setdefault(name.strip(), index)
+        return out
+
+    def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
+        """Class indices for class names (case-insensitive; a name two classes share is an
+        error naming both)."""
+        names = [names] if isinstance(names, str) else list(names)
+        if not self.id2label:
+            raise ClassNameError(
+                f"this model does not name its classes, so {names[0]!r} means nothing to it; "
+                f"pass class indices 0..{self.model_config.num_classes - 1}"
+            )
+        folded: dict[str, set[int]] = {}
+        for index, entry in self.id2label.items():
+            for synonym in entry.split(","):
+                folded.setdefault(synonym.strip().casefold(), set()).add(index)
+        out = []
+        for name in names:
+            found = folded.get(str(name).strip().casefold())
+            if not found:
+                import difflib
+
+                close = difflib.get_close_matches(str(name), list(self.labels), n=3)
+                hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+                raise ClassNameError(
+                    f"unknown class name {name!r}; {hint}pipe.labels lists this model's "
+                    f"{len(self.id2label)} classes (or pass indices)"
+                )
+            if len(found) > 1:
+                raise ClassNameError(
+                    f"class name {name!r} is ambiguous (classes {sorted(found)}: "
+                    f"{'; '.join(self.id2label[i] for i in sorted(found))}); pass the index"
+                )
+            out.append(next(iter(found)))
+        return out
+
+    def class_indices(self, class_labels: Any) -> list[int]:
+        """Validated class indices for ``class_labels`` (indices or names, one or a list)."""
+        if isinstance(class_labels, (int, np.integer, str)) and not isinstance(class_labels,
+                                                                                bool):
             class_labels = [class_labels]
+        if class_labels is not None and not isinstance(class_labels, np.ndarray):
+            class_labels = [self.get_label_ids(lab)[0] if isinstance(lab, str) else lab
+                            for lab in class_labels]
         labels = list(np.asarray(class_labels).reshape(-1)) if class_labels is not None else []
         if not labels:
             raise ValueError("class_labels is empty: give at least one class index")
@@ -418,7 +490,7 @@ class DeCoPipeline:
 
     def generate(
         self,
-        class_labels: Sequence[int] | int | None = None,
+        class_labels: Sequence[int | str] | int | str | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
@@ -447,6 +519,10 @@ class DeCoPipeline:
         image: Any = None,
         strength: float | None = None,
         mask_image: Any = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        latents: np.ndarray | None = None,
+        num_images_per_prompt: int = 1,
     ) -> GenerationOutput:
         """Generate one image per class label (label ``num_classes`` gives an unconditional one),
         or, for a text-to-image bundle, one per prompt (``prompt=``, or ``prompt_embeds=``
@@ -472,6 +548,10 @@ class DeCoPipeline:
         the image, strength 1 ignores it. Inpainting: ``mask_image`` (white = generate, black =
         keep; see `runtimes.image.mask_input`); after every step the kept pixels are set to
         the image re-noised to the new t, so they end as the image exactly.
+        diffusers' names are accepted: ``num_inference_steps`` (``steps``), ``guidance_scale``
+        (``guidance``), ``latents`` (``noise``), ``num_images_per_prompt`` (each prompt or
+        label repeated, consecutively); on a text-to-image model the first positional argument
+        is the prompt, and ``class_labels`` takes class names (see `get_label_ids`).
         ``fused_step`` controls
         the backend's whole-step capability (None: use it where it applies; see `sample`).
         ``decoder_split`` False runs the fused decoder on steps that reuse the DiT's condition
@@ -479,6 +559,18 @@ class DeCoPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        steps = _either("steps", steps, "num_inference_steps", num_inference_steps)
+        guidance = _either("guidance", guidance, "guidance_scale", guidance_scale)
+        noise = _either("noise", noise, "latents", latents)
+        if _is_bool(num_images_per_prompt) or not isinstance(
+                num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got "
+                             f"{num_images_per_prompt!r}")
+        repeat = int(num_images_per_prompt)
+        if self.is_text_to_image and _is_text(class_labels):  # pipe("a red fox"), as diffusers
+            if prompt is not None:
+                raise ValueError("the prompt was given twice (positionally and as prompt=)")
+            prompt, class_labels = class_labels, None  # type: ignore[assignment]
         uncond: np.ndarray | None = None
         prompts: list[str] | None = None
         if self.is_text_to_image:
@@ -489,13 +581,15 @@ class DeCoPipeline:
                                                 negative_prompt_embeds)
             if prompt is not None:
                 prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+                prompts = [p for p in prompts for _ in range(repeat)]
+            cond, uncond = np.repeat(cond, repeat, axis=0), np.repeat(uncond, repeat, axis=0)
             labels: list[int] = []
             batch = cond.shape[0]
         else:
             if prompt is not None or prompt_embeds is not None:
                 raise ValueError("this is a class-conditional model: pass class_labels, not a "
                                  "prompt")
-            labels = self._labels(class_labels)
+            labels = [lab for lab in self.class_indices(class_labels) for _ in range(repeat)]
             cond = np.asarray(labels, dtype=np.int64)
             batch = len(labels)
         init = self._init_image(image, strength, mask_image, batch)
@@ -638,7 +732,7 @@ class DeCoPipeline:
         Schedules are keyed by `schedule_key` (model hash defaults to the bundle's source
         checkpoint sha256).
         """
-        labels = self._labels(class_labels)
+        labels = self.class_indices(class_labels)
         h, w = self._size(height, width, None)
         config = self.sampler_config(
             steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
