@@ -21,8 +21,12 @@ def default_backend(source: str | Path) -> str:
 
 
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
-                  providers: str | None = None, device: str = "cpu", compile: bool = False):
-    """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch)."""
+                  providers: str | None = None, device: str = "cpu", compile: bool = False,
+                  text_encoder_providers: str | None = None, reduce_memory: bool = False):
+    """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch).
+
+    ``text_encoder_providers`` places a bundle's ONNX text encoder ("cuda"); ``reduce_memory``
+    unloads the text encoder once each generation's prompts are encoded."""
     import runtimes
 
     backend = backend or default_backend(source)
@@ -41,7 +45,10 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             options["allow_spinning"] = False
         if backend == "openvino":
             options["device"] = device  # CPU, GPU or NPU
-        return runtimes.load(source, backend=backend, precision=precision, **options)
+        if text_encoder_providers:
+            options["text_encoder_providers"] = text_encoder_providers
+        return runtimes.load(source, backend=backend, precision=precision,
+                             reduce_memory=reduce_memory, **options)
     if backend != "torch":
         raise ValueError(
             f"{source} is a checkpoint, which only the torch backend runs; export it first "
@@ -62,7 +69,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
         encoder = LazyTextEncoder(name, cfg.text_len, cfg.text_dim)
     return runtimes.DeCoPipeline(backend_obj, model_config=cfg, text_encoder=encoder,
                                  sampler_defaults=default_sampler_settings(cfg),
-                                 id2label=id2label_for(cfg, record))
+                                 id2label=id2label_for(cfg, record),
+                                 reduce_memory=reduce_memory)
 
 
 def parse_sharing(text: str | None, mode: str = "reuse") -> Any:

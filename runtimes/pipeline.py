@@ -233,7 +233,9 @@ class DeCoPipeline:
     (patch_size, num_classes, in_channels, image_size are used). sampler_defaults: the settings
     used when a call leaves them out. schedules: calibrated sharing schedules by key (the
     bundle manifest's "schedules"). id2label: class names by index (default: the manifest's),
-    so ``class_labels`` takes names (`get_label_ids`).
+    so ``class_labels`` takes names (`get_label_ids`). reduce_memory: unload the text encoder
+    (``text_encoder.unload()``) once a generation's prompts are encoded, so its weights are
+    not resident while sampling or between generations (each prompt encoding loads it again).
     """
 
     def __init__(
@@ -247,9 +249,11 @@ class DeCoPipeline:
         text_encoder: Any = None,
         negative_prompt_embeds: np.ndarray | None = None,
         id2label: Mapping[int | str, str] | None = None,
+        reduce_memory: bool = False,
     ) -> None:
         self.backend = backend
         self.text_encoder = text_encoder
+        self.reduce_memory = reduce_memory
         self.negative_prompt_embeds = negative_prompt_embeds
         self.model_config = (
             model_config
@@ -579,6 +583,9 @@ class DeCoPipeline:
                                  "not class labels")
             cond, uncond = self.text_conditions(prompt, prompt_embeds, negative_prompt,
                                                 negative_prompt_embeds)
+            unload = getattr(self.text_encoder, "unload", None)
+            if self.reduce_memory and callable(unload):
+                unload()
             if prompt is not None:
                 prompts = [prompt] if isinstance(prompt, str) else list(prompt)
                 prompts = [p for p in prompts for _ in range(repeat)]
@@ -823,13 +830,20 @@ def load(
     precision: str = "fp32",
     providers: Any = None,
     verify: bool = True,
+    *,
+    text_encoder_providers: Any = None,
+    text_encoder_precision: str = "fp32",
+    reduce_memory: bool = False,
     **backend_options: Any,
 ) -> DeCoPipeline:
     """Open a bundle: read the manifest, verify the hashes of the files the backend will read,
     create the backend and return a `DeCoPipeline`.
 
     ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
-    (e.g. ``intra_op_threads=2``) are passed to the backend.
+    (e.g. ``intra_op_threads=2``) are passed to the backend. A text-to-image bundle's text
+    encoder runs in ONNX Runtime on ``text_encoder_providers`` (default CPU, whatever the
+    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact; ``reduce_memory``
+    unloads it after each generation's prompts are encoded (see `DeCoPipeline`).
     """
     root = Path(bundle_dir)
     manifest = _bundle.read_manifest(root)
@@ -852,9 +866,13 @@ def load(
     options = dict(backend_options)
     if providers is not None:
         options["providers"] = providers
+    encoder_options = {} if text_encoder_providers is None else {
+        "providers": text_encoder_providers}
     be = factory(root, manifest, precision=precision, **options)
     return DeCoPipeline(
         be, manifest.model, manifest.sampler_defaults, schedules=manifest.schedules,
         manifest=manifest, negative_prompt_embeds=bundle_negative_embeds(root, manifest),
-        text_encoder=bundle_text_encoder(root, manifest),
+        text_encoder=bundle_text_encoder(root, manifest, precision=text_encoder_precision,
+                                         **encoder_options),
+        reduce_memory=reduce_memory,
     )

@@ -41,6 +41,10 @@ from .options import SolverChoice, parse_size
 @click.option("--text-encoder", default=None,
               help="text-to-image: a local transformers directory (Qwen3-1.7B for the release) "
                    "or 'minilm'; nothing is downloaded [a bundle's own text_encoder.onnx]")
+@click.option("--text-encoder-providers", default=None,
+              help="text-to-image: where a bundle's text_encoder.onnx runs, e.g. cuda [cpu]")
+@click.option("--reduce-memory", is_flag=True,
+              help="text-to-image: unload the text encoder once the prompts are encoded")
 @click.option("--size", default=None, help="HxW to sample at (default: the model's)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -70,7 +74,8 @@ def sample(source: str | None, backend: str | None, precision: str | None,
            providers: str | None, device: str | None, classes: str | None, per_class: int,
            steps: int | None, guidance: float | None, solver: str | None, shift: float | None,
            sharing: str | None, sharing_mode: str, prompts: tuple[str, ...],
-           negative_prompt: str | None, text_encoder: str | None, size: str | None, seed: int,
+           negative_prompt: str | None, text_encoder: str | None,
+           text_encoder_providers: str | None, reduce_memory: bool, size: str | None, seed: int,
            out: Path | None, out_dir: Path | None, from_image: Path | None, cols: int | None,
            scale: int | None, preview_every: int | None, init_image: Path | None,
            strength: float | None, mask: Path | None) -> None:
@@ -102,7 +107,8 @@ def sample(source: str | None, backend: str | None, precision: str | None,
     backend = backend or default_backend(source)
     precision, device = precision or "fp32", device or "cpu"
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
-                         device=device)
+                         device=device, text_encoder_providers=text_encoder_providers,
+                         reduce_memory=reduce_memory)
     height, width = parse_size(size) if size else (None, None)
     if pipe.is_text_to_image:
         if not prompts:
