@@ -789,7 +789,8 @@ def _sample_fused(
     n = plan.num_steps
     for i in range(n):
         ev = plan.evaluations[i]
-        x_t = x
+        # A fused step updates its state buffer in place: the hook gets a host copy of x_t.
+        x_t = None if after_step is None else np.array(backend.to_numpy(x), dtype=np.float32)
         if plan.needs_both(i):
             w = plan.config.guidance if ev.guided else 1.0
             x = backend.step(x, y_both, ev.t, plan.dts[i], w)

@@ -94,10 +94,14 @@ class StepState:
     _inpainting: Inpainting | None = field(default=None, repr=False)
     _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    def _host(self, a: Any) -> np.ndarray:
+        """A backend array (or a host copy the sampler already made) as float32 numpy."""
+        return np.asarray(a if isinstance(a, np.ndarray) else self._read(a), dtype=np.float32)
+
     @property
     def latents(self) -> np.ndarray:
         if "x_t" not in self._cache:
-            self._cache["x_t"] = np.asarray(self._read(self._x_t), dtype=np.float32)
+            self._cache["x_t"] = self._host(self._x_t)
         return self._cache["x_t"]
 
     @property
@@ -105,10 +109,10 @@ class StepState:
         if "x0" not in self._cache:
             x_t = self.latents
             if self._v is not None:
-                v = np.asarray(self._read(self._v), dtype=np.float32)
+                v = self._host(self._v)
             else:  # a fused Euler step hands back only x_next = x_t + v dt
                 dt = np.float32(self.t_next - self.t)
-                x_next = np.asarray(self._read(self._x_next), dtype=np.float32)
+                x_next = self._host(self._x_next)
                 v = (x_next - x_t) / dt
             x0 = (x_t + np.float32(1.0 - self.t) * v).astype(np.float32)
             if self._inpainting is not None:

@@ -64,14 +64,25 @@ def test_returning_stop_ends_the_run_with_the_partial_result(backend):
     assert pipe.generate([1], output_type="np", on_step=lambda s: True).stopped_after is None
 
 
+class InPlaceFusedBackend(FusedStepBackend):
+    """A fused step that writes its result into the state it was given, as the CUDA-graph and
+    TensorRT backends do."""
+
+    def step(self, x, y, t, dt, guidance):
+        x[...] = super().step(x, y, t, dt, guidance)
+        return x
+
+
 def test_the_fused_step_gives_the_same_estimate():
     states = {}
-    for kind in (GaussianFlowBackend, FusedStepBackend):
+    for kind in (GaussianFlowBackend, FusedStepBackend, InPlaceFusedBackend):
         states[kind] = []
         _pipe(kind()).generate([2], seed=1, output_type="np",
                                on_step=lambda s, out=states[kind]: out.append(s.clean_estimate))
-    for a, b in zip(*states.values(), strict=True):
-        assert np.allclose(a, b, atol=1e-5)
+    plain, *fused = states.values()
+    for other in fused:
+        for a, b in zip(plain, other, strict=True):
+            assert np.allclose(a, b, atol=1e-5)
 
 
 def test_cancel_from_another_thread():
