@@ -16,15 +16,25 @@ from .sources import is_bundle
 BUNDLE_BACKENDS = ("onnxruntime", "openvino", "coreml", "tensorrt")
 
 
+def default_backend(source: str | Path) -> str:
+    """The backend a source runs on when none is named: ONNX Runtime for a bundle, PyTorch for
+    a checkpoint."""
+    return "onnxruntime" if is_bundle(source) else "torch"
+
+
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
                   providers: str | None = None, device: str = "cpu", compile: bool = False,
-                  allow_below_gate: bool = False):
+                  allow_below_gate: bool = False, text_encoder_providers: str | None = None,
+                  reduce_memory: bool = False):
     """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch).
-    ``allow_below_gate``: open int8 graphs measured below their gate on this CPU."""
+
+    ``allow_below_gate``: open int8 graphs measured below their gate on this CPU.
+    ``text_encoder_providers`` places a bundle's ONNX text encoder ("cuda"); ``reduce_memory``
+    unloads the text encoder once each generation's prompts are encoded."""
     import runtimes
 
+    backend = backend or default_backend(source)
     if is_bundle(source):
-        backend = backend or "onnxruntime"
         if backend == "torch":
             raise ValueError(
                 f"{source} is an exported bundle; the torch backend samples checkpoints. Use "
@@ -41,7 +51,10 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             options["device"] = device  # CPU, GPU or NPU
         if allow_below_gate:
             options["allow_below_gate"] = True
-        return runtimes.load(source, backend=backend, precision=precision, **options)
+        if text_encoder_providers:
+            options["text_encoder_providers"] = text_encoder_providers
+        return runtimes.load(source, backend=backend, precision=precision,
+                             reduce_memory=reduce_memory, **options)
     backend = backend or "torch"
     if backend != "torch":
         raise ValueError(
@@ -49,10 +62,11 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             f"(`deco export onnx {source} BUNDLE`) to use {backend}"
         )
     from .backends import create_backend
+    from .labels import id2label_for
     from .sources import load_model, model_path
     from .text_encoders import LazyTextEncoder, recorded_text_encoder
 
-    model, _ = load_model(source)
+    model, record = load_model(source)
     backend_obj = create_backend("torch", model, device=device, precision=precision,
                                  compile=compile)
     cfg = model.config
@@ -60,7 +74,9 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
     if cfg.family == "t2i" and (name := recorded_text_encoder(model_path(source))):
         encoder = LazyTextEncoder(name, cfg.text_len, cfg.text_dim)
     return runtimes.DeCoPipeline(backend_obj, model_config=cfg, text_encoder=encoder,
-                                 sampler_defaults=release_sampler(cfg.family))
+                                 sampler_defaults=release_sampler(cfg.family),
+                                 id2label=id2label_for(cfg, record),
+                                 reduce_memory=reduce_memory)
 
 
 def parse_sharing(text: str | None, mode: str = "reuse") -> Any:
@@ -92,6 +108,22 @@ def parse_sharing(text: str | None, mode: str = "reuse") -> Any:
     return text
 
 
+def preview_writer(path: Path, every: int, cols: int | None = None,
+                   scale: int | None = None) -> Any:
+    """A step callback that writes the grid of clean estimates to ``path`` every ``every``
+    steps (atomically: a viewer polling the file never reads half an image)."""
+    from runtimes.image import legible_scale, save_grid, to_uint8
+
+    def write(state: Any) -> None:
+        if (state.step + 1) % every and state.step + 1 < state.num_steps:
+            return
+        images = to_uint8(state.clean_estimate)
+        height, width = images.shape[1:3]
+        save_grid(images, path, cols=cols, scale=scale or legible_scale(height, width))
+
+    return write
+
+
 @contextlib.contextmanager
 def progress_callback(description: str) -> Iterator[Any]:
     """A tqdm bar fed by the sampler's ``callback(step, num_steps, t)``."""
@@ -111,3 +143,25 @@ def progress_callback(description: str) -> Iterator[Any]:
     finally:
         if bar is not None:
             bar.close()
+
+
+def parse_classes(text: str) -> list[int | str]:
+    """``--classes``: comma-separated class indices or names ("0,4" or "Flags,Objects")."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("--classes is empty: give class indices or names, comma-separated")
+    return [int(item) if item.lstrip("-").isdigit() else item for item in items]
+
+
+def start_image(path: Path, strength: float | None, mask: Path | None) -> dict:
+    """``generate``'s image-to-image arguments from the command line's files: greyscale and
+    palette images read as RGB, a mask as greyscale."""
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        picture = opened.convert("RGB") if opened.mode in ("L", "P") else opened.copy()
+    arguments: dict = {"image": picture, "strength": strength}
+    if mask is not None:
+        with Image.open(mask) as opened:
+            arguments["mask_image"] = opened.convert("L")
+    return arguments

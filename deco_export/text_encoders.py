@@ -284,3 +284,7 @@ class LazyTextEncoder:
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         return self.load().encode(prompts)
+
+    def unload(self) -> None:
+        """Drop the loaded model (``reduce_memory``); the next ``encode`` loads it again."""
+        self._encoder = None

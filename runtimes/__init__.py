@@ -8,10 +8,10 @@ Conventions (as the reference DeCo code): t = 0 is pure noise, t = 1 is data; v 
 images are RGB in [-1, 1]; the null class is ``num_classes``.
 
 Layout: `errors` (the user-facing error root), `config` (the model config), `backend` (the
-two-call seam), `sampler` (the one sampler), `sharing` (DiT sharing
-schedules), `noise`, `image`, `bundle` (the manifest reader/writer), `pipeline` (load /
-generate), `backends.*` (runtime adapters, each importing its library lazily). Nothing here
-imports torch or deco_export.
+two-call seam), `sampler` (the one sampler), `sharing` (DiT sharing schedules), `steps` (step
+callbacks, cancel, inpainting), `noise`, `image`, `bundle` (the manifest reader/writer),
+`pipeline` (load / generate), `backends.*` (runtime adapters, each importing its library
+lazily). Nothing here imports torch or deco_export.
 """
 
 from runtimes.backend import Backend, BackendError, RefreshBackend, supports_refresh
@@ -59,8 +59,10 @@ from runtimes.sharing import (
     uniform_schedule,
 )
 from runtimes.sizes import SizeError, SizeRange
+from runtimes.steps import STOP, GenerationInterrupted, GenerationTask, StepState
 
 __all__ = [
+    "STOP",
     "Artifact",
     "Backend",
     "BackendError",
@@ -69,7 +71,9 @@ __all__ = [
     "ConfigError",
     "DeCoPipeline",
     "DecoError",
+    "GenerationInterrupted",
     "GenerationOutput",
+    "GenerationTask",
     "Int8GateError",
     "Int8KernelWarning",
     "Manifest",
@@ -81,6 +85,7 @@ __all__ = [
     "SimilarityAccumulator",
     "SizeError",
     "SizeRange",
+    "StepState",
     "TensorSpec",
     "available_backends",
     "create_backend",

@@ -269,6 +269,8 @@ class Artifact:
             ) from None
 
 
+# The manifest section naming a class-conditional model's classes.
+ID2LABEL_SECTION = "id2label"
 @dataclass
 class Manifest:
     """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` (a `SamplerConfig`)
@@ -302,6 +304,17 @@ class Manifest:
         sizes: Any = self.sizes
         if sizes is not None and not isinstance(sizes, SizeRange):
             self.sizes = _size_range(sizes, "manifest.json: sizes")
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class names by index, the manifest's "id2label" section (``{"0": name, ...}``, as
+        diffusers' DiT pipeline keeps it); empty when the bundle names no classes."""
+        section = self.extra.get(ID2LABEL_SECTION) or {}
+        if not isinstance(section, dict) or not all(
+                str(k).isdigit() and isinstance(v, str) for k, v in section.items()):
+            raise BundleError(f'manifest.json: "{ID2LABEL_SECTION}" must map class indices to '
+                              "names; export the bundle again")
+        return {int(k): v for k, v in section.items()}
 
     def size_range(self, runtime: str | None = None) -> SizeRange | None:
         """The sizes ``runtime``'s artifacts (all artifacts for None) serve: an artifact's own

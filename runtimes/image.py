@@ -15,13 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.errors import DecoError
 from runtimes.fileio import atomic_write_bytes
 
 __all__ = [
     "IMAGE_FORMATS",
+    "ImageInputError",
     "image_format",
+    "image_input",
     "legible_scale",
     "make_grid",
+    "mask_input",
+    "png_text",
     "save_grid",
     "save_image",
     "save_png",
@@ -142,8 +147,10 @@ def save_image(image: Any, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a PIL image or (H, W, C) uint8 array as PNG atomically.
+def save_png(image: Any, path: str | os.PathLike[str],
+             text: dict[str, str] | None = None) -> Path:
+    """Write a PIL image or (H, W, C) uint8 array as PNG atomically, with ``text`` as PNG
+    text chunks (iTXt, so any Unicode; `png_text` reads them back).
 
     The file is written to a temporary name in the same directory and renamed over ``path``, so
     readers never see a half-written image and an interrupted run leaves the old file intact.
@@ -153,10 +160,25 @@ def save_png(image: Any, path: str | os.PathLike[str]) -> Path:
     if isinstance(image, np.ndarray):
         arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         image = image_mod.fromarray(arr)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The text chunks of the PNG at ``path`` (empty for another format or none)."""
+    image_mod = _pil()
+    with image_mod.open(path) as image:
+        image.load()
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
 
 def save_grid(
@@ -174,3 +196,110 @@ def save_grid(
 def legible_scale(height: int, width: int, target: int = 128) -> int:
     """Integer enlargement that brings the shorter side of a sample to at least ``target``."""
     return max(1, -(-target // max(1, min(height, width))))
+
+
+class ImageInputError(DecoError, ValueError):
+    """An input image or mask of the wrong kind, mode, shape or value range."""
+
+
+def _is_pil(image: Any) -> bool:
+    return hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "getbands")
+
+
+# Samples (output_type="np") overshoot [-1, 1] a little and are valid starts as they are; a value
+# beyond this is another range (0..255 as float).
+FLOAT_IMAGE_LIMIT = 3.0
+
+
+def image_input(image: Any, channels: int = 3) -> np.ndarray:
+    """An input image as (B, C, H, W) float32 in [-1, 1], the samples' own space.
+
+    Takes a PIL image (RGB; L for a one-channel model) or a list of them, a uint8 array
+    (H, W, C) or (B, H, W, C), or a float array (C, H, W) or (B, C, H, W) in [-1, 1] (what
+    ``output_type="np"`` gives; its overshoot, up to ``FLOAT_IMAGE_LIMIT``, is kept as is).
+    uint8 maps to x / 127.5 - 1, the inverse of `to_uint8`, so an image that passes through
+    unchanged comes back as the same bytes.
+    """
+    if _is_pil(image) or (isinstance(image, (list, tuple)) and image and _is_pil(image[0])):
+        pictures = [image] if _is_pil(image) else list(image)
+        want = "RGB" if channels == 3 else "L"
+        for picture in pictures:
+            if picture.mode != want:
+                raise ImageInputError(
+                    f"the image is a {picture.mode} image; this model takes {want}: pass "
+                    f"image.convert({want!r})"
+                )
+        if len({p.size for p in pictures}) != 1:
+            raise ImageInputError(
+                f"the images differ in size ({sorted({p.size for p in pictures})}); resize "
+                "them to one size"
+            )
+        image = np.stack([np.asarray(p, dtype=np.uint8).reshape(p.size[1], p.size[0], -1)
+                          for p in pictures])
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4 or a.shape[-1] != channels:
+            raise ImageInputError(
+                f"a uint8 image must be (H, W, {channels}) or (B, H, W, {channels}), got "
+                f"{a.shape}"
+            )
+        out: np.ndarray = a.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5)
+        return np.ascontiguousarray(out - np.float32(1.0))
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ImageInputError(
+            f"an image array must be uint8 (0..255) or float in [-1, 1], got dtype {a.dtype}")
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[1] != channels:
+        raise ImageInputError(
+            f"a float image must be ({channels}, H, W) or (B, {channels}, H, W) in [-1, 1], got "
+            f"{a.shape}; uint8 images are (H, W, {channels})"
+        )
+    if not np.all(np.isfinite(a)):
+        raise ImageInputError("the image holds NaN or infinite values; pass finite pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -FLOAT_IMAGE_LIMIT or hi > FLOAT_IMAGE_LIMIT:
+        raise ImageInputError(
+            f"float image values must lie in [-1, 1] (the sample range), got [{lo:.3g}, "
+            f"{hi:.3g}]; map a [0, 1] image with x * 2 - 1, or pass uint8"
+        )
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def mask_input(mask: Any) -> np.ndarray:
+    """An inpainting mask as (B, 1, H, W) float32 of 0 and 1: 1 (white) where the model
+    generates, 0 (black) where the image is kept, as in diffusers.
+
+    Takes a PIL image of mode L or 1 (or a list), or an array (H, W), (B, H, W) or
+    (B, 1, H, W): bool, uint8 0..255 or float in [0, 1]; values are split at one half.
+    """
+    if _is_pil(mask) or (isinstance(mask, (list, tuple)) and mask and _is_pil(mask[0])):
+        pictures = [mask] if _is_pil(mask) else list(mask)
+        for picture in pictures:
+            if picture.mode not in ("L", "1"):
+                raise ImageInputError(
+                    f"the mask is a {picture.mode} image; masks are black and white: pass "
+                    "mask.convert('L')"
+                )
+        mask = np.stack([np.asarray(p.convert("L"), dtype=np.uint8) for p in pictures])
+    a = np.asarray(mask)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[1] != 1:
+        raise ImageInputError(f"a mask must be (H, W), (B, H, W) or (B, 1, H, W), got {a.shape}")
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype == np.uint8:
+        return (a >= 128).astype(np.float32)
+    if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)) or (
+            a.size and (float(a.min()) < 0.0 or float(a.max()) > 1.0)):
+        raise ImageInputError(
+            "a mask must be bool, uint8 0..255 or float in [0, 1] (1 = generate, 0 = keep), got "
+            f"dtype {a.dtype}" + (f" in [{float(np.nanmin(a)):.3g}, {float(np.nanmax(a)):.3g}]"
+                                  if a.size and np.issubdtype(a.dtype, np.number) else "")
+        )
+    return (a >= 0.5).astype(np.float32)

@@ -20,6 +20,7 @@ and ``deco_export.backends.register`` calls, for each::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,8 +35,8 @@ from runtimes import fileio
 from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
 from runtimes.bundle import BundleError, Manifest, model_config_from_manifest
 from runtimes.config import ModelConfig
-from runtimes.errors import ConfigError
-from runtimes.image import to_pil, to_uint8
+from runtimes.errors import ConfigError, DecoError
+from runtimes.image import ImageInputError, image_input, mask_input, to_pil, to_uint8
 from runtimes.int8 import check_int8_load
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
@@ -49,10 +50,20 @@ from runtimes.sharing import (
 )
 from runtimes.sizes import SizeError, SizeRange
 from runtimes.solvers import get_solver
+from runtimes.steps import (
+    Cancellable,
+    GenerationInterrupted,
+    GenerationTask,
+    Inpainting,
+    StepHook,
+    StepState,
+    noised,
+)
 from runtimes.text_encoder import bundle_text_encoder
 
 __all__ = [
     "CalibrationResult",
+    "ClassNameError",
     "DeCoPipeline",
     "GenerationOutput",
     "available_backends",
@@ -63,11 +74,31 @@ __all__ = [
 ]
 
 OUTPUT_TYPES = ("pil", "np", "uint8")
+# The cost of a call that runs no step (image-to-image at strength 0).
+_NO_COST = ("steps", "evaluations", "dit_calls", "dit_samples", "decoder_calls",
+            "decoder_samples")
 
 
 def _is_bool(value: Any) -> bool:
     """True for True/False: Python treats them as 1/0, which is never what a caller meant."""
     return isinstance(value, (bool, np.bool_))
+
+
+def _is_text(value: Any) -> bool:
+    """A prompt or a list of prompts (what diffusers' pipelines take first)."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
+
+
+def _either(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """One setting under its own name or diffusers' (``steps`` / ``num_inference_steps``)."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"{name}= and {alias}= are the same setting; pass one of them")
+    return value if value is not None else alias_value
+
+
+class ClassNameError(DecoError, ValueError):
+    """A class name the model does not know, or one that names two classes."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +182,8 @@ class GenerationOutput:
         empty for a text-to-image model (``prompts`` holds the prompts when they were given).
     cost: graph calls and per-sample passes (see `SamplingPlan.cost`).
     config: the resolved sampler settings.
+    stopped_after: None for a finished run; for a stopped one (`GenerationInterrupted`), the
+        steps taken, and ``images`` is the clean estimate after the last of them.
     """
 
     images: Any
@@ -159,6 +192,7 @@ class GenerationOutput:
     cost: dict[str, int] = field(default_factory=dict)
     config: SamplerConfig | None = None
     prompts: list[str] | None = None
+    stopped_after: int | None = None
 
 
 # The manifest section of a text-to-image bundle: the negative prompt and the file holding its
@@ -200,7 +234,11 @@ class DeCoPipeline:
     backend: a `Backend` (ONNX Runtime, PyTorch, ...). model_config: `ModelConfig` or its dict
     (patch_size, num_classes, in_channels, image_size are used). sampler_defaults: the
     `SamplerConfig` (or its manifest dict) used where a call leaves a setting out. schedules:
-    calibrated sharing schedules by key (the bundle manifest's "schedules").
+    calibrated sharing schedules by key (the bundle manifest's "schedules"). id2label: class
+    names by index (default: the manifest's), so ``class_labels`` takes names
+    (`get_label_ids`). reduce_memory: unload the text encoder (``text_encoder.unload()``) once
+    a generation's prompts are encoded, so its weights are not resident while sampling or
+    between generations (each prompt encoding loads it again).
     """
 
     def __init__(
@@ -213,9 +251,12 @@ class DeCoPipeline:
         manifest: Manifest | None = None,
         text_encoder: Any = None,
         negative_prompt_embeds: np.ndarray | None = None,
+        id2label: Mapping[int | str, str] | None = None,
+        reduce_memory: bool = False,
     ) -> None:
         self.backend = backend
         self.text_encoder = text_encoder
+        self.reduce_memory = reduce_memory
         self.negative_prompt_embeds = negative_prompt_embeds
         self.model_config = (
             model_config
@@ -229,6 +270,9 @@ class DeCoPipeline:
         )
         self.schedules = dict(schedules or {})
         self.manifest = manifest
+        names = id2label if id2label is not None else (
+            manifest.id2label if manifest is not None else {})
+        self.id2label: dict[int, str] = {int(k): str(v) for k, v in names.items()}
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -285,9 +329,57 @@ class DeCoPipeline:
             return None
         return self.manifest.size_range(getattr(self.backend, "runtime", None))
 
-    def _labels(self, class_labels: Any) -> list[int]:
-        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class index by name: every comma-separated synonym of each ``id2label`` entry
+        ("tench, Tinca tinca" gives "tench" and "Tinca tinca"), as diffusers' DiT pipeline."""
+        out: dict[str, int] = {}
+        for index, names in sorted(self.id2label.items()):
+            for name in names.split(","):
+                out.setdefault(name.strip(), index)
+        return out
+
+    def get_label_ids(self, names: str | Sequence[str]) -> list[int]:
+        """Class indices for class names (case-insensitive; a name two classes share is an
+        error naming both)."""
+        names = [names] if isinstance(names, str) else list(names)
+        if not self.id2label:
+            raise ClassNameError(
+                f"this model does not name its classes, so {names[0]!r} means nothing to it; "
+                f"pass class indices 0..{self.model_config.num_classes - 1}"
+            )
+        folded: dict[str, set[int]] = {}
+        for index, entry in self.id2label.items():
+            for synonym in entry.split(","):
+                folded.setdefault(synonym.strip().casefold(), set()).add(index)
+        out = []
+        for name in names:
+            found = folded.get(str(name).strip().casefold())
+            if not found:
+                import difflib
+
+                close = difflib.get_close_matches(str(name), list(self.labels), n=3)
+                hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+                raise ClassNameError(
+                    f"unknown class name {name!r}; {hint}pipe.labels lists this model's "
+                    f"{len(self.id2label)} classes (or pass indices)"
+                )
+            if len(found) > 1:
+                raise ClassNameError(
+                    f"class name {name!r} is ambiguous (classes {sorted(found)}: "
+                    f"{'; '.join(self.id2label[i] for i in sorted(found))}); pass the index"
+                )
+            out.append(next(iter(found)))
+        return out
+
+    def class_indices(self, class_labels: Any) -> list[int]:
+        """Validated class indices for ``class_labels`` (indices or names, one or a list)."""
+        if isinstance(class_labels, (int, np.integer, str)) and not isinstance(class_labels,
+                                                                                bool):
             class_labels = [class_labels]
+        if class_labels is not None and not isinstance(class_labels, np.ndarray):
+            class_labels = [self.get_label_ids(lab)[0] if isinstance(lab, str) else lab
+                            for lab in class_labels]
         labels = list(np.asarray(class_labels).reshape(-1)) if class_labels is not None else []
         if not labels:
             raise ValueError("class_labels is empty: give at least one class index")
@@ -401,7 +493,7 @@ class DeCoPipeline:
 
     def generate(
         self,
-        class_labels: Sequence[int] | int | None = None,
+        class_labels: Sequence[int | str] | int | str | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
@@ -425,6 +517,16 @@ class DeCoPipeline:
         prompt_embeds: np.ndarray | None = None,
         negative_prompt_embeds: np.ndarray | None = None,
         guidance_edges: bool | None = None,
+        on_step: Callable[[StepState], Any] | None = None,
+        cancel: Cancellable | None = None,
+        return_partial: bool = False,
+        image: Any = None,
+        strength: float | None = None,
+        mask_image: Any = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        latents: np.ndarray | None = None,
+        num_images_per_prompt: int = 1,
     ) -> GenerationOutput:
         """Generate one image per class label (label ``num_classes`` gives an unconditional one),
         or, for a text-to-image bundle, one per prompt (``prompt=``, or ``prompt_embeds=``
@@ -434,7 +536,27 @@ class DeCoPipeline:
         replaces the seeded noise (see `runtimes.noise` for how seeds map to noise).
         ``sharing``: None, a ratio (0.5), a list of DiT evaluation indices, a calibrated
         schedule key, a dict ({"ratio": 0.75, "mode": "fresh_t"}) or a `SharingSchedule`.
-        ``callback(step_index, num_steps, t)`` runs after every step. ``fused_step`` controls
+        ``callback(step_index, num_steps, t)`` runs after every step (a progress bar).
+        ``on_step(state)`` also runs after every step and sees the images: a `StepState` with
+        the step, t, the latents x_t and the clean estimate x̂ = x_t + (1 - t) v (numpy, the
+        batch); returning `runtimes.STOP` from it, or setting ``cancel`` (a
+        `threading.Event`), ends the run after that step with `GenerationInterrupted`, whose
+        ``output`` is the partial result; ``return_partial=True`` returns that instead (its
+        ``stopped_after`` says how many steps ran).
+
+        Image-to-image: ``image`` (see `runtimes.image.image_input`: PIL RGB, uint8, or float
+        in [-1, 1]; one image for the batch or one per image; its size is the default size)
+        and ``strength`` in [0, 1] (default 0.8, 1.0 with a mask). The run starts at the first
+        time t0 of the solver's grid at or above 1 - strength, from x = t0 image + (1 - t0) eps
+        (t = 1 is data here), so it takes the last steps of the full run: strength 0 returns
+        the image, strength 1 ignores it. Inpainting: ``mask_image`` (white = generate, black =
+        keep; see `runtimes.image.mask_input`); after every step the kept pixels are set to
+        the image re-noised to the new t, so they end as the image exactly.
+        diffusers' names are accepted: ``num_inference_steps`` (``steps``), ``guidance_scale``
+        (``guidance``), ``latents`` (``noise``), ``num_images_per_prompt`` (each prompt or
+        label repeated, consecutively); on a text-to-image model the first positional argument
+        is the prompt, and ``class_labels`` takes class names (see `get_label_ids`).
+        ``fused_step`` controls
         the backend's whole-step capability (None: use it where it applies; see `sample`).
         ``decoder_split`` False runs the fused decoder on steps that reuse the DiT's condition
         instead of the cached modulation's pixel part (see `sample`). ``guidance_edges`` puts
@@ -442,6 +564,18 @@ class DeCoPipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        steps = _either("steps", steps, "num_inference_steps", num_inference_steps)
+        guidance = _either("guidance", guidance, "guidance_scale", guidance_scale)
+        noise = _either("noise", noise, "latents", latents)
+        if _is_bool(num_images_per_prompt) or not isinstance(
+                num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got "
+                             f"{num_images_per_prompt!r}")
+        repeat = int(num_images_per_prompt)
+        if self.is_text_to_image and _is_text(class_labels):  # pipe("a red fox"), as diffusers
+            if prompt is not None:
+                raise ValueError("the prompt was given twice (positionally and as prompt=)")
+            prompt, class_labels = class_labels, None  # type: ignore[assignment]
         uncond: np.ndarray | None = None
         prompts: list[str] | None = None
         if self.is_text_to_image:
@@ -450,17 +584,26 @@ class DeCoPipeline:
                                  "not class labels")
             cond, uncond = self.text_conditions(prompt, prompt_embeds, negative_prompt,
                                                 negative_prompt_embeds)
+            unload = getattr(self.text_encoder, "unload", None)
+            if self.reduce_memory and callable(unload):
+                unload()
             if prompt is not None:
                 prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+                prompts = [p for p in prompts for _ in range(repeat)]
+            cond, uncond = np.repeat(cond, repeat, axis=0), np.repeat(uncond, repeat, axis=0)
             labels: list[int] = []
             batch = cond.shape[0]
         else:
             if prompt is not None or prompt_embeds is not None:
                 raise ValueError("this is a class-conditional model: pass class_labels, not a "
                                  "prompt")
-            labels = self._labels(class_labels)
+            labels = [lab for lab in self.class_indices(class_labels) for _ in range(repeat)]
             cond = np.asarray(labels, dtype=np.int64)
             batch = len(labels)
+        init = self._init_image(image, strength, mask_image, batch)
+        if init is not None and noise is None:
+            height = init[0].shape[2] if height is None else height
+            width = init[0].shape[3] if width is None else width
         h, w = self._size(height, width, noise)
         # Settings first: a bad one fails before anything is allocated.
         config = self.sampler_config(
@@ -468,31 +611,107 @@ class DeCoPipeline:
             shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
             guidance_edges=guidance_edges,
         )
-        plan = self.plan(config, sharing)
         shape = (batch, self.model_config.in_channels, h, w)
+        if init is not None and init[0].shape[2:] != shape[2:]:
+            raise ImageInputError(
+                f"the image is {init[0].shape[2]}x{init[0].shape[3]} (HxW) but this call "
+                f"generates {h}x{w}; resize it, or leave height/width out to use its size"
+            )
+        if init is not None and init[1] is not None and init[1].shape[2:] != shape[2:]:
+            raise ImageInputError(
+                f"the mask is {init[1].shape[2]}x{init[1].shape[3]} (HxW) but the image is "
+                f"{h}x{w}; give a mask of the image's size"
+            )
+        steps_left = -1
+        if init is not None:  # the last steps of the full run, from t0 = 1 - strength on
+            grid = config.grid()
+            start = int(np.argmax(grid >= np.float32(1.0 - init[2]) - np.float32(1e-6)))
+            steps_left = grid.size - 1 - start
+            if steps_left:
+                config = dataclasses.replace(config,
+                                             timesteps=tuple(float(t) for t in grid[start:]))
         if noise is not None:
             x0 = check_noise(noise, shape)
             used_seed: int | list[int] | None = None
         else:
             x0 = sample_noise(seed, *shape)
             used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
-        x = sample(
-            self.backend, x0, cond, plan,
-            null_class=None if uncond is not None else self.model_config.null_class,
-            uncond=uncond, callback=callback, fused_step=fused_step, decoder_split=decoder_split,
-        )
-        if output_type == "np":
-            images: Any = x
-        elif output_type == "uint8":
-            images = to_uint8(x)
-        else:
-            images = to_pil(to_uint8(x))
+        inpainting = None
+        if init is not None:
+            known = np.ascontiguousarray(np.broadcast_to(init[0], shape), dtype=np.float32)
+            if steps_left == 0:  # strength 0: nothing to generate
+                return GenerationOutput(*self._images(known, output_type), labels, used_seed,
+                                        dict.fromkeys(_NO_COST, 0), config, prompts)
+            t0 = float(config.grid()[0])
+            if init[1] is not None:
+                inpainting = Inpainting(known, init[1], x0)
+            x0 = noised(known, x0, t0)
+        plan = self.plan(config, sharing)
+        hook = None
+        if on_step is not None or cancel is not None or inpainting is not None:
+            hook = StepHook(self.backend, plan.grid, on_step=on_step, cancel=cancel,
+                            inpainting=inpainting)
         split = decoder_split and supports_decoder_split(self.backend)
         embedded = self.is_text_to_image and supports_text_embedding(self.backend)
-        return GenerationOutput(images, labels, used_seed, plan.cost(batch, split, embedded),
-                                config, prompts)
+
+        def output(x: np.ndarray, stopped_after: int | None = None) -> GenerationOutput:
+            return GenerationOutput(*self._images(x, output_type), labels, used_seed,
+                                    plan.cost(batch, split, embedded), config, prompts,
+                                    stopped_after)
+
+        try:
+            x = sample(
+                self.backend, x0, cond, plan,
+                null_class=None if uncond is not None else self.model_config.null_class,
+                uncond=uncond, callback=callback, fused_step=fused_step,
+                decoder_split=decoder_split, after_step=hook,
+            )
+        except GenerationInterrupted as stopped:
+            stopped.output = output(stopped.clean_estimate, stopped.steps_done)
+            if return_partial:
+                return stopped.output  # type: ignore[no-any-return]
+            raise
+        return output(x)
 
     __call__ = generate
+
+    @staticmethod
+    def _images(x: np.ndarray, output_type: str) -> tuple[Any]:
+        if output_type == "np":
+            return (x,)
+        if output_type == "uint8":
+            return (to_uint8(x),)
+        return (to_pil(to_uint8(x)),)
+
+    def _init_image(self, image: Any, strength: float | None, mask_image: Any,
+                    batch: int) -> tuple[np.ndarray, np.ndarray | None, float] | None:
+        """(image (1 or B, C, H, W), mask (1 or B, 1, H, W) or None, strength) of an
+        image-to-image or inpainting call; None for one from noise."""
+        if image is None:
+            if strength is not None or mask_image is not None:
+                raise ValueError("strength= and mask_image= need image= (the image to start "
+                                 "from)")
+            return None
+        if strength is None:
+            strength = 1.0 if mask_image is not None else 0.8
+        if _is_bool(strength) or not isinstance(strength, (int, float, np.number)) or not (
+                0.0 <= float(strength) <= 1.0):
+            raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 "
+                             f"ignores it), got {strength!r}")
+        known = image_input(image, self.model_config.in_channels)
+        mask = mask_input(mask_image) if mask_image is not None else None
+        for name, a in (("image", known), ("mask_image", mask)):
+            if a is not None and a.shape[0] not in (1, batch):
+                raise ImageInputError(
+                    f"{name} holds {a.shape[0]} images for a batch of {batch}; give one for "
+                    "all or one per image")
+        return known, mask, float(strength)
+
+    def submit(self, *args: Any, **kwargs: Any) -> GenerationTask:
+        """Start ``generate(*args, **kwargs)`` in a worker thread and return its
+        `GenerationTask` (``cancel()``, ``latest``, ``result()``, ``future``): the form a GUI
+        application uses. One pipeline runs one generation at a time."""
+        return GenerationTask(self.generate, *args, **kwargs)
 
     # -- sharing calibration ------------------------------------------------------------------
 
@@ -522,7 +741,7 @@ class DeCoPipeline:
         Schedules are keyed by `schedule_key` (model hash defaults to the bundle's source
         checkpoint sha256).
         """
-        labels = self._labels(class_labels)
+        labels = self.class_indices(class_labels)
         h, w = self._size(height, width, None)
         config = self.sampler_config(
             steps=steps, guidance=guidance, guidance_interval=guidance_interval, solver=solver,
@@ -623,16 +842,23 @@ def load(
     providers: Any = None,
     verify: bool = True,
     allow_below_gate: bool = False,
+    *,
+    text_encoder_providers: Any = None,
+    text_encoder_precision: str = "fp32",
+    reduce_memory: bool = False,
     **backend_options: Any,
 ) -> DeCoPipeline:
     """Open a bundle: read the manifest, verify the hashes of the files the backend will read,
     create the backend and return a `DeCoPipeline`.
 
     ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
-    (e.g. ``intra_op_threads=2``) are passed to the backend. int8 graphs on the CPU are checked
-    against the kind of CPU their gate ran on (`runtimes.int8`): a warning where they are not
-    proven, an `Int8GateError` where they were measured below the gate here, unless
-    ``allow_below_gate``.
+    (e.g. ``intra_op_threads=2``) are passed to the backend. A text-to-image bundle's text
+    encoder runs in ONNX Runtime on ``text_encoder_providers`` (default CPU, whatever the
+    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact; ``reduce_memory``
+    unloads it after each generation's prompts are encoded (see `DeCoPipeline`). int8 graphs
+    on the CPU are checked against the kind of CPU their gate ran on (`runtimes.int8`): a
+    warning where they are not proven, an `Int8GateError` where they were measured below the
+    gate here, unless ``allow_below_gate``.
     """
     root = Path(bundle_dir)
     manifest = _bundle.read_manifest(root)
@@ -657,9 +883,13 @@ def load(
     options = dict(backend_options)
     if providers is not None:
         options["providers"] = providers
+    encoder_options = {} if text_encoder_providers is None else {
+        "providers": text_encoder_providers}
     be = factory(root, manifest, precision=precision, **options)
     return DeCoPipeline(
         be, manifest.model, manifest.sampler_defaults, schedules=manifest.schedules,
         manifest=manifest, negative_prompt_embeds=bundle_negative_embeds(root, manifest),
-        text_encoder=bundle_text_encoder(root, manifest),
+        text_encoder=bundle_text_encoder(root, manifest, precision=text_encoder_precision,
+                                         **encoder_options),
+        reduce_memory=reduce_memory,
     )

@@ -95,6 +95,9 @@ def check_latent(latent: np.ndarray, step: int, num_steps: int) -> None:
 
 ProgressCallback = Callable[[int, int, float], None]
 ConditionHook = Callable[[int, Any], None]
+# After step i: (i, x_t the step started from, the slope taken there or None for a fused step,
+# x_next) -> the latent to continue from (see `runtimes.steps.StepHook`).
+AfterStepHook = Callable[[int, Any, Any, Any], Any]
 
 
 def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
@@ -817,6 +820,7 @@ def sample(
     on_condition: ConditionHook | None = None,
     fused_step: bool | None = None,
     decoder_split: bool = True,
+    after_step: AfterStepHook | None = None,
 ) -> np.ndarray:
     """Integrate from ``noise`` (t = 0) to a sample (t = 1) and return it as float32 numpy.
 
@@ -836,6 +840,11 @@ def sample(
     the backend has the split decoder (``supports_decoder_split``) and run only its pixel part
     on the reused steps. False runs the fused decoder on every step, as a backend without the
     split does (the same velocity to rounding; for comparisons).
+
+    ``after_step(i, x_t, v, x_next)`` runs after each step (after ``callback``) and returns the
+    latent to continue from: the application's step callback, cancellation and the inpainting
+    blend (`runtimes.steps.StepHook`). ``noise`` is then the latent at ``plan.grid[0]``, which
+    an image-to-image run sets to its noised image.
     """
     if isinstance(config, SamplingPlan):
         if sharing is not None:
@@ -858,25 +867,38 @@ def sample(
             "sharing and no on_condition hook"
         )
     if fusable and fused_step is not False:
-        return _sample_fused(backend, noise, cond, negative, plan, callback)
+        return _sample_fused(backend, noise, cond, negative, plan, callback, after_step)
     velocity = _Velocity(backend, plan, cond, negative, on_condition, decoder_split)
     solver = plan.solver
     state = solver.start()
     count = [0]  # evaluations run so far: the plan's evaluation order is the solver's
+    # For after_step: the last velocity evaluated, and the one evaluated at this step's x_t.
+    latest: list[Any] = [None, None]
+    previous: Any = None
 
     def evaluate(x_k: Any) -> Any:
         k = count[0]
         count[0] = k + 1
-        return velocity(x_k, k)
+        v = velocity(x_k, k)
+        latest[0] = v
+        if x_k is x_t:
+            latest[1] = v
+        return v
 
     x = backend.from_numpy(noise)
     n = plan.num_steps
     for i in range(n):
+        x_t = x
+        latest[1] = None
         x = solver.step(i, x, plan.dts[i], plan.coefficients, state, evaluate)
         if (i + 1) % DIVERGENCE_CHECK_EVERY == 0 and i + 1 < n:
             check_latent(np.asarray(backend.to_numpy(x)), i + 1, n)
         if callback is not None:
             callback(i, n, float(plan.grid[i]))
+        if after_step is not None:
+            # The velocity at x_t: evaluated this step, or reused from the last one.
+            x = after_step(i, x_t, latest[1] if latest[1] is not None else previous, x)
+        previous = latest[0]
     assert count[0] == plan.num_evaluations
     out = np.asarray(backend.to_numpy(x), dtype=np.float32)
     check_latent(out, n, n)
@@ -890,6 +912,7 @@ def _sample_fused(
     uncond: np.ndarray,
     plan: SamplingPlan,
     callback: ProgressCallback | None,
+    after_step: AfterStepHook | None = None,
 ) -> np.ndarray:
     """Euler through the backend's fused ``step``: the same arithmetic, one call per step."""
     y_cond, y_both = condition_arrays(backend, cond, uncond)
@@ -897,6 +920,8 @@ def _sample_fused(
     n = plan.num_steps
     for i in range(n):
         ev = plan.evaluations[i]
+        # A fused step updates its state buffer in place: the hook gets a host copy of x_t.
+        x_t = None if after_step is None else np.array(backend.to_numpy(x), dtype=np.float32)
         if plan.needs_both(i):
             w = plan.config.guidance if ev.guided else 1.0
             x = backend.step(x, y_both, ev.t, plan.dts[i], w)
@@ -906,6 +931,8 @@ def _sample_fused(
             check_latent(np.asarray(backend.to_numpy(x)), i + 1, n)
         if callback is not None:
             callback(i, n, float(plan.grid[i]))
+        if after_step is not None:
+            x = after_step(i, x_t, None, x)
     out = np.array(backend.to_numpy(x), dtype=np.float32)
     check_latent(out, n, n)
     return out

@@ -28,11 +28,11 @@ class OnnxTextEncoder:
     """
 
     def __init__(self, bundle_dir: str | os.PathLike[str], manifest: Manifest | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int | None = None) -> None:
+                 providers: str | Sequence[str] = ("CPUExecutionProvider",),
+                 intra_op_threads: int | None = None, precision: str = "fp32") -> None:
         self.bundle_dir = Path(bundle_dir)
         manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
-        art = manifest.find_artifact("onnx", "text_encoder", "fp32")
+        art = manifest.find_artifact("onnx", "text_encoder", precision)
         self.path = self.bundle_dir / art.file
         tokenizer = art.details.get("tokenizer", "tokenizer.json")
         self.tokenizer_path = self.bundle_dir / tokenizer
@@ -42,7 +42,11 @@ class OnnxTextEncoder:
         out = art.outputs[0]
         self.max_length = int(out.shape[1])
         self.dim = int(out.shape[2])
-        self.providers = list(providers)
+        from runtimes.backends.onnxruntime import resolve_providers
+
+        # Short names ("cuda", "cpu") as for the backend; a provider ONNX Runtime drops is an
+        # error when the session is made, never a silent fallback.
+        self.providers = [name for name, _ in resolve_providers(providers)]
         self.intra_op_threads = intra_op_threads
         self._session: Any = None
         self._tokenizer: Any = None
@@ -62,6 +66,20 @@ class OnnxTextEncoder:
         if self.intra_op_threads:
             options.intra_op_num_threads = int(self.intra_op_threads)
         self._session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        got = self._session.get_providers()
+        if missing := [p for p in self.providers if p not in got]:
+            self._session = None
+            raise BackendError(
+                f"{self.path}: asked for {', '.join(missing)} but ONNX Runtime fell back to "
+                f"{', '.join(got)}; install onnxruntime-gpu (alone) for CUDA, or pass "
+                "text_encoder_providers='cpu'"
+            )
+
+    def unload(self) -> None:
+        """Free the session and the tokenizer (the encoder's weights: 7 GB for the released
+        Qwen3-1.7B in fp32); the next ``encode`` loads them again."""
+        self._session = None
+        self._tokenizer = None
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) (B, L) int64, right-padded to L."""
@@ -87,7 +105,8 @@ class OnnxTextEncoder:
 
 def bundle_text_encoder(bundle_dir: str | os.PathLike[str], manifest: Manifest,
                         **options: Any) -> OnnxTextEncoder | None:
-    """The bundle's text encoder, or None when it has none."""
-    if manifest.get_artifact("onnx", "text_encoder", "fp32") is None:
+    """The bundle's text encoder, or None when it has none (``options``: `OnnxTextEncoder`'s
+    ``providers``, ``intra_op_threads``, ``precision``)."""
+    if not any(a.runtime == "onnx" and a.graph == "text_encoder" for a in manifest.artifacts):
         return None
     return OnnxTextEncoder(bundle_dir, manifest, **options)

@@ -12,6 +12,11 @@ import click
 
 from runtimes.errors import DecoError
 
+# Ctrl-C: one line and the shell's exit status for SIGINT. Every writer stages and renames
+# (atomic files, `BundleTransaction`), so an interrupted run leaves finished files only.
+INTERRUPTED = "interrupted (Ctrl-C); nothing was left half-written"
+INTERRUPTED_STATUS = 130
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause and fix: shown as one line, never as a traceback. Every error
@@ -47,6 +52,11 @@ class DecoGroup(LazyGroup):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:
+            if os.environ.get("DECO_DEBUG"):
+                raise
+            click.echo(f"Error: {INTERRUPTED}", err=True)
+            raise click.exceptions.Exit(INTERRUPTED_STATUS) from None
         except ModuleNotFoundError as err:
             if os.environ.get("DECO_DEBUG"):
                 raise

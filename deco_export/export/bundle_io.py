@@ -37,6 +37,7 @@ from runtimes.sampler import SamplerConfig, release_sampler
 from runtimes.sizes import SizeRange
 
 from ..config import DeCoConfig
+from ..labels import id2label_for
 from ..model import DeCo
 from ..parity import END_TO_END_MIN_PSNR, check_end_to_end_gate, finite, max_abs_error, psnr
 
@@ -213,9 +214,11 @@ class BundleTransaction:
         if manifest is not None:
             return manifest
         defaults = self.sampler_defaults or release_sampler(self.config.family)
+        labels = id2label_for(self.config, self.source)
         return rb.Manifest(model=self.model_config, sampler_defaults=defaults,
                            source=dict(self.source), package_version=package_version(),
-                           sizes=self.sizes)
+                           sizes=self.sizes,
+                           extra={rb.ID2LABEL_SECTION: labels} if labels else {})
 
     @property
     def model_config(self) -> DeCoConfig:

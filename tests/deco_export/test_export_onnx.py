@@ -336,6 +336,18 @@ def test_cli_sample_grid_has_a_column_per_label(tmp_path, golden_bundle):
     assert "6 images" in result.output
 
 
+def test_image_to_image_and_inpainting_through_onnxruntime_and_torch(golden_bundle,
+                                                                    golden_model):
+    from deco_export.backends import create_backend
+    from tests.helpers import check_image_to_image
+
+    ort = check_image_to_image(runtimes.load(golden_bundle), {"class_labels": [1, 4]})
+    manifest = rb.read_manifest(golden_bundle)
+    pipe = runtimes.DeCoPipeline(create_backend("torch", golden_model), golden_model.config,
+                                 manifest.sampler_defaults)
+    assert np.abs(check_image_to_image(pipe, {"class_labels": [1, 4]}) - ort).max() < 1e-3
+
+
 def test_export_rejects_bad_size(tmp_path, golden_model):
     with pytest.raises(ValueError, match="multiple of the patch size"):
         export_onnx(golden_model, tmp_path / "b", image_size=(60, 64))

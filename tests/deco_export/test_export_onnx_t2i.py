@@ -213,3 +213,17 @@ def test_embeddings_to_image_where_torch_cannot_be_imported(t2i_bundle, tmp_path
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.strip()) < 1e-4
+
+
+def test_image_to_image_and_inpainting_of_a_text_to_image_bundle(t2i_bundle, golden_t2i,
+                                                                 golden_t2i_model):
+    from deco_export.backends import create_backend
+    from tests.helpers import check_image_to_image
+
+    condition = {"prompt_embeds": golden_t2i["cond_text"],
+                 "negative_prompt_embeds": golden_t2i["uncond_text"]}
+    ort = check_image_to_image(runtimes.load(t2i_bundle), condition)
+    manifest = runtimes.read_manifest(t2i_bundle)
+    pipe = runtimes.DeCoPipeline(create_backend("torch", golden_t2i_model),
+                                 golden_t2i_model.config, manifest.sampler_defaults)
+    assert np.abs(check_image_to_image(pipe, condition) - ort).max() < 1e-3
