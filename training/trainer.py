@@ -15,6 +15,7 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,11 +35,12 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from deco_export.config import DeCoConfig, get_preset
 from deco_export.model import DeCo, PixelDiT, build_model
-from runtimes.fileio import atomic_write_text
+from runtimes.fileio import LockTimeout, atomic_write_text, lock, lock_path
 
 from . import state as ckpt
 from .captions import load_captioned
 from .data import collate, default_cache_dir, load_dataset, to_model_input, to_unit_range
+from .divergence import check_step, check_weights, gradient_max
 from .ema import EMA
 from .losses import FrequencyLoss, drop_labels, interpolate, sample_t
 from .repa import FeatureHook, FrozenEncoder, ProjectionHead, load_encoder, repa_loss
@@ -94,26 +96,34 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Checked before any data or model is built: `--steps 0` would otherwise "train"
         # nothing and export the untrained initialisation as the EMA model.
-        positive = ("steps", "batch_size", "grad_accum", "sample_steps", "sample_per_class")
+        # --log-every 0 would divide by zero at the first step.
+        positive = ("steps", "batch_size", "grad_accum", "sample_steps", "sample_per_class",
+                    "log_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-        non_negative = ("warmup_steps", "log_every", "sample_every", "ckpt_every",
+        non_negative = ("warmup_steps", "sample_every", "ckpt_every",
                         "keep_checkpoints", "num_workers")
         for name in non_negative:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
                 raise ValueError(f"{flag} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "ema_decay", "label_dropout", "time_shift"):
+        # A NaN weight would turn the first loss NaN; a NaN --sample-cfg would only show as a
+        # diverged sample grid after the whole run: both are refused before any work.
+        for name in ("lr", "ema_decay", "label_dropout", "time_shift", "freq_weight",
+                     "repa_weight", "grad_clip", "weight_decay", "sample_cfg"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
                                  f"got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        if not self.time_shift > 0:
+            # t/(t+(1-t)s) is 1 for every t at s = 0: the run would only see pure noise.
+            raise ValueError(f"--time-shift must be > 0 (1 = no shift), got {self.time_shift!r}")
         if not 0 <= self.ema_decay <= 1 or not 0 <= self.label_dropout < 1:
             raise ValueError("--ema-decay must lie in [0, 1] and --label-dropout in [0, 1)")
 
@@ -272,7 +282,19 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+        # Held until close(): a second run into the same --out would interleave its steps in
+        # one log and overwrite this run's checkpoints.
+        self._run_lock = contextlib.ExitStack()
+        if d.main:
+            take_run_lock(self._run_lock, self.out)
+        try:
+            self._build(resume, text_encoder)
+        except BaseException:
+            self._run_lock.close()
+            raise
 
+    def _build(self, resume: bool, text_encoder: Any) -> None:
+        cfg, d = self.cfg, self.dist
         resume_from = self._check_run_dir(resume)
 
         # Data (train split) and the model config it implies.
@@ -328,6 +350,7 @@ class Trainer:
         self.step, self.epoch, self.consumed = 0, 0, 0
         if resume_from is not None:
             self._load(resume_from)
+        self.start_step = self.step  # a NaN at this run's first step points at data, not lr
         self.ddp: nn.Module = self.module
         if d.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -397,7 +420,12 @@ class Trainer:
         return rng
 
     def save(self) -> Path | None:
-        """Collective (every rank must call it); rank 0 writes the checkpoint."""
+        """Collective (every rank must call it); rank 0 writes the checkpoint.
+
+        Non-finite weights stop the run instead (every rank holds the same weights, so every
+        rank stops): rotation must never replace the last finite checkpoint by a NaN one."""
+        check_weights(self.step, {"model": self.model.state_dict(),
+                                  "EMA": self.ema.model.state_dict()}, self.cfg)
         rng = self._gather_rng()
         if not self.dist.main:
             return None
@@ -554,6 +582,9 @@ class Trainer:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.module.parameters(), cfg.grad_clip
             )
+        # Before the update: a NaN that reached the optimizer would spread into every weight.
+        check_step(self.step + 1, self.start_step + 1, totals,
+                   gradient_max(self.module.parameters()), cfg)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
@@ -667,6 +698,24 @@ class Trainer:
     def close(self) -> None:
         if self.dist.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        self._run_lock.close()
+
+
+def take_run_lock(stack: contextlib.ExitStack, out: Path) -> None:
+    """Enter the write lock of a run directory (the one exports take, `runtimes.fileio.lock`)
+    into ``stack``, without waiting: another run into it may last hours."""
+    try:
+        stack.enter_context(lock(out, timeout=0))
+    except LockTimeout:
+        try:
+            pid = lock_path(out).read_text().strip()
+        except OSError:
+            pid = ""
+        holder = f" (pid {pid})" if pid.isdigit() else ""
+        raise LockTimeout(
+            f"--out {out} is being trained by another process{holder}; wait for it to finish "
+            "(then continue it with --resume) or choose another --out"
+        ) from None
 
 
 def warn_short_ema(cfg: TrainConfig) -> None:
