@@ -21,6 +21,7 @@ from runtimes.backend import supports_decoder_split, supports_text_embedding
 
 from .parity import GraphParity, check_end_to_end_gate, check_graph_gate, max_abs_error, psnr
 from .sources import bundle_source_model
+from .validate_text import validate_text_path
 
 
 def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: int = 10,
@@ -43,6 +44,7 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     lines = [f"hashes: {files} files match the manifest"]
     if hashes_only:
         return lines
+    lines += validate_text_path(bundle, manifest, say)
 
     model = bundle_source_model(bundle, manifest, checkpoint)
 
@@ -56,8 +58,8 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
         results = []
         for artifact in manifest.artifacts:
             if artifact.graph == "text_encoder":
-                # Its reference is the text encoder's own directory, not the checkpoint; it was
-                # gated prompt by prompt at export and its hashes are verified above.
+                # Its reference is the text encoder's own directory, not the checkpoint:
+                # validate_text_path re-ran its gate above.
                 continue
             if artifact.runtime == "onnx" and artifact.precision == precision:
                 say(f"re-running parity of {artifact.file}")

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from deco_export.config import DeCoConfig, get_preset
+from deco_export.devices import torch_device
 from deco_export.model import DeCo, PixelDiT, build_model
 from runtimes.fileio import LockTimeout, atomic_write_text, lock, lock_path
+from runtimes.memory import check_memory, training_step_bytes
 
 from . import state as ckpt
 from .captions import load_captioned
@@ -186,7 +188,7 @@ def setup_distributed(device: str) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -300,6 +302,10 @@ class Trainer:
         # Data (train split) and the model config it implies.
         base = get_preset(cfg.preset, **cfg.model_overrides)
         size = tuple(cfg.image_size) if cfg.image_size else base.image_size
+        if d.device.type == "cpu":  # before any data is loaded or any weight allocated
+            check_memory(training_step_bytes(base, self.micro, *size),
+                         f"training at {size[0]}x{size[1]} with {self.micro} images per "
+                         "micro-batch", "lower --image-size or --batch-size, or raise --grad-accum")
         self.text: TextConditioning | None = None
         if base.family == "t2i":
             self.dataset = load_captioned(cfg.data, "train", size, cache_dir=cfg.cache_dir)
@@ -628,8 +634,12 @@ class Trainer:
             atomic_write_text(log, "".join(x + "\n" for x in keep))
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "log.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a failed write (a full disk) names no file
+            raise OSError(err.errno, err.strerror, str(path)) from None
 
     def plot_losses(self) -> Path | None:
         return plot_loss_curve(self.out / "log.jsonl", self.out / "loss.png")

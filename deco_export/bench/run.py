@@ -80,6 +80,21 @@ def run_worker(spec: dict[str, Any], work: Path, logs: Path, timeout_s: float,
     return result
 
 
+def check_prompts_apply(source: str | Path, settings: BenchSettings) -> None:
+    """Refuse ``--prompt`` for a class-conditional source before any work (a checkpoint
+    source is class-conditional: a text-to-image one is refused with its own fix)."""
+    if not settings.prompts:
+        return
+    from runtimes import bundle as rb
+
+    from ..sources import is_bundle
+
+    if is_bundle(str(source)) and rb.read_manifest(Path(source)).model.family == "t2i":
+        return
+    raise ValueError(f"--prompt is for text-to-image bundles; {source} is not one (a "
+                     "class-conditional model samples its classes)")
+
+
 def check_text_bundle(bundle: Path, manifest: Any, settings: BenchSettings) -> None:
     """Refuse, before any row runs, what a text-to-image benchmark cannot do: encode prompts
     without the bundle's text encoder, or score FID (a class-conditional held-out metric)."""
@@ -139,6 +154,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     say = say or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     check_out_dir(out)
+    check_prompts_apply(source, settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
     env = environment(settings.threads)

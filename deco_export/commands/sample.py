@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import SolverChoice, parse_int_list, parse_size
+from .options import SolverChoice, parse_int_list, parse_size, single_value
 
 
 @click.command()
@@ -33,7 +33,7 @@ from .options import SolverChoice, parse_int_list, parse_size
               show_default=True, help="reuse the condition, or cache h and refresh e_t")
 @click.option("--prompt", "prompts", multiple=True,
               help="text-to-image: a prompt (repeat for several images)")
-@click.option("--negative-prompt", default=None,
+@click.option("--negative-prompt", "negative_prompts", multiple=True,
               help="text-to-image: default the bundle's stored (empty) negative prompt")
 @click.option("--text-encoder", default=None,
               help="text-to-image: a local transformers directory (Qwen3-1.7B for the release) "
@@ -48,7 +48,7 @@ from .options import SolverChoice, parse_int_list, parse_size
 def sample(source: str, backend: str | None, precision: str, providers: str | None, device: str,
            classes: str | None, per_class: int, steps: int | None, guidance: float | None,
            solver: str | None, shift: float | None, sharing: str | None, sharing_mode: str,
-           prompts: tuple[str, ...], negative_prompt: str | None, text_encoder: str | None,
+           prompts: tuple[str, ...], negative_prompts: tuple[str, ...], text_encoder: str | None,
            size: str | None, seed: int, out: Path, cols: int | None, scale: int | None) -> None:
     """Sample a grid of images; the same seed gives the same image on every backend."""
     from runtimes.image import image_format
@@ -56,6 +56,7 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
     from ..sampling import open_pipeline, parse_sharing, progress_callback
 
     image_format(out)  # an unknown extension fails before the model loads
+    negative_prompt = single_value(negative_prompts, "--negative-prompt")
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
                          device=device)
     if per_class < 1 or (scale is not None and scale < 1):
@@ -64,6 +65,9 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
     if pipe.is_text_to_image:
         if not prompts:
             raise click.UsageError("this is a text-to-image model: give --prompt TEXT")
+        if classes is not None:
+            raise click.UsageError("--classes is for class-conditional models; this one takes "
+                                   "--prompt")
         if text_encoder is None and pipe.text_encoder is None:
             raise click.UsageError(
                 "--prompt needs --text-encoder DIR (the model's text encoder, e.g. a local "
@@ -89,13 +93,37 @@ def sample(source: str, backend: str | None, precision: str, providers: str | No
         count = len(distinct)
     if per_class > 1 and cols is None:
         cols = count
-    with progress_callback("sampling") as callback:
-        result = pipe.generate(**condition, steps=steps, guidance=guidance,
-                               solver=solver, shift=shift, seed=seed, height=height,
-                               width=width, sharing=parse_sharing(sharing, sharing_mode),
-                               callback=callback)
     from runtimes.image import legible_scale, save_grid
+    from runtimes.memory import check_memory, grid_bytes
+    from runtimes.noise import noise_for_keys
 
-    width, height = result.images[0].size
-    save_grid(result.images, out, cols=cols, scale=scale or legible_scale(height, width))
-    click.echo(f"wrote {out} ({len(result.images)} images, seed {seed})")
+    items = condition.get("class_labels", condition.get("prompt"))
+    total = len(items)
+    h, w = (height, width) if size else tuple(pipe.model_config.image_size)
+    scale = scale or legible_scale(h, w)
+    if cols is not None and cols < 1:
+        raise click.UsageError(f"--cols must be >= 1, got {cols}")
+    # Checked before sampling: the grid is the one thing that holds every image at once.
+    check_memory(grid_bytes(total, h, w, scale), f"a grid of {total} images of {h}x{w} at "
+                 f"--scale {scale}", "lower --per-class or --scale")
+    plan = parse_sharing(sharing, sharing_mode)
+    images: list = []
+    # Chunks bound the sampler's memory; image i keeps the noise of key [seed, i] whatever the
+    # chunk, so the images are those of one call.
+    chunks = range(0, total, SAMPLE_CHUNK)
+    for n, start in enumerate(chunks):
+        part = {k: v[start:start + SAMPLE_CHUNK] if isinstance(v, list) else v
+                for k, v in condition.items()}
+        keys = [(seed, i) for i in range(start, min(total, start + SAMPLE_CHUNK))]
+        noise = noise_for_keys(keys, (pipe.model_config.in_channels, h, w))
+        label = "sampling" if len(chunks) == 1 else f"sampling {n + 1}/{len(chunks)}"
+        with progress_callback(label) as callback:
+            result = pipe.generate(**part, steps=steps, guidance=guidance, solver=solver,
+                                   shift=shift, noise=noise, height=height, width=width,
+                                   sharing=plan, callback=callback)
+        images += result.images
+    save_grid(images, out, cols=cols, scale=scale)
+    click.echo(f"wrote {out} ({len(images)} images, seed {seed})")
+
+
+SAMPLE_CHUNK = 16  # images per generate call: a batch's speed, with bounded memory
