@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,6 +96,20 @@ def check_target(out: Path, identity: Any, force: bool = False,
         )
 
 
+def save_tensors(state: dict[str, torch.Tensor], path: Path, shown: Path | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk) are a Rust error that
+    carries the OS error only in its text: re-raised as the OSError it is, naming ``shown``
+    (the user's path, where ``path`` is a staging one), so the CLI prints one line with it."""
+    try:
+        save_file(state, str(path), metadata={"format": "pt"})
+    except Exception as exc:
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(shown or path)) from None
+
+
 def save_pretrained(model: Any, path: str | Path, source: str | None = None,
                     extra_metadata: dict[str, Any] | None = None, force: bool = False,
                     protect: tuple[Path, ...] = ()) -> Path:
@@ -109,7 +124,7 @@ def save_pretrained(model: Any, path: str | Path, source: str | None = None,
         tmp = staging.path
         state = {k: v.detach().to("cpu", torch.float32).contiguous()
                  for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_tensors(state, tmp / WEIGHTS_NAME, shown=out / WEIGHTS_NAME)
         fileio.fsync_file(tmp / WEIGHTS_NAME)
         fileio.atomic_write_text(tmp / CONFIG_NAME, model.config.to_json() + "\n")
         metadata = {

@@ -62,10 +62,12 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             f"(`deco export onnx {source} BUNDLE`) to use {backend}"
         )
     from .backends import create_backend
+    from .devices import torch_device
     from .labels import id2label_for
     from .sources import load_model, model_path
     from .text_encoders import LazyTextEncoder, recorded_text_encoder
 
+    torch_device(device)  # a bad name is one line, before the model loads
     model, record = load_model(source)
     backend_obj = create_backend("torch", model, device=device, precision=precision,
                                  compile=compile)

@@ -32,6 +32,7 @@ from .parity import (
     psnr,
 )
 from .sources import bundle_source_model
+from .validate_text import validate_text_path
 
 
 def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: int = 10,
@@ -67,6 +68,7 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
             f"{bundle} has no ONNX {', '.join(missing)} graphs (it has "
             f"{', '.join(onnx_precisions) or 'none'}); export them with `deco export onnx "
             f"... --precision {missing[0]}`")
+    lines += validate_text_path(bundle, manifest, say)
 
     model = bundle_source_model(bundle, manifest, checkpoint)
 
@@ -79,8 +81,8 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
         results = []
         for artifact in manifest.artifacts:
             if artifact.graph == "text_encoder":
-                # Its reference is the text encoder's own directory, not the checkpoint; it was
-                # gated prompt by prompt at export and its hashes are verified above.
+                # Its reference is the text encoder's own directory, not the checkpoint:
+                # validate_text_path re-ran its gate above.
                 continue
             if artifact.runtime == "onnx" and artifact.precision == precision:
                 say(f"re-running parity of {artifact.file}")

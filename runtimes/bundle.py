@@ -133,6 +133,9 @@ class Artifact:
     parity: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, str] = field(default_factory=dict)
+    # Sizes of the extra files (manifests written before they were recorded have none): a file
+    # of another size is refused without hashing it (a 20 GB tokenizer.json took minutes).
+    extra_bytes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"artifact {self.runtime}/{self.graph}/{self.precision}"
@@ -150,6 +153,10 @@ class Artifact:
             raise BundleError(f"{where}: {exc}; re-export the bundle") from None
         self.extra_files = {_check_relative(str(k), where): str(v)
                             for k, v in dict(self.extra_files).items()}
+        for rel, size in dict(self.extra_bytes).items():
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BundleError(f"manifest.json: {where}: extra_bytes of {rel} must be a "
+                                  f"non-negative integer, got {size!r}; re-export the bundle")
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -184,11 +191,13 @@ class Artifact:
         if not path.exists():
             raise BundleError(f"{path}: artifact file does not exist; write it before recording it")
         extra: dict[str, str] = {}
+        extra_bytes: dict[str, int] = {}
         for rel in extra_files:
             p = root / _check_relative(rel, f"artifact {runtime}/{graph}/{precision}")
             if not p.exists():
                 raise BundleError(f"{p}: extra file does not exist; write it before recording it")
             extra[rel] = sha256_path(p)
+            extra_bytes[rel] = path_size(p)
         return cls(
             runtime=runtime,
             graph=graph,
@@ -202,6 +211,7 @@ class Artifact:
             parity=dict(parity or {}),
             tools=dict(tools or {}),
             extra_files=extra,
+            extra_bytes=extra_bytes,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +230,8 @@ class Artifact:
         }
         if self.extra_files:
             d["extra_files"] = dict(self.extra_files)
+        if self.extra_bytes:
+            d["extra_bytes"] = dict(self.extra_bytes)
         return d
 
     @classmethod
@@ -242,7 +254,7 @@ class Artifact:
                 f"manifest.json: artifact {name}: sha256 must be 64 hex digits, got {sha!r}; the "
                 "manifest is damaged, re-export the bundle"
             )
-        for key in ("details", "parity", "tools", "extra_files"):
+        for key in ("details", "parity", "tools", "extra_files", "extra_bytes"):
             if not isinstance(d.get(key, {}), Mapping):
                 raise BundleError(
                     f"manifest.json: artifact {name}: {key} must be an object; re-export the "
@@ -262,6 +274,7 @@ class Artifact:
                 parity=dict(d.get("parity", {})),
                 tools=dict(d.get("tools", {})),
                 extra_files=dict(d.get("extra_files", {})),
+                extra_bytes=dict(d.get("extra_bytes", {})),
             )
         except KeyError as exc:
             raise BundleError(
@@ -555,7 +568,8 @@ def verify(
             continue
         where = "/".join(art.key)
         entries.append((art.file, art.sha256, art.bytes, where))
-        entries.extend((rel, sha, None, where) for rel, sha in art.extra_files.items())
+        entries.extend((rel, sha, art.extra_bytes.get(rel), where)
+                       for rel, sha in art.extra_files.items())
     negative = (manifest.extra.get("text") or {}).get("negative_prompt_embeds")
     if negative and "file" in negative and "sha256" in negative:  # read by every runtime
         size = negative.get("bytes")
@@ -569,6 +583,9 @@ def verify(
                                 None if size is None else int(size), f"schedule {key}"))
     problems: list[str] = []
     seen: set[str] = set()
+    to_hash: list[tuple[str, str, str]] = []
+    # Every cheap check (paths, links, sizes) before any hash: a file of the wrong size is
+    # refused at once, not after hashing the files listed before it (or itself).
     for rel, sha, size, where in entries:
         if rel in seen:  # a file shared by several artifacts is checked once
             continue
@@ -598,7 +615,11 @@ def verify(
                 f"or truncated after export: restore it or export the bundle again"
             )
             continue
-        digest = sha256_path(path)
+        to_hash.append((rel, sha, where))
+    if problems:
+        return problems
+    for rel, sha, where in to_hash:
+        digest = sha256_path(root / rel)
         if digest != sha:
             problems.append(
                 f"{rel}: sha256 {digest[:16]}... does not match the manifest's {sha[:16]}... "

@@ -30,6 +30,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,11 +184,20 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb",
                 encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` for writing; on a clean exit flush, fsync and
     rename it over ``path`` (then fsync the directory). On an exception the temporary file is
-    removed and ``path`` is untouched."""
+    removed and ``path`` is untouched.
+
+    As ``open()`` would: a symlink at ``path`` is written through (its target is replaced, the
+    link stays), and an existing file keeps its permissions (a private 0600 file stays 0600)."""
     if "w" not in mode:
         raise ValueError(f"atomic_open writes files; mode {mode!r} must contain 'w'")
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        keep_mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        keep_mode = None
     tmp = _temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
@@ -195,13 +205,18 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb",
         raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:
+            if keep_mode is not None:
+                os.fchmod(fh.fileno(), keep_mode)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A failed write (a full disk) names no file; the user's path is the one to name.
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)
 

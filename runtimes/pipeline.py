@@ -38,6 +38,7 @@ from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError, DecoError
 from runtimes.image import ImageInputError, image_input, mask_input, to_pil, to_uint8
 from runtimes.int8 import check_int8_load
+from runtimes.memory import check_memory, generation_bytes
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
 from runtimes.sharing import (
@@ -475,6 +476,9 @@ class DeCoPipeline:
         elif negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(
                 negative_prompt)
+            if not negatives:
+                raise ValueError("negative_prompt is an empty list: give a prompt (or one per "
+                                 "image), or leave it out for the bundle's stored one")
             uncond = self._encode(negatives)
         elif self.negative_prompt_embeds is not None:
             uncond = self.negative_prompt_embeds
@@ -487,6 +491,14 @@ class DeCoPipeline:
                 f"negative prompt embeddings must be (1 or {cond.shape[0]}, {shape[0]}, "
                 f"{shape[1]}), got {uncond.shape}"
             )
+        # Refused here, named, rather than as "sample diverged ... lower --guidance" after the
+        # last step.
+        for name, rows in (("prompt", cond), ("negative prompt", uncond)):
+            if rows.shape[0] == 0:
+                raise ValueError(f"the {name} embeddings are empty (0 rows); give one per image")
+            if not np.isfinite(rows).all():
+                raise ValueError(f"the {name} embeddings hold NaN or infinite values; check the "
+                                 "text encoder that made them")
         if uncond.shape[0] != cond.shape[0]:
             uncond = np.repeat(uncond, cond.shape[0], axis=0)
         return cond, uncond
@@ -611,6 +623,9 @@ class DeCoPipeline:
             shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
             guidance_edges=guidance_edges,
         )
+        check_memory(generation_bytes(self.model_config, batch, h, w),
+                     f"generating {batch} image(s) of {h}x{w}",
+                     "generate fewer or smaller images per call")
         shape = (batch, self.model_config.in_channels, h, w)
         if init is not None and init[0].shape[2:] != shape[2:]:
             raise ImageInputError(
@@ -890,6 +905,6 @@ def load(
         be, manifest.model, manifest.sampler_defaults, schedules=manifest.schedules,
         manifest=manifest, negative_prompt_embeds=bundle_negative_embeds(root, manifest),
         text_encoder=bundle_text_encoder(root, manifest, precision=text_encoder_precision,
-                                         **encoder_options),
+                                         verify=verify, **encoder_options),
         reduce_memory=reduce_memory,
     )

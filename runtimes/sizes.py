@@ -12,6 +12,7 @@ exporters all use this one record.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,19 @@ class SizeRange:
     def widths(self) -> list[int]:
         return list(range(self.min_size[1], self.max_size[1] + 1, self.multiple))
 
+    def _parity_candidates(self, target: int) -> list[Size]:
+        """Per height, the widths nearest ``target / height`` (and their neighbours, so a
+        non-square one is among them): the sizes `parity_sizes` can pick, in time linear in
+        the heights. Listing every height x width pair of a range such as 16:100000 took
+        tens of GB."""
+        widths = self.widths()
+        out: list[Size] = []
+        for h in self.heights():
+            i = bisect.bisect_left(widths, target / h)
+            out += [(h, widths[j]) for j in range(max(0, i - 2), min(len(widths), i + 2))]
+        out += [(h, w) for h in self.heights()[:2] for w in widths[:2]]
+        return out
+
     def describe_range(self) -> str:
         if self.min_size == self.max_size:
             return f"{_fmt(self.min_size)} only"
@@ -149,13 +163,13 @@ class SizeRange:
         """The sizes an export's parity gate checks: the default and, where the range allows,
         a second, non-square one (half the default's area when possible, so the check stays
         cheap); both are served sizes."""
+        area = self.default[0] * self.default[1]
+        square = self.default[0] == self.default[1]
         candidates = (self.enumerated if self.enumerated is not None
-                      else [(h, w) for h in self.heights() for w in self.widths()])
+                      else self._parity_candidates(area // 2))
         others = [s for s in candidates if s != self.default]
         if not others:
             return [self.default]
-        area = self.default[0] * self.default[1]
-        square = self.default[0] == self.default[1]
 
         def rank(s: Size) -> tuple[int, int, int, int]:
             wrong_shape = (s[0] == s[1]) if square else 0

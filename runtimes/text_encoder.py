@@ -8,6 +8,7 @@ so ``encode(prompts)`` gives the (B, L, C) float32 features the PyTorch encoder 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from runtimes.backend import BackendError
-from runtimes.bundle import BundleError, Manifest, read_manifest
+from runtimes.bundle import BundleError, Manifest, path_size, read_manifest, sha256_path
 
 __all__ = ["OnnxTextEncoder", "bundle_text_encoder"]
 
@@ -24,18 +25,28 @@ class OnnxTextEncoder:
     """``encode(prompts) -> (B, L, C)`` float32 from a bundle's ``text_encoder`` artifact.
 
     The session is created on the first call, so opening a bundle stays cheap for callers who
-    pass their own embeddings.
+    pass their own embeddings. That first call happens long after `runtimes.load` verified the
+    bundle, so it checks the two files against the manifest again (size, then sha256) before
+    reading them, and holds a lock: threads that make the first call together open the session
+    once, and every one of them sees it complete.
     """
 
     def __init__(self, bundle_dir: str | os.PathLike[str], manifest: Manifest | None = None,
                  providers: str | Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int | None = None, precision: str = "fp32") -> None:
+                 intra_op_threads: int | None = None, precision: str = "fp32",
+                 verify: bool = True) -> None:
         self.bundle_dir = Path(bundle_dir)
         manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
         art = manifest.find_artifact("onnx", "text_encoder", precision)
         self.path = self.bundle_dir / art.file
         tokenizer = art.details.get("tokenizer", "tokenizer.json")
         self.tokenizer_path = self.bundle_dir / tokenizer
+        # (path, size or None, sha256) of every file the session and the tokenizer read.
+        self._expected = [(self.path, art.bytes, art.sha256)] + [
+            (self.bundle_dir / rel, art.extra_bytes.get(rel), sha)
+            for rel, sha in art.extra_files.items()]
+        self.verify = verify
+        self._lock = threading.Lock()
         for path in (self.path, self.tokenizer_path):
             if not path.is_file():
                 raise BundleError(f"{path}: missing; restore it or export the bundle again")
@@ -51,7 +62,30 @@ class OnnxTextEncoder:
         self._session: Any = None
         self._tokenizer: Any = None
 
+    def _check_files(self) -> None:
+        for path, size, _ in self._expected:
+            if size is not None and path_size(path) != size:
+                raise BundleError(
+                    f"{path}: {path_size(path)} bytes, the manifest says {size}: the file "
+                    "changed after the bundle was opened; restore it or export the bundle again"
+                )
+        for path, _, sha in self._expected:
+            if sha256_path(path) != sha:
+                raise BundleError(
+                    f"{path}: sha256 does not match the manifest: the file changed after the "
+                    "bundle was opened; restore it or export the bundle again"
+                )
+
+    def _ensure_loaded(self) -> None:
+        if self._session is not None:
+            return
+        with self._lock:
+            if self._session is None:
+                self._load()
+
     def _load(self) -> None:
+        if self.verify:
+            self._check_files()
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -60,31 +94,40 @@ class OnnxTextEncoder:
                 f"encoding prompts with the bundle's text encoder needs onnxruntime and "
                 f"tokenizers ({exc}); pip install onnxruntime tokenizers"
             ) from None
-        self._tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        try:
+            tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
+        except Exception as exc:  # the tokenizers package raises a bare Exception
+            raise BundleError(f"{self.tokenizer_path}: not a tokenizer file ({_first_line(exc)}); "
+                              "restore it or export the bundle again") from None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if self.intra_op_threads:
             options.intra_op_num_threads = int(self.intra_op_threads)
-        self._session = ort.InferenceSession(str(self.path), options, providers=self.providers)
-        got = self._session.get_providers()
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BundleError(f"{self.path}: ONNX Runtime cannot open it ({_first_line(exc)}); "
+                              "restore it or export the bundle again") from None
+        got = session.get_providers()
         if missing := [p for p in self.providers if p not in got]:
-            self._session = None
             raise BackendError(
                 f"{self.path}: asked for {', '.join(missing)} but ONNX Runtime fell back to "
                 f"{', '.join(got)}; install onnxruntime-gpu (alone) for CUDA, or pass "
                 "text_encoder_providers='cpu'"
             )
+        self._tokenizer = tokenizer
+        self._session = session  # last: it is what other threads test
 
     def unload(self) -> None:
         """Free the session and the tokenizer (the encoder's weights: 7 GB for the released
-        Qwen3-1.7B in fp32); the next ``encode`` loads them again."""
-        self._session = None
-        self._tokenizer = None
+        Qwen3-1.7B in fp32); the next ``encode`` loads them again (checking the files)."""
+        with self._lock:
+            self._session = None
+            self._tokenizer = None
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) (B, L) int64, right-padded to L."""
-        if self._tokenizer is None:
-            self._load()
+        self._ensure_loaded()
         encodings = self._tokenizer.encode_batch(list(prompts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
@@ -98,9 +141,27 @@ class OnnxTextEncoder:
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids, mask = self.tokenize(prompts)
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompt to encode: give at least one prompt")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i} is {type(prompt).__name__}, not a string")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a byte the terminal's locale could not decode
+                raise ValueError(
+                    f"prompt {i} holds a character that is not valid text "
+                    f"({exc.object[exc.start]!r} at {exc.start}); write the prompt in UTF-8"
+                ) from None
+        ids, mask = self.tokenize(prompts)  # opens the session on the first call
         hidden = self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         return np.asarray(hidden, dtype=np.float32)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(text[0].split())[:200] if text else type(exc).__name__
 
 
 def bundle_text_encoder(bundle_dir: str | os.PathLike[str], manifest: Manifest,

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .data import (
@@ -43,6 +42,7 @@ from .data import (
     _in_split,
     center_crop_arr,
     emoji_split,
+    open_rgb,
 )
 
 __all__ = [
@@ -162,8 +162,7 @@ class CaptionFolder(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.items[i]) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.image_size)
+        arr = center_crop_arr(open_rgb(self.items[i]), self.image_size)
         return torch.from_numpy(arr.copy()), torch.tensor(i, dtype=torch.int64)
 
 

@@ -158,6 +158,31 @@ class ArrayDataset(Dataset):
 # ------------------------------------------------------------------------------------------------
 
 
+# Pillow's modes of 16-bit (and 32-bit integer) grayscale, whose convert("RGB") clips every
+# value above 255 to white.
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as 8-bit RGB: 16-bit grayscale is scaled to 8 bits (not clipped to white).
+
+    An unreadable file, or one Pillow refuses as a decompression bomb, raises ValueError naming
+    it: a run stops rather than skip it, since a silently smaller data set changes its results.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode in WIDE_GRAY_MODES:
+                wide = np.asarray(im).astype(np.float64) / 257.0  # 65535 -> 255
+                return Image.fromarray(np.round(wide).clip(0, 255).astype(np.uint8), "L"
+                                       ).convert("RGB")
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"{path}: cannot read this image ({' '.join(str(err).split())}); remove or "
+            "replace the file and run again"
+        ) from None
+
+
 def center_crop_arr(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """ADM centre crop to (H, W): box-halve while large, bicubic resize, centre crop.
 
@@ -215,15 +240,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        try:
-            with Image.open(path) as im:
-                arr = center_crop_arr(im.convert("RGB"), self.image_size)
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's ways of saying "corrupt"
-            # Stop rather than skip: a silently smaller data set changes the run's results.
-            raise ValueError(
-                f"{path}: cannot read this image ({' '.join(str(err).split())}); remove or "
-                "replace the file and run again"
-            ) from None
+        arr = center_crop_arr(open_rgb(path), self.image_size)
         return torch.from_numpy(arr.copy()), label
 
     def to_arrays(self) -> ArrayDataset:

@@ -15,6 +15,7 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,12 +34,15 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from deco_export.config import DeCoConfig, get_preset
+from deco_export.devices import torch_device
 from deco_export.model import DeCo, PixelDiT, build_model
-from runtimes.fileio import atomic_write_text
+from runtimes.fileio import LockTimeout, atomic_write_text, lock, lock_path
+from runtimes.memory import check_memory, training_step_bytes
 
 from . import state as ckpt
 from .captions import load_captioned
 from .data import collate, default_cache_dir, load_dataset, to_model_input, to_unit_range
+from .divergence import check_step, check_weights, gradient_max
 from .ema import EMA
 from .losses import FrequencyLoss, drop_labels, interpolate, sample_t
 from .repa import FeatureHook, FrozenEncoder, ProjectionHead, load_encoder, repa_loss
@@ -94,26 +98,34 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Checked before any data or model is built: `--steps 0` would otherwise "train"
         # nothing and export the untrained initialisation as the EMA model.
-        positive = ("steps", "batch_size", "grad_accum", "sample_steps", "sample_per_class")
+        # --log-every 0 would divide by zero at the first step.
+        positive = ("steps", "batch_size", "grad_accum", "sample_steps", "sample_per_class",
+                    "log_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-        non_negative = ("warmup_steps", "log_every", "sample_every", "ckpt_every",
+        non_negative = ("warmup_steps", "sample_every", "ckpt_every",
                         "keep_checkpoints", "num_workers")
         for name in non_negative:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
                 raise ValueError(f"{flag} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "ema_decay", "label_dropout", "time_shift"):
+        # A NaN weight would turn the first loss NaN; a NaN --sample-cfg would only show as a
+        # diverged sample grid after the whole run: both are refused before any work.
+        for name in ("lr", "ema_decay", "label_dropout", "time_shift", "freq_weight",
+                     "repa_weight", "grad_clip", "weight_decay", "sample_cfg"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
                                  f"got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr!r}")
+        if not self.time_shift > 0:
+            # t/(t+(1-t)s) is 1 for every t at s = 0: the run would only see pure noise.
+            raise ValueError(f"--time-shift must be > 0 (1 = no shift), got {self.time_shift!r}")
         if not 0 <= self.ema_decay <= 1 or not 0 <= self.label_dropout < 1:
             raise ValueError("--ema-decay must lie in [0, 1] and --label-dropout in [0, 1)")
 
@@ -176,7 +188,7 @@ def setup_distributed(device: str) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -272,12 +284,28 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.amp = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+        # Held until close(): a second run into the same --out would interleave its steps in
+        # one log and overwrite this run's checkpoints.
+        self._run_lock = contextlib.ExitStack()
+        if d.main:
+            take_run_lock(self._run_lock, self.out)
+        try:
+            self._build(resume, text_encoder)
+        except BaseException:
+            self._run_lock.close()
+            raise
 
+    def _build(self, resume: bool, text_encoder: Any) -> None:
+        cfg, d = self.cfg, self.dist
         resume_from = self._check_run_dir(resume)
 
         # Data (train split) and the model config it implies.
         base = get_preset(cfg.preset, **cfg.model_overrides)
         size = tuple(cfg.image_size) if cfg.image_size else base.image_size
+        if d.device.type == "cpu":  # before any data is loaded or any weight allocated
+            check_memory(training_step_bytes(base, self.micro, *size),
+                         f"training at {size[0]}x{size[1]} with {self.micro} images per "
+                         "micro-batch", "lower --image-size or --batch-size, or raise --grad-accum")
         self.text: TextConditioning | None = None
         if base.family == "t2i":
             self.dataset = load_captioned(cfg.data, "train", size, cache_dir=cfg.cache_dir)
@@ -328,6 +356,7 @@ class Trainer:
         self.step, self.epoch, self.consumed = 0, 0, 0
         if resume_from is not None:
             self._load(resume_from)
+        self.start_step = self.step  # a NaN at this run's first step points at data, not lr
         self.ddp: nn.Module = self.module
         if d.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -397,7 +426,12 @@ class Trainer:
         return rng
 
     def save(self) -> Path | None:
-        """Collective (every rank must call it); rank 0 writes the checkpoint."""
+        """Collective (every rank must call it); rank 0 writes the checkpoint.
+
+        Non-finite weights stop the run instead (every rank holds the same weights, so every
+        rank stops): rotation must never replace the last finite checkpoint by a NaN one."""
+        check_weights(self.step, {"model": self.model.state_dict(),
+                                  "EMA": self.ema.model.state_dict()}, self.cfg)
         rng = self._gather_rng()
         if not self.dist.main:
             return None
@@ -554,6 +588,9 @@ class Trainer:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.module.parameters(), cfg.grad_clip
             )
+        # Before the update: a NaN that reached the optimizer would spread into every weight.
+        check_step(self.step + 1, self.start_step + 1, totals,
+                   gradient_max(self.module.parameters()), cfg)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
@@ -597,8 +634,12 @@ class Trainer:
             atomic_write_text(log, "".join(x + "\n" for x in keep))
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "log.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a failed write (a full disk) names no file
+            raise OSError(err.errno, err.strerror, str(path)) from None
 
     def plot_losses(self) -> Path | None:
         return plot_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
@@ -667,6 +708,24 @@ class Trainer:
     def close(self) -> None:
         if self.dist.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        self._run_lock.close()
+
+
+def take_run_lock(stack: contextlib.ExitStack, out: Path) -> None:
+    """Enter the write lock of a run directory (the one exports take, `runtimes.fileio.lock`)
+    into ``stack``, without waiting: another run into it may last hours."""
+    try:
+        stack.enter_context(lock(out, timeout=0))
+    except LockTimeout:
+        try:
+            pid = lock_path(out).read_text().strip()
+        except OSError:
+            pid = ""
+        holder = f" (pid {pid})" if pid.isdigit() else ""
+        raise LockTimeout(
+            f"--out {out} is being trained by another process{holder}; wait for it to finish "
+            "(then continue it with --resume) or choose another --out"
+        ) from None
 
 
 def warn_short_ema(cfg: TrainConfig) -> None:

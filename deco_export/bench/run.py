@@ -80,6 +80,21 @@ def run_worker(spec: dict[str, Any], work: Path, logs: Path, timeout_s: float,
     return result
 
 
+def check_prompts_apply(source: str | Path, settings: BenchSettings) -> None:
+    """Refuse ``--prompt`` for a class-conditional source before any work (a checkpoint
+    source is class-conditional: a text-to-image one is refused with its own fix)."""
+    if not settings.prompts:
+        return
+    from runtimes import bundle as rb
+
+    from ..sources import is_bundle
+
+    if is_bundle(str(source)) and rb.read_manifest(Path(source)).model.family == "t2i":
+        return
+    raise ValueError(f"--prompt is for text-to-image bundles; {source} is not one (a "
+                     "class-conditional model samples its classes)")
+
+
 def check_text_bundle(bundle: Path, manifest: Any, settings: BenchSettings) -> None:
     """Refuse, before any row runs, what a text-to-image benchmark cannot do: encode prompts
     without the bundle's text encoder, or score FID (a class-conditional held-out metric)."""
@@ -93,6 +108,40 @@ def check_text_bundle(bundle: Path, manifest: Any, settings: BenchSettings) -> N
                          "text-to-image bundle")
 
 
+# What a run writes into --out. A directory holding one of these names is written only when a
+# run wrote it: it holds MARKER (made before a run writes anything) or an earlier run's
+# bench.json (the README's promise: no verb overwrites what it did not write).
+OUTPUTS = ("bench.json", "bench.md", "latency.png", "speed_quality.png", "logs", "bundle")
+MARKER = ".deco-bench"
+
+
+def _written_by_bench(out: Path) -> bool:
+    if (out / MARKER).is_file():
+        return True
+    report = out / "bench.json"
+    try:
+        if not report.is_file() or report.stat().st_size > 64 << 20:
+            return False
+        return bool(json.loads(report.read_text()).get("schema") == SCHEMA)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` whose report, plot or log names belong to someone else: only an
+    absent or empty directory, one without those names, or an earlier run's is written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; choose another --out")
+    if not out.is_dir():
+        return
+    taken = [name for name in OUTPUTS if os.path.lexists(out / name)]
+    if taken and not _written_by_bench(out):
+        raise ValueError(
+            f"--out {out} holds {', '.join(taken)}, which deco bench did not write; choose "
+            "another --out or move them away"
+        )
+
+
 def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings | None = None,
                   say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark ``source`` (a bundle, a checkpoint or 'default') into ``out``.
@@ -104,9 +153,10 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     settings.check()
     say = say or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory; choose another --out")
+    check_out_dir(out)
+    check_prompts_apply(source, settings)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     env = environment(settings.threads)
     src, manifest = prepare_source(source, out, settings, say)
     text_to_image = manifest.model.family == "t2i"

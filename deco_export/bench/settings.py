@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -81,6 +82,12 @@ class BenchSettings:
                 raise ValueError(f"every {name} must be a positive integer, got {list(values)}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        # Checked here, not when the first row has run for that long (or never stops).
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"--timeout must be a positive number of seconds, got "
+                             f"{self.timeout_s}")
+        if self.guidance is not None and not math.isfinite(self.guidance):
+            raise ValueError(f"--guidance must be a finite number, got {self.guidance}")
         if self.rounds < 1:
             raise ValueError(f"--rounds must be at least 1, got {self.rounds}")
         if self.warmup < 0:

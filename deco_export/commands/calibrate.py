@@ -69,6 +69,9 @@ def calibrate_command(source: str, steps: int | None, budgets: tuple[str, ...],
     height, width = parse_size(image_size) if image_size else (None, None)
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
                          device=device)
+    if pipe.is_text_to_image:
+        raise click.UsageError(f"deco calibrate samples class labels; {source} is a "
+                               "text-to-image model, which it does not calibrate")
     labels = _parse_classes(classes)
     num_labels = len(labels) if labels is not None else pipe.model_config.num_classes
     chunks = -(-num_labels // max(1, batch_size))

@@ -8,7 +8,7 @@ import click
 
 from runtimes.bundle import ONNX_PRECISIONS
 
-from .options import model_text_encoder, parse_size
+from .options import model_text_encoder, parse_size, single_value
 
 
 @click.command("onnx")
@@ -41,13 +41,14 @@ from .options import model_text_encoder, parse_size
               help="text-to-image: a local transformers directory or 'minilm'; the bundle gets "
                    "text_encoder.onnx, tokenizer.json and the encoded negative prompt [the one the "
                    "checkpoint's metadata names, e.g. default-t2i's minilm]")
-@click.option("--negative-prompt", default="", show_default=True,
-              help="text-to-image: the prompt of the unconditional half")
+@click.option("--negative-prompt", "negative_prompts", multiple=True,
+              help="text-to-image: the prompt of the unconditional half [empty]")
 def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
                         int8_weights: str | None, opset: int,
                         image_size: str | None, size_range: str | None, parity_steps: int,
                         weights: str,
-                        force: bool, text_encoder: str | None, negative_prompt: str) -> None:
+                        force: bool, text_encoder: str | None,
+                        negative_prompts: tuple[str, ...]) -> None:
     """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE; the plain DiT
     baseline writes its one graph, pixel_dit.onnx.
 
@@ -61,8 +62,11 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
 
     if int8_weights is not None and "int8" not in precisions:
         raise click.UsageError("--int8-weights applies to int8 graphs: add --precision int8")
-
+    negative_prompt = single_value(negative_prompts, "--negative-prompt")
     net, source = load_model(model, weights=weights)
+    if net.config.family != "t2i" and negative_prompt is not None:
+        raise click.UsageError(f"--negative-prompt is for text-to-image models; {model} is "
+                               "class-conditional")
     size = parse_size(image_size) if image_size else None
     sizes = None
     if size_range is not None:
@@ -72,9 +76,13 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
                                  net.config.patch_size)
     encoder = model_text_encoder(net.config, text_encoder, model,
                                  say=lambda msg: click.echo(f"  {msg}", err=True))
+    if encoder is None and negative_prompt is not None:
+        raise click.UsageError("--negative-prompt is encoded by the bundle's text encoder: "
+                               "give --text-encoder DIR (or 'minilm') too")
     export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
                 parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
-                force=force, negative_prompt=negative_prompt if encoder is not None else None,
+                force=force,
+                negative_prompt=(negative_prompt or "") if encoder is not None else None,
                 text_encoder=encoder, size_range=sizes,
                 int8=INT8_WEIGHTS[int8_weights or "int8-7bit"])
     click.echo(f"wrote {bundle}")

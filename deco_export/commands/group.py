@@ -3,7 +3,11 @@ and the one place where a user's error becomes a one-line message and a non-zero
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
@@ -48,6 +52,10 @@ class DecoGroup(LazyGroup):
     (the ``deco.commands`` entry-point group, e.g. training's ``train`` and ``eval``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        with terminate_as_interrupt():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -78,6 +86,30 @@ class DecoGroup(LazyGroup):
             return command
         entry = plugin_commands().get(name)
         return entry.load() if entry is not None else None
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While a verb runs, SIGTERM (``kill``, a job scheduler's stop) raises KeyboardInterrupt
+    as Ctrl-C does, so the cleanup that runs on errors runs on it too: an export's staging
+    directory is removed, a training run's lock released. Without it the process died at once
+    and left the staging directory until the next export to the same path."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        yield  # someone else handles SIGTERM
+        return
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(err: BaseException) -> str:

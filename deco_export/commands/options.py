@@ -86,3 +86,11 @@ def model_text_encoder(config: Any, text_encoder: str | None, source: str,
     if text_encoder is None:
         return None
     return load_text_encoder(text_encoder, config.text_len, config.text_dim)
+
+
+def single_value(values: tuple[str, ...], flag: str) -> str | None:
+    """The one value of an option given at most once (declared ``multiple=True`` so that a
+    repeat is refused instead of silently dropping the earlier values)."""
+    if len(values) > 1:
+        raise click.UsageError(f"{flag} was given {len(values)} times; give it once")
+    return values[0] if values else None

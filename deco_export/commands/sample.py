@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import SolverChoice, parse_size
+from .options import SolverChoice, parse_size, single_value
 
 
 @click.command()
@@ -46,7 +46,7 @@ from .options import SolverChoice, parse_size
               show_default=True, help="reuse the condition, or cache h and refresh e_t")
 @click.option("--prompt", "prompts", multiple=True,
               help="text-to-image: a prompt (repeat for several images)")
-@click.option("--negative-prompt", default=None,
+@click.option("--negative-prompt", "negative_prompts", multiple=True,
               help="text-to-image: default the bundle's stored (empty) negative prompt")
 @click.option("--text-encoder", default=None,
               help="text-to-image: a local transformers directory (Qwen3-1.7B for the release) "
@@ -85,7 +85,7 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
            steps: int | None, guidance: float | None, solver: str | None,
            guidance_edges: bool | None, fast: bool, shift: float | None,
            sharing: str | None, sharing_mode: str, prompts: tuple[str, ...],
-           negative_prompt: str | None, text_encoder: str | None,
+           negative_prompts: tuple[str, ...], text_encoder: str | None,
            text_encoder_providers: str | None, reduce_memory: bool, size: str | None, seed: int,
            out: Path | None, out_dir: Path | None, from_image: Path | None, cols: int | None,
            scale: int | None, preview_every: int | None, init_image: Path | None,
@@ -112,6 +112,9 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         raise click.UsageError("--preview-every must be >= 1")
     if allow_below_gate and precision != "int8":
         raise click.UsageError("--allow-below-gate applies to int8 graphs: add --precision int8")
+    if cols is not None and cols < 1:
+        raise click.UsageError(f"--cols must be >= 1, got {cols}")
+    negative_prompt = single_value(negative_prompts, "--negative-prompt")
     if per_class < 1 or (scale is not None and scale < 1):
         raise click.UsageError("--per-class and --scale must be >= 1")
     if out is None and out_dir is None:
@@ -126,6 +129,9 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
     if pipe.is_text_to_image:
         if not prompts:
             raise click.UsageError("this is a text-to-image model: give --prompt TEXT")
+        if classes is not None:
+            raise click.UsageError("--classes is for class-conditional models; this one takes "
+                                   "--prompt")
         attach_text_encoder(pipe, text_encoder)
         condition: dict = {"prompt": [p for _ in range(per_class) for p in prompts],
                            "negative_prompt": negative_prompt}
@@ -157,15 +163,38 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         preview = (out.with_name(f"{out.stem}.preview{out.suffix}") if out is not None
                    else out_dir / "preview.png")  # type: ignore[operator]
         on_step = preview_writer(preview, preview_every, cols=cols, scale=scale)
-    with progress_callback("sampling") as callback:
-        result = pipe.generate(**condition, steps=steps, guidance=guidance,
-                               solver=solver, guidance_edges=guidance_edges, shift=shift,
-                               seed=seed, height=height,
-                               width=width, sharing=parse_sharing(sharing, sharing_mode),
-                               callback=callback, on_step=on_step)
     from runtimes.image import legible_scale, save_grid
+    from runtimes.memory import check_memory, grid_bytes
+    from runtimes.noise import noise_for_keys
 
-    width, height = result.images[0].size
+    items = condition.get("class_labels", condition.get("prompt"))
+    total = len(items)
+    if height is None and init_image is not None:  # the image's size is the default
+        width, height = condition["image"].size
+    h, w = (height, width) if height is not None else tuple(pipe.model_config.image_size)
+    # Checked before sampling: the grid is the one thing that holds every image at once.
+    check_memory(grid_bytes(total, h, w, scale or legible_scale(h, w)),
+                 f"a grid of {total} images of {h}x{w} at --scale "
+                 f"{scale or legible_scale(h, w)}", "lower --per-class or --scale")
+    sharing_plan = parse_sharing(sharing, sharing_mode)
+    images: list = []
+    # Chunks bound the sampler's memory; image i keeps the noise of key [seed, i] whatever the
+    # chunk, so the images are those of one call (and of `generate(seed=seed)`).
+    chunks = range(0, total, SAMPLE_CHUNK)
+    for n, start in enumerate(chunks):
+        part = {k: v[start:start + SAMPLE_CHUNK] if isinstance(v, list) else v
+                for k, v in condition.items()}
+        keys = [(seed, i) for i in range(start, min(total, start + SAMPLE_CHUNK))]
+        noise = noise_for_keys(keys, (pipe.model_config.in_channels, h, w))
+        label = "sampling" if len(chunks) == 1 else f"sampling {n + 1}/{len(chunks)}"
+        with progress_callback(label) as callback:
+            result = pipe.generate(**part, steps=steps, guidance=guidance, solver=solver,
+                                   guidance_edges=guidance_edges, shift=shift, noise=noise,
+                                   height=height, width=width, sharing=sharing_plan,
+                                   callback=callback, on_step=on_step)
+        images += result.images
+
+    width, height = images[0].size
     written = []
     if out_dir is not None:
         from ..provenance import model_sha256, write_images
@@ -190,12 +219,15 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
             record["class_labels"] = condition["class_labels"]
         if init_image is not None:
             record.update(image=init_image, strength=strength, mask=mask)
-        written = write_images(result.images, out_dir, record)
+        written = write_images(images, out_dir, record)
     if out is not None:
-        save_grid(result.images, out, cols=cols, scale=scale or legible_scale(height, width))
+        save_grid(images, out, cols=cols, scale=scale or legible_scale(height, width))
         written.insert(0, out)
     click.echo(f"wrote {', '.join(map(str, written[:3]))}{' ...' if len(written) > 3 else ''} "
-               f"({len(result.images)} images, seed {seed})")
+               f"({len(images)} images, seed {seed})")
+
+
+SAMPLE_CHUNK = 16  # images per generate call: a batch's speed, with bounded memory
 
 
 def attach_text_encoder(pipe, text_encoder: str | None) -> None:

@@ -158,6 +158,11 @@ def _one_node_model(
     return _field(1, 8) + _field(2, "deco-runtimes") + _field(8, opset) + _field(7, graph)
 
 
+# How ONNX Runtime words a failed allocation (its arena, the CPU allocator, CUDA): not a damaged
+# bundle, so not "run deco validate".
+_OUT_OF_MEMORY = ("failed to allocate memory", "bad_alloc", "out of memory")
+
+
 class _DeviceOps:
     """One-node ORT sessions that do the sampler's arithmetic on device-resident OrtValues."""
 
@@ -480,6 +485,11 @@ class OnnxRuntimeBackend:
                 return sess.run([output], dict(feeds))[0]
             except Exception as exc:  # ORT's InvalidArgument / Fail carry C++ context lines
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                if any(word in str(exc).lower() for word in _OUT_OF_MEMORY):
+                    raise BackendError(
+                        f"the {graph} graph ran out of memory in ONNX Runtime ({first[:160]}); "
+                        "generate fewer or smaller images at once, or free memory"
+                    ) from exc
                 raise BackendError(
                     f"the {graph} graph failed in ONNX Runtime ({first}); run `deco validate` on "
                     "the bundle, or export it again"

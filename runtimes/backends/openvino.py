@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -174,7 +175,13 @@ class OpenVinoBackend(HostArrays):
         self.config = config
         self.compile_seconds: dict[str, float] = {}
         self.cache_hits: dict[str, bool] = {}
+        # One infer request per graph and thread: a request owns its input and output tensors,
+        # so threads sharing one would overwrite each other's images. The compiled models are
+        # thread-safe and make each thread's requests on its first call.
+        self._models: dict[str, Any] = {}
         self._requests: dict[str, Any] = {}
+        self._local = threading.local()
+        self._local.requests = self._requests
         self._outputs: dict[str, dict[str, Any]] = {}
         for graph, record in graphs_for(self.manifest.model).items():
             art = self.manifest.get_artifact("onnx", graph, source_precision)
@@ -189,6 +196,7 @@ class OpenVinoBackend(HostArrays):
             compiled = self._compiled(core, graph, path, art.sha256)
             self._check_compiled(compiled, graph, art.file, hint)
             self._outputs[graph] = {o.get_any_name(): o for o in compiled.outputs}
+            self._models[graph] = compiled
             self._requests[graph] = compiled.create_infer_request()
         self.supports_refresh = "refresh" in self._requests and "hidden" in self._outputs["dit"]
         self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._requests)
@@ -301,8 +309,20 @@ class OpenVinoBackend(HostArrays):
 
     # -- Backend protocol ---------------------------------------------------------------------
 
+    def _request(self, graph: str) -> Any:
+        """This thread's infer request of ``graph`` (made on the thread's first call)."""
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        request = requests.get(graph)
+        if request is None:
+            if graph not in self._models:
+                raise BackendError(f"the OpenVINO backend has no '{graph}' graph (or is closed)")
+            request = requests[graph] = self._models[graph].create_infer_request()
+        return request
+
     def _run(self, graph: str, output: str, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        result = self._requests[graph].infer(
+        result = self._request(graph).infer(
             {name: np.ascontiguousarray(value) for name, value in feeds.items()})
         return np.asarray(result[self._outputs[graph][output]])
 
@@ -337,6 +357,7 @@ class OpenVinoBackend(HostArrays):
     def close(self) -> None:
         """Drop the infer requests (and with them the compiled models)."""
         self._requests.clear()
+        self._models.clear()
 
     def describe(self) -> dict[str, Any]:
         """What runs where: for logs and benchmark reports."""
