@@ -585,7 +585,8 @@ def verify(
     seen: set[str] = set()
     to_hash: list[tuple[str, str, str]] = []
     # Every cheap check (paths, links, sizes) before any hash: a file of the wrong size is
-    # refused at once, not after hashing the files listed before it (or itself).
+    # refused without being read; only files of the recorded size are hashed, so every
+    # problem is still listed.
     for rel, sha, size, where in entries:
         if rel in seen:  # a file shared by several artifacts is checked once
             continue
@@ -611,13 +612,12 @@ def verify(
         actual = path_size(path)
         if size is not None and actual != size:
             problems.append(
-                f"{rel}: {actual} bytes, the manifest says {size} ({where}); the file was changed "
-                f"or truncated after export: restore it or export the bundle again"
+                f"{rel}: {actual} bytes, the manifest says {size} ({where}), so its sha256 cannot "
+                "match; the file was changed or truncated after export: restore it or export the "
+                "bundle again"
             )
             continue
         to_hash.append((rel, sha, where))
-    if problems:
-        return problems
     for rel, sha, where in to_hash:
         digest = sha256_path(root / rel)
         if digest != sha:

@@ -232,16 +232,11 @@ class BundleTransaction:
                      parity: dict | None = None, tools: dict | None = None,
                      extra_files: list[Path] | None = None) -> rb.Artifact:
         """Describe a staged file (or directory, e.g. ``.mlpackage``) as a bundle artefact."""
-        path = Path(path)
-        artifact = rb.Artifact(
-            runtime=runtime, graph=graph, precision=precision,
-            file=path.relative_to(self.staging).as_posix(),
-            sha256=rb.sha256_path(path), bytes=rb.path_size(path),
-            inputs=inputs, outputs=outputs, details=dict(details or {}),
-            parity=dict(parity or {}), tools=dict(tools or {}),
-            extra_files={p.relative_to(self.staging).as_posix(): rb.sha256_path(p)
-                         for p in (extra_files or [])},
-        )
+        artifact = rb.Artifact.from_file(
+            self.staging, runtime, graph, precision,
+            Path(path).relative_to(self.staging).as_posix(), inputs=inputs, outputs=outputs,
+            details=details, parity=parity, tools=tools,
+            extra_files=[p.relative_to(self.staging).as_posix() for p in (extra_files or [])])
         self.artifacts = [a for a in self.artifacts
                           if (a.runtime, a.graph, a.precision) != (runtime, graph, precision)]
         self.artifacts.append(artifact)
