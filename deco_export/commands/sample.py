@@ -106,6 +106,15 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
     if out is not None:
         image_format(out)  # an unknown extension fails before the model loads
     if from_image is not None:
+        given = {"--classes": classes, "--prompt": prompts, "--steps": steps,
+                 "--guidance": guidance, "--solver": solver, "--shift": shift,
+                 "--sharing": sharing, "--size": size, "--image": init_image,
+                 "--strength": strength, "--mask": mask, "--out-dir": out_dir,
+                 "--negative-prompt": negative_prompt}
+        if clash := [name for name, value in given.items() if value]:
+            raise click.UsageError(
+                f"--from takes the generation parameters from the image; drop {', '.join(clash)}"
+                " (it takes only BUNDLE, --backend, --precision, --providers, --device, --out)")
         regenerate(from_image, source, backend, precision, providers, device, out)
         return
     if preview_every is not None and preview_every < 1:

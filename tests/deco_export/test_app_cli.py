@@ -107,6 +107,9 @@ def test_out_dir_records_the_parameters_and_from_makes_the_same_pixels(tmp_path)
     assert np.array_equal(np.asarray(Image.open(again)),
                           np.asarray(Image.open(inpainted / "002-seed3.png")))
 
+    result = CliRunner().invoke(main, ["sample", "--from", str(again), "--steps", "9"])
+    assert result.exit_code != 0 and "--from takes the generation parameters from the image; " \
+        "drop --steps" in result.output
     # One-line refusals: no parameters, other weights, a changed input image.
     plain = tmp_path / "plain.png"
     Image.new("RGB", (32, 32)).save(plain)

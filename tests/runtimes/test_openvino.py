@@ -220,3 +220,14 @@ def test_deco_sample_runs_openvino(bundle, tmp_path, monkeypatch):
     absent = CliRunner().invoke(main, ["sample", str(bundle), "--backend", "openvino",
                                        "--device", "npu", "--steps", "2", "--out", str(out)])
     assert absent.exit_code == 1 and "sees no NPU device" in absent.output
+
+
+def test_image_to_image_inpainting_and_stop_through_openvino(bundle, cache):
+    from tests.helpers import check_image_to_image
+
+    with runtimes.load(bundle, backend="openvino", precision="fp32", threads=1,
+                       cache_dir=cache) as pipe:
+        check_image_to_image(pipe, {"class_labels": [1, 4]})
+        out = pipe.generate([2], steps=4, output_type="np", return_partial=True,
+                            on_step=lambda s: runtimes.STOP if s.step == 1 else None)
+        assert out.stopped_after == 2 and out.images.shape == (1, 3, 64, 64)
