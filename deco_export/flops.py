@@ -20,7 +20,7 @@ keys, every step; ``y_embedder`` is its own graph, ``text_embed``, once per gene
 The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
 blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
 
-A config is a `DeCoConfig`, a `runtimes.ModelConfig` or any mapping with its field names.
+A config is a `ModelConfig`, a `runtimes.ModelConfig` or any mapping with its field names.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
     if graph == "dit":
         depth = _field(config, "dit_depth")
         text = _family(config) == "t2i"
-        # SwiGLU width, as DeCoConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
+        # SwiGLU width, as ModelConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
         mlp = 4 * d_model if text else int(2 * (4 * d_model) / 3)
         text_len = _field(config, "text_len") if text else 0
         per_block = (2 * d_model * 6 * d_model  # adaLN on the per-sample vector

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as _bundle
-from runtimes import fileio
 from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
@@ -340,7 +339,7 @@ class DeCoPipeline:
 
     @property
     def is_text_to_image(self) -> bool:
-        return self.model_config.family == "t2i"
+        return self.model_config.is_text_to_image
 
     def _encode(self, prompts: Sequence[str]) -> np.ndarray:
         if self.text_encoder is None:
@@ -578,7 +577,9 @@ def record_schedule(
     """Save ``schedule`` as ``schedules/<key>.json`` in the bundle and record it (with its hash)
     in the manifest, so ``generate(sharing=key)`` finds it and ``verify`` checks it."""
     root = Path(bundle_dir)
-    with fileio.lock(root):  # serialised with exports; the manifest is read under the lock
+    from runtimes.locks import lock  # writers only: a generation never takes it
+
+    with lock(root):  # serialised with exports; the manifest is read under the lock
         manifest = _bundle.read_manifest(root)
         rel = f"schedules/{key}.json"
         path = root / rel

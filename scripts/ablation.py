@@ -190,13 +190,14 @@ def evaluate_arm(plan: Plan, arm: str, out: Path) -> None:
     import torch
 
     from deco_export.config import get_preset
+    from runtimes.image import save_grid
     from training.metrics import (
         HeldOutScorer,
         generate,
         inception_features,
         load_generator,
     )
-    from training.sample import grid_labels, save_grid
+    from training.sample import grid_labels
 
     torch.set_num_threads(plan.threads)
     ckpts = out / arm / "checkpoints"
@@ -231,7 +232,7 @@ def evaluate_arm(plan: Plan, arm: str, out: Path) -> None:
             glabels = grid_labels(model.config.num_classes, GRID_PER_CLASS).numpy()
             grid = generate(model, glabels, num_steps=plan.sample_steps, cfg_scale=plan.cfg,
                             seed=GRID_SEED, batch_size=CHUNK)
-            save_grid(grid, out / arm / "grid.png", ncols=GRID_PER_CLASS, scale=2)
+            save_grid(grid, out / arm / "grid.png", cols=GRID_PER_CLASS, scale=2, pad_value=255)
 
 
 def read_features(out: Path, arm: str, step: int, limit: int) -> np.ndarray | None:
@@ -349,7 +350,7 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
     the last checkpoint on the longest prefix all arms completed (``num_samples`` when done)."""
     from deco_export.config import get_preset
     from deco_export.flops import TRAINING_FACTOR, training_flops
-    from training.data import default_cache_dir
+    from runtimes.cache import cache_dir as default_cache_dir
     from training.metrics import HeldOutScorer, real_features
 
     size = get_preset(plan.preset).image_size

@@ -309,7 +309,7 @@ class HeldOutScorer:
         batch_size: int = 64,
         progress: bool = False,
     ) -> None:
-        from .data import default_cache_dir
+        from runtimes.cache import cache_dir as default_cache_dir
 
         self.data = data
         self.device = (
@@ -356,9 +356,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
     weights) or a run directory (its ``model/`` export, else its newest checkpoint's EMA
     weights)."""
     from deco_export.checkpoint import load_pretrained
-    from deco_export.config import DeCoConfig
     from deco_export.model import build_model
     from deco_export.sources import model_path
+    from runtimes.config import ModelConfig
 
     from .state import latest_checkpoint, load_checkpoint
 
@@ -373,7 +373,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
             f"{p} is neither a model checkpoint (config.json) nor a training run with checkpoints"
         )
     data = load_checkpoint(step)
-    model = build_model(DeCoConfig.from_dict(data.state["model_config"]))
+    model = build_model(ModelConfig.from_dict(data.state["model_config"]))
     model.load_state_dict(data.ema)
     return model.to(device).eval()
 
@@ -393,7 +393,9 @@ def generate(
     batch size. Returns uint8 (N, H, W, 3)."""
     from tqdm import tqdm
 
-    from .sample import euler_sample, to_uint8
+    from runtimes.image import to_uint8
+
+    from .sample import euler_sample
 
     c = model.config
     out = []
@@ -413,5 +415,5 @@ def generate(
         x = euler_sample(
             model, noise, y, num_steps=num_steps, cfg_scale=cfg_scale, autocast=autocast
         )
-        out.append(to_uint8(x))
+        out.append(to_uint8(x.float().cpu().numpy()))
     return np.concatenate(out)

@@ -103,7 +103,7 @@ def negative_prompt_for(model: DeCo, source: str, text_encoder: str | None,
         return encoder.encode([negative_prompt]), negative_prompt
     from ..sources import is_bundle
 
-    if model.config.family == "t2i" and is_bundle(source):
+    if model.config.is_text_to_image and is_bundle(source):
         from runtimes import bundle as rb
         from runtimes.pipeline import TEXT_SECTION, bundle_negative_embeds
 

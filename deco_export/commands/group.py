@@ -12,6 +12,8 @@ import click
 
 from runtimes.errors import DecoError
 
+from ..messages import one_line
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause and fix: shown as one line, never as a traceback. Every error
@@ -68,16 +70,6 @@ class DecoGroup(LazyGroup):
             return command
         entry = plugin_commands().get(name)
         return entry.load() if entry is not None else None
-
-
-def one_line(err: BaseException) -> str:
-    """The message of a user error on one line (a KeyError's key without its quotes)."""
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    if isinstance(err, OSError) and err.filename is not None:
-        from runtimes.fileio import describe_os_error
-
-        message = describe_os_error(err)  # the path, what went wrong and the fix
-    return " ".join(str(message).split()) or type(err).__name__
 
 
 def plugin_commands() -> dict[str, Any]:

@@ -42,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from runtimes import fileio
+from runtimes import staging
 from runtimes.backend import BackendError, HostArrays
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_path
+from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.config import ModelConfig
 from runtimes.graphs import dit_condition_input, get_graph, graphs_for
 
@@ -52,7 +53,6 @@ __all__ = [
     "COMPUTE_UNITS",
     "CoreMLBackend",
     "check_package_io",
-    "default_cache_dir",
     "measure_load_times",
     "require_macos",
     "split_batch",
@@ -81,14 +81,6 @@ def _import_coremltools() -> Any:
             f"the coreml backend needs coremltools: {INSTALL_HINT}"
         ) from exc
     return coremltools
-
-
-def default_cache_dir() -> Path:
-    """Where compiled models are kept: $DECO_COREML_CACHE, else the user cache folder."""
-    env = os.environ.get("DECO_COREML_CACHE")
-    if env:
-        return Path(env)
-    return Path.home() / "Library" / "Caches" / "deco-export" / "coreml"
 
 
 def split_batch(batch: int, sizes: Sequence[int]) -> list[int]:
@@ -134,7 +126,7 @@ class CoreMLBackend(HostArrays):
 
     bundle_dir / manifest: the bundle and its parsed manifest (read if None). precision:
     "fp16" (default) or "fp32". compute_units: override the exported choice. cache_dir /
-    use_cache: the compiled-model cache (`default_cache_dir`).
+    use_cache: the compiled-model cache (``runtimes.cache.cache_dir("coreml")``).
     """
 
     runtime = "coreml"
@@ -229,7 +221,7 @@ class CoreMLBackend(HostArrays):
         self.ct = _import_coremltools()
         self.compute_units = compute_units
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir("coreml")
         self.use_cache = use_cache
         self.load_times: dict[str, dict[str, Any]] = {}
         self._models: dict[str, Any] = {}
@@ -276,7 +268,7 @@ class CoreMLBackend(HostArrays):
         compiled = Path(model.get_compiled_model_path())
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with fileio.staging_dir(target, "tmp") as tmp:
+            with staging.staging_dir(target, "tmp") as tmp:
                 shutil.copytree(compiled, tmp.path / "model.mlmodelc")
                 os.replace(tmp.path / "model.mlmodelc", target)
         except OSError:

@@ -23,7 +23,7 @@ cache key is the sha256 of those fields (the TensorRT engines' keying,
 ``<cache_dir>/<graph>-<precision>-<key[:16]>/<graph>.blob`` next to a ``model.json`` that repeats
 the fields and the blob's sha256. A changed graph, another device or another OpenVINO version
 gives another key and compiles afresh; a blob whose sha256 does not match its record is
-recompiled and replaced. ``cache_dir`` defaults to ``$DECO_CACHE_DIR/openvino`` (or
+recompiled and replaced. ``cache_dir`` defaults to ``runtimes.cache.cache_dir("openvino")`` (
 ``~/.cache/deco/openvino``) so a bundle can stay read-only; ``cache_dir=False`` disables it.
 """
 
@@ -43,10 +43,11 @@ import numpy as np
 from runtimes.backend import BackendError, HostArrays
 from runtimes.backends.tensorrt_keys import key_digest
 from runtimes.bundle import BundleError, Manifest, read_manifest
+from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.fileio import atomic_write_bytes, atomic_write_text
 from runtimes.graphs import dit_condition_input, get_graph, graphs_for
 
-__all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend", "default_cache_dir"]
+__all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend"]
 
 # Our precision -> (the ONNX artefact it reads, OpenVINO's inference precision hint).
 PRECISIONS: dict[str, tuple[str, str]] = {"fp32": ("fp32", "f32"), "bf16": ("fp32", "bf16")}
@@ -69,15 +70,6 @@ def _import_openvino() -> Any:
             "the openvino backend needs OpenVINO: `pip install deco-export[openvino]`"
         ) from exc
     return openvino
-
-
-def default_cache_dir() -> Path:
-    """``$DECO_CACHE_DIR/openvino``, else ``$XDG_CACHE_HOME/deco/openvino``
-    (``~/.cache/deco/openvino``): the TensorRT timing cache's home, one folder over."""
-    base = os.environ.get("DECO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "deco")
-    return Path(base) / "openvino"
 
 
 def _check_device(core: Any, device: str) -> str:
@@ -112,7 +104,7 @@ class OpenVinoBackend(HostArrays):
     threads: OpenVINO's inference threads (None: its default, every core).
     cpu_pinning: pin the inference threads to cores (None: OpenVINO's default). On a machine
         whose cores are busy with other work a pinned thread cannot move off a busy core.
-    cache_dir: where compiled models are cached (None: `default_cache_dir`; False: no cache).
+    cache_dir: where compiled models are cached (None: ``cache_dir("openvino")``; False: no cache).
     """
 
     runtime = "onnx"
@@ -160,7 +152,7 @@ class OpenVinoBackend(HostArrays):
             )
         self.cache_dir: Path | None = (
             None if cache_dir is False
-            else default_cache_dir() if cache_dir is None or cache_dir is True
+            else default_cache_dir("openvino") if cache_dir is None or cache_dir is True
             else Path(cache_dir))
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint,
                                   "PERFORMANCE_HINT": "LATENCY"}

@@ -8,7 +8,7 @@ refused with the reason and the fix before it is deserialised (`tensorrt_keys.re
 How it runs (one CUDA stream, no host synchronisation between the first and the last step):
 
 * **Device memory.** Per engine batch and image size (a "slot": the batch sizes the engines
-  were built for, see `tensorrt_keys`, at a size inside the range their profiles span) the I/O
+  were built for, see `tensorrt_profiles`, at a size inside the range their profiles span) the I/O
   buffers x_t, t, the condition (``y`` int64 labels, or ``text_tokens`` float32 (B, L, D) for
   a text-to-image model, as the DiT's graph record says, with text_embed's input ``text``),
   cond, hidden and v (and the split
@@ -59,12 +59,8 @@ from runtimes.backends.cuda_device import (
     numel,
 )
 from runtimes.backends.tensorrt_engine import Engine, cuda_environment, import_tensorrt
-from runtimes.backends.tensorrt_keys import (
-    ResolvedEngine,
-    guided_engine_batch,
-    resolve_engine,
-    unguided_engine_batch,
-)
+from runtimes.backends.tensorrt_keys import ResolvedEngine, resolve_engine
+from runtimes.backends.tensorrt_profiles import guided_engine_batch, unguided_engine_batch
 from runtimes.backends.tensorrt_runner import EngineRunner
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_file
 from runtimes.graphs import axis_sizes, dit_condition_input, get_graph, graphs_for

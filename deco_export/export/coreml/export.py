@@ -185,7 +185,7 @@ def export_coreml(
     half needs no encoder. Exporting into a bundle that already stores one keeps it.
     """
     say = progress or (lambda _msg: None)
-    if model.config.architecture == "dit":
+    if not model.config.has_decoder:
         raise CoreMLExportError(
             "the plain DiT baseline exports to ONNX only (one graph, pixel_dit); use "
             "`deco export onnx`"
