@@ -443,3 +443,18 @@ class PixelDiT(nn.Module):
 def build_model(config: ModelConfig) -> DeCo | PixelDiT:
     """The network a config describes: DeCo for "deco", PixelDiT for "dit"."""
     return DeCo(config) if config.has_decoder else PixelDiT(config)
+
+
+def random_model(config: ModelConfig, seed: int | None = None, std: float = 0.02) -> DeCo:
+    """A DeCo of ``config`` with random weights that produce images: the reference init zeroes
+    the output layers (so the velocity, and every image, would be zero), and those tensors get
+    N(0, std) noise instead. For benchmarks and size studies, where the weights' values are not
+    the point; ``seed`` seeds torch's generator first."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = DeCo(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(std=std)
+    return model

@@ -38,9 +38,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
+sys.path.insert(0, str(REPO))
 
-from speckle_study import denoise_error, speckles  # noqa: E402
+from training.metrics import denoise_error, speckles  # noqa: E402
 
 # The README grid: chosen before sampling; training and held-out names mixed.
 GRID_PROMPTS = (

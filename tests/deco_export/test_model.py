@@ -183,3 +183,15 @@ def test_the_old_config_name_still_imports_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning):
         assert deco_export.DeCoConfig is ModelConfig
     assert deco_export.ModelConfig is ModelConfig
+
+
+def test_random_model_draws_the_zeroed_output_layers_so_images_are_not_zero():
+    from deco_export.model import random_model
+
+    config = get_preset("DeCo-tiny/16")
+    a, b = random_model(config, seed=3), random_model(config, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert all(p.abs().sum() > 0 for p in a.parameters())  # no output layer left at zero
+    x = torch.randn(1, 3, 64, 64)
+    v = a(x, torch.tensor([0.5]), torch.tensor([1]))
+    assert v.abs().mean() > 0
