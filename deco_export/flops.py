@@ -28,11 +28,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from runtimes.graphs import GRAPH_SPECS
+
 __all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "text_embedding_flops",
            "training_flops"]
 
-GRAPHS = ("dit", "text_embed", "decoder", "decoder_cond", "decoder_pixel", "refresh",
-          "pixel_dit")
+GRAPHS = tuple(dict.fromkeys(g.name for g in GRAPH_SPECS if g.sampled))
 # Forward + backward: the backward pass does two matrix products per forward product.
 TRAINING_FACTOR = 3
 FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features

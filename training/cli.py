@@ -169,7 +169,7 @@ def train(**kw: Any) -> None:
         kw["preset"] = baseline_preset(kw["preset"])
     if kw["freq_weight"] is None:
         # The reference trains its plain-DiT baselines with flow matching alone.
-        kw["freq_weight"] = 0.0 if get_preset(kw["preset"]).architecture == "dit" else 1.0
+        kw["freq_weight"] = 1.0 if get_preset(kw["preset"]).has_decoder else 0.0
     kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")

@@ -45,7 +45,8 @@ from runtimes.backends.tensorrt_keys import key_digest
 from runtimes.bundle import BundleError, Manifest, read_manifest
 from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.fileio import atomic_write_bytes, atomic_write_text
-from runtimes.graphs import dit_condition_input, get_graph, graphs_for
+from runtimes.graph_backend import GraphBackend
+from runtimes.graphs import get_graph, graphs_for
 
 __all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend"]
 
@@ -95,8 +96,9 @@ def _check_device(core: Any, device: str) -> str:
     return name
 
 
-class OpenVinoBackend(HostArrays):
-    """Runs an exported bundle's ONNX graphs with OpenVINO.
+class OpenVinoBackend(HostArrays, GraphBackend):
+    """Runs an exported bundle's ONNX graphs with OpenVINO (the graph calls and capabilities
+    follow from the graphs loaded: `runtimes.graph_backend`).
 
     bundle_dir: the bundle; manifest: its parsed manifest (read from ``bundle_dir`` if None).
     precision: "fp32" or "bf16" (the inference precision; both read the fp32 ONNX graphs).
@@ -135,7 +137,6 @@ class OpenVinoBackend(HostArrays):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
         # The DiT's condition input: labels "y", or "text_tokens" for text-to-image.
-        self._condition = dit_condition_input(self.manifest.model)
         self.precision = precision
         self.openvino_version = str(ov.get_version())
         core = ov.Core()
@@ -182,9 +183,7 @@ class OpenVinoBackend(HostArrays):
             self._check_compiled(compiled, graph, art.file, hint)
             self._outputs[graph] = {o.get_any_name(): o for o in compiled.outputs}
             self._requests[graph] = compiled.create_infer_request()
-        self.supports_refresh = "refresh" in self._requests and "hidden" in self._outputs["dit"]
-        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._requests)
-        self.supports_text_embedding = "text_embed" in self._requests
+        self.bind_graphs(self.manifest.model, self._outputs)
 
     # -- compiled-model cache -----------------------------------------------------------------
 
@@ -296,35 +295,9 @@ class OpenVinoBackend(HostArrays):
     def _run(self, graph: str, output: str, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         result = self._requests[graph].infer(
             {name: np.ascontiguousarray(value) for name, value in feeds.items()})
-        return np.asarray(result[self._outputs[graph][output]])
-
-    def embed_text(self, text: Any) -> np.ndarray:
-        # A copy: the tokens outlive later calls of this graph's infer request.
-        return np.array(self._run("text_embed", "text_tokens", {"text": text}))
-
-    def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})
-
-    def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
-        return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
-
-    def decoder_cond(self, cond: Any) -> np.ndarray:
-        return self._run("decoder_cond", "modulation", {"cond": cond})
-
-    def decoder_pixel(self, x_t: Any, modulation: Any) -> np.ndarray:
-        return self._run("decoder_pixel", "v", {"x_t": x_t, "modulation": modulation})
-
-    def dit_hidden(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        if not self.supports_refresh:
-            raise BackendError(
-                "this bundle has no 'refresh' graph (or its DiT graph has no 'hidden' output); "
-                "export it with the refresh graph to use fresh-t sharing")
-        return self._run("dit", "hidden", {"x_t": x_t, "t": t, self._condition: y})
-
-    def refresh_condition(self, hidden: Any, t: Any) -> np.ndarray:
-        if not self.supports_refresh:
-            raise BackendError("this bundle has no 'refresh' graph; export it to use fresh-t")
-        return self._run("refresh", "cond", {"hidden": hidden, "t": t})
+        # A copy: an output may outlive later calls of this graph's infer request (the text
+        # tokens live for a whole generation, a cached condition for several steps).
+        return np.array(result[self._outputs[graph][output]])
 
     def close(self) -> None:
         """Drop the infer requests (and with them the compiled models)."""

@@ -28,7 +28,7 @@ from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends.coreml import CoreMLBackend, split_batch
 from runtimes.config import ModelConfig
-from runtimes.graphs import graphs_for
+from runtimes.graphs import get_graph, graphs_for
 
 C2I_GRAPHS = tuple(graphs_for(ModelConfig()))  # the graphs of the class-conditional model
 
@@ -259,7 +259,7 @@ def test_metadata(exported, manifest, golden_model):
         meta = cm.inspect_package(exported / art.file)["metadata"]
         assert meta["license"] == "test licence"
         assert meta["author"].startswith("deco-export") and meta["version"]
-        assert meta["short_description"] == cm.GRAPH_DESCRIPTIONS[art.graph]
+        assert meta["short_description"] == get_graph(art.graph, manifest.model).description
         user = meta["user"]
         assert json.loads(user["deco.config"]) == manifest.model.to_dict()
         assert user["deco.graph"] == art.graph and user["deco.precision"] == art.precision

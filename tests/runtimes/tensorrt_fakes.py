@@ -113,7 +113,7 @@ def recording_backend(sizes=None):
     be.null_class, be._c, be._d = 10, 3, 64
     be._model, be._size, be._bound = ModelConfig.from_dict(TINY), None, {}
     be.sizes = sizes or SizeRange.fixed((64, 64), 16)
-    be.supports_refresh = False
+    be.bind_graphs(be._model, {graph: e.outputs for graph, e in be._engines.items()})
     return be, cuda
 
 
@@ -154,5 +154,5 @@ def t2i_recording_backend():
     be, cuda = recording_backend()
     be._model = ModelConfig.from_dict(T2I)
     be._engines["text_embed"] = RecordingEngine(cuda, "text_embed", ["text_tokens"])
-    be.supports_text_embedding = True
+    be.bind_graphs(be._model, {graph: e.outputs for graph, e in be._engines.items()})
     return be, cuda

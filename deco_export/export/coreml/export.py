@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.graphs import get_graph
 from runtimes.sizes import SizeRange
 
 from ...model import DeCo
@@ -62,16 +63,6 @@ DEFAULT_LICENSE = (
     "Weights: the licence of the source checkpoint. Export code: Apache-2.0 (deco-export)."
 )
 
-GRAPH_DESCRIPTIONS = {
-    "dit": "DeCo DiT: noisy image, time and label -> per-token condition and last hidden state",
-    "decoder": "DeCo pixel decoder: noisy image and per-token condition -> velocity",
-    "refresh": "DeCo condition refresh: cached hidden state and a new time -> condition",
-    "decoder_cond": "DeCo decoder, condition part: per-token condition -> per-pixel condition",
-    "decoder_pixel": "DeCo decoder, pixel part: noisy image and cached condition -> velocity",
-    "text_embed": "DeCo text-to-image text embedding: text features -> the DiT's text tokens",
-}
-T2I_DIT_DESCRIPTION = ("DeCo text-to-image DiT: noisy image, time and text tokens -> "
-                       "per-token condition and last hidden state")
 TENSOR_DESCRIPTIONS = {
     "x_t": "noisy image (B, C, H, W), float32; t = 0 is pure noise, t = 1 data",
     "t": "time (B,) in [0, 1], float32",
@@ -105,8 +96,7 @@ def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
     mlmodel.author = f"deco-export {__version__}"
     mlmodel.license = license
     mlmodel.version = __version__
-    mlmodel.short_description = (T2I_DIT_DESCRIPTION if (graph, model.config.family) == (
-        "dit", "t2i") else GRAPH_DESCRIPTIONS[graph])
+    mlmodel.short_description = get_graph(graph, model.config).description
     for name in input_names(model.config, graph):
         mlmodel.input_description[name] = TENSOR_DESCRIPTIONS[name]
     for name in output_names(model.config, graph):
