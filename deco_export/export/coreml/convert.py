@@ -3,6 +3,8 @@ ML program under the precision policy."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -133,6 +135,17 @@ def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
     return types
 
 
+def discard_temp_packages(*mlmodels: Any) -> None:
+    """Delete the temporary ``tmp*.mlpackage`` directory coremltools writes for each converted
+    or compressed model (it removes them only when the process exits, so a long export, or a
+    killed one, leaves one per graph and precision in the temp dir). Call it once the model is
+    saved or no longer needed."""
+    for mlmodel in mlmodels:
+        path = getattr(mlmodel, "package_path", None)
+        if getattr(mlmodel, "is_temp_package", False) and path and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Tensor], *,
                   precision: str = "fp16", target: str = DEFAULT_TARGET,
                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
@@ -188,6 +201,7 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
     if precision == "fp32":
         report.unexpected_fp32 = []
     elif report.unexpected_fp32:
+        discard_temp_packages(mlmodel)
         shown = "; ".join(report.unexpected_fp32[:5])
         more = len(report.unexpected_fp32) - 5
         raise CoreMLExportError(

@@ -39,7 +39,7 @@ from ..graphs import (
     reference_outputs,
 )
 from .compress import compress_model
-from .convert import batch_shape_kinds, convert_graph, tracing_inputs
+from .convert import batch_shape_kinds, convert_graph, discard_temp_packages, tracing_inputs
 from .inspect import inspect_package
 from .precision import parse_islands
 from .targets import (
@@ -221,15 +221,20 @@ def export_coreml(
                     verbose=verbose, config=model.config,
                     image_sizes=None if served.is_fixed else served.enumerated)
                 convert_seconds = time.perf_counter() - started
-                mlmodel, compression_record = compress_model(mlmodel, compression, target,
-                                                              verbose=verbose)
-                describe_model(mlmodel, model, graph, precision, image_size=(height, width),
-                               batch_sizes=sizes, target=target, compute_units=compute_units,
-                               compression=compression, islands=islands, license=licence,
-                               source=source, image_sizes=served.enumerated or ())
-                path = txn.staging / name
-                with quiet_logs():
-                    mlmodel.save(str(path))
+                converted = mlmodel
+                try:
+                    mlmodel, compression_record = compress_model(converted, compression, target,
+                                                                  verbose=verbose)
+                    describe_model(mlmodel, model, graph, precision, image_size=(height, width),
+                                   batch_sizes=sizes, target=target,
+                                   compute_units=compute_units, compression=compression,
+                                   islands=islands, license=licence, source=source,
+                                   image_sizes=served.enumerated or ())
+                    path = txn.staging / name
+                    with quiet_logs():
+                        mlmodel.save(str(path))
+                finally:
+                    discard_temp_packages(converted, mlmodel)
                 structure = inspect_package(path)
                 details = {
                     "format": "mlprogram",
