@@ -157,27 +157,9 @@ class GenerationOutput:
     prompts: list[str] | None = None
 
 
-# The manifest section of a text-to-image bundle: the negative prompt and the file holding its
-# encoding, so the unconditional half never needs the text encoder.
-TEXT_SECTION = "text"
-
-
-def bundle_negative_embeds(root: str | os.PathLike[str], manifest: Manifest) -> np.ndarray | None:
-    """The encoded negative (empty) prompt a text-to-image bundle stores, checked against its
-    sha256; None when the bundle stores none."""
-    entry = (manifest.extra.get(TEXT_SECTION) or {}).get("negative_prompt_embeds")
-    if not entry:
-        return None
-    path = Path(root) / str(entry["file"])
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (the encoded negative prompt); export the bundle again")
-    if _bundle.sha256_file(path) != entry.get("sha256"):
-        raise BundleError(
-            f"{path}: sha256 does not match the manifest; the file was modified after export: "
-            "restore it or export the bundle again"
-        )
-    stored: np.ndarray = np.load(path, allow_pickle=False)
-    return stored.astype(np.float32)
+# Where they lived before the typed section (runtimes.bundle reads and verifies it).
+TEXT_SECTION = _bundle.TEXT_SECTION
+bundle_negative_embeds = _bundle.read_negative_embeds
 
 
 @dataclass

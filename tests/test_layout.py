@@ -144,7 +144,7 @@ GRAPH_NAMING = {
     "training.trainer": "the text encoder's record in a checkpoint",
     "runtimes.config": 'the architecture values "deco" and "dit"',
     "runtimes.backend": "the capabilities' method names (decoder_cond, decoder_pixel)",
-    "runtimes.bundle": "the DiT's artifacts carry a bundle's size range",
+    "runtimes.bundle": 'the stage "dit" of the graphs whose inputs set a size range',
     "runtimes.text_encoder": "the text encoder's artifact",
     "runtimes.backends.tensorrt": "the fused step's DiT slot",
     "runtimes.backends.coreml": "the DiT's enumerated sizes",

@@ -94,7 +94,7 @@ class BundleTransaction:
         self.staging: Path
         self._staging: StagingDir | None = None
         self.artifacts: list[rb.Artifact] = []
-        self._text_section: dict[str, Any] | None = None  # the manifest's "text" section
+        self._text_section: rb.TextSection | None = None  # the manifest's "text" section
 
     # -- context -----------------------------------------------------------------------------
 
@@ -121,14 +121,10 @@ class BundleTransaction:
             )
         path = self.staging / NEGATIVE_EMBEDS_NAME
         np.save(path, embeds, allow_pickle=False)
-        self._text_section = {
-            "negative_prompt": self.negative_prompt,
-            "negative_prompt_embeds": {"file": NEGATIVE_EMBEDS_NAME,
-                                       "sha256": rb.sha256_file(path),
-                                       "bytes": rb.path_size(path),
-                                       "shape": list(embeds.shape)},
-        }
-        self.manifest.extra["text"] = self._text_section
+        self._text_section = rb.TextSection.create(
+            self.negative_prompt, NEGATIVE_EMBEDS_NAME, rb.sha256_file(path), rb.path_size(path),
+            embeds.shape)
+        self.manifest.text = self._text_section
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -308,7 +304,7 @@ class BundleTransaction:
                 manifest.add_artifact(artifact)
             manifest.sizes = self.sizes or manifest.sizes
             if self._text_section is not None:
-                manifest.extra["text"] = self._text_section
+                manifest.text = self._text_section
             if existing is not None:
                 copy_tree_into(self.bundle, self.staging, skip={rb.MANIFEST_NAME})
             rb.write_manifest(self.staging, manifest)

@@ -78,7 +78,7 @@ def test_dit_package_takes_text_features(t2i_coreml, golden_t2i_model):
 
 def test_bundle_stores_the_encoded_negative_prompt(t2i_coreml, golden_t2i):
     manifest = rb.read_manifest(t2i_coreml)
-    text = manifest.extra["text"]
+    text = manifest.text.to_dict()
     assert text["negative_prompt"] == ""
     assert text["negative_prompt_embeds"]["file"] == NEGATIVE_EMBEDS_NAME
     assert text["negative_prompt_embeds"]["shape"] == [1, TEXT_LEN, TEXT_DIM]
@@ -99,7 +99,7 @@ def test_bundle_source_passes_its_negative_prompt_on(t2i_coreml, golden_t2i, tmp
     assert manifest.get_artifact("coreml", "dit", "fp32").input("text_tokens").dtype == (
         "float32")
     assert np.array_equal(bundle_negative_embeds(out, manifest), golden_t2i["uncond_text"][:1])
-    assert manifest.extra["text"]["negative_prompt"] == ""
+    assert manifest.text.negative_prompt == ""
 
 
 def test_class_conditional_export_refuses_a_text_encoder(golden_ckpt, tmp_path):

@@ -484,7 +484,7 @@ def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
     assert dit.input("text_tokens").shape == ["batch", 8, 64]
     embed = after.get_artifact("tensorrt", "text_embed", "fp16")
     assert embed.input("text").shape == ["batch", 8, 48]
-    assert after.extra["text"]["negative_prompt"] == "blurry"
+    assert after.text.negative_prompt == "blurry"
     assert np.array_equal(bundle_negative_embeds(root, after), negative)
     assert rb.verify(root, runtime="tensorrt") == []
 
