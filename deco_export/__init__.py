@@ -12,13 +12,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DeCo": ("deco_export.model", "DeCo"),
-    "DeCoConfig": ("deco_export.config", "DeCoConfig"),
+    "ModelConfig": ("runtimes.config", "ModelConfig"),
+    "DeCoConfig": ("deco_export.config", "DeCoConfig"),  # deprecated: ModelConfig
     "get_preset": ("deco_export.config", "get_preset"),
     # A checkpoint directory or a reference .ckpt of either family -> DeCo (eval mode).
     "load_model": ("deco_export.checkpoint", "load_any"),
 }
 
-__all__ = ["DeCo", "DeCoConfig", "__version__", "get_preset", "load_model"]
+__all__ = ["DeCo", "ModelConfig", "__version__", "get_preset", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from runtimes.config import ModelConfig
 from runtimes.fileio import sha256_file
 
-from .config import DeCoConfig
 from .model import DeCo, PixelDiT, build_model
 from .pretrained import (
     CONFIG_NAME,
@@ -119,7 +119,7 @@ def detect_family(state: dict[str, torch.Tensor]) -> str:
 
 
 def infer_config(state: dict[str, torch.Tensor], image_size: tuple[int, int] | None = None
-                 ) -> DeCoConfig:
+                 ) -> ModelConfig:
     """Recover the model shape (and family, from the keys) from a (our-key) state dict."""
     family = detect_family(state)
     text: dict[str, Any] = {}
@@ -149,7 +149,7 @@ def infer_config(state: dict[str, torch.Tensor], image_size: tuple[int, int] | N
     if image_size is None:
         native = 512 if family == "t2i" else 256
         image_size = (native, native) if patch == 16 else (patch * 8, patch * 8)
-    return DeCoConfig(
+    return ModelConfig(
         hidden_size=hidden, num_heads=hidden // head_dim,
         dit_depth=_count_blocks(state, "dit.blocks."),
         decoder_hidden_size=dec_hidden, decoder_depth=_count_blocks(state, "decoder.res_blocks."),

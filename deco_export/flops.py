@@ -20,7 +20,7 @@ keys, every step; ``y_embedder`` is its own graph, ``text_embed``, once per gene
 The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
 blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
 
-A config is a `DeCoConfig`, a `runtimes.ModelConfig` or any mapping with its field names.
+A config is a `ModelConfig`, a `runtimes.ModelConfig` or any mapping with its field names.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from runtimes.graphs import GRAPH_SPECS
+
 __all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "text_embedding_flops",
            "training_flops"]
 
-GRAPHS = ("dit", "text_embed", "decoder", "decoder_cond", "decoder_pixel", "refresh",
-          "pixel_dit")
+GRAPHS = tuple(dict.fromkeys(g.name for g in GRAPH_SPECS if g.sampled))
 # Forward + backward: the backward pass does two matrix products per forward product.
 TRAINING_FACTOR = 3
 FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
@@ -71,7 +72,7 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
     if graph == "dit":
         depth = _field(config, "dit_depth")
         text = _family(config) == "t2i"
-        # SwiGLU width, as DeCoConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
+        # SwiGLU width, as ModelConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
         mlp = 4 * d_model if text else int(2 * (4 * d_model) / 3)
         text_len = _field(config, "text_len") if text else 0
         per_block = (2 * d_model * 6 * d_model  # adaLN on the per-sample vector

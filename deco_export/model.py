@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DeCoConfig
+from runtimes.config import ModelConfig
+
 from .layers import (
     PatchEmbedder,
     RMSNorm,
@@ -140,7 +141,7 @@ class DiT(nn.Module):
     (:meth:`refresh_condition`).
     """
 
-    def __init__(self, config: DeCoConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         d, p, c = config.hidden_size, config.patch_size, config.in_channels
@@ -262,11 +263,11 @@ class PixelDecoder(nn.Module):
     image at 256x256) cost more than recomputing it on the CPUs measured (docs/benchmarks.md).
     """
 
-    def __init__(self, config: DeCoConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         d, p = config.decoder_hidden_size, config.patch_size
-        if config.family == "t2i":
+        if config.is_text_to_image:
             from .model_t2i import rope_position_features
 
             features = rope_position_features(p)
@@ -309,9 +310,9 @@ class PixelDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_dit(config: DeCoConfig) -> nn.Module:
+def make_dit(config: ModelConfig) -> nn.Module:
     """The DiT of the config's family: labels (c2i) or text embeddings (t2i) in."""
-    if config.family == "t2i":
+    if config.is_text_to_image:
         from .model_t2i import TextDiT
 
         return TextDiT(config)
@@ -325,9 +326,9 @@ class DeCo(nn.Module):
     (B, text_len, text_dim) float32 for t2i; everything after the DiT is shared.
     """
 
-    def __init__(self, config: DeCoConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.architecture != "deco":
+        if not config.has_decoder:
             raise ValueError(
                 f"a {config.architecture!r} config builds a PixelDiT, not DeCo; use build_model"
             )
@@ -344,7 +345,7 @@ class DeCo(nn.Module):
         """The reference initialisation (DiT adaLN is *not* zeroed; the decoder's is)."""
         nn.init.xavier_uniform_(self.dit.s_embedder.proj.weight)
         nn.init.zeros_(self.dit.s_embedder.proj.bias)
-        if self.config.family != "t2i":
+        if not self.config.is_text_to_image:
             nn.init.normal_(self.dit.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.dit.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.dit.t_embedder.mlp[2].weight, std=0.02)
@@ -400,9 +401,9 @@ class PixelDiT(nn.Module):
     patch comes from one linear map of its token; that is the bottleneck DeCo's decoder removes.
     """
 
-    def __init__(self, config: DeCoConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.architecture != "dit":
+        if config.has_decoder:
             raise ValueError(
                 f"a {config.architecture!r} config builds DeCo, not a PixelDiT; use build_model"
             )
@@ -439,9 +440,21 @@ class PixelDiT(nn.Module):
         return save_pretrained(self, path, **metadata)
 
 
-VelocityModel = DeCo | PixelDiT
-
-
-def build_model(config: DeCoConfig) -> DeCo | PixelDiT:
+def build_model(config: ModelConfig) -> DeCo | PixelDiT:
     """The network a config describes: DeCo for "deco", PixelDiT for "dit"."""
-    return PixelDiT(config) if config.architecture == "dit" else DeCo(config)
+    return DeCo(config) if config.has_decoder else PixelDiT(config)
+
+
+def random_model(config: ModelConfig, seed: int | None = None, std: float = 0.02) -> DeCo:
+    """A DeCo of ``config`` with random weights that produce images: the reference init zeroes
+    the output layers (so the velocity, and every image, would be zero), and those tensors get
+    N(0, std) noise instead. For benchmarks and size studies, where the weights' values are not
+    the point; ``seed`` seeds torch's generator first."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = DeCo(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(std=std)
+    return model

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DeCoConfig
+from runtimes.config import ModelConfig
+
 from .layers import (
     PatchEmbedder,
     RMSNorm,
@@ -197,7 +198,7 @@ class TextDiT(nn.Module):
     """The text-to-image DiT. Same contract as the c2i :class:`~deco_export.model.DiT`:
     ``forward`` returns ``(cond, hidden)`` and :meth:`refresh_condition` rebuilds cond."""
 
-    def __init__(self, config: DeCoConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         d, p, c = config.hidden_size, config.patch_size, config.in_channels

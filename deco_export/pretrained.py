@@ -3,7 +3,7 @@ model classes (so `DeCo.from_pretrained` and `deco_export.checkpoint` both build
 neither imports the other back)::
 
     model.safetensors   the weights (our key names)
-    config.json         DeCoConfig
+    config.json         ModelConfig
     metadata.json       source, sha256 of model.safetensors, parameter count, package version
 
 It is written into a temporary sibling directory and renamed into place, so a crash never
@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from runtimes import fileio
+from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError, DecoError
 from runtimes.fileio import sha256_file
-
-from .config import DeCoConfig
+from runtimes.locks import lock
+from runtimes.staging import clean_stale, staging_dir, swap_directory
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -120,7 +121,7 @@ def save_pretrained(model: Any, path: str | Path, source: str | None = None,
     identity = _identity({"source": source, **(extra_metadata or {})})
     check_target(out, identity, force, protect)
     assert_finite(model.state_dict(), source=str(source or "the model"))
-    with fileio.staging_dir(out) as staging:
+    with staging_dir(out) as staging:
         tmp = staging.path
         state = {k: v.detach().to("cpu", torch.float32).contiguous()
                  for k, v in model.state_dict().items()}
@@ -138,10 +139,10 @@ def save_pretrained(model: Any, path: str | Path, source: str | None = None,
         }
         fileio.atomic_write_text(tmp / METADATA_NAME,
                                  json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        with fileio.lock(out):
+        with lock(out):
             check_target(out, identity, force, protect)  # again: another writer may have won
-            fileio.clean_stale(out)
-            fileio.swap_directory(tmp, out)
+            clean_stale(out)
+            swap_directory(tmp, out)
     return out
 
 
@@ -149,7 +150,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / METADATA_NAME).read_text())
 
 
-def load_config(path: str | Path) -> DeCoConfig:
+def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise CheckpointError(
@@ -164,12 +165,12 @@ def load_config(path: str | Path) -> DeCoConfig:
             f"{file}: not valid JSON ({err}); the file is damaged: re-create the checkpoint"
         ) from None
     try:
-        return DeCoConfig.from_json(text, where=str(file))
+        return ModelConfig.from_json(text, where=str(file))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
 
 
-def load_pretrained_as(build: Callable[[DeCoConfig], M], path: str | Path,
+def load_pretrained_as(build: Callable[[ModelConfig], M], path: str | Path,
                        device: str | torch.device = "cpu", verify: bool = True) -> M:
     """Load a checkpoint directory into ``build(config)`` (a model class, or a function that
     picks one from the config: `deco_export.model.build_model`); checks the weights' sha256

@@ -73,7 +73,7 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
                                  compile=compile)
     cfg = model.config
     encoder = None
-    if cfg.family == "t2i" and (name := recorded_text_encoder(model_path(source))):
+    if cfg.is_text_to_image and (name := recorded_text_encoder(model_path(source))):
         encoder = LazyTextEncoder(name, cfg.text_len, cfg.text_dim)
     return runtimes.DeCoPipeline(backend_obj, model_config=cfg, text_encoder=encoder,
                                  sampler_defaults=release_sampler(cfg.family),

@@ -34,10 +34,6 @@ def embedded_model_dir(name: str = DEFAULT_NAME) -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    return embedded_model_dir(DEFAULT_NAME)
-
-
 def model_path(spec: str | Path) -> Path:
     """The directory or file a model spelling names: an embedded model's directory, else the
     path itself."""

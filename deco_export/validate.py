@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as rb
-from runtimes.backend import supports_decoder_split, supports_text_embedding
+from runtimes.backend import offers
 from runtimes.cpu import int8_kernel
+from runtimes.graphs import get_graph, graphs_for
 from runtimes.int8 import Int8KernelWarning, record_int8_gate
 
 from .parity import (
@@ -138,26 +139,25 @@ def backend_graph_parity(model: Any, backend: Any, height: int, width: int,
     fp32 at batch 1 and 3, on the exporters' realistic inputs."""
     from .export.graphs import example_inputs, reference_outputs
 
-    calls: dict[str, list[tuple[str, Callable[..., Any]]]] = {
-        "dit": [("cond", backend.dit)], "decoder": [("v", backend.decoder)]}
-    if getattr(backend, "supports_refresh", False):
-        calls["dit"].append(("hidden", backend.dit_hidden))
-        calls["refresh"] = [("cond", backend.refresh_condition)]
-    if supports_decoder_split(backend):
-        calls["decoder_cond"] = [("modulation", backend.decoder_cond)]
-        calls["decoder_pixel"] = [("v", backend.decoder_pixel)]
-    if supports_text_embedding(backend):
-        calls["text_embed"] = [("text_tokens", backend.embed_text)]
+    # Every call the backend answers, by the graph record that declares it.
+    calls: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+    for graph, spec in graphs_for(model.config).items():
+        answered = [(output, getattr(backend, method)) for method, output in spec.calls
+                    if offers(backend, method)]
+        if answered:
+            calls[graph] = answered
     results = []
     for batch in PARITY_BATCHES:
         for graph, outputs in calls.items():
+            spec = get_graph(graph, model.config)
             inputs = example_inputs(model, graph, batch, height, width, seed=seed + batch)
-            expected = reference_outputs(model, graph, inputs)
+            expected = dict(zip(spec.output_names, reference_outputs(model, graph, inputs),
+                                strict=False))
             feeds = [backend.from_numpy(x.numpy()) for x in inputs]
-            for (name, call), ref in zip(outputs, expected, strict=False):
+            for name, call in outputs:
                 got = np.asarray(backend.to_numpy(call(*feeds)))
-                label = f"{graph}.{name}" if graph == "dit" else graph
-                ref_np = ref.numpy()
+                label = f"{graph}.{name}" if len(spec.outputs) > 1 else graph
+                ref_np = expected[name].numpy()
                 results.append(GraphParity(label, batch, max_abs_error(ref_np, got),
                                            psnr(ref_np, got), height, width))
     return results

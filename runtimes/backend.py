@@ -70,11 +70,13 @@ import numpy as np
 from runtimes.errors import DecoError
 
 __all__ = [
+    "CAPABILITIES",
     "Backend",
     "BackendError",
     "HostArrays",
     "RefreshBackend",
     "close_backend",
+    "offers",
     "supports_decoder_split",
     "supports_refresh",
     "supports_step",
@@ -134,39 +136,54 @@ class RefreshBackend(Backend, Protocol):
         """cond = SiLU(e_t + hidden) for the times ``t`` (B,)."""
 
 
+# Each optional capability: its flag and the methods it promises. A backend built on the graph
+# records (`runtimes.graph_backend.GraphBackend`) sets each flag from the graphs it loaded.
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "supports_refresh": ("dit_hidden", "refresh_condition"),
+    "supports_decoder_split": ("decoder_cond", "decoder_pixel"),
+    "supports_text_embedding": ("embed_text",),
+    "supports_velocity": ("velocity",),
+    "supports_step": ("step",),
+}
+
+
+def _supports(backend: Any, flag: str) -> bool:
+    return bool(getattr(backend, flag, False)) and all(
+        callable(getattr(backend, name, None)) for name in CAPABILITIES[flag])
+
+
+def offers(backend: Any, method: str) -> bool:
+    """Whether ``backend`` answers ``method``: a required call when it is callable, an optional
+    one when the capability that promises it is offered."""
+    flags = [flag for flag, methods in CAPABILITIES.items() if method in methods]
+    if not flags:
+        return callable(getattr(backend, method, None))
+    return any(_supports(backend, flag) for flag in flags)
+
+
 def supports_refresh(backend: Any) -> bool:
     """True when ``backend`` offers ``dit_hidden`` and ``refresh_condition`` and says so."""
-    return bool(getattr(backend, "supports_refresh", False)) and all(
-        callable(getattr(backend, name, None)) for name in ("dit_hidden", "refresh_condition")
-    )
+    return _supports(backend, "supports_refresh")
 
 
 def supports_decoder_split(backend: Any) -> bool:
     """True when ``backend`` offers ``decoder_cond`` and ``decoder_pixel`` and says so."""
-    return bool(getattr(backend, "supports_decoder_split", False)) and all(
-        callable(getattr(backend, name, None)) for name in ("decoder_cond", "decoder_pixel")
-    )
+    return _supports(backend, "supports_decoder_split")
 
 
 def supports_text_embedding(backend: Any) -> bool:
     """True when ``backend`` embeds text once (``embed_text``) and takes text tokens in ``dit``."""
-    return bool(getattr(backend, "supports_text_embedding", False)) and callable(
-        getattr(backend, "embed_text", None)
-    )
+    return _supports(backend, "supports_text_embedding")
 
 
 def supports_step(backend: Any) -> bool:
     """True when ``backend`` offers a fused whole-step ``step`` and says so."""
-    return bool(getattr(backend, "supports_step", False)) and callable(
-        getattr(backend, "step", None)
-    )
+    return _supports(backend, "supports_step")
 
 
 def supports_velocity(backend: Any) -> bool:
     """True when ``backend`` runs a one-graph model through ``velocity`` and says so."""
-    return bool(getattr(backend, "supports_velocity", False)) and callable(
-        getattr(backend, "velocity", None)
-    )
+    return _supports(backend, "supports_velocity")
 
 
 def close_backend(backend: Any) -> None:

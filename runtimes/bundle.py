@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from runtimes.fileio import (
     atomic_write_bytes,
     atomic_write_text,
@@ -49,7 +51,7 @@ from runtimes.fileio import (
 
 from .config import ModelConfig
 from .errors import ConfigError, DecoError
-from .graphs import GRAPH_NAMES, TensorSpec
+from .graphs import GRAPH_NAMES, GRAPH_SPECS, TensorSpec
 from .sampler import SamplerConfig
 from .sizes import SizeRange
 
@@ -61,16 +63,19 @@ __all__ = [
     "ONNX_PRECISIONS",
     "PRECISIONS",
     "RUNTIMES",
+    "TEXT_SECTION",
     "Artifact",
     "BundleError",
     "Manifest",
     "ModelConfig",
     "SizeRange",
     "TensorSpec",
+    "TextSection",
     "atomic_write_bytes",
     "atomic_write_text",
     "path_size",
     "read_manifest",
+    "read_negative_embeds",
     "sha256_file",
     "sha256_path",
     "verify",
@@ -284,6 +289,69 @@ class Artifact:
 
 # The manifest section naming a class-conditional model's classes.
 ID2LABEL_SECTION = "id2label"
+TEXT_SECTION = "text"
+
+
+@dataclass(frozen=True)
+class TextSection:
+    """A text-to-image bundle's "text" section: the negative prompt and the file that holds its
+    encoding (1, L, C) float32, so the unconditional half never needs the text encoder. Read,
+    written and verified here only; keys a newer writer adds are kept as they were."""
+
+    negative_prompt: str | None = None
+    embeds_file: str | None = None
+    embeds_sha256: str | None = None
+    embeds_bytes: int | None = None
+    embeds_shape: tuple[int, ...] | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def create(cls, negative_prompt: str | None, file: str, sha256: str, size: int,
+               shape: Sequence[int]) -> TextSection:
+        """The section an exporter writes for the encoding it stored at ``file``."""
+        _check_relative(file, "text negative_prompt_embeds")
+        return cls.from_dict({"negative_prompt": negative_prompt, "negative_prompt_embeds": {
+            "file": file, "sha256": sha256, "bytes": int(size), "shape": [int(s) for s in shape]}})
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TextSection:
+        where = "manifest.json: text"
+        if not isinstance(d, Mapping):
+            raise BundleError(f"{where} must be an object; export the bundle again")
+        embeds = d.get("negative_prompt_embeds")
+        if embeds is None:
+            return cls(negative_prompt=d.get("negative_prompt"), raw=dict(d))
+        if not isinstance(embeds, Mapping) or not {"file", "sha256"} <= set(embeds):
+            raise BundleError(f"{where}: negative_prompt_embeds needs a file and its sha256; "
+                              "export the bundle again")
+        size, shape = embeds.get("bytes"), embeds.get("shape")
+        return cls(negative_prompt=d.get("negative_prompt"),
+                   embeds_file=str(embeds["file"]), embeds_sha256=str(embeds["sha256"]),
+                   embeds_bytes=None if size is None else int(size),
+                   embeds_shape=None if shape is None else tuple(int(s) for s in shape),
+                   raw=dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+
+def read_negative_embeds(bundle_dir: str | os.PathLike[str], manifest: Manifest
+                         ) -> np.ndarray | None:
+    """The encoded negative prompt a text-to-image bundle stores (float32), checked against its
+    sha256; None when the bundle stores none."""
+    text = manifest.text
+    if text is None or text.embeds_file is None:
+        return None
+    path = Path(bundle_dir) / text.embeds_file
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (the encoded negative prompt); export the bundle again")
+    if sha256_file(path) != text.embeds_sha256:
+        raise BundleError(
+            f"{path}: sha256 does not match the manifest; the file was modified after export: "
+            "restore it or export the bundle again"
+        )
+    stored: np.ndarray = np.load(path, allow_pickle=False)
+    return stored.astype(np.float32)
 @dataclass
 class Manifest:
     """The whole ``manifest.json``. ``model`` and ``sampler_defaults`` (a `SamplerConfig`)
@@ -292,7 +360,7 @@ class Manifest:
     ``model_extra`` keeps keys of the "model" section this version does not know (written by a
     newer exporter), so reading and rewriting a manifest never drops them. ``sizes`` is the
     range of image sizes the graphs serve (None for a bundle of fixed-size graphs; see
-    `size_range`).
+    `size_range`). ``text`` is a text-to-image bundle's `TextSection`.
     """
 
     model: ModelConfig
@@ -305,6 +373,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     model_extra: dict[str, Any] = field(default_factory=dict)
     sizes: SizeRange | None = None
+    text: TextSection | None = None
 
     def __post_init__(self) -> None:
         model: Any = self.model  # a ModelConfig, or its dict from a caller
@@ -335,9 +404,11 @@ class Manifest:
         input names (bundles written before sizes were dynamic), else the manifest's range;
         None when nothing in the bundle limits the size."""
         p = self.model.patch_size
+        # The sizes a bundle runs are the ones its DiT-stage graphs on the image (the DiT, or a
+        # one-graph model) take: their records' stage and an x_t input say which those are.
+        sized = {g.name for g in GRAPH_SPECS if g.stage == "dit" and "x_t" in g.input_names}
         for art in self.artifacts:
-            if art.graph not in ("dit", "pixel_dit") or (runtime is not None
-                                                         and art.runtime != runtime):
+            if art.graph not in sized or (runtime is not None and art.runtime != runtime):
                 continue
             own = art.details.get("sizes")
             if own is not None:
@@ -400,6 +471,8 @@ class Manifest:
         }
         if self.sizes is not None:
             d["sizes"] = self.sizes.to_dict()
+        if self.text is not None:
+            d[TEXT_SECTION] = self.text.to_dict()
         d.update(self.extra)
         return d
 
@@ -428,7 +501,7 @@ class Manifest:
                 "bundle again"
             )
         known = {"format", "format_version", "model", "sampler_defaults", "source",
-                 "package_version", "artifacts", "schedules", "sizes"}
+                 "package_version", "artifacts", "schedules", "sizes", TEXT_SECTION}
         model, model_extra = model_config_from_manifest(d["model"])
         sizes = d.get("sizes")
         return cls(
@@ -442,6 +515,7 @@ class Manifest:
             format_version=version,
             extra={k: v for k, v in d.items() if k not in known},
             sizes=None if sizes is None else _size_range(sizes, "manifest.json: sizes"),
+            text=None if d.get(TEXT_SECTION) is None else TextSection.from_dict(d[TEXT_SECTION]),
         )
 
 
@@ -570,11 +644,10 @@ def verify(
         entries.append((art.file, art.sha256, art.bytes, where))
         entries.extend((rel, sha, art.extra_bytes.get(rel), where)
                        for rel, sha in art.extra_files.items())
-    negative = (manifest.extra.get("text") or {}).get("negative_prompt_embeds")
-    if negative and "file" in negative and "sha256" in negative:  # read by every runtime
-        size = negative.get("bytes")
-        entries.append((str(negative["file"]), str(negative["sha256"]),
-                        None if size is None else int(size), "text negative_prompt_embeds"))
+    text = manifest.text
+    if text is not None and text.embeds_file and text.embeds_sha256:  # read by every runtime
+        entries.append((text.embeds_file, text.embeds_sha256, text.embeds_bytes,
+                        "text negative_prompt_embeds"))
     if runtime is None and precision is None:
         for key, entry in manifest.schedules.items():
             if "file" in entry and "sha256" in entry:

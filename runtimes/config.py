@@ -137,13 +137,20 @@ class ModelConfig:
     def mlp_hidden_size(self) -> int:
         """SwiGLU width. c2i: int(2 * 4D / 3), without rounding (3072 for D=1152), as the
         released class-conditional weights have it; t2i: 4D, as the text-to-image release has."""
-        if self.family == "t2i":
+        if self.is_text_to_image:
             return 4 * self.hidden_size
         return int(2 * (4 * self.hidden_size) / 3)
 
     @property
     def has_decoder(self) -> bool:
+        """DeCo (a DiT plus the pixel decoder) rather than the plain pixel DiT: the model has
+        decoder graphs and the DiT sharing they make possible."""
         return self.architecture == "deco"
+
+    @property
+    def is_text_to_image(self) -> bool:
+        """The DiT is conditioned on text embeddings (family "t2i"), not on class labels."""
+        return self.family == "t2i"
 
     def same_weights_as(self, other: ModelConfig) -> bool:
         """Whether ``other`` describes the same weights: equal in everything but the native

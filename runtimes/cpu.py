@@ -12,7 +12,10 @@ Windows nor macOS exposes the flags without native calls) and "arm64" on ARM.
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,13 +50,20 @@ def cpu_flags() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    """The CPU's model name: /proc/cpuinfo on Linux, ``sysctl`` on macOS, else what
+    ``platform`` knows (every figure the package reports names its CPU with this)."""
     try:
         for line in CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
+            if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if sys.platform == "darwin":
+        with contextlib.suppress(Exception):
+            brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            if brand:
+                return brand
     return platform.processor() or platform.machine() or "unknown CPU"
 
 

@@ -1,6 +1,5 @@
-"""File IO that never loses or half-writes a user's files.
-
-Every writer in the package goes through this module:
+"""File IO that never loses or half-writes a user's files: what readers and single-file
+writers need.
 
 * `sha256_file` / `sha256_path` / `path_size`: hashes and sizes of files and directory trees
   (a Core ML ``.mlpackage`` is a tree); symlinks are never followed, so a tree's hash covers
@@ -9,72 +8,61 @@ Every writer in the package goes through this module:
   target, flush, fsync, rename over the target, fsync the directory. A crash leaves the old file
   or the new one. Files get the permissions ``open()`` would give them under the process umask
   (0644 under umask 022), not the private 0600 of ``tempfile``.
-* `staging_dir` / `swap_directory`: build a directory completely beside its target, then swap it
-  in by one rename (``renameat2(RENAME_EXCHANGE)`` on Linux), so the target path holds the old
-  complete directory or the new one at every instant. Staging directories carry an flock while
-  their writer lives; `clean_stale` removes the ones whose writer died.
-* `lock`: an fcntl lock that serialises the writers of one directory (a bundle, a checkpoint).
-  A second writer waits up to a timeout, then fails with a message naming the directory.
 
-Only the standard library: ``runtimes`` stays importable without torch.
+The writers of whole directories (a bundle, a checkpoint) use `runtimes.staging` (staged
+directories, the swap, stale clean-up) and `runtimes.locks` (the write lock); the names they
+had here still import from here, loaded on first use. Only the standard library and no
+platform module: ``runtimes`` imports on every OS, without torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import fcntl
 import hashlib
+import importlib
 import os
 import secrets
-import shutil
 import stat
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from runtimes.errors import DecoError
-
 __all__ = [
-    "LOCK_TIMEOUT_ENV",
-    "LockTimeout",
-    "StagingDir",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
-    "clean_stale",
-    "copy_tree_into",
-    "default_dir_mode",
     "default_file_mode",
-    "describe_os_error",
     "fsync_dir",
     "fsync_file",
-    "lock",
-    "lock_path",
     "path_size",
     "sha256_file",
     "sha256_path",
-    "staging_dir",
-    "swap_directory",
     "tree_files",
 ]
 
-LOCK_TIMEOUT_ENV = "DECO_LOCK_TIMEOUT"
-DEFAULT_LOCK_TIMEOUT = 600.0  # seconds; a large export's commit can take a while on a slow disk
-STAGING_KINDS = ("staging", "old", "tmp")
+# Writers' names that lived here before the split, resolved on first use (PEP 562), so a
+# reader that imports this module loads neither the lock nor the staging machinery.
+_MOVED = {
+    "LOCK_TIMEOUT_ENV": "runtimes.locks",
+    "DEFAULT_LOCK_TIMEOUT": "runtimes.locks",
+    "LockTimeout": "runtimes.locks",
+    "lock": "runtimes.locks",
+    "lock_path": "runtimes.locks",
+    "STAGING_KINDS": "runtimes.staging",
+    "StagingDir": "runtimes.staging",
+    "staging_dir": "runtimes.staging",
+    "clean_stale": "runtimes.staging",
+    "swap_directory": "runtimes.staging",
+    "copy_tree_into": "runtimes.staging",
+}
 
 
-class LockTimeout(DecoError, TimeoutError):
-    """Another process holds the write lock of a directory for longer than the timeout.
-
-    Also a TimeoutError, for callers that wait on other things too.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "timed out waiting for a write lock"
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +126,6 @@ def _umask() -> int:
 def default_file_mode() -> int:
     """0o666 minus the umask: what ``open(path, "w")`` creates (0644 under umask 022)."""
     return 0o666 & ~_umask()
-
-
-def default_dir_mode() -> int:
-    """0o777 minus the umask: what ``mkdir`` creates (0755 under umask 022)."""
-    return 0o777 & ~_umask()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,282 +213,3 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Staged directories
-
-
-def _staging_prefix(target: Path, kind: str) -> str:
-    return f".{target.name}.{kind}-"
-
-
-class StagingDir:
-    """A directory beside ``target`` (same filesystem, so it can be renamed onto it), created
-    under the umask and flock'ed while this object lives, so `clean_stale` never removes a
-    directory a live writer is filling."""
-
-    def __init__(self, target: str | os.PathLike[str], kind: str = "staging") -> None:
-        if kind not in STAGING_KINDS:
-            raise ValueError(f"kind must be one of {STAGING_KINDS}")
-        self.target = Path(os.path.abspath(target))
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OSError(err.errno, err.strerror, str(target)) from None
-        prefix = _staging_prefix(self.target, kind)
-        while True:
-            path = self.target.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                os.mkdir(path)  # 0o777 minus the umask, unlike tempfile.mkdtemp's 0o700
-                break
-            except FileExistsError:
-                continue
-            except OSError as err:  # name the user's target, not the staging name
-                raise OSError(err.errno, err.strerror, str(target)) from None
-        self.path = path
-        self._fd: int | None = os.open(path, os.O_RDONLY)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def release(self) -> None:
-        """Drop the flock (the directory itself stays; see `remove`)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def remove(self) -> None:
-        """Delete the staging directory (whatever it holds now) and drop the flock."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.release()
-
-    def __enter__(self) -> StagingDir:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-
-def staging_dir(target: str | os.PathLike[str], kind: str = "staging") -> StagingDir:
-    """A new `StagingDir` beside ``target``."""
-    return StagingDir(target, kind)
-
-
-def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
-    """Remove the staging / old / temporary directories beside ``target`` whose writer is gone
-    (nobody holds their flock); return what was removed. Live writers' directories stay."""
-    target = Path(os.path.abspath(target))
-    removed: list[Path] = []
-    if not target.parent.is_dir():
-        return removed
-    prefixes = tuple(_staging_prefix(target, k) for k in STAGING_KINDS)
-    for entry in target.parent.iterdir():
-        if not entry.name.startswith(prefixes) or entry.is_symlink() or not entry.is_dir():
-            continue
-        try:
-            fd = os.open(entry, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # a live writer holds it
-        try:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-        finally:
-            os.close(fd)
-    return removed
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-        fn = lib.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _libc() if os.uname().sysname == "Linux" else None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two paths; False where the OS or filesystem cannot."""
-    if _renameat2 is None:
-        return False
-    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def swap_directory(staged: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Put the complete directory ``staged`` at ``target``; the old ``target`` (if any) is
-    deleted afterwards. ``target`` holds the old directory or the new one at every instant:
-    one ``rename`` when it is absent, one ``renameat2(RENAME_EXCHANGE)`` when it exists (two
-    renames through a flock'ed ``.old-`` sibling where the filesystem lacks the exchange)."""
-    staged, target = Path(os.path.abspath(staged)), Path(os.path.abspath(target))
-    fsync_dir(staged)
-    if not os.path.lexists(target):
-        os.rename(staged, target)
-        fsync_dir(target.parent)
-        return
-    if target.is_symlink() or not target.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(target))
-    if _exchange(staged, target):
-        fsync_dir(target.parent)
-        shutil.rmtree(staged, ignore_errors=True)  # now the old directory
-        return
-    old = StagingDir(target, "old")
-    os.rmdir(old.path)
-    try:
-        os.rename(target, old.path)
-        os.rename(staged, target)
-    except BaseException:
-        if not os.path.lexists(target) and old.path.exists():
-            os.rename(old.path, target)
-        old.release()
-        raise
-    fsync_dir(target.parent)
-    shutil.rmtree(old.path, ignore_errors=True)
-    old.release()
-
-
-def copy_tree_into(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-                   skip: set[str] | None = None) -> list[str]:
-    """Copy every entry of ``src`` into ``dst`` where ``dst`` has no entry of that relative path
-    yet (hard links where possible: bundle files are never modified in place). ``skip`` names
-    relative paths not to copy. Returns the relative paths copied."""
-    src, dst = Path(src), Path(dst)
-    skip = skip or set()
-    copied: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
-        base = Path(dirpath)
-        rel_dir = base.relative_to(src)
-        (dst / rel_dir).mkdir(parents=True, exist_ok=True)
-        for name in [*filenames, *(d for d in dirnames if (base / d).is_symlink())]:
-            rel = (rel_dir / name).as_posix()
-            s, d = base / name, dst / rel_dir / name
-            if rel in skip or os.path.lexists(d):
-                continue
-            if s.is_symlink():
-                os.symlink(os.readlink(s), d)
-            else:
-                try:
-                    os.link(s, d)
-                except OSError:
-                    shutil.copy2(s, d)
-            copied.append(rel)
-    return copied
-
-
-_OS_FIXES = {
-    errno.EROFS: "the filesystem is read-only: choose a writable location",
-    errno.EACCES: "permission denied: choose a location you can write, or fix its permissions",
-    errno.EPERM: "not permitted: choose a location you can write, or fix its permissions",
-    errno.ENOSPC: "the disk is full: free space or choose another disk",
-    errno.EDQUOT: "the disk quota is exceeded: free space or choose another disk",
-    errno.EBUSY: "it is busy (a mount point, or in use): choose another path",
-    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
-    errno.EISDIR: "it is a directory: give a file name",
-    errno.ENOENT: "no such file or directory: check the path",
-    errno.EXDEV: "it is on another filesystem: choose a path on the same disk",
-}
-
-
-def describe_os_error(err: OSError) -> str:
-    """One line for an OSError: the path, what went wrong and the fix."""
-    where = err.filename if err.filename is not None else "(no path)"
-    fix = _OS_FIXES.get(err.errno or -1)
-    what = err.strerror or str(err)
-    if fix is None:
-        return f"{where}: {what}"
-    return f"{where}: {fix}" if fix.lower().startswith(what.lower()) else f"{where}: {what}; {fix}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Locks
-
-
-def lock_path(target: str | os.PathLike[str]) -> Path:
-    """The lock file of ``target``: ``.NAME.lock`` beside it (inside it, it would be swapped
-    away with the directory)."""
-    target = Path(os.path.abspath(target))
-    return target.parent / f".{target.name}.lock"
-
-
-def _timeout(timeout: float | None) -> float:
-    if timeout is not None:
-        return timeout
-    try:
-        return float(os.environ.get(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT))
-    except ValueError:
-        return DEFAULT_LOCK_TIMEOUT
-
-
-@contextlib.contextmanager
-def lock(target: str | os.PathLike[str], timeout: float | None = None,
-         poll: float = 0.05) -> Iterator[Path]:
-    """Hold the exclusive write lock of ``target`` (a directory that may not exist yet).
-
-    Waits up to ``timeout`` seconds (default: $DECO_LOCK_TIMEOUT or 600) for another writer,
-    then raises `LockTimeout`. The lock is an ``flock`` on ``.NAME.lock`` beside ``target``:
-    the kernel drops it when its holder exits, however it exits. The holder removes the file
-    when it is done; a waiter that then locks the removed file notices (its inode is no longer
-    the path's) and locks the new one, so no lock file is left behind and no two writers ever
-    hold "the" lock at once."""
-    path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    limit = _timeout(timeout)
-    deadline = time.monotonic() + limit
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if time.monotonic() >= deadline:
-                raise LockTimeout(
-                    f"{Path(target)} is being written by another process{holder} (lock {path} "
-                    f"held for over {limit:g} s); wait for it to finish and run the command "
-                    f"again, or raise {LOCK_TIMEOUT_ENV}"
-                ) from None
-            time.sleep(poll)
-            continue
-        mine = os.fstat(fd)
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
-            os.close(fd)  # the previous holder removed this file as we locked it: retry
-            continue
-        break
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)  # closing the descriptor drops the flock
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except OSError:
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""

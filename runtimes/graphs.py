@@ -108,6 +108,13 @@ class GraphSpec:
     ``architectures`` say which models have this graph. ``sampled`` graphs are the ones a
     sampling backend loads; the text encoder is not (it runs once per prompt, before sampling,
     in `runtimes.text_encoder`), so backends and exporters of the DeCo graphs skip it.
+    ``calls`` are the `runtimes.backend.Backend` methods this graph answers, each with the
+    output it returns; the method's arguments are the graph's inputs in order
+    (`runtimes.graph_backend.GraphBackend` derives a backend's calls and capabilities from
+    them). ``stage`` is the half of the model the graph runs: "dit" (the low-frequency half:
+    the DiT, its text embedding, the condition refresh; a one-graph model whole), "decoder" (the
+    full-resolution half) or "text" (the text encoder, before sampling): the bench times and
+    counts FLOPs per stage.
     """
 
     name: str
@@ -120,6 +127,8 @@ class GraphSpec:
     families: tuple[str, ...] = ("c2i",)
     architectures: tuple[str, ...] = ("deco",)
     sampled: bool = True
+    calls: tuple[tuple[str, str], ...] = ()
+    stage: str = "dit"
     _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -213,6 +222,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         outputs=(_t("cond", *_PER_TOKEN), _t("hidden", *_PER_TOKEN)),
         primary_input="x_t",
         optional_outputs=("hidden",),
+        calls=(("dit", "cond"), ("dit_hidden", "hidden")),
         description="DeCo DiT: the per-token condition SiLU(e_t + h) and the hidden state h "
                     "(x_t, t, y -> cond, hidden), once per DiT step",
     ),
@@ -223,6 +233,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         primary_input="x_t",
         optional_outputs=("hidden",),
         families=("t2i",),
+        calls=(("dit", "cond"), ("dit_hidden", "hidden")),
         description="DeCo text-to-image DiT: as the c2i DiT, conditioned on the embedded "
                     "text tokens of `text_embed` (x_t, t, text_tokens -> cond, hidden), once "
                     "per DiT step",
@@ -233,6 +244,8 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         outputs=(_t("v", *_IMAGE),),
         primary_input="x_t",
         families=("c2i", "t2i"),
+        calls=(("decoder", "v"),),
+        stage="decoder",
         description="DeCo pixel decoder: the velocity v = x - eps (x_t, cond -> v), every step",
     ),
     GraphSpec(
@@ -242,6 +255,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         primary_input="hidden",
         required=False,
         families=("c2i", "t2i"),
+        calls=(("refresh_condition", "cond"),),
         description="DeCo condition refresh: SiLU(e_t + hidden) at a new t, for DiT sharing "
                     "(hidden, t -> cond)",
     ),
@@ -256,6 +270,8 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         primary_input="cond",
         required=False,
         families=("c2i", "t2i"),
+        calls=(("decoder_cond", "modulation"),),
+        stage="decoder",
         description="DeCo decoder, condition part: the per-pixel condition the decoder "
                     "blocks' adaLN reads, SiLU(cond_embed(cond)) (cond -> modulation), once "
                     "per DiT step under sharing",
@@ -267,6 +283,8 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         primary_input="x_t",
         required=False,
         families=("c2i", "t2i"),
+        calls=(("decoder_pixel", "v"),),
+        stage="decoder",
         description="DeCo decoder, pixel part: the velocity from x_t and a cached modulation "
                     "(x_t, modulation -> v), on the steps that reuse the DiT's condition",
     ),
@@ -276,6 +294,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         outputs=(_t("v", *_IMAGE),),
         primary_input="x_t",
         architectures=("dit",),
+        calls=(("velocity", "v"),),
         description="plain pixel DiT baseline: the whole model, DiT blocks then a linear map "
                     "to each patch's pixels (x_t, t, y -> v), every step",
     ),
@@ -288,6 +307,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         outputs=(_t("text_tokens", *_TEXT_TOKENS),),
         primary_input="text",
         families=("t2i",),
+        calls=(("embed_text", "text_tokens"),),
         description="DeCo text-to-image text embedding: the text encoder's features to the "
                     "DiT's text tokens, y_embedder(text) + y_pos_embedding (text -> "
                     "text_tokens), once per generation",
@@ -301,6 +321,7 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         required=False,
         families=("t2i",),
         sampled=False,
+        stage="text",
         description="Text encoder of a text-to-image bundle: the token ids and mask of a "
                     "prompt padded to text_len (tokenizer.json) to the DiT's text features "
                     "(input_ids, attention_mask -> hidden), once per prompt",

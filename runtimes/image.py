@@ -187,10 +187,12 @@ def save_grid(
     cols: int | None = None,
     padding: int = 0,
     scale: int = 1,
+    pad_value: int = 0,
 ) -> Path:
     """`make_grid` then `save_image` (atomic; the format follows the extension)."""
     image_format(path)
-    return save_image(make_grid(images, cols=cols, padding=padding, scale=scale), path)
+    return save_image(
+        make_grid(images, cols=cols, padding=padding, pad_value=pad_value, scale=scale), path)
 
 
 def legible_scale(height: int, width: int, target: int = 128) -> int:

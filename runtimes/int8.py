@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from runtimes import fileio
 from runtimes.bundle import Artifact, Manifest, read_manifest, write_manifest
 from runtimes.cpu import cpu_record, int8_kernel
 from runtimes.errors import DecoError, DecoWarning
@@ -90,11 +89,13 @@ def record_int8_gate(root: str | os.PathLike[str], psnr_db: float, passed: bool,
                      threshold_db: float, runtime: str = "onnx") -> None:
     """Record an int8 gate run on this CPU in the bundle's manifest (under the bundle's lock,
     written atomically), so later loads on this kind of CPU know its result."""
+    from runtimes.locks import lock  # the writers' machinery, loaded by writers only
+
     root = Path(root)
     entry = {"psnr_db": round(float(psnr_db), 2), "passed": bool(passed),
              "threshold_db": threshold_db, "cpu": cpu_record(), "by": "validate",
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-    with fileio.lock(root):
+    with lock(root):
         manifest = read_manifest(root)
         for artifact in int8_artifacts(manifest, runtime):
             artifact.parity.setdefault(GATES_KEY, {})[int8_kernel()] = entry

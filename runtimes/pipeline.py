@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as _bundle
-from runtimes import fileio
 from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
 from runtimes.bundle import BundleError, Manifest, model_config_from_manifest
 from runtimes.config import ModelConfig
@@ -196,27 +195,9 @@ class GenerationOutput:
     stopped_after: int | None = None
 
 
-# The manifest section of a text-to-image bundle: the negative prompt and the file holding its
-# encoding, so the unconditional half never needs the text encoder.
-TEXT_SECTION = "text"
-
-
-def bundle_negative_embeds(root: str | os.PathLike[str], manifest: Manifest) -> np.ndarray | None:
-    """The encoded negative (empty) prompt a text-to-image bundle stores, checked against its
-    sha256; None when the bundle stores none."""
-    entry = (manifest.extra.get(TEXT_SECTION) or {}).get("negative_prompt_embeds")
-    if not entry:
-        return None
-    path = Path(root) / str(entry["file"])
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (the encoded negative prompt); export the bundle again")
-    if _bundle.sha256_file(path) != entry.get("sha256"):
-        raise BundleError(
-            f"{path}: sha256 does not match the manifest; the file was modified after export: "
-            "restore it or export the bundle again"
-        )
-    stored: np.ndarray = np.load(path, allow_pickle=False)
-    return stored.astype(np.float32)
+# Where they lived before the typed section (runtimes.bundle reads and verifies it).
+TEXT_SECTION = _bundle.TEXT_SECTION
+bundle_negative_embeds = _bundle.read_negative_embeds
 
 
 @dataclass
@@ -432,7 +413,7 @@ class DeCoPipeline:
 
     @property
     def is_text_to_image(self) -> bool:
-        return self.model_config.family == "t2i"
+        return self.model_config.is_text_to_image
 
     def _encode(self, prompts: Sequence[str]) -> np.ndarray:
         if self.text_encoder is None:
@@ -814,7 +795,9 @@ def record_schedule(
     """Save ``schedule`` as ``schedules/<key>.json`` in the bundle and record it (with its hash)
     in the manifest, so ``generate(sharing=key)`` finds it and ``verify`` checks it."""
     root = Path(bundle_dir)
-    with fileio.lock(root):  # serialised with exports; the manifest is read under the lock
+    from runtimes.locks import lock  # writers only: a generation never takes it
+
+    with lock(root):  # serialised with exports; the manifest is read under the lock
         manifest = _bundle.read_manifest(root)
         rel = f"schedules/{key}.json"
         path = root / rel

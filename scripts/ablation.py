@@ -190,13 +190,14 @@ def evaluate_arm(plan: Plan, arm: str, out: Path) -> None:
     import torch
 
     from deco_export.config import get_preset
+    from runtimes.image import save_grid
     from training.metrics import (
         HeldOutScorer,
         generate,
         inception_features,
         load_generator,
     )
-    from training.sample import grid_labels, save_grid
+    from training.sample import grid_labels
 
     torch.set_num_threads(plan.threads)
     ckpts = out / arm / "checkpoints"
@@ -231,7 +232,7 @@ def evaluate_arm(plan: Plan, arm: str, out: Path) -> None:
             glabels = grid_labels(model.config.num_classes, GRID_PER_CLASS).numpy()
             grid = generate(model, glabels, num_steps=plan.sample_steps, cfg_scale=plan.cfg,
                             seed=GRID_SEED, batch_size=CHUNK)
-            save_grid(grid, out / arm / "grid.png", ncols=GRID_PER_CLASS, scale=2)
+            save_grid(grid, out / arm / "grid.png", cols=GRID_PER_CLASS, scale=2, pad_value=255)
 
 
 def read_features(out: Path, arm: str, step: int, limit: int) -> np.ndarray | None:
@@ -250,49 +251,6 @@ def read_features(out: Path, arm: str, step: int, limit: int) -> np.ndarray | No
 # ------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------
-
-
-def _mmd_parts(k_xx: np.ndarray, k_xr: np.ndarray, ix: np.ndarray, ir: np.ndarray) -> float:
-    """KID terms that involve the generated set, on a bootstrap resample.
-
-    Pairs of the same original sample are left out of the within-set mean, as the unbiased
-    estimator leaves out the diagonal. The real-real term is the same for both arms of a
-    paired difference, so it is not needed there.
-    """
-    sub = k_xx[np.ix_(ix, ix)]
-    distinct = ix[:, None] != ix[None, :]
-    return float(sub[distinct].mean() - 2.0 * k_xr[np.ix_(ix, ir)].mean())
-
-
-def paired_kid_bootstrap(
-    fa: np.ndarray, fb: np.ndarray, real: np.ndarray, *, rounds: int = 1000, seed: int = 0
-) -> dict[str, float]:
-    """KID(a) − KID(b) with a 95 % percentile interval, resampling sample indices jointly.
-
-    ``fa[i]`` and ``fb[i]`` come from the same noise and label, so resampling index i for both
-    keeps the pairing; the held-out set is resampled too. Also returns each arm's bootstrap
-    standard error of KID.
-    """
-    d = fa.shape[1]
-
-    def kern(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return (x @ y.T / d + 1) ** 3
-
-    kaa, kbb, krr = kern(fa, fa), kern(fb, fb), kern(real, real)
-    kar, kbr = kern(fa, real), kern(fb, real)
-    n, m = len(fa), len(real)
-    rng = np.random.default_rng(seed)
-    diffs, ka, kb = np.empty(rounds), np.empty(rounds), np.empty(rounds)
-    for i in range(rounds):
-        ix, ir = rng.integers(0, n, n), rng.integers(0, m, m)
-        rr_sub = krr[np.ix_(ir, ir)]
-        rr = float(rr_sub[ir[:, None] != ir[None, :]].mean())
-        ka[i] = _mmd_parts(kaa, kar, ix, ir) + rr
-        kb[i] = _mmd_parts(kbb, kbr, ix, ir) + rr
-        diffs[i] = ka[i] - kb[i]
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {"diff": float(np.mean(diffs)), "lo": float(lo), "hi": float(hi),
-            "se_a": float(ka.std()), "se_b": float(kb.std()), "rounds": rounds}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,8 +307,8 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
     the last checkpoint on the longest prefix all arms completed (``num_samples`` when done)."""
     from deco_export.config import get_preset
     from deco_export.flops import TRAINING_FACTOR, training_flops
-    from training.data import default_cache_dir
-    from training.metrics import HeldOutScorer, real_features
+    from runtimes.cache import cache_dir as default_cache_dir
+    from training.metrics import HeldOutScorer, paired_kid_bootstrap, real_features
 
     size = get_preset(plan.preset).image_size
     try:  # the features the arms cached; the Inception is loaded only when they are missing
@@ -564,9 +522,7 @@ def speckles(out: str, samples: int) -> None:
     import torch
 
     from training.metrics import generate, load_generator
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from speckle_study import speckles as count
+    from training.metrics import speckles as count
 
     plan = load_plan(Path(out), None)
     torch.set_num_threads(plan.threads)

@@ -53,10 +53,9 @@ TARGET_PSNR_DB = 40.0
 
 def make_checkpoint(case: str, models: Path, seed: int) -> Path:
     """The case's model as a checkpoint directory (made once, then reused)."""
-    import torch
-
-    from deco_export import DeCo, get_preset
+    from deco_export import get_preset
     from deco_export.checkpoint import load_reference, save_pretrained
+    from deco_export.model import random_model
 
     path = models / case
     if (path / "config.json").is_file():
@@ -64,12 +63,7 @@ def make_checkpoint(case: str, models: Path, seed: int) -> Path:
     if case == "golden64":
         model = load_reference(GOLDEN, image_size=(64, 64))
     else:
-        torch.manual_seed(seed)
-        model = DeCo(get_preset("DeCo-S/16", **SHAPES[case])).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.abs().sum():  # the reference init zeroes the output layers
-                    p.normal_(std=0.02)
+        model = random_model(get_preset("DeCo-S/16", **SHAPES[case]), seed)
     return save_pretrained(model, path, source=f"scripts/bench_cpu.py {case} (seed {seed})")
 
 

@@ -47,21 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import runtimes  # noqa: E402
 from deco_export import DeCo, get_preset  # noqa: E402
+from deco_export.model import random_model  # noqa: E402
 from runtimes.sampler import SamplerConfig, make_plan, sample  # noqa: E402
 
 ROWS = ("eager-reference", "torch-cuda", "ort-cuda", "tensorrt")
-
-
-def random_model(preset: str, seed: int) -> DeCo:
-    """Random weights; the tensors the reference init zeroes get small noise so that the
-    velocity (and so the image) is not identically zero."""
-    torch.manual_seed(seed)
-    model = DeCo(get_preset(preset)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(std=0.02)
-    return model
 
 
 def sync(device: torch.device) -> None:
@@ -177,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env['gpu']} | torch {env['torch']} | {args.preset} {args.size}x{args.size} | "
           f"{args.steps} Euler steps, CFG {args.guidance} on ({lo}, {hi}]", flush=True)
 
-    model = random_model(args.preset, args.seed)
+    model = random_model(get_preset(args.preset), args.seed)
     cfg = model.config
     null = cfg.null_class
     sampler_cfg = SamplerConfig(num_steps=args.steps, guidance=args.guidance,

@@ -38,9 +38,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
+sys.path.insert(0, str(REPO))
 
-from speckle_study import denoise_error, speckles  # noqa: E402
+from training.metrics import denoise_error, speckles  # noqa: E402
 
 # The README grid: chosen before sampling; training and held-out names mixed.
 GRID_PROMPTS = (
@@ -122,6 +122,7 @@ def main() -> None:
     from deco_export.machine import cpu_features, cpu_model
     from deco_export.sampling import open_pipeline
     from deco_export.sources import load_model, model_path
+    from runtimes.image import save_grid
     from training.captions import emoji_captions
     from training.data import _SKIN_TONES, emoji_split, read_emoji_test
     from training.metrics import (
@@ -130,11 +131,10 @@ def main() -> None:
         kid_from_features,
         load_inception,
     )
-    from training.sample import save_grid
 
     pipe = open_pipeline(args.model)
     c = pipe.model_config
-    if c.family != "t2i":
+    if not c.is_text_to_image:
         raise SystemExit(f"{args.model} is a class-conditional model; this scores text-to-image")
     defaults = pipe.sampler_defaults.to_dict()
 
@@ -147,7 +147,7 @@ def main() -> None:
     grid_prompts = [p for p in GRID_PROMPTS for _ in GRID_SEEDS]
     grid = sample_prompts(pipe, grid_prompts, [s for _ in GRID_PROMPTS for s in GRID_SEEDS])
     Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-    save_grid(grid, args.grid, ncols=len(GRID_SEEDS), scale=4)
+    save_grid(grid, args.grid, cols=len(GRID_SEEDS), scale=4, pad_value=255)
     log("grid written to", args.grid)
 
     t_gen = time.time()

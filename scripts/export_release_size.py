@@ -22,8 +22,9 @@ from pathlib import Path
 import click
 import torch
 
-from deco_export import DeCo, get_preset
+from deco_export import get_preset
 from deco_export.export.onnx import export_onnx
+from deco_export.model import random_model
 from runtimes import bundle as rb
 
 
@@ -51,11 +52,7 @@ def main(out: Path, json_path: Path | None, image_size: int, parity_steps: int,
         click.echo(f"[{now:7.1f} s, peak {peak_rss_gib():5.2f} GiB] {msg}", err=True)
 
     config = get_preset("DeCo-T2I")
-    model = DeCo(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(std=0.02)
+    model = random_model(config)
     params = sum(p.numel() for p in model.parameters())
     say(f"built DeCo-T2I: {params:,} parameters")
     negative = torch.randn(1, config.text_len, config.text_dim).numpy()

@@ -223,8 +223,8 @@ def main() -> None:
 
     from deco_export.backends.torch_backend import TorchBackend
     from deco_export.sources import load_model
+    from runtimes.cache import cache_dir as default_cache_dir
     from training import metrics
-    from training.data import default_cache_dir
 
     args = parse_args()
     work, img_dir = args.work, args.img_dir

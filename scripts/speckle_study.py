@@ -24,26 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deco_export.model import DeCo
-from training.data import load_dataset, to_model_input
-from training.losses import sample_t
+from runtimes.image import to_uint8
+from training.data import load_dataset
+from training.metrics import denoise_error, speckle_mask, speckles
 
 OUT = Path("docs/eval/speckles.json")
 PER_CLASS = 4
 SEED = 0
-
-
-def speckles(images: np.ndarray, jump: int = 64, calm: int = 48) -> np.ndarray:
-    """Isolated outlier pixels per image of uint8 (N, H, W, C)."""
-    return speckle_mask(images, jump, calm).reshape(len(images), -1).sum(axis=1)
-
-
-def to_u8(x: torch.Tensor) -> np.ndarray:
-    u = torch.clamp((x.float() + 1.0) * 127.5 + 0.5, 0, 255).to(torch.uint8)
-    return u.permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
@@ -74,24 +64,12 @@ def sample(model: DeCo, noise: torch.Tensor, labels: torch.Tensor, steps: int, c
                 "v_abs_mean": float(v.abs().mean()),
                 "v_abs_max": float(v.abs().max()),
                 "x1_outside_unit": float((x1.abs() > 1).float().mean()),
-                "x1_speckles_per_image": float(speckles(to_u8(x1)).mean()),
+                "x1_speckles_per_image": float(speckles(to_uint8(x1.float().numpy())).mean()),
             })  # fmt: skip
         if i == steps - 1:
             before_last = x.clone()
         x = x + (float(grid[i + 1]) - t) * v
     return {"x": x, "before_last": before_last, "trace": rows}
-
-
-def speckle_mask(images: np.ndarray, jump: int = 64, calm: int = 48) -> np.ndarray:
-    """(N, H, W) bool: the pixels :func:`speckles` counts."""
-    x = images.astype(np.int16)
-    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    h, w = x.shape[1:3]
-    nb = np.stack([pad[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])  # fmt: skip
-    med = np.median(nb, axis=0)
-    spread = nb.max(axis=0) - nb.min(axis=0)
-    return ((np.abs(x - med) > jump) & (spread <= calm)).any(axis=-1)
 
 
 def noise_survival(x: torch.Tensor, noise: torch.Tensor) -> dict:
@@ -102,7 +80,7 @@ def noise_survival(x: torch.Tensor, noise: torch.Tensor) -> dict:
         return a - torch.nn.functional.avg_pool2d(padded, 3, stride=1)
 
     a, e = hp(x), hp(noise)
-    m = speckle_mask(to_u8(x))
+    m = speckle_mask(to_uint8(x.float().numpy()))
     tail = noise.abs().amax(1).numpy()
     return {
         "survival_slope": float((a * e).sum() / (e * e).sum()),
@@ -114,7 +92,7 @@ def noise_survival(x: torch.Tensor, noise: torch.Tensor) -> dict:
 
 
 def stats(x: torch.Tensor) -> dict:
-    s = speckles(to_u8(x))
+    s = speckles(to_uint8(x.float().numpy()))
     return {
         "speckles_per_image": float(s.mean()),
         "images_with_speckles": float((s > 0).mean()),
@@ -124,35 +102,6 @@ def stats(x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def denoise_error(model: DeCo, images: torch.Tensor, labels: torch.Tensor,
-                  train_shift: float = 1.0) -> list[dict]:
-    """Clean-image error of x1 = x_t + (1 - t) v at fixed t, low (8x8 block mean) vs rest.
-    ``labels`` are class labels or text embeddings; ``train_shift`` is the time shift the model
-    was trained with (for the share of training draws at or above each t)."""
-    x = to_model_input(images)
-    g = torch.Generator().manual_seed(1)
-    eps = torch.randn(x.shape, generator=g)
-    draws = sample_t(200_000, shift=train_shift, generator=torch.Generator().manual_seed(2))
-    rows = []
-    for t in (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
-        x_t = t * x + (1 - t) * eps
-        v = model(x_t, torch.full((len(x),), t), labels)
-        err = x_t + (1 - t) * v - x
-        low = torch.nn.functional.avg_pool2d(err, 8)
-        low = low.repeat_interleave(8, -1).repeat_interleave(8, -2)
-        rows.append({
-            "t": t,
-            "x1_rmse": float(err.pow(2).mean().sqrt()),
-            "x1_rmse_high_freq": float((err - low).pow(2).mean().sqrt()),
-                "x1_speckles_per_image": float(speckles(to_u8(x_t + (1 - t) * v)).mean()),
-            # The noise estimate eps = x_t - t v regressed on the true noise: 1 removes it all.
-            "eps_slope": float(((x_t - t * v) * eps).sum() / (eps * eps).sum()),
-            "input_noise_rmse": (1 - t),
-            "share_of_training_t_at_or_above": float((draws >= t).float().mean()),
-        })  # fmt: skip
-    return rows
-
-
 def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()

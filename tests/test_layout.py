@@ -101,3 +101,65 @@ def test_click_only_in_the_command_line_packages():
             if "click" in names:
                 offenders.append(name)
     assert offenders == []
+
+
+def _classes(path: Path) -> list[ast.ClassDef]:
+    return [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+
+
+def test_graph_backends_answer_graph_calls_from_the_records():
+    """A runtime backend built on the records writes none of the protocol's graph methods:
+    `GraphBackend` derives them (a new graph is one record, no backend edit)."""
+    from runtimes.graph_backend import GRAPH_METHODS
+
+    found, written = [], []
+    for path in sorted((REPO / "runtimes" / "backends").glob("*.py")):
+        for cls in _classes(path):
+            if "GraphBackend" not in {ast.unparse(b) for b in cls.bases}:
+                continue
+            found.append(cls.name)
+            written += [f"{cls.name}.{f.name}" for f in cls.body
+                        if isinstance(f, ast.FunctionDef) and f.name in GRAPH_METHODS]
+    assert set(found) >= {"OnnxRuntimeBackend", "OpenVinoBackend", "CoreMLBackend",
+                          "TensorRTBackend"}
+    assert written == []
+
+
+# Modules that still spell graph names outside the records (runtimes.graphs) and the exporters
+# (deco_export.export): each is the per-graph knowledge it holds. A module not listed here
+# reads graph names from the records.
+GRAPH_NAMING = {
+    "deco_export.flops": "one FLOP formula per graph",
+    "deco_export.bench.aggregate": "the bench's stage columns (dit, decoder, text_encoder)",
+    "deco_export.bench.report": "the bench's stage columns",
+    "deco_export.bench.worker": "the bench's stage columns",
+    "deco_export.bench.timing": "the bench's stage totals",
+    "deco_export.bench.text": "the DiT's FLOPs with and without its text path",
+    "deco_export.bench.availability": "which artifacts a runtime row needs",
+    "deco_export.bench.run": "the text encoder, timed as its own stage",
+    "deco_export.validate": "the text encoder, gated apart from the sampled graphs",
+    "deco_export.calibrate": "the DiT artifact's hash keys a schedule",
+    "deco_export.text_encoders": "the text encoder's record in a checkpoint",
+    "deco_export.config": 'the architecture value "dit" (the plain pixel DiT)',
+    "training.trainer": "the text encoder's record in a checkpoint",
+    "runtimes.config": 'the architecture values "deco" and "dit"',
+    "runtimes.backend": "the capabilities' method names (decoder_cond, decoder_pixel)",
+    "runtimes.bundle": 'the stage "dit" of the graphs whose inputs set a size range',
+    "runtimes.text_encoder": "the text encoder's artifact",
+    "runtimes.backends.tensorrt": "the fused step's DiT slot",
+    "runtimes.backends.coreml": "the DiT's enumerated sizes",
+}
+
+
+def test_graph_names_are_spelled_only_where_listed():
+    from runtimes.graphs import GRAPH_NAMES
+
+    spelled = set()
+    for name, (path, _) in modules().items():
+        if name == "runtimes.graphs" or name.startswith("deco_export.export"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in GRAPH_NAMES:
+                spelled.add(name)
+    assert sorted(spelled - set(GRAPH_NAMING)) == []
+    assert sorted(set(GRAPH_NAMING) - spelled) == []  # a module cleaned up leaves the list

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from runtimes.errors import DecoError
+from deco_export.commands.group import user_errors
+from deco_export.commands.options import parse_size
 
 __all__ = ["evaluate", "train"]
 
@@ -27,8 +28,6 @@ __all__ = ["evaluate", "train"]
 # imported first (python -m training.cli, torchrun -m training.cli); an explicit
 # OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-USER_ERRORS: tuple[type[BaseException], ...] = (DecoError, ValueError, KeyError, OSError)
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,15 +39,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except USER_ERRORS as err:
+        except user_errors() as err:
             if os.environ.get("DECO_DEBUG"):
                 raise
-            msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-            if isinstance(err, OSError) and err.filename is not None:
-                from runtimes.fileio import describe_os_error
+            from deco_export.messages import one_line
 
-                msg = describe_os_error(err)
-            raise click.ClickException(" ".join(msg.split()) or type(err).__name__) from None
+            raise click.ClickException(one_line(err)) from None
         except ModuleNotFoundError as err:
             if os.environ.get("DECO_DEBUG"):
                 raise
@@ -62,16 +58,10 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _size(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
-    parts = text.lower().split("x")
     try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: write HEIGHTxWIDTH, e.g. 32x32") from None
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise click.BadParameter(f"{text!r}: write HEIGHTxWIDTH, e.g. 32x32")
-    return sizes[0], sizes[1]
+        return parse_size(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 DATA_HELP = (
@@ -179,7 +169,7 @@ def train(**kw: Any) -> None:
         kw["preset"] = baseline_preset(kw["preset"])
     if kw["freq_weight"] is None:
         # The reference trains its plain-DiT baselines with flow matching alone.
-        kw["freq_weight"] = 0.0 if get_preset(kw["preset"]).architecture == "dit" else 1.0
+        kw["freq_weight"] = 1.0 if get_preset(kw["preset"]).has_decoder else 0.0
     kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")

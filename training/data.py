@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.errors import DecoError
 from runtimes.fileio import atomic_open
 
@@ -55,7 +55,6 @@ __all__ = [
     "ImageFolder",
     "center_crop_arr",
     "collate",
-    "default_cache_dir",
     "emoji_split",
     "load_dataset",
     "to_model_input",
@@ -89,14 +88,6 @@ class DatasetMissingError(DecoError, FileNotFoundError):
 
     def __init__(self, what: str, path: Path) -> None:
         super().__init__(f"{what} not found at {path}; install it with: {INSTALL_COMMAND}")
-
-
-def default_cache_dir() -> Path:
-    """$DECO_CACHE, else $XDG_CACHE_HOME/deco, else ~/.cache/deco."""
-    if os.environ.get("DECO_CACHE"):
-        return Path(os.environ["DECO_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "deco"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ encoder would keep. L_repa lives in ``training.repa``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,6 @@ __all__ = [
     "JPEG_CHROMA",
     "JPEG_LUMA",
     "FrequencyLoss",
-    "LossWeights",
     "dct_matrix",
     "drop_labels",
     "frequency_weights",
@@ -200,19 +198,3 @@ class FrequencyLoss(torch.nn.Module):
             diff = self.transform(pred) - self.transform(target)
             w = self.weights[None, :, None, None]
             return (w * diff.square()).mean()
-
-
-# ------------------------------------------------------------------------------------------------
-# Total
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Loss mixing and frequency-loss settings; defaults are the reference's."""
-
-    freq: float = 1.0
-    repa: float = 0.5
-    freq_quality: int = 85
-    freq_mode: str = "inv_gamma"
-    freq_gamma: float = 1.0

@@ -26,12 +26,16 @@ __all__ = [
     "INCEPTION_SHA1",
     "FeatureStats",
     "HeldOutScorer",
+    "denoise_error",
     "fid_from_features",
     "frechet_distance",
     "inception_features",
     "inception_path",
     "kid_from_features",
     "load_inception",
+    "paired_kid_bootstrap",
+    "speckle_mask",
+    "speckles",
 ]
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -309,7 +313,7 @@ class HeldOutScorer:
         batch_size: int = 64,
         progress: bool = False,
     ) -> None:
-        from .data import default_cache_dir
+        from runtimes.cache import cache_dir as default_cache_dir
 
         self.data = data
         self.device = (
@@ -356,9 +360,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
     weights) or a run directory (its ``model/`` export, else its newest checkpoint's EMA
     weights)."""
     from deco_export.checkpoint import load_pretrained
-    from deco_export.config import DeCoConfig
     from deco_export.model import build_model
     from deco_export.sources import model_path
+    from runtimes.config import ModelConfig
 
     from .state import latest_checkpoint, load_checkpoint
 
@@ -373,7 +377,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
             f"{p} is neither a model checkpoint (config.json) nor a training run with checkpoints"
         )
     data = load_checkpoint(step)
-    model = build_model(DeCoConfig.from_dict(data.state["model_config"]))
+    model = build_model(ModelConfig.from_dict(data.state["model_config"]))
     model.load_state_dict(data.ema)
     return model.to(device).eval()
 
@@ -393,7 +397,9 @@ def generate(
     batch size. Returns uint8 (N, H, W, 3)."""
     from tqdm import tqdm
 
-    from .sample import euler_sample, to_uint8
+    from runtimes.image import to_uint8
+
+    from .sample import euler_sample
 
     c = model.config
     out = []
@@ -413,5 +419,106 @@ def generate(
         x = euler_sample(
             model, noise, y, num_steps=num_steps, cfg_scale=cfg_scale, autocast=autocast
         )
-        out.append(to_uint8(x))
+        out.append(to_uint8(x.float().cpu().numpy()))
     return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired comparisons and image defects (the ablation and the speckle studies)
+# ------------------------------------------------------------------------------------------------
+
+
+def _mmd_parts(k_xx: np.ndarray, k_xr: np.ndarray, ix: np.ndarray, ir: np.ndarray) -> float:
+    """KID terms that involve the generated set, on a bootstrap resample.
+
+    Pairs of the same original sample are left out of the within-set mean, as the unbiased
+    estimator leaves out the diagonal. The real-real term is the same for both arms of a
+    paired difference, so it is not needed there.
+    """
+    sub = k_xx[np.ix_(ix, ix)]
+    distinct = ix[:, None] != ix[None, :]
+    return float(sub[distinct].mean() - 2.0 * k_xr[np.ix_(ix, ir)].mean())
+
+
+def paired_kid_bootstrap(
+    fa: np.ndarray, fb: np.ndarray, real: np.ndarray, *, rounds: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """KID(a) − KID(b) with a 95 % percentile interval, resampling sample indices jointly.
+
+    ``fa[i]`` and ``fb[i]`` come from the same noise and label, so resampling index i for both
+    keeps the pairing; the held-out set is resampled too. Also returns each arm's bootstrap
+    standard error of KID.
+    """
+    d = fa.shape[1]
+
+    def kern(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (x @ y.T / d + 1) ** 3
+
+    kaa, kbb, krr = kern(fa, fa), kern(fb, fb), kern(real, real)
+    kar, kbr = kern(fa, real), kern(fb, real)
+    n, m = len(fa), len(real)
+    rng = np.random.default_rng(seed)
+    diffs, ka, kb = np.empty(rounds), np.empty(rounds), np.empty(rounds)
+    for i in range(rounds):
+        ix, ir = rng.integers(0, n, n), rng.integers(0, m, m)
+        rr_sub = krr[np.ix_(ir, ir)]
+        rr = float(rr_sub[ir[:, None] != ir[None, :]].mean())
+        ka[i] = _mmd_parts(kaa, kar, ix, ir) + rr
+        kb[i] = _mmd_parts(kbb, kbr, ix, ir) + rr
+        diffs[i] = ka[i] - kb[i]
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": float(np.mean(diffs)), "lo": float(lo), "hi": float(hi),
+            "se_a": float(ka.std()), "se_b": float(kb.std()), "rounds": rounds}
+
+
+def speckles(images: np.ndarray, jump: int = 64, calm: int = 48) -> np.ndarray:
+    """Isolated outlier pixels per image of uint8 (N, H, W, C)."""
+    return speckle_mask(images, jump, calm).reshape(len(images), -1).sum(axis=1)
+
+
+def speckle_mask(images: np.ndarray, jump: int = 64, calm: int = 48) -> np.ndarray:
+    """(N, H, W) bool: the pixels :func:`speckles` counts."""
+    x = images.astype(np.int16)
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = x.shape[1:3]
+    nb = np.stack([pad[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])  # fmt: skip
+    med = np.median(nb, axis=0)
+    spread = nb.max(axis=0) - nb.min(axis=0)
+    return ((np.abs(x - med) > jump) & (spread <= calm)).any(axis=-1)
+
+
+@torch.no_grad()
+def denoise_error(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  train_shift: float = 1.0) -> list[dict]:
+    """Clean-image error of x1 = x_t + (1 - t) v at fixed t, low (8x8 block mean) vs rest.
+    ``labels`` are class labels or text embeddings; ``train_shift`` is the time shift the model
+    was trained with (for the share of training draws at or above each t)."""
+    from runtimes.image import to_uint8
+
+    from .data import to_model_input
+    from .losses import sample_t
+
+    x = to_model_input(images)
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(x.shape, generator=g)
+    draws = sample_t(200_000, shift=train_shift, generator=torch.Generator().manual_seed(2))
+    rows = []
+    for t in (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
+        x_t = t * x + (1 - t) * eps
+        v = model(x_t, torch.full((len(x),), t), labels)
+        err = x_t + (1 - t) * v - x
+        low = torch.nn.functional.avg_pool2d(err, 8)
+        low = low.repeat_interleave(8, -1).repeat_interleave(8, -2)
+        rows.append({
+            "t": t,
+            "x1_rmse": float(err.pow(2).mean().sqrt()),
+            "x1_rmse_high_freq": float((err - low).pow(2).mean().sqrt()),
+            "x1_speckles_per_image": float(
+                speckles(to_uint8((x_t + (1 - t) * v).float().numpy())).mean()),
+            # The noise estimate eps = x_t - t v regressed on the true noise: 1 removes it all.
+            "eps_slope": float(((x_t - t * v) * eps).sum() / (eps * eps).sum()),
+            "input_noise_rmse": (1 - t),
+            "share_of_training_t_at_or_above": float((draws >= t).float().mean()),
+        })  # fmt: skip
+    return rows

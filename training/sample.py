@@ -3,23 +3,19 @@
 `euler_sample` is the reference ``EulerSampler`` setting (grid linspace(0, 1 − 1/N, N) then 1.0,
 from noise at t = 0, guidance v = v_u + w·(v_c − v_u) while t > interval_low) run by
 `runtimes.sampler.sample` on the PyTorch backend, so training previews and evaluation images
-come from the same code as ``deco sample`` and every exported bundle. The grid helpers stay
-here: they lay out training's preview images.
+come from the same code as ``deco sample`` and every exported bundle. `grid_labels` lays out
+training's preview grids; `runtimes.image` turns samples into uint8 images and grids.
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 
 from runtimes.sampler import SamplerConfig, sample
 
-__all__ = ["euler_sample", "grid_labels", "save_grid", "to_uint8"]
+__all__ = ["euler_sample", "grid_labels"]
 
 
 @torch.no_grad()
@@ -63,33 +59,9 @@ def euler_sample(
     return torch.from_numpy(np.asarray(x)).to(noise.device)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, C, H, W) → uint8 (B, H, W, C) as the reference: clip((x+1)·127.5 + 0.5)."""
-    u = torch.clamp((x.float() + 1.0) * 127.5 + 0.5, 0, 255).to(torch.uint8)
-    return u.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def grid_labels(num_classes: int, per_class: int = 8, max_rows: int = 10) -> torch.Tensor:
     """Row-per-class labels for a sample grid: min(num_classes, max_rows) evenly spaced classes."""
     rows = min(num_classes, max_rows)
     classes = torch.linspace(0, num_classes - 1, rows).round().long()
     return classes.repeat_interleave(per_class)
 
-
-def save_grid(images: np.ndarray, path: str | Path, ncols: int = 8, scale: int = 1) -> Path:
-    """Tile uint8 (N, H, W, C) images into one PNG (row-major, ncols per row)."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / ncols)
-    canvas = np.full((rows * h, ncols * w, c), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, ncols)
-        canvas[r * h : (r + 1) * h, q * w : (q + 1) * w] = im
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path

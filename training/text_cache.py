@@ -12,9 +12,9 @@ and tokenizer), its sequence length, compute dtype and attention implementation.
 encoder, length or weight file gets a different directory, so a stale entry is never read.
 
 Writes go through :func:`runtimes.fileio.atomic_open` (temporary file, fsync, rename) under
-the cache's fcntl lock: concurrent runs (DDP ranks, two trainings on one machine) never see a
-partial file, and the second one to take the lock finds the first one's entries and encodes
-nothing.
+the cache's write lock (`runtimes.locks.lock`): concurrent runs (DDP ranks, two trainings on
+one machine) never see a partial file, and the second one to take the lock finds the first
+one's entries and encodes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.fileio import atomic_open, lock, sha256_path
+from runtimes.fileio import atomic_open, sha256_path
+from runtimes.locks import lock
 
 __all__ = ["TextEmbeddingCache", "encoder_identity"]
 

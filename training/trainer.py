@@ -33,20 +33,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from deco_export.config import DeCoConfig, get_preset
+from deco_export.config import get_preset
 from deco_export.devices import torch_device
 from deco_export.model import DeCo, PixelDiT, build_model
-from runtimes.fileio import LockTimeout, atomic_write_text, lock, lock_path
+from runtimes.cache import cache_dir as default_cache_dir
+from runtimes.config import ModelConfig
+from runtimes.fileio import atomic_write_text
+from runtimes.image import save_grid, to_uint8
+from runtimes.locks import LockTimeout, lock, lock_path
 from runtimes.memory import check_memory, training_step_bytes
 
 from . import state as ckpt
 from .captions import load_captioned
-from .data import collate, default_cache_dir, load_dataset, to_model_input, to_unit_range
+from .data import collate, load_dataset, to_model_input, to_unit_range
 from .divergence import check_step, check_weights, gradient_max
 from .ema import EMA
 from .losses import FrequencyLoss, drop_labels, interpolate, sample_t
 from .repa import FeatureHook, FrozenEncoder, ProjectionHead, load_encoder, repa_loss
-from .sample import euler_sample, grid_labels, save_grid, to_uint8
+from .sample import euler_sample, grid_labels
 from .text_cond import TextConditioning, load_text_encoder
 
 __all__ = ["TrainConfig", "Trainer", "default_repa_layer", "export_ema", "train"]
@@ -469,7 +473,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, self.dist.rank)
-        saved_model = DeCoConfig.from_dict(data.state["model_config"])
+        saved_model = ModelConfig.from_dict(data.state["model_config"])
         if saved_model != self.model_config:
             raise ValueError(
                 f"{path} holds a {saved_model} model, not {self.model_config}; use the run's "
@@ -621,7 +625,8 @@ class Trainer:
         )  # fmt: skip
         scale = max(1, 128 // max(c.image_size))
         path = self.out / "samples" / f"step_{self.step:07d}.png"
-        return save_grid(to_uint8(x), path, ncols=self.cfg.sample_per_class, scale=scale)
+        return save_grid(to_uint8(x.float().cpu().numpy()), path, cols=self.cfg.sample_per_class,
+                         scale=scale, pad_value=255)
 
     def _truncate_log(self) -> None:
         """Drop records written after the checkpoint a run resumes from (they are redone)."""
@@ -789,7 +794,7 @@ def export_ema(trainer_or_ckpt: Trainer | str | Path, out_dir: str | Path) -> Pa
                 raise FileNotFoundError(f"no training checkpoint under {path}")
             path = found
         data = ckpt.load_checkpoint(path)
-        model = build_model(DeCoConfig.from_dict(data.state["model_config"]))
+        model = build_model(ModelConfig.from_dict(data.state["model_config"]))
         model.load_state_dict(data.ema)
         step, train_cfg = data.step, data.state["train"]
         text = data.state.get("text_encoder")

@@ -43,7 +43,7 @@ def dit_forward(model: DeCo, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, hidden) from class labels, or from a text-to-image model's text tokens (the
     output of ``embed_text``, computed once per generation)."""
-    if model.config.family == "t2i":
+    if model.config.is_text_to_image:
         return model.dit.forward_embedded(x_t, t, y.to(x_t.dtype))
     return model.dit(x_t, t, y)
 
@@ -126,7 +126,7 @@ class CudaGraphBackend:
         self.warmup = max(1, int(warmup))
         if compile:
             _raise_recompile_limit(64)  # one compiled variant per bucket and guidance mode
-        self.supports_text_embedding = model.config.family == "t2i"
+        self.supports_text_embedding = model.config.is_text_to_image
         self._dit = self._compiled(self._dit_forward)
         self._embed_text = self._compiled(self.model.dit.embed_text) if (
             self.supports_text_embedding) else None

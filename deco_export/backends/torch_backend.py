@@ -54,7 +54,7 @@ class TorchBackend:
             return
         # A text-to-image DiT embeds the text once per generation (embed_text); its steps
         # start from the text tokens.
-        self.supports_text_embedding = self.config.family == "t2i"
+        self.supports_text_embedding = self.config.is_text_to_image
         self._dit = self.model.dit.forward_embedded if self.supports_text_embedding else (
             self.model.dit)
         self._embed_text = self.model.dit.embed_text if self.supports_text_embedding else None

@@ -13,19 +13,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from ..machine import cpu_features
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    if sys.platform == "darwin":
-        with contextlib.suppress(Exception):
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
-                                  capture_output=True, text=True, timeout=5).stdout.strip()
-    return platform.processor() or platform.machine()
+from ..machine import cpu_features, cpu_model
 
 
 def _memory_total_gib() -> float | None:
@@ -71,7 +59,7 @@ def environment(threads: int | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "os": platform.platform(),
         "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "memory_total_gib": _memory_total_gib(),
         "python": platform.python_version(),

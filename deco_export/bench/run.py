@@ -159,7 +159,7 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
     (out / MARKER).touch()
     env = environment(settings.threads)
     src, manifest = prepare_source(source, out, settings, say)
-    text_to_image = manifest.model.family == "t2i"
+    text_to_image = manifest.model.is_text_to_image
     if text_to_image:
         check_text_bundle(src.bundle, manifest, settings)
     if settings.peak_size:

@@ -72,7 +72,7 @@ def prepare_source(source: str | Path, out: Path, settings: BenchSettings,
         return src, manifest
 
     model, record = load_model(text)
-    if model.config.family == "t2i":
+    if model.config.is_text_to_image:
         raise ValueError(
             f"{text} is a text-to-image model: benchmark a bundle with its text encoder, "
             f"exported with `deco export onnx {text} BUNDLE --text-encoder DIR`"

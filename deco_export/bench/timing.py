@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from runtimes.graphs import GRAPH_SPECS
+
 
 class TimingBackend:
     """A `runtimes.Backend` that forwards every call to ``inner`` and times the graph calls.
@@ -21,10 +23,10 @@ class TimingBackend:
     each timed call so device work lands in the stage that queued it.
     """
 
+    # Each graph call's stage is its record's; the fused step is a stage of its own.
     STAGES: ClassVar[dict[str, str]] = {
-        "dit": "dit", "dit_hidden": "dit", "refresh_condition": "dit", "embed_text": "dit",
-        "decoder": "decoder",
-        "decoder_cond": "decoder", "decoder_pixel": "decoder", "step": "step"}
+        **{method: g.stage for g in GRAPH_SPECS if g.sampled for method, _ in g.calls},
+        "step": "step"}
 
     def __init__(self, inner: Any, clock: Callable[[], float] = time.perf_counter) -> None:
         self.inner = inner

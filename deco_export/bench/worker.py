@@ -19,6 +19,7 @@ import numpy as np
 
 from runtimes.fileio import atomic_write_text
 
+from ..messages import one_line
 from .catalogue import KINDS, PROGRESS_MARK, REFERENCE
 from .machine import peak_rss_mib, process_gpu_mib, rss_mib
 from .text import TimedTextEncoder, prompts_for
@@ -28,11 +29,6 @@ from .timing import TimingBackend
 def labels_for(batch: int, num_classes: int) -> list[int]:
     """Fixed, spread-out class labels (never the null class)."""
     return [(i * 37) % num_classes for i in range(batch)]
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def open_pipeline(spec: Mapping[str, Any]) -> Any:
@@ -254,7 +250,9 @@ def worker_main(argv: Sequence[str]) -> int:
     except Exception as exc:  # a row that says why, not a crashed benchmark
         traceback.print_exc()
         loading = isinstance(exc, ImportError) or type(exc).__name__ == "BackendError"
-        record = {"status": "unavailable" if loading else "failed", "reason": one_line(exc),
+        record = {"status": "unavailable" if loading else "failed",
+                  "reason": f"{type(exc).__name__}: {one_line(exc)}" if str(exc).strip()
+                  else type(exc).__name__,
                   "memory": {"peak_rss_mib": peak_rss_mib()}}
     atomic_write_text(spec["result"], json.dumps(record, indent=1))
     return 0

@@ -103,12 +103,11 @@ def negative_prompt_for(model: DeCo, source: str, text_encoder: str | None,
         return encoder.encode([negative_prompt]), negative_prompt
     from ..sources import is_bundle
 
-    if model.config.family == "t2i" and is_bundle(source):
+    if model.config.is_text_to_image and is_bundle(source):
         from runtimes import bundle as rb
-        from runtimes.pipeline import TEXT_SECTION, bundle_negative_embeds
 
         manifest = rb.read_manifest(source)
-        stored = bundle_negative_embeds(source, manifest)
-        if stored is not None:
-            return stored, (manifest.extra.get(TEXT_SECTION) or {}).get("negative_prompt")
+        stored = rb.read_negative_embeds(source, manifest)
+        if stored is not None and manifest.text is not None:
+            return stored, manifest.text.negative_prompt
     return None, None

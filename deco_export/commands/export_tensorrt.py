@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runtimes.backends import tensorrt_keys as tk
+from runtimes.backends import tensorrt_profiles as tp
 
 from ..export.tensorrt import ENGINE_PRECISIONS, BuildSettings, export_tensorrt
 
@@ -16,7 +16,7 @@ from ..export.tensorrt import ENGINE_PRECISIONS, BuildSettings, export_tensorrt
 @click.option("--precision", "precisions", multiple=True,
               type=click.Choice(list(ENGINE_PRECISIONS)),
               help="repeat for several; default: every precision the bundle has ONNX graphs for")
-@click.option("--batch-buckets", default=",".join(map(str, tk.DEFAULT_BATCH_BUCKETS)),
+@click.option("--batch-buckets", default=",".join(map(str, tp.DEFAULT_BATCH_BUCKETS)),
               show_default=True,
               help="user batch sizes; each also gets its CFG-doubled engine batch (b -> b, 2b)")
 @click.option("--no-cfg", is_flag=True,
@@ -48,7 +48,7 @@ def tensorrt_command(bundle: Path, precisions: tuple[str, ...], batch_buckets: s
     gate against PyTorch before it enters the bundle. Needs TensorRT and an NVIDIA GPU.
     """
     workspace = None if workspace_gib is None else int(workspace_gib * (1 << 30))
-    settings = BuildSettings(tk.parse_buckets(batch_buckets), not no_cfg, opt_level, workspace,
+    settings = BuildSettings(tp.parse_buckets(batch_buckets), not no_cfg, opt_level, workspace,
                              tf32)
     lines = export_tensorrt(
         bundle, precisions=precisions or None, settings=settings, timing_cache=timing_cache,

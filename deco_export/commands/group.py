@@ -16,6 +16,8 @@ import click
 
 from runtimes.errors import DecoError
 
+from ..messages import one_line
+
 # Ctrl-C: one line and the shell's exit status for SIGINT. Every writer stages and renames
 # (atomic files, `BundleTransaction`), so an interrupted run leaves finished files only.
 INTERRUPTED = "interrupted (Ctrl-C); nothing was left half-written"
@@ -110,18 +112,6 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def one_line(err: BaseException) -> str:
-    """The message of a user error on one line (a KeyError's key without its quotes)."""
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    if isinstance(err, OSError) and err.filename is not None:
-        from runtimes.fileio import describe_os_error
-
-        message = describe_os_error(err)  # the path, what went wrong and the fix
-    return " ".join(str(message).split()) or type(err).__name__
-
-
 def plugin_commands() -> dict[str, Any]:
     return {e.name: e for e in entry_points(group="deco.commands")}
 

@@ -72,7 +72,7 @@ def model_text_encoder(config: Any, text_encoder: str | None, source: str,
     """The text encoder an export of ``source`` uses: ``--text-encoder`` when given, else the
     one the checkpoint's metadata names (``say`` reports that choice); None when there is
     neither or ``source`` is a bundle without one. A class-conditional model refuses it."""
-    if config.family != "t2i":
+    if not config.is_text_to_image:
         if text_encoder is not None:
             raise click.UsageError("--text-encoder is for text-to-image models")
         return None

@@ -110,7 +110,7 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
                  "--guidance": guidance, "--solver": solver, "--shift": shift,
                  "--sharing": sharing, "--size": size, "--image": init_image,
                  "--strength": strength, "--mask": mask, "--out-dir": out_dir,
-                 "--negative-prompt": negative_prompt}
+                 "--negative-prompt": negative_prompts}
         if clash := [name for name, value in given.items() if value]:
             raise click.UsageError(
                 f"--from takes the generation parameters from the image; drop {', '.join(clash)}"

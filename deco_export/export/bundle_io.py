@@ -10,7 +10,7 @@ Every exporter (ONNX, Core ML, TensorRT) writes through :class:`BundleTransactio
 * artefacts are described as they are made (I/O specs, details, parity, tool versions),
 * the end-to-end gate samples through the runtime sampler with the staged artefacts and
   through PyTorch fp32 from the same noise,
-* the commit takes the bundle's write lock (`runtimes.fileio.lock`), re-reads the manifest
+* the commit takes the bundle's write lock (`runtimes.locks.lock`), re-reads the manifest
   (another export may have committed meanwhile), completes the staging directory with every
   file of the existing bundle that this export does not replace, writes the merged manifest
   there and swaps the whole directory in with one rename. At every instant the bundle path holds
@@ -30,13 +30,20 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as rb
-from runtimes import fileio
+from runtimes.config import ModelConfig
 from runtimes.cpu import cpu_record
 from runtimes.int8 import Int8KernelWarning
+from runtimes.locks import lock
 from runtimes.sampler import SamplerConfig, release_sampler
 from runtimes.sizes import SizeRange
+from runtimes.staging import (
+    StagingDir,
+    clean_stale,
+    copy_tree_into,
+    staging_dir,
+    swap_directory,
+)
 
-from ..config import DeCoConfig
 from ..labels import id2label_for
 from ..model import DeCo
 from ..parity import END_TO_END_MIN_PSNR, check_end_to_end_gate, finite, max_abs_error, psnr
@@ -72,7 +79,7 @@ def source_location(source: dict[str, Any]) -> Path | None:
 class BundleTransaction:
     """Context manager that adds artefacts to ``bundle`` atomically (see module docstring)."""
 
-    def __init__(self, bundle: str | Path, config: DeCoConfig, image_size: tuple[int, int],
+    def __init__(self, bundle: str | Path, config: ModelConfig, image_size: tuple[int, int],
                  source: dict[str, Any] | None = None,
                  sampler_defaults: SamplerConfig | None = None, force: bool = False,
                  negative_prompt_embeds: np.ndarray | None = None,
@@ -89,16 +96,16 @@ class BundleTransaction:
         self.sampler_defaults = sampler_defaults
         self.force = force
         self.staging: Path
-        self._staging: fileio.StagingDir | None = None
+        self._staging: StagingDir | None = None
         self.artifacts: list[rb.Artifact] = []
-        self._text_section: dict[str, Any] | None = None  # the manifest's "text" section
+        self._text_section: rb.TextSection | None = None  # the manifest's "text" section
 
     # -- context -----------------------------------------------------------------------------
 
     def __enter__(self) -> BundleTransaction:
         self.manifest = self._base_manifest()
-        fileio.clean_stale(self.bundle)
-        self._staging = fileio.staging_dir(self.bundle)
+        clean_stale(self.bundle)
+        self._staging = staging_dir(self.bundle)
         self.staging = self._staging.path
         if self.negative_prompt_embeds is not None:
             self._stage_negative_embeds()
@@ -111,21 +118,17 @@ class BundleTransaction:
         embeds = np.asarray(self.negative_prompt_embeds, dtype=np.float32)
         if embeds.ndim == 2:
             embeds = embeds[None]
-        if config.family != "t2i" or embeds.shape != (1, config.text_len, config.text_dim):
+        if not config.is_text_to_image or embeds.shape != (1, config.text_len, config.text_dim):
             raise ValueError(
                 f"negative prompt embeddings must be (1, {config.text_len}, {config.text_dim}) "
                 f"for a text-to-image model, got {embeds.shape}"
             )
         path = self.staging / NEGATIVE_EMBEDS_NAME
         np.save(path, embeds, allow_pickle=False)
-        self._text_section = {
-            "negative_prompt": self.negative_prompt,
-            "negative_prompt_embeds": {"file": NEGATIVE_EMBEDS_NAME,
-                                       "sha256": rb.sha256_file(path),
-                                       "bytes": rb.path_size(path),
-                                       "shape": list(embeds.shape)},
-        }
-        self.manifest.extra["text"] = self._text_section
+        self._text_section = rb.TextSection.create(
+            self.negative_prompt, NEGATIVE_EMBEDS_NAME, rb.sha256_file(path), rb.path_size(path),
+            embeds.shape)
+        self.manifest.text = self._text_section
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -221,7 +224,7 @@ class BundleTransaction:
                            extra={rb.ID2LABEL_SECTION: labels} if labels else {})
 
     @property
-    def model_config(self) -> DeCoConfig:
+    def model_config(self) -> ModelConfig:
         """The exported model: the checkpoint's config at the size the graphs were made for."""
         return dataclasses.replace(self.config, image_size=self.image_size)
 
@@ -297,7 +300,7 @@ class BundleTransaction:
     def _commit(self) -> None:
         if not self.artifacts:
             raise ValueError("nothing was exported; the bundle is unchanged")
-        with fileio.lock(self.bundle):
+        with lock(self.bundle):
             # Re-read under the lock: another export may have committed since this one began.
             existing = self._existing()
             manifest = existing if existing is not None else self._base_manifest()
@@ -305,11 +308,11 @@ class BundleTransaction:
                 manifest.add_artifact(artifact)
             manifest.sizes = self.sizes or manifest.sizes
             if self._text_section is not None:
-                manifest.extra["text"] = self._text_section
+                manifest.text = self._text_section
             if existing is not None:
-                fileio.copy_tree_into(self.bundle, self.staging, skip={rb.MANIFEST_NAME})
+                copy_tree_into(self.bundle, self.staging, skip={rb.MANIFEST_NAME})
             rb.write_manifest(self.staging, manifest)
-            fileio.swap_directory(self.staging, self.bundle)
+            swap_directory(self.staging, self.bundle)
 
 
 def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], steps: int,
@@ -331,7 +334,7 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
     reference = runtimes.DeCoPipeline(
         TorchBackend(model, device="cpu"), model_config=config,
         sampler_defaults=release_sampler(config.family))
-    if config.family == "t2i":
+    if config.is_text_to_image:
         # Unit-scale stand-ins for encoded prompts (the graphs see only embeddings); three
         # prompts against one negative row, the guidance arithmetic on.
         rng = np.random.default_rng(seed)
@@ -345,7 +348,7 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
         labels = [config.null_class, *(min(c, config.num_classes - 1) for c in PARITY_LABELS)]
         condition = {"class_labels": labels}
         batch = len(labels)
-    sharings = [None, PARITY_SHARING] if config.architecture == "deco" else [None]
+    sharings = [None, PARITY_SHARING] if config.has_decoder else [None]
     images: list[list[np.ndarray]] = []
     for p in (pipe, reference):
         try:

@@ -35,9 +35,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from runtimes.config import ModelConfig
 from runtimes.graphs import GRAPH_NAMES, TensorSpec, get_graph, graphs_for
 
-from ..config import DeCoConfig
 from ..model import DeCo, PixelDiT
 
 __all__ = [
@@ -54,7 +54,7 @@ class DiTGraph(nn.Module):
         super().__init__()
         self.dit = model.dit
         self.dtype = model.dit.s_embedder.proj.weight.dtype
-        self.text_tokens = model.config.family == "t2i"
+        self.text_tokens = model.config.is_text_to_image
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.text_tokens:
@@ -136,13 +136,13 @@ GRAPH_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def input_names(config: DeCoConfig, graph: str) -> list[str]:
+def input_names(config: ModelConfig, graph: str) -> list[str]:
     """The graph's input names for this model's family (a t2i DiT takes ``text_tokens``, not ``y``),
     in the list form torch.onnx.export takes."""
     return list(get_graph(graph, config).input_names)
 
 
-def output_names(config: DeCoConfig, graph: str) -> list[str]:
+def output_names(config: ModelConfig, graph: str) -> list[str]:
     """The graph's output names for this model's family."""
     return list(get_graph(graph, config).output_names)
 
@@ -164,7 +164,7 @@ def quiet(*loggers: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def export_image_size(config: DeCoConfig, image_size: tuple[int, int] | None) -> tuple[int, int]:
+def export_image_size(config: ModelConfig, image_size: tuple[int, int] | None) -> tuple[int, int]:
     """The (height, width) a bundle is exported at: ``image_size`` or the model's own.
 
     The DiT patchifies without padding, so both sides must be multiples of the patch size.
@@ -191,7 +191,7 @@ def graph_modules(model: DeCo, precision: str) -> dict[str, nn.Module]:
     return {name: GRAPH_CLASSES[name](typed).eval() for name in graphs_for(model.config)}
 
 
-def io_specs(config: DeCoConfig, graph: str, height: int | None = None,
+def io_specs(config: ModelConfig, graph: str, height: int | None = None,
              width: int | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """A graph's inputs and outputs as the manifest records them: the batch, height, width and
     token axes left dynamic, or with ``height`` and ``width`` only the batch (an artifact
@@ -212,7 +212,7 @@ def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, 
     shapes = first.input_shapes(cfg, batch, height, width)
     values = {"x_t": torch.randn(shapes["x_t"], generator=g),
               "t": torch.rand(shapes["t"], generator=g)}
-    if cfg.family == "t2i":
+    if cfg.is_text_to_image:
         text_shape = get_graph("text_embed", cfg).input_shapes(cfg, batch, height, width)
         values["text"] = torch.randn(text_shape["text"], generator=g)
         with torch.no_grad():

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from runtimes.bundle import ONNX_PRECISIONS
+from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError
 from runtimes.graphs import GRAPH_SPECS, GraphSpec
 from runtimes.sizes import SizeRange
 
-from ..config import DeCoConfig
 from ..model import DeCo
 from ..parity import GraphParity, check_graph_gate, max_abs_error, psnr
 from . import bundle_io
@@ -116,7 +116,7 @@ def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path,
     """``names``: the graph's input names, which pick its record (default the
     class-conditional ones; a t2i model's are `graphs.input_names`). ``sizes``: the range the
     height and width axes span (None or one size: fixed-size graphs)."""
-    names = names or input_names(DeCoConfig(), graph)
+    names = names or input_names(ModelConfig(), graph)
     record = graph_record(graph, names)
     dynamic = dynamic_shapes(record, sizes)
     # The exporter logs a warning per torchvision op it cannot register when torchvision is

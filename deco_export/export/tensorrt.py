@@ -7,7 +7,7 @@ that will run it:
   follows the graph's tensor types (fp32 statistics stay fp32), not builder flags.
 * **One profile per engine batch.** User batch buckets (default 1, 2, 4, 8) count the
   CFG doubling: bucket b needs engine batch 2b for guided steps and b for unguided ones
-  (`runtimes.backends.tensorrt_keys`). The backend pads a batch up to its bucket and captures a
+  (`runtimes.backends.tensorrt_profiles`). The backend pads a batch up to its bucket and captures a
   CUDA graph per bucket (and image size). The batch of a profile is static; its height and
   width span the bundle's size range (`runtimes.sizes`) with the optimum at the default size,
   so one engine serves every size the ONNX graphs do; a bundle of fixed-size graphs gets
@@ -38,6 +38,7 @@ from typing import Any
 from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends import tensorrt_keys as tk
+from runtimes.backends import tensorrt_profiles as tp
 from runtimes.errors import DecoError
 from runtimes.graphs import graphs_for
 from runtimes.sizes import SizeRange
@@ -83,7 +84,7 @@ def machine_environment(trt: Any, device_id: int = 0) -> tk.EngineEnvironment:
 class BuildSettings:
     """Everything about a build that the user chooses."""
 
-    buckets: tuple[int, ...] = tk.DEFAULT_BATCH_BUCKETS
+    buckets: tuple[int, ...] = tp.DEFAULT_BATCH_BUCKETS
     cfg: bool = True
     builder_optimization_level: int = 3
     workspace_bytes: int | None = None
@@ -91,7 +92,7 @@ class BuildSettings:
 
     @property
     def engine_batches(self) -> tuple[int, ...]:
-        return tk.engine_batches(self.buckets, self.cfg)
+        return tp.engine_batches(self.buckets, self.cfg)
 
     @property
     def build(self) -> dict[str, Any]:
@@ -221,7 +222,7 @@ def artifact_details(item: BuildItem, settings: BuildSettings) -> dict[str, Any]
 # Building one engine (TensorRT)
 
 
-def build_engine(trt: Any, onnx_path: Path, plan_path: Path, profiles: Sequence[tk.Profile],
+def build_engine(trt: Any, onnx_path: Path, plan_path: Path, profiles: Sequence[tp.Profile],
                  settings: BuildSettings, timing_cache: Path, say: Progress) -> dict[str, Any]:
     """Parse ``onnx_path`` into a strongly typed network, build it with one optimisation
     profile per engine batch, write the plan, and fold new timings into the timing cache."""
@@ -384,7 +385,7 @@ def export_tensorrt(
                 else:
                     say(f"building {item.key.relpath} from {item.onnx.file} "
                         f"(engine batches {list(settings.engine_batches)})")
-                    profiles = tk.profiles_for(item.graph, manifest.model, image_size,
+                    profiles = tp.profiles_for(item.graph, manifest.model, image_size,
                                                settings.engine_batches, span)
                     info = build_engine(trt, root / item.onnx.file, plan, profiles, settings,
                                         cache_path, say)
@@ -428,7 +429,7 @@ def export_tensorrt(
 
 def _link(src: Path, dst: Path) -> None:
     """Put an existing bundle file into the staging tree (hard link; copy across devices)."""
-    from runtimes.fileio import copy_tree_into
+    from runtimes.staging import copy_tree_into
 
     if src.is_dir():
         copy_tree_into(src, dst)

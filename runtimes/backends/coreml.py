@@ -42,17 +42,18 @@ from typing import Any
 
 import numpy as np
 
-from runtimes import fileio
+from runtimes import staging
 from runtimes.backend import BackendError, HostArrays
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_path
+from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.config import ModelConfig
-from runtimes.graphs import dit_condition_input, get_graph, graphs_for
+from runtimes.graph_backend import GraphBackend
+from runtimes.graphs import get_graph, graphs_for
 
 __all__ = [
     "COMPUTE_UNITS",
     "CoreMLBackend",
     "check_package_io",
-    "default_cache_dir",
     "measure_load_times",
     "require_macos",
     "split_batch",
@@ -81,14 +82,6 @@ def _import_coremltools() -> Any:
             f"the coreml backend needs coremltools: {INSTALL_HINT}"
         ) from exc
     return coremltools
-
-
-def default_cache_dir() -> Path:
-    """Where compiled models are kept: $DECO_COREML_CACHE, else the user cache folder."""
-    env = os.environ.get("DECO_COREML_CACHE")
-    if env:
-        return Path(env)
-    return Path.home() / "Library" / "Caches" / "deco-export" / "coreml"
 
 
 def split_batch(batch: int, sizes: Sequence[int]) -> list[int]:
@@ -129,12 +122,12 @@ def check_package_io(path: str | os.PathLike[str], graph: str, config: ModelConf
         )
 
 
-class CoreMLBackend(HostArrays):
+class CoreMLBackend(HostArrays, GraphBackend):
     """Runs an exported bundle's Core ML packages (see the module docstring).
 
     bundle_dir / manifest: the bundle and its parsed manifest (read if None). precision:
     "fp16" (default) or "fp32". compute_units: override the exported choice. cache_dir /
-    use_cache: the compiled-model cache (`default_cache_dir`).
+    use_cache: the compiled-model cache (``runtimes.cache.cache_dir("coreml")``).
     """
 
     runtime = "coreml"
@@ -185,7 +178,6 @@ class CoreMLBackend(HostArrays):
         units = compute_units or details.get("compute_units") or "ALL"
         self.precision = precision
         self._config = manifest.model
-        self._condition = dit_condition_input(manifest.model)
         self._setup(paths, keys, batch_sizes, units, cache_dir, use_cache)
 
     @classmethod
@@ -208,7 +200,6 @@ class CoreMLBackend(HostArrays):
         self.bundle_dir = None
         self.precision = precision
         self._config = model or ModelConfig()
-        self._condition = dit_condition_input(self._config)
         pkgs = {g: Path(p) for g, p in paths.items()}
         missing = [g for g, spec in graphs_for(model or ModelConfig()).items()
                    if spec.required and g not in pkgs]
@@ -229,15 +220,15 @@ class CoreMLBackend(HostArrays):
         self.ct = _import_coremltools()
         self.compute_units = compute_units
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir("coreml")
         self.use_cache = use_cache
         self.load_times: dict[str, dict[str, Any]] = {}
         self._models: dict[str, Any] = {}
         for graph, path in paths.items():
             self._models[graph] = self._load(graph, path, keys.get(graph))
-        self.supports_refresh = "refresh" in self._models
-        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._models)
-        self.supports_text_embedding = "text_embed" in self._models
+        # A package holds every output its record declares (the exporter checks it).
+        self.bind_graphs(self._config, {
+            graph: get_graph(graph, self._config).output_names for graph in self._models})
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -276,7 +267,7 @@ class CoreMLBackend(HostArrays):
         compiled = Path(model.get_compiled_model_path())
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with fileio.staging_dir(target, "tmp") as tmp:
+            with staging.staging_dir(target, "tmp") as tmp:
                 shutil.copytree(compiled, tmp.path / "model.mlmodelc")
                 os.replace(tmp.path / "model.mlmodelc", target)
         except OSError:
@@ -307,36 +298,13 @@ class CoreMLBackend(HostArrays):
             raise BackendError("class labels do not fit int32, which Core ML inputs use")
         return np.ascontiguousarray(y, dtype=np.int32)
 
-    def _dit_feeds(self, x_t: Any, t: Any, y: Any) -> dict[str, np.ndarray]:
-        """The DiT's inputs: labels as int32 ``y``, or text tokens as float32 ``text_tokens``."""
-        condition = self._labels(y) if self._condition == "y" else self._float(y)
-        return {"x_t": self._float(x_t), "t": self._float(t), self._condition: condition}
-
-    def embed_text(self, text: Any) -> np.ndarray:
-        return self._predict("text_embed", "text_tokens", {"text": self._float(text)})
-
-    def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._predict("dit", "cond", self._dit_feeds(x_t, t, y))
-
-    def dit_hidden(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._predict("dit", "hidden", self._dit_feeds(x_t, t, y))
-
-    def refresh_condition(self, hidden: Any, t: Any) -> np.ndarray:
-        if not self.supports_refresh:
-            raise BackendError("this bundle has no Core ML 'refresh' graph; export it again")
-        return self._predict("refresh", "cond", {"hidden": self._float(hidden),
-                                                 "t": self._float(t)})
-
-    def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
-        return self._predict("decoder", "v", {"x_t": self._float(x_t),
-                                              "cond": self._float(cond)})
-
-    def decoder_cond(self, cond: Any) -> np.ndarray:
-        return self._predict("decoder_cond", "modulation", {"cond": self._float(cond)})
-
-    def decoder_pixel(self, x_t: Any, modulation: Any) -> np.ndarray:
-        return self._predict("decoder_pixel", "v", {"x_t": self._float(x_t),
-                                                    "modulation": self._float(modulation)})
+    def _run(self, graph: str, output: str, feeds: Mapping[str, Any]) -> np.ndarray:
+        """Feeds as Core ML takes them (int64 inputs, class labels, as int32; the rest
+        float32), run in the batch sizes the packages enumerate."""
+        dtypes = {s.name: s.dtype for s in get_graph(graph, self._config).inputs}
+        return self._predict(graph, output, {
+            name: self._labels(a) if dtypes[name] == "int64" else self._float(a)
+            for name, a in feeds.items()})
 
     def close(self) -> None:
         self._models.clear()

@@ -35,7 +35,8 @@ import numpy as np
 from runtimes.backend import BackendError
 from runtimes.bundle import BundleError, Manifest, read_manifest
 from runtimes.config import ModelConfig
-from runtimes.graphs import dit_condition_input, get_graph, graphs_for
+from runtimes.graph_backend import GraphBackend
+from runtimes.graphs import get_graph, graphs_for
 
 __all__ = ["PROVIDER_NAMES", "OnnxRuntimeBackend", "OrtArray", "resolve_providers"]
 
@@ -318,8 +319,9 @@ class OrtArray:
 # ---------------------------------------------------------------------------------------------
 
 
-class OnnxRuntimeBackend:
-    """Runs an exported bundle's ONNX graphs with ONNX Runtime.
+class OnnxRuntimeBackend(GraphBackend):
+    """Runs an exported bundle's ONNX graphs with ONNX Runtime (the graph calls and
+    capabilities follow from the graphs loaded: `runtimes.graph_backend`).
 
     bundle_dir: the bundle; manifest: its parsed manifest (read from ``bundle_dir`` if None).
     precision: which exported variant ("fp32", "fp16", ...).
@@ -405,15 +407,8 @@ class OnnxRuntimeBackend:
             self._check_io(sess, graph, art.file, self.manifest.model)
             self._check_shapes(sess, art)
             self._sessions[graph] = sess
-        # The plain DiT baseline is one graph, run through the sampler's velocity capability.
-        self.supports_velocity = "pixel_dit" in self._sessions
-        dit_outputs = ({o.name for o in self._sessions["dit"].get_outputs()}
-                       if "dit" in self._sessions else set())
-        self._condition = (dit_condition_input(self.manifest.model)
-                           if "dit" in self._sessions else "y")
-        self.supports_refresh = "refresh" in self._sessions and "hidden" in dit_outputs
-        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._sessions)
-        self.supports_text_embedding = "text_embed" in self._sessions
+        self.bind_graphs(self.manifest.model, {
+            graph: [o.name for o in sess.get_outputs()] for graph, sess in self._sessions.items()})
         first = self.providers[0][0]
         self.device = _DEVICE_OF.get(first, "cpu")
         self.device_id = int(device_id)
@@ -500,38 +495,6 @@ class OnnxRuntimeBackend:
         binding.bind_output(output, self.device, self.device_id)
         sess.run_with_iobinding(binding)
         return OrtArray(binding.get_outputs()[0], self._ops)
-
-    def velocity(self, x_t: Any, t: Any, y: Any) -> Any:
-        """v of the one-graph plain DiT baseline (``supports_velocity``)."""
-        return self._run("pixel_dit", "v", {"x_t": x_t, "t": t, "y": y})
-
-    def embed_text(self, text: Any) -> Any:
-        return self._run("text_embed", "text_tokens", {"text": text})
-
-    def dit(self, x_t: Any, t: Any, y: Any) -> Any:
-        return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})
-
-    def decoder(self, x_t: Any, cond: Any) -> Any:
-        return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
-
-    def decoder_cond(self, cond: Any) -> Any:
-        return self._run("decoder_cond", "modulation", {"cond": cond})
-
-    def decoder_pixel(self, x_t: Any, modulation: Any) -> Any:
-        return self._run("decoder_pixel", "v", {"x_t": x_t, "modulation": modulation})
-
-    def dit_hidden(self, x_t: Any, t: Any, y: Any) -> Any:
-        if not self.supports_refresh:
-            raise BackendError(
-                "this bundle has no 'refresh' graph (or its DiT graph has no 'hidden' output); "
-                "export it with the refresh graph to use fresh-t sharing"
-            )
-        return self._run("dit", "hidden", {"x_t": x_t, "t": t, self._condition: y})
-
-    def refresh_condition(self, hidden: Any, t: Any) -> Any:
-        if not self.supports_refresh:
-            raise BackendError("this bundle has no 'refresh' graph; export it to use fresh-t")
-        return self._run("refresh", "cond", {"hidden": hidden, "t": t})
 
     def from_numpy(self, a: np.ndarray) -> Any:
         a = np.ascontiguousarray(a)

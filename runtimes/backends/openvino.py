@@ -23,7 +23,7 @@ cache key is the sha256 of those fields (the TensorRT engines' keying,
 ``<cache_dir>/<graph>-<precision>-<key[:16]>/<graph>.blob`` next to a ``model.json`` that repeats
 the fields and the blob's sha256. A changed graph, another device or another OpenVINO version
 gives another key and compiles afresh; a blob whose sha256 does not match its record is
-recompiled and replaced. ``cache_dir`` defaults to ``$DECO_CACHE_DIR/openvino`` (or
+recompiled and replaced. ``cache_dir`` defaults to ``runtimes.cache.cache_dir("openvino")`` (
 ``~/.cache/deco/openvino``) so a bundle can stay read-only; ``cache_dir=False`` disables it.
 """
 
@@ -44,10 +44,12 @@ import numpy as np
 from runtimes.backend import BackendError, HostArrays
 from runtimes.backends.tensorrt_keys import key_digest
 from runtimes.bundle import BundleError, Manifest, read_manifest
+from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.fileio import atomic_write_bytes, atomic_write_text
-from runtimes.graphs import dit_condition_input, get_graph, graphs_for
+from runtimes.graph_backend import GraphBackend
+from runtimes.graphs import get_graph, graphs_for
 
-__all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend", "default_cache_dir"]
+__all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend"]
 
 # Our precision -> (the ONNX artefact it reads, OpenVINO's inference precision hint).
 PRECISIONS: dict[str, tuple[str, str]] = {"fp32": ("fp32", "f32"), "bf16": ("fp32", "bf16")}
@@ -70,15 +72,6 @@ def _import_openvino() -> Any:
             "the openvino backend needs OpenVINO: `pip install deco-export[openvino]`"
         ) from exc
     return openvino
-
-
-def default_cache_dir() -> Path:
-    """``$DECO_CACHE_DIR/openvino``, else ``$XDG_CACHE_HOME/deco/openvino``
-    (``~/.cache/deco/openvino``): the TensorRT timing cache's home, one folder over."""
-    base = os.environ.get("DECO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "deco")
-    return Path(base) / "openvino"
 
 
 def _check_device(core: Any, device: str) -> str:
@@ -104,8 +97,9 @@ def _check_device(core: Any, device: str) -> str:
     return name
 
 
-class OpenVinoBackend(HostArrays):
-    """Runs an exported bundle's ONNX graphs with OpenVINO.
+class OpenVinoBackend(HostArrays, GraphBackend):
+    """Runs an exported bundle's ONNX graphs with OpenVINO (the graph calls and capabilities
+    follow from the graphs loaded: `runtimes.graph_backend`).
 
     bundle_dir: the bundle; manifest: its parsed manifest (read from ``bundle_dir`` if None).
     precision: "fp32" or "bf16" (the inference precision; both read the fp32 ONNX graphs).
@@ -113,7 +107,7 @@ class OpenVinoBackend(HostArrays):
     threads: OpenVINO's inference threads (None: its default, every core).
     cpu_pinning: pin the inference threads to cores (None: OpenVINO's default). On a machine
         whose cores are busy with other work a pinned thread cannot move off a busy core.
-    cache_dir: where compiled models are cached (None: `default_cache_dir`; False: no cache).
+    cache_dir: where compiled models are cached (None: ``cache_dir("openvino")``; False: no cache).
     """
 
     runtime = "onnx"
@@ -144,7 +138,6 @@ class OpenVinoBackend(HostArrays):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
         # The DiT's condition input: labels "y", or "text_tokens" for text-to-image.
-        self._condition = dit_condition_input(self.manifest.model)
         self.precision = precision
         self.openvino_version = str(ov.get_version())
         core = ov.Core()
@@ -161,7 +154,7 @@ class OpenVinoBackend(HostArrays):
             )
         self.cache_dir: Path | None = (
             None if cache_dir is False
-            else default_cache_dir() if cache_dir is None or cache_dir is True
+            else default_cache_dir("openvino") if cache_dir is None or cache_dir is True
             else Path(cache_dir))
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint,
                                   "PERFORMANCE_HINT": "LATENCY"}
@@ -198,9 +191,7 @@ class OpenVinoBackend(HostArrays):
             self._outputs[graph] = {o.get_any_name(): o for o in compiled.outputs}
             self._models[graph] = compiled
             self._requests[graph] = compiled.create_infer_request()
-        self.supports_refresh = "refresh" in self._requests and "hidden" in self._outputs["dit"]
-        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._requests)
-        self.supports_text_embedding = "text_embed" in self._requests
+        self.bind_graphs(self.manifest.model, self._outputs)
 
     # -- compiled-model cache -----------------------------------------------------------------
 
@@ -324,35 +315,9 @@ class OpenVinoBackend(HostArrays):
     def _run(self, graph: str, output: str, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         result = self._request(graph).infer(
             {name: np.ascontiguousarray(value) for name, value in feeds.items()})
-        return np.asarray(result[self._outputs[graph][output]])
-
-    def embed_text(self, text: Any) -> np.ndarray:
-        # A copy: the tokens outlive later calls of this graph's infer request.
-        return np.array(self._run("text_embed", "text_tokens", {"text": text}))
-
-    def dit(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        return self._run("dit", "cond", {"x_t": x_t, "t": t, self._condition: y})
-
-    def decoder(self, x_t: Any, cond: Any) -> np.ndarray:
-        return self._run("decoder", "v", {"x_t": x_t, "cond": cond})
-
-    def decoder_cond(self, cond: Any) -> np.ndarray:
-        return self._run("decoder_cond", "modulation", {"cond": cond})
-
-    def decoder_pixel(self, x_t: Any, modulation: Any) -> np.ndarray:
-        return self._run("decoder_pixel", "v", {"x_t": x_t, "modulation": modulation})
-
-    def dit_hidden(self, x_t: Any, t: Any, y: Any) -> np.ndarray:
-        if not self.supports_refresh:
-            raise BackendError(
-                "this bundle has no 'refresh' graph (or its DiT graph has no 'hidden' output); "
-                "export it with the refresh graph to use fresh-t sharing")
-        return self._run("dit", "hidden", {"x_t": x_t, "t": t, self._condition: y})
-
-    def refresh_condition(self, hidden: Any, t: Any) -> np.ndarray:
-        if not self.supports_refresh:
-            raise BackendError("this bundle has no 'refresh' graph; export it to use fresh-t")
-        return self._run("refresh", "cond", {"hidden": hidden, "t": t})
+        # A copy: an output may outlive later calls of this graph's infer request (the text
+        # tokens live for a whole generation, a cached condition for several steps).
+        return np.array(result[self._outputs[graph][output]])
 
     def close(self) -> None:
         """Drop the infer requests (and with them the compiled models)."""

@@ -8,7 +8,7 @@ refused with the reason and the fix before it is deserialised (`tensorrt_keys.re
 How it runs (one CUDA stream, no host synchronisation between the first and the last step):
 
 * **Device memory.** Per engine batch and image size (a "slot": the batch sizes the engines
-  were built for, see `tensorrt_keys`, at a size inside the range their profiles span) the I/O
+  were built for, see `tensorrt_profiles`, at a size inside the range their profiles span) the I/O
   buffers x_t, t, the condition (``y`` int64 labels, or ``text_tokens`` float32 (B, L, D) for
   a text-to-image model, as the DiT's graph record says, with text_embed's input ``text``),
   cond, hidden and v (and the split
@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.backend import BackendError
 from runtimes.backends.cuda_device import (
     DTYPES,
     INSTALL_HINT,
@@ -59,14 +58,11 @@ from runtimes.backends.cuda_device import (
     numel,
 )
 from runtimes.backends.tensorrt_engine import Engine, cuda_environment, import_tensorrt
-from runtimes.backends.tensorrt_keys import (
-    ResolvedEngine,
-    guided_engine_batch,
-    resolve_engine,
-    unguided_engine_batch,
-)
+from runtimes.backends.tensorrt_keys import ResolvedEngine, resolve_engine
+from runtimes.backends.tensorrt_profiles import guided_engine_batch, unguided_engine_batch
 from runtimes.backends.tensorrt_runner import EngineRunner
 from runtimes.bundle import BundleError, Manifest, read_manifest, sha256_file
+from runtimes.graph_backend import GraphBackend
 from runtimes.graphs import axis_sizes, dit_condition_input, get_graph, graphs_for
 
 __all__ = [
@@ -96,8 +92,10 @@ class _Slot:
 # The backend
 
 
-class TensorRTBackend:
-    """Runs a bundle's TensorRT engines (see the module docstring).
+class TensorRTBackend(GraphBackend):
+    """Runs a bundle's TensorRT engines (see the module docstring); the graph calls and
+    capabilities follow from the engines loaded (`runtimes.graph_backend`), the fused `step`
+    is this backend's own.
 
     bundle_dir / manifest: the bundle (its manifest is read when None). precision: which
     engine set ("fp16", "bf16", "fp32"). device_id: the GPU. cuda_graphs: capture a whole-step
@@ -107,8 +105,6 @@ class TensorRTBackend:
 
     runtime = "tensorrt"
     supports_step = True
-    supports_decoder_split = False  # True when the bundle has the split decoder's engines
-    supports_text_embedding = False  # True for a text-to-image bundle's text_embed engines
 
     def __init__(
         self,
@@ -177,10 +173,7 @@ class TensorRTBackend:
         self._c = int(model.in_channels)
         self._model = model
         self._d = int(model.hidden_size)
-        self.supports_refresh = "refresh" in self._engines and (
-            "hidden" in self._engines["dit"].outputs)
-        self.supports_decoder_split = {"decoder_cond", "decoder_pixel"} <= set(self._engines)
-        self.supports_text_embedding = "text_embed" in self._engines
+        self.bind_graphs(model, {graph: e.outputs for graph, e in self._engines.items()})
 
     # -- slots and contexts -------------------------------------------------------------------
 
@@ -274,7 +267,11 @@ class TensorRTBackend:
         self.sizes.check(h, w, where="these TensorRT engines run")
         self._size = (h, w)
 
-    def _run(self, graph: str, feeds: Mapping[str, DeviceArray], output: str) -> DeviceArray:
+    def _run(self, graph: str, output: str, feeds: Mapping[str, DeviceArray]) -> DeviceArray:
+        """Copy the feeds into the slot of their engine batch, execute, copy ``output`` out
+        (a text-to-image DiT's condition input is the text tokens of `embed_text`)."""
+        if "x_t" in feeds:
+            self._check_batch(feeds["x_t"])
         rows = int(next(iter(feeds.values())).shape[0])
         n = unguided_engine_batch(rows, self.batches)
         slot = self._slot(n)
@@ -303,39 +300,6 @@ class TensorRTBackend:
         return out
 
     # -- Backend protocol ---------------------------------------------------------------------
-
-    def embed_text(self, text: DeviceArray) -> DeviceArray:
-        """Text features (B, L, C) to the DiT's text tokens (B, L, D), once per generation."""
-        return self._run("text_embed", {"text": text}, "text_tokens")
-
-    def dit(self, x_t: DeviceArray, t: DeviceArray, y: DeviceArray) -> DeviceArray:
-        """``y``: class labels (B,) int64, or the text tokens of `embed_text` (B, L, D)
-        float32 for a text-to-image model."""
-        self._check_batch(x_t)
-        return self._run("dit", {"x_t": x_t, "t": t, self._condition(1)[0]: y}, "cond")
-
-    def dit_hidden(self, x_t: DeviceArray, t: DeviceArray, y: DeviceArray) -> DeviceArray:
-        if not self.supports_refresh:
-            raise BackendError("these engines have no refresh graph; export the bundle with "
-                               "the refresh graph and rebuild to use fresh-t sharing")
-        self._check_batch(x_t)
-        return self._run("dit", {"x_t": x_t, "t": t, self._condition(1)[0]: y}, "hidden")
-
-    def refresh_condition(self, hidden: DeviceArray, t: DeviceArray) -> DeviceArray:
-        if not self.supports_refresh:
-            raise BackendError("these engines have no refresh graph; rebuild with it")
-        return self._run("refresh", {"hidden": hidden, "t": t}, "cond")
-
-    def decoder(self, x_t: DeviceArray, cond: DeviceArray) -> DeviceArray:
-        self._check_batch(x_t)
-        return self._run("decoder", {"x_t": x_t, "cond": cond}, "v")
-
-    def decoder_cond(self, cond: DeviceArray) -> DeviceArray:
-        return self._run("decoder_cond", {"cond": cond}, "modulation")
-
-    def decoder_pixel(self, x_t: DeviceArray, modulation: DeviceArray) -> DeviceArray:
-        self._check_batch(x_t)
-        return self._run("decoder_pixel", {"x_t": x_t, "modulation": modulation}, "v")
 
     def from_numpy(self, a: np.ndarray) -> DeviceArray:
         a = np.ascontiguousarray(a)

@@ -1,19 +1,7 @@
-"""TensorRT engine bookkeeping that needs neither TensorRT nor a GPU.
-
-Everything here is plain Python so it is tested on every machine; the exporter
-(``deco_export.export.tensorrt``) and the backend (``runtimes.backends.tensorrt``) share it.
-
-**Buckets and profiles.** With classifier-free guidance the sampler runs the graphs on
-``[uncond; cond]``, so a user batch ``b`` needs engine batch ``2b`` inside the guidance interval
-and ``b`` outside it (fast CFG skips the unconditional half there). A bucket therefore yields two
-engine batches, and every engine gets one *static* optimisation profile (min = opt = max) per
-engine batch:
-
-* TensorRT tunes kernels for exactly the shapes that run. A batch between buckets is padded up
-  to the next one, so an engine never runs at an untuned in-range shape (dynamic-shape engines
-  have produced NaNs there, and the first call after a shape change is slow).
-* Every profile is static, so each bucket can capture a CUDA graph of a whole sampler step:
-  dynamic batches and CUDA graphs coexist instead of excluding each other.
+"""TensorRT engine cache keys, the engine-directory layout and the refusal of engines that do
+not match: plain Python, tested on every machine; the exporter (``deco_export.export.tensorrt``)
+and the backend (``runtimes.backends.tensorrt``) share it. (The refusal stays beside the key: a
+key that cannot be read is itself refused.)
 
 **Cache keys.** An engine is valid for one ONNX file (sha256), one precision, one set of
 profiles, one TensorRT version and one GPU (name and compute capability); the builder options
@@ -23,6 +11,8 @@ engine lives at ``engines/<graph>-<precision>-<key[:16]>/<graph>.plan`` next to 
 changed graph rebuilds alone. An engine whose fields do not match this machine is *stale* (its
 ONNX changed) or *foreign* (another TensorRT or GPU): it is refused with the reason and the fix,
 never deserialised.
+
+The builder's timing cache is keyed the same way (TensorRT version and GPU), one file per pair.
 """
 
 from __future__ import annotations
@@ -31,175 +21,35 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtimes.backend import BackendError
-from runtimes.config import ModelConfig
-from runtimes.graphs import get_graph
+from runtimes.cache import cache_dir as default_cache_dir
 from runtimes.sizes import SizeRange
 
 __all__ = [
-    "DEFAULT_BATCH_BUCKETS",
     "ENGINE_DIR",
     "ENGINE_JSON",
     "KEY_VERSION",
     "EngineEnvironment",
     "EngineKey",
     "EngineMismatchError",
-    "Profile",
-    "engine_batches",
-    "guided_engine_batch",
-    "normalize_buckets",
-    "ort_tensorrt_provider_options",
-    "parse_buckets",
-    "profiles_for",
+    "ResolvedEngine",
+    "build_options",
+    "describe_mismatch",
+    "engine_record",
+    "key_digest",
     "resolve_engine",
     "timing_cache_path",
-    "unguided_engine_batch",
 ]
 
-DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
 ENGINE_DIR = "engines"
 ENGINE_JSON = "engine.json"
 KEY_VERSION = 1
-MAX_ENGINE_BATCH = 4096  # the ONNX exporter's dynamic batch bound
-_BUILD_FIELDS = ("builder_optimization_level", "workspace_bytes", "tf32")
 
-
-# ---------------------------------------------------------------------------------------------
-# Buckets -> engine batches -> profiles
-
-
-def normalize_buckets(buckets: Iterable[int]) -> tuple[int, ...]:
-    """Sorted, de-duplicated positive user batch sizes."""
-    try:
-        values = sorted({int(b) for b in buckets})
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"batch buckets must be integers, got {buckets!r}; e.g. 1,2,4,8"
-        ) from None
-    if not values or values[0] < 1:
-        raise ValueError(
-            f"batch buckets must be positive integers, got {list(buckets)}; e.g. 1,2,4,8")
-    return tuple(values)
-
-
-def parse_buckets(text: str) -> tuple[int, ...]:
-    """'1,2,4,8' -> (1, 2, 4, 8)."""
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    try:
-        return normalize_buckets(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(
-            f"cannot read batch buckets {text!r}; write positive integers separated by commas, "
-            "e.g. 1,2,4,8"
-        ) from None
-
-
-def engine_batches(buckets: Iterable[int], cfg: bool = True) -> tuple[int, ...]:
-    """The engine batch sizes a set of user buckets needs.
-
-    Each bucket ``b`` needs ``b`` (unguided steps) and, with guidance, ``2b`` (the
-    [uncond; cond] batch): buckets (1, 2, 4, 8) give engine batches (1, 2, 4, 8, 16).
-    """
-    user = normalize_buckets(buckets)
-    out = set(user)
-    if cfg:
-        out |= {2 * b for b in user}
-    if max(out) > MAX_ENGINE_BATCH:
-        raise ValueError(
-            f"engine batch {max(out)} exceeds {MAX_ENGINE_BATCH}, the ONNX graphs' batch bound; "
-            "choose smaller buckets"
-        )
-    return tuple(sorted(out))
-
-
-def unguided_engine_batch(rows: int, batches: Sequence[int]) -> int:
-    """The engine batch that runs ``rows`` rows: the smallest that holds them (rows are padded)."""
-    if rows < 1:
-        raise ValueError(f"a batch needs at least one row, got {rows}")
-    for n in sorted(batches):
-        if n >= rows:
-            return n
-    raise ValueError(
-        f"batch of {rows} rows is larger than the largest engine batch {max(batches)} "
-        f"(engine batches {sorted(batches)}; a guided batch of b images needs 2b rows); "
-        f"rebuild the engines with larger buckets, e.g. `deco export tensorrt BUNDLE "
-        f"--batch-buckets {','.join(str(b) for b in _suggest(rows))}`"
-    )
-
-
-def guided_engine_batch(batch: int, batches: Sequence[int]) -> int:
-    """The engine batch for a guided step of ``batch`` images: the smallest even engine batch
-    whose halves hold ``batch`` rows each ([uncond | pad; cond | pad])."""
-    if batch < 1:
-        raise ValueError(f"a batch needs at least one image, got {batch}")
-    for n in sorted(batches):
-        if n % 2 == 0 and n // 2 >= batch:
-            return n
-    raise ValueError(
-        f"a guided batch of {batch} images needs an engine batch of at least {2 * batch} "
-        f"(engine batches {sorted(batches)}); rebuild the engines with larger buckets, e.g. "
-        f"`deco export tensorrt BUNDLE --batch-buckets "
-        f"{','.join(str(b) for b in _suggest(batch))}`"
-    )
-
-
-def _suggest(rows: int) -> list[int]:
-    out, b = [], 1
-    while b < rows:
-        out.append(b)
-        b *= 2
-    return [*out, b]
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimisation profile of one engine batch: every input's optimum shape
-    (``shapes``) and, for graphs with dynamic height and width, the smallest and largest
-    (``min_shapes`` / ``max_shapes``; None for a static profile, min = opt = max)."""
-
-    batch: int
-    shapes: dict[str, tuple[int, ...]]
-    min_shapes: dict[str, tuple[int, ...]] | None = None
-    max_shapes: dict[str, tuple[int, ...]] | None = None
-
-    def bounds(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(min, opt, max) of input ``name``, as `IOptimizationProfile.set_shape` takes them."""
-        opt = self.shapes[name]
-        return ((self.min_shapes or self.shapes)[name], opt, (self.max_shapes or self.shapes)[name])
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"batch": self.batch,
-                             "shapes": {k: list(v) for k, v in self.shapes.items()}}
-        if self.min_shapes is not None and self.max_shapes is not None:
-            d["min_shapes"] = {k: list(v) for k, v in self.min_shapes.items()}
-            d["max_shapes"] = {k: list(v) for k, v in self.max_shapes.items()}
-        return d
-
-
-def profiles_for(graph: str, model: ModelConfig | Mapping[str, Any], image_size: Sequence[int],
-                 batches: Sequence[int], sizes: SizeRange | None = None) -> list[Profile]:
-    """One profile per engine batch for ``graph`` of a model config (or its dict): static at
-    ``image_size``, or, with a ``sizes`` range of several sizes, spanning it with the optimum
-    at its default size."""
-    if not isinstance(model, ModelConfig):
-        model = ModelConfig.from_dict(model)
-    spec = get_graph(graph, model)
-    if sizes is not None and not sizes.is_fixed:
-        return [Profile(n, {k: v[1] for k, v in shapes.items()},
-                        {k: v[0] for k, v in shapes.items()},
-                        {k: v[2] for k, v in shapes.items()})
-                for n, shapes in spec.tensorrt_profile_ranges(model, sizes, batches)]
-    return [Profile(n, shapes) for n, shapes in
-            spec.tensorrt_profiles(model, int(image_size[0]), int(image_size[1]), batches)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Cache keys and the engine-directory layout
 
 
 @dataclass(frozen=True)
@@ -427,7 +277,7 @@ def engine_record(key: EngineKey, plan_sha256: str, plan_bytes: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing cache and the ONNX Runtime TensorRT execution provider
+# The builder's timing cache
 
 
 def _slug(text: str) -> str:
@@ -439,58 +289,10 @@ def timing_cache_path(env: EngineEnvironment,
     """Where the builder's timing cache lives: one file per TensorRT version and GPU, shared by
     every build on this machine (timings from another GPU would mislead the builder).
 
-    ``cache_dir`` defaults to ``$DECO_CACHE_DIR`` or ``$XDG_CACHE_HOME/deco`` (``~/.cache/deco``).
+    ``cache_dir`` defaults to ``runtimes.cache.cache_dir("tensorrt")`` (``~/.cache/deco/tensorrt``).
     """
     if cache_dir is None:
-        base = os.environ.get("DECO_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-            "deco")
-        cache_dir = Path(base) / "tensorrt"
+        cache_dir = default_cache_dir("tensorrt")
     name = (f"timing-trt{_slug(env.tensorrt_version)}-{_slug(env.gpu_name)}-"
             f"sm{env.compute_capability.replace('.', '')}.cache")
     return Path(cache_dir) / name
-
-
-def ort_tensorrt_provider_options(
-    cache_dir: str | os.PathLike[str],
-    *,
-    device_id: int = 0,
-    builder_optimization_level: int = 3,
-    workspace_bytes: int | None = None,
-    fp16_kernels: bool = False,
-    cuda_graph: bool = False,
-    profile: Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
-) -> dict[str, str]:
-    """Provider options for ONNX Runtime's TensorRT execution provider: the simpler route,
-    where ONNX Runtime builds and caches the engines itself.
-
-    Use as ``runtimes.load(bundle, providers=[("tensorrt", opts), "cuda"])``. Engines and the
-    timing cache go under ``cache_dir`` (e.g. ``BUNDLE/engines/ort-tensorrt``); ONNX Runtime
-    names them by graph hash and GPU and rebuilds on a TensorRT version change. Precision comes
-    from the graph: pick the bundle's fp16 graphs for fp16. ``fp16_kernels`` additionally lets
-    TensorRT 10 run fp32 graphs in fp16 (weak typing; TensorRT 11 ignores it). ``profile`` maps
-    input names to (min, opt, max) shapes for one graph; without it the provider builds for the
-    shapes it sees (one engine per shape, cached). ``cuda_graph`` needs static shapes.
-    """
-    path = Path(cache_dir)
-    opts: dict[str, str] = {
-        "device_id": str(int(device_id)),
-        "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": str(path),
-        "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": str(path),
-        "trt_builder_optimization_level": str(build_options(builder_optimization_level)[
-            "builder_optimization_level"]),
-    }
-    if workspace_bytes is not None:
-        opts["trt_max_workspace_size"] = str(build_options(3, workspace_bytes)["workspace_bytes"])
-    if fp16_kernels:
-        opts["trt_fp16_enable"] = "True"
-    if cuda_graph:
-        opts["trt_cuda_graph_enable"] = "True"
-    if profile:
-        for i, sel in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes",
-                                 "trt_profile_max_shapes")):
-            opts[sel] = ",".join(f"{name}:{'x'.join(str(int(d)) for d in shapes[i])}"
-                                 for name, shapes in profile.items())
-    return opts

@@ -266,7 +266,7 @@ def test_fid_on_request_scores_every_row_on_the_same_noise(bench, tmp_path):
             "onnxruntime-cpu", "--batch-sizes", "2", "--steps", "2", "--repeats", "1",
             "--warmup", "0", "--threads", "1", "--no-plots", "--no-progress",
             "--rounds", "2", "--fid", str(tmp_path / "data"), "--fid-samples", "5"]
-    result = CliRunner().invoke(main, args, env={"DECO_CACHE": str(tmp_path / "cache")})
+    result = CliRunner().invoke(main, args, env={"DECO_CACHE_DIR": str(tmp_path / "cache")})
     assert result.exit_code == 0, result.output
     fid = json.loads((tmp_path / "b" / "bench.json").read_text())["fid"]
     assert fid["samples"] == 5 and fid["steps"] == 2

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends.coreml import CoreMLBackend, split_batch
 from runtimes.config import ModelConfig
-from runtimes.graphs import graphs_for
+from runtimes.graphs import get_graph, graphs_for
 
 C2I_GRAPHS = tuple(graphs_for(ModelConfig()))  # the graphs of the class-conditional model
 
@@ -86,21 +87,35 @@ def large_weights(path: Path, threshold: int = cm.WEIGHT_THRESHOLD) -> int:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, golden_ckpt) -> Path:
+def export_tempdir(tmp_path_factory) -> Path:
+    """The temp dir the export below runs with: empty before it, so whatever is left is its."""
+    return tmp_path_factory.mktemp("export-tempdir")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, golden_ckpt, export_tempdir) -> Path:
     """`deco export coreml` of the golden checkpoint, fp16 and fp32, batches 1, 2 and 4."""
     pytest.importorskip("coremltools")
     from deco_export.cli import main
 
     out = tmp_path_factory.mktemp("coreml") / "bundle"
     started = time.perf_counter()
-    result = CliRunner().invoke(main, [
-        "export", "coreml", str(golden_ckpt), str(out), "--precision", "fp16",
-        "--precision", "fp32", "--batch-sizes", str(EXTRA_BATCH), "--image-size", "64x64",
-        "--license", "test licence",
-    ])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(export_tempdir))
+        result = CliRunner().invoke(main, [
+            "export", "coreml", str(golden_ckpt), str(out), "--precision", "fp16",
+            "--precision", "fp32", "--batch-sizes", str(EXTRA_BATCH), "--image-size", "64x64",
+            "--license", "test licence",
+        ])
     assert result.exit_code == 0, result.output
     print(f"\nCLI export, tiny fp16 + fp32: {time.perf_counter() - started:.1f} s")
     return out
+
+
+def test_an_export_leaves_the_temp_dir_as_it_found_it(exported, export_tempdir):
+    """coremltools writes a tmp*.mlpackage per converted or compressed model and removes it
+    only at exit; the exporter removes each once the package is saved."""
+    assert sorted(p.name for p in export_tempdir.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +274,7 @@ def test_metadata(exported, manifest, golden_model):
         meta = cm.inspect_package(exported / art.file)["metadata"]
         assert meta["license"] == "test licence"
         assert meta["author"].startswith("deco-export") and meta["version"]
-        assert meta["short_description"] == cm.GRAPH_DESCRIPTIONS[art.graph]
+        assert meta["short_description"] == get_graph(art.graph, manifest.model).description
         user = meta["user"]
         assert json.loads(user["deco.config"]) == manifest.model.to_dict()
         assert user["deco.graph"] == art.graph and user["deco.precision"] == art.precision

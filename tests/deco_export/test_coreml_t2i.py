@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from deco_export.export import coreml as cm
 from deco_export.export.bundle_io import NEGATIVE_EMBEDS_NAME
 from runtimes import bundle as rb
-from runtimes.graphs import graphs_for
+from runtimes.graphs import get_graph, graphs_for
 from runtimes.pipeline import bundle_negative_embeds
 
 pytest.importorskip("coremltools", reason="coremltools is not installed "
@@ -61,7 +61,7 @@ def test_dit_package_takes_text_features(t2i_coreml, golden_t2i_model):
     assert inputs["x_t"]["enumerated"] == [[b, 3, 64, 64] for b in (1, 2, 4)]
     assert {o["name"]: o["dtype"] for o in report["outputs"]} == {
         "cond": "float32", "hidden": "float32"}
-    assert report["metadata"]["short_description"] == cm.export.T2I_DIT_DESCRIPTION
+    assert report["metadata"]["short_description"] == get_graph("dit", manifest.model).description
     assert json.loads(report["metadata"]["user"]["deco.config"])["family"] == "t2i"
     spec = ct.models.MLModel(str(t2i_coreml / dit.file), skip_model_load=True).get_spec()
     assert [i.name for i in spec.description.input] == ["x_t", "t", "text_tokens"]
@@ -78,7 +78,7 @@ def test_dit_package_takes_text_features(t2i_coreml, golden_t2i_model):
 
 def test_bundle_stores_the_encoded_negative_prompt(t2i_coreml, golden_t2i):
     manifest = rb.read_manifest(t2i_coreml)
-    text = manifest.extra["text"]
+    text = manifest.text.to_dict()
     assert text["negative_prompt"] == ""
     assert text["negative_prompt_embeds"]["file"] == NEGATIVE_EMBEDS_NAME
     assert text["negative_prompt_embeds"]["shape"] == [1, TEXT_LEN, TEXT_DIM]
@@ -99,7 +99,7 @@ def test_bundle_source_passes_its_negative_prompt_on(t2i_coreml, golden_t2i, tmp
     assert manifest.get_artifact("coreml", "dit", "fp32").input("text_tokens").dtype == (
         "float32")
     assert np.array_equal(bundle_negative_embeds(out, manifest), golden_t2i["uncond_text"][:1])
-    assert manifest.extra["text"]["negative_prompt"] == ""
+    assert manifest.text.negative_prompt == ""
 
 
 def test_class_conditional_export_refuses_a_text_encoder(golden_ckpt, tmp_path):

@@ -39,7 +39,7 @@ from deco_export.export.bundle_io import BundleTransaction
 from deco_export.export.onnx import export_onnx
 from deco_export.sources import load_model
 from runtimes import bundle as rb
-from runtimes import fileio
+from runtimes import fileio, locks, staging
 from runtimes.graphs import graphs_for
 from runtimes.sampler import SampleDiverged
 from tests.helpers import GOLDEN_CKPT, REPO
@@ -301,14 +301,14 @@ def test_commit_rereads_the_manifest(bundle, ckpt):
 def test_a_second_writer_fails_clearly_when_the_lock_stays_held(bundle, ckpt, monkeypatch):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import time; from runtimes import fileio\n"
-         f"with fileio.lock({str(bundle)!r}):\n    print('held', flush=True); time.sleep(60)"],
+         "import time; from runtimes import locks\n"
+         f"with locks.lock({str(bundle)!r}):\n    print('held', flush=True); time.sleep(60)"],
         env=ENV, text=True, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setenv(fileio.LOCK_TIMEOUT_ENV, "0.3")
+        monkeypatch.setenv(locks.LOCK_TIMEOUT_ENV, "0.3")
         before = tree(bundle)
-        with pytest.raises(fileio.LockTimeout, match=f"{bundle} is being written by another"):
+        with pytest.raises(locks.LockTimeout, match=f"{bundle} is being written by another"):
             with _transaction(bundle, ckpt) as txn:
                 _stage(txn, "a.bin", b"a", "fp16")
         assert tree(bundle) == before
@@ -335,7 +335,7 @@ def test_kill_9_during_the_commit_of_an_export_leaves_a_bundle_that_verifies(bun
     proc = subprocess.Popen(
         [*DECO, "export", "onnx", str(ckpt), str(bundle), "--precision", "fp16",
          "--parity-steps", "2"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock = fileio.lock_path(bundle)
+    lock = locks.lock_path(bundle)
     try:
         assert _wait_for(lock, proc), "the export finished without taking the bundle's lock"
         os.kill(proc.pid, signal.SIGSTOP)  # frozen inside the commit
@@ -385,7 +385,7 @@ def test_kill_9_at_random_moments_of_repeated_commits(bundle, ckpt):
             proc.wait()
         assert rb.verify(bundle) == [], "the bundle did not verify after kill -9"
         assert rb.read_manifest(bundle).has_artifact("onnx", "dit", "fp32")
-    fileio.clean_stale(bundle)
+    staging.clean_stale(bundle)
     assert staging_left(bundle.parent) == []
 
 

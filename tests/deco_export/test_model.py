@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deco_export import DeCo, DeCoConfig, get_preset
+from deco_export import DeCo, ModelConfig, get_preset
 from deco_export.config import PRESETS
 from deco_export.layers import length, linspace
 from deco_export.model import patchify, unpatchify
@@ -45,16 +45,16 @@ def test_released_parameter_counts():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_config_json_round_trip(name):
     cfg = PRESETS[name]
-    assert DeCoConfig.from_json(cfg.to_json()) == cfg
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_config_rejects_bad_shapes():
     with pytest.raises(ValueError, match="num_heads"):
-        DeCoConfig(hidden_size=65, num_heads=4)
+        ModelConfig(hidden_size=65, num_heads=4)
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        DeCoConfig(hidden_size=64, num_heads=4, image_size=(60, 64))
+        ModelConfig(hidden_size=64, num_heads=4, image_size=(60, 64))
     with pytest.raises(ValueError, match="unknown DeCo config keys"):
-        DeCoConfig.from_dict({"hidden": 3})
+        ModelConfig.from_dict({"hidden": 3})
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 32, 48), (1, 3, 64, 16), (3, 1, 16, 16)])
@@ -171,3 +171,27 @@ def test_refresh_condition_matches_dit(golden, golden_model):
     with torch.no_grad():
         cond, hidden = golden_model.dit(x, t, y)
         assert torch.allclose(golden_model.dit.refresh_condition(hidden, t), cond)
+
+
+def test_the_old_config_name_still_imports_with_a_deprecation_warning():
+    import deco_export
+    from runtimes.config import ModelConfig
+
+    with pytest.warns(DeprecationWarning, match="DeCoConfig is runtimes.config.ModelConfig"):
+        from deco_export.config import DeCoConfig
+    assert DeCoConfig is ModelConfig
+    with pytest.warns(DeprecationWarning):
+        assert deco_export.DeCoConfig is ModelConfig
+    assert deco_export.ModelConfig is ModelConfig
+
+
+def test_random_model_draws_the_zeroed_output_layers_so_images_are_not_zero():
+    from deco_export.model import random_model
+
+    config = get_preset("DeCo-tiny/16")
+    a, b = random_model(config, seed=3), random_model(config, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert all(p.abs().sum() > 0 for p in a.parameters())  # no output layer left at zero
+    x = torch.randn(1, 3, 64, 64)
+    v = a(x, torch.tensor([0.5]), torch.tensor([1]))
+    assert v.abs().mean() > 0

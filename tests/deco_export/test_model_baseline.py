@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deco_export.config import DeCoConfig, baseline_of, baseline_preset, get_preset
+from deco_export.config import baseline_of, baseline_preset, get_preset
 from deco_export.flops import graph_flops, training_flops
 from deco_export.model import DeCo, PixelDiT, build_model, patchify
+from runtimes.config import ModelConfig
 
 
 def test_presets_pair_each_deco_size_with_two_more_blocks():
@@ -30,9 +31,9 @@ def test_architecture_is_serialised_only_when_not_the_default():
     assert "architecture" not in deco.to_dict()  # existing config.json files stay identical
     dit = get_preset("DiT-T/4")
     assert dit.to_dict()["architecture"] == "dit"
-    assert DeCoConfig.from_json(dit.to_json()) == dit
+    assert ModelConfig.from_json(dit.to_json()) == dit
     with pytest.raises(ValueError, match="architecture"):
-        DeCoConfig(architecture="unet")
+        ModelConfig(architecture="unet")
 
 
 @pytest.mark.parametrize("size", [(32, 32), (16, 24)])

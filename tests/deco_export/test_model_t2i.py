@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import deco_export
-from deco_export import DeCo, DeCoConfig, get_preset
+from deco_export import DeCo, ModelConfig, get_preset
 from deco_export.backends.torch_backend import TorchBackend
 from deco_export.checkpoint import CheckpointError, load_reference, save_pretrained
 from runtimes.sampler import SamplerConfig, make_plan, sample
@@ -86,16 +86,16 @@ def test_released_parameter_count_on_meta():
 
 def test_config_fields_and_serialisation():
     cfg = get_preset("DeCo-T2I")
-    assert DeCoConfig.from_json(cfg.to_json()) == cfg
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
     assert cfg.to_dict()["family"] == "t2i" and cfg.to_dict()["refine_depth"] == 4
     c2i = get_preset("DeCo-XL/16").to_dict()
     assert not {"family", "text_len", "text_dim", "refine_depth"} & set(c2i)
     with pytest.raises(ValueError, match="text_len and text_dim"):
-        DeCoConfig(hidden_size=64, num_heads=4, family="t2i")
+        ModelConfig(hidden_size=64, num_heads=4, family="t2i")
     with pytest.raises(ValueError, match="t2i"):
-        DeCoConfig(hidden_size=64, num_heads=4, text_len=8)
+        ModelConfig(hidden_size=64, num_heads=4, text_len=8)
     with pytest.raises(ValueError, match="family must be"):
-        DeCoConfig(family="t2v")
+        ModelConfig(family="t2v")
 
 
 def test_text_shape_is_checked(golden_t2i_model):
@@ -331,7 +331,7 @@ def test_text_path_share_of_the_release():
     from deco_export.flops import graph_flops
 
     cfg = get_preset("DeCo-T2I")
-    no_text = DeCoConfig(**{**cfg.to_dict(), "refine_depth": 0, "image_size": (512, 512)})
+    no_text = ModelConfig(**{**cfg.to_dict(), "refine_depth": 0, "image_size": (512, 512)})
     for side, share in ((256, 0.151), (512, 0.040)):
         total = graph_flops(cfg, "dit", 1, side, side) + graph_flops(cfg, "decoder", 1, side, side)
         refine = graph_flops(cfg, "dit", 1, side, side) - graph_flops(no_text, "dit", 1, side,

@@ -12,6 +12,7 @@ from runtimes.bundle import (
     BundleError,
     Manifest,
     read_manifest,
+    sha256_file,
     sha256_path,
     verify,
     write_manifest,
@@ -138,3 +139,32 @@ def test_artifact_paths_must_stay_inside_the_bundle():
         Artifact("openvino", "dit", "fp32", "dit.xml", "0" * 64, 1)
     with pytest.raises(BundleError, match="positive integer"):
         Manifest(model={**MODEL, "num_classes": "ten"})
+
+
+def test_the_text_section_is_typed_and_round_trips_byte_for_byte(tmp_path):
+    """A text-to-image bundle's "text" section: read into a TextSection, written back as it
+    was (key order included), its file verified with the artifacts, its hash checked."""
+    import numpy as np
+
+    from runtimes.bundle import TextSection, read_negative_embeds
+
+    embeds = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    np.save(tmp_path / "negative_prompt.npy", embeds, allow_pickle=False)
+    section = TextSection.create("", "negative_prompt.npy",
+                                 sha256_file(tmp_path / "negative_prompt.npy"),
+                                 (tmp_path / "negative_prompt.npy").stat().st_size, embeds.shape)
+    manifest = Manifest(model=MODEL, text=section)
+    write_manifest(tmp_path, manifest)
+    text = (tmp_path / "manifest.json").read_text()
+    back = read_manifest(tmp_path)
+    assert back.text == section and back.text.embeds_shape == (1, 2, 3)
+    assert "text" not in back.extra
+    write_manifest(tmp_path, back)
+    assert (tmp_path / "manifest.json").read_text() == text
+    assert list(json.loads(text)["text"]) == ["negative_prompt", "negative_prompt_embeds"]
+    assert np.array_equal(read_negative_embeds(tmp_path, back), embeds)
+    assert verify(tmp_path, manifest=back) == []
+    (tmp_path / "negative_prompt.npy").write_bytes(b"changed")
+    assert any("negative_prompt.npy" in p for p in verify(tmp_path, manifest=back))
+    with pytest.raises(BundleError, match="sha256 does not match"):
+        read_negative_embeds(tmp_path, back)

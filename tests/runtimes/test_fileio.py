@@ -1,4 +1,5 @@
-"""runtimes.fileio: atomic files under the umask, directory swaps, stale staging, the lock."""
+"""runtimes.fileio (atomic files under the umask, hashes), runtimes.staging (directory swaps,
+stale staging), runtimes.locks (the write lock) and runtimes.cache (one cache root)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes import fileio
+from runtimes import cache, fileio, locks, staging
 
 
 @pytest.fixture
@@ -47,10 +48,10 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path):
 
 def test_staging_dir_and_swap_keep_the_umask(tmp_path, umask_022):
     target = tmp_path / "bundle"
-    with fileio.staging_dir(target) as staging:
-        assert _mode(staging.path) == 0o755
-        (staging.path / "m").write_text("1")
-        fileio.swap_directory(staging.path, target)
+    with staging.staging_dir(target) as staged:
+        assert _mode(staged.path) == 0o755
+        (staged.path / "m").write_text("1")
+        staging.swap_directory(staged.path, target)
     assert (target / "m").read_text() == "1"
     assert _mode(target) == 0o755
 
@@ -59,20 +60,20 @@ def test_swap_replaces_an_existing_directory_whole(tmp_path):
     target = tmp_path / "d"
     target.mkdir()
     (target / "old").write_text("o")
-    with fileio.staging_dir(target) as staging:
-        (staging.path / "new").write_text("n")
-        fileio.swap_directory(staging.path, target)
+    with staging.staging_dir(target) as staged:
+        (staged.path / "new").write_text("n")
+        staging.swap_directory(staged.path, target)
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def test_clean_stale_removes_only_dead_writers_dirs(tmp_path):
     target = tmp_path / "b"
-    live = fileio.staging_dir(target)
+    live = staging.staging_dir(target)
     dead = tmp_path / ".b.staging-1-dead"
     dead.mkdir()
     (dead / "x.onnx").write_text("partial")
-    removed = fileio.clean_stale(target)
+    removed = staging.clean_stale(target)
     assert removed == [dead]
     assert live.path.is_dir()
     live.remove()
@@ -91,23 +92,61 @@ def test_second_writer_times_out_with_the_path(tmp_path):
     target = tmp_path / "bundle"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from runtimes import fileio\n"
-         f"with fileio.lock({str(target)!r}):\n"
+         "import sys, time; from runtimes import locks\n"
+         f"with locks.lock({str(target)!r}):\n"
          "    print('held', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        with pytest.raises(fileio.LockTimeout, match="being written by another process"), \
-                fileio.lock(target, timeout=0.3):
+        with pytest.raises(locks.LockTimeout, match=r"being written by another process \(pid"), \
+                locks.lock(target, timeout=0.3):
             pass
         assert time.monotonic() - started < 5
     finally:
         holder.kill()
         holder.wait()
-    with fileio.lock(target, timeout=5):  # the kernel dropped the dead holder's lock
+    with locks.lock(target, timeout=5):  # the kernel dropped the dead holder's lock
         pass
-    assert not fileio.lock_path(target).exists()
+    assert not locks.lock_path(target).exists()
+
+
+def test_the_writers_names_still_import_from_fileio_without_loading_them_for_readers():
+    probe = ("import sys; import runtimes, runtimes.fileio, runtimes.bundle\n"
+             "print(sorted(m for m in ('runtimes.locks', 'runtimes.staging', 'filelock') "
+             "if m in sys.modules))\n"
+             "from runtimes.fileio import lock, LockTimeout, staging_dir, swap_directory\n"
+             "import runtimes.locks as l, runtimes.staging as s\n"
+             "assert (lock, LockTimeout) == (l.lock, l.LockTimeout)\n"
+             "assert (staging_dir, swap_directory) == (s.staging_dir, s.swap_directory)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}, check=True)
+    assert out.stdout.strip() == "[]"
+    with pytest.raises(AttributeError, match="no attribute 'describe_os_error'"):
+        _ = fileio.describe_os_error
+
+
+def test_one_cache_root_under_one_variable(monkeypatch, tmp_path):
+    for name in ("DECO_CACHE_DIR", "DECO_CACHE", "DECO_COREML_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "deco"
+    assert cache.cache_dir("openvino") == tmp_path / "xdg" / "deco" / "openvino"
+    monkeypatch.setenv("DECO_CACHE_DIR", str(tmp_path / "root"))
+    assert cache.cache_dir("tensorrt") == tmp_path / "root" / "tensorrt"
+    assert not (tmp_path / "root").exists()  # naming a cache creates nothing
+
+
+def test_the_old_cache_variables_still_count_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.delenv("DECO_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DECO_CACHE", str(tmp_path / "old"))
+    with pytest.warns(FutureWarning, match=r"\$DECO_CACHE is deprecated.*\$DECO_CACHE_DIR"):
+        assert cache.cache_dir("fid") == tmp_path / "old" / "fid"
+    monkeypatch.setenv("DECO_COREML_CACHE", str(tmp_path / "coreml-here"))
+    with pytest.warns(FutureWarning, match=r"\$DECO_COREML_CACHE is deprecated"):
+        assert cache.cache_dir("coreml") == tmp_path / "coreml-here"
+    monkeypatch.setenv("DECO_CACHE_DIR", str(tmp_path / "new"))  # the new name wins, silently
+    assert cache.cache_dir("coreml") == tmp_path / "new" / "coreml"
 
 
 def test_the_new_errors_share_the_package_root():
@@ -116,5 +155,5 @@ def test_the_new_errors_share_the_package_root():
     from runtimes.errors import DecoError
     from runtimes.sampler import SampleDiverged
 
-    for error in (fileio.LockTimeout, SampleDiverged, TargetError, CheckpointError):
+    for error in (locks.LockTimeout, SampleDiverged, TargetError, CheckpointError):
         assert issubclass(error, DecoError), error

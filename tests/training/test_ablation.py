@@ -1,4 +1,5 @@
-"""scripts/ablation.py: the paired KID bootstrap, the evaluation order and the shared labels."""
+"""scripts/ablation.py: the evaluation order and the shared labels (its paired KID bootstrap is
+`training.metrics.paired_kid_bootstrap`, tested in test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from training.metrics import kid_from_features
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ablation.py"
 
@@ -21,32 +20,6 @@ def ablation():
     sys.modules["ablation_script"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def features(n: int, shift: float = 0.0, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(shift, 1.0, (n, 16))
-
-
-def test_bootstrap_calls_a_real_difference(ablation):
-    real = features(150, seed=1)
-    near, far = features(200, 0.0, seed=2), features(200, 0.6, seed=3)
-    boot = ablation.paired_kid_bootstrap(far, near, real, rounds=100)
-    assert boot["lo"] > 0  # the shifted set is worse, and the interval says so
-    assert boot["lo"] <= boot["diff"] <= boot["hi"]
-    # Each arm's bootstrap KID centres on the usual unbiased estimate.
-    kid_far, _ = kid_from_features(far, real, num_subsets=50)
-    assert boot["diff"] == pytest.approx(
-        kid_far - kid_from_features(near, real, num_subsets=50)[0], rel=0.3
-    )
-
-
-def test_bootstrap_of_equal_sets_includes_zero(ablation):
-    real = features(150, seed=1)
-    a, b = features(200, 0.0, seed=4), features(200, 0.0, seed=5)
-    boot = ablation.paired_kid_bootstrap(a, b, real, rounds=100)
-    assert boot["lo"] < 0 < boot["hi"]
-    same = ablation.paired_kid_bootstrap(a, a, real, rounds=50)
-    assert same["lo"] == same["hi"] == 0.0  # paired: identical samples differ by nothing
 
 
 def test_work_order_puts_curves_before_the_rest_of_the_final_set(ablation):

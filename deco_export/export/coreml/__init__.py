@@ -60,7 +60,6 @@ from .convert import (
     unsupported_ops,
 )
 from .export import (
-    GRAPH_DESCRIPTIONS,
     coreml_file_name,
     export_coreml,
     load_source,
@@ -95,7 +94,6 @@ __all__ = [
     "DEFAULT_TARGET",
     "DEPLOYMENT_TARGETS",
     "FP32_ISLANDS",
-    "GRAPH_DESCRIPTIONS",
     "GRAPH_NAMES",
     "INSTALL_HINT",
     "PRECISIONS",

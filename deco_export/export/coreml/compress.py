@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .convert import discard_temp_packages
 from .targets import (
     COMPRESSIONS,
     DEFAULT_TARGET,
@@ -223,7 +224,10 @@ def compress_package(source: str | Path, destination: str | Path, compression: s
                    DEFAULT_TARGET)
     target = target or mlmodel.user_defined_metadata.get("deco.deployment_target", implied)
     compressed, record = compress_model(mlmodel, compression, target)
-    compressed.user_defined_metadata["deco.compression"] = compression
-    with quiet_logs():
-        compressed.save(str(destination))
+    try:
+        compressed.user_defined_metadata["deco.compression"] = compression
+        with quiet_logs():
+            compressed.save(str(destination))
+    finally:
+        discard_temp_packages(mlmodel, compressed)
     return record

@@ -3,6 +3,8 @@ ML program under the precision policy."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +15,6 @@ import torch
 from runtimes.config import ModelConfig
 from runtimes.graphs import GRAPH_SPECS, get_graph
 
-from ...config import DeCoConfig
 from ...model import DeCo
 from ..graphs import GRAPH_CLASSES, example_inputs, input_names, output_names
 from .inspect import ProgramReport, program_report
@@ -91,7 +92,7 @@ def input_shapes(graph: str, inputs: Sequence[torch.Tensor], batch_sizes: Sequen
     batches = sorted(set(batch_sizes))
     if config is None or not image_sizes:
         return {name: [(b, *(int(s) for s in x.shape[1:])) for b in batches]
-                for name, x in zip(input_names(config or DeCoConfig(), graph), inputs,
+                for name, x in zip(input_names(config or ModelConfig(), graph), inputs,
                                    strict=True)}
     spec = get_graph(graph, config)
     out: dict[str, list[tuple[int, ...]]] = {name: [] for name in spec.input_names}
@@ -110,7 +111,7 @@ def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
     docstring). An input that is not enumerated takes a range in each varying dimension.
     ``config``: the model (default a class-conditional DeCo), whose family names the inputs
     (a text-to-image DiT takes float32 ``text_tokens`` (B, L, D) where a c2i one takes labels)."""
-    config_ = config or DeCoConfig()
+    config_ = config or ModelConfig()
     shapes = input_shapes(graph, inputs, batch_sizes, config, image_sizes)
     count = max(len(v) for v in shapes.values())
     kinds = get_graph(graph, config_).coreml_batch_kinds(count,
@@ -132,6 +133,17 @@ def input_types(ct: Any, graph: str, inputs: Sequence[torch.Tensor],
             shape = ct.Shape(tuple(dims))
         types.append(ct.TensorType(name=name, shape=shape, dtype=dtype))
     return types
+
+
+def discard_temp_packages(*mlmodels: Any) -> None:
+    """Delete the temporary ``tmp*.mlpackage`` directory coremltools writes for each converted
+    or compressed model (it removes them only when the process exits, so a long export, or a
+    killed one, leaves one per graph and precision in the temp dir). Call it once the model is
+    saved or no longer needed."""
+    for mlmodel in mlmodels:
+        path = getattr(mlmodel, "package_path", None)
+        if getattr(mlmodel, "is_temp_package", False) and path and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Tensor], *,
@@ -171,7 +183,7 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
                 inputs=input_types(ct, graph, inputs, batch_sizes, ml_target, config,
                                    image_sizes),
                 outputs=[ct.TensorType(name=name, dtype=np.float32)
-                         for name in output_names(config or DeCoConfig(), graph)],
+                         for name in output_names(config or ModelConfig(), graph)],
                 convert_to="mlprogram",
                 compute_precision=compute_precision,
                 minimum_deployment_target=ml_target,
@@ -189,6 +201,7 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
     if precision == "fp32":
         report.unexpected_fp32 = []
     elif report.unexpected_fp32:
+        discard_temp_packages(mlmodel)
         shown = "; ".join(report.unexpected_fp32[:5])
         more = len(report.unexpected_fp32) - 5
         raise CoreMLExportError(
@@ -211,7 +224,7 @@ def tracing_inputs(model: DeCo, height: int, width: int, seed: int
         modulation = model.decoder.modulation(cond)
     inputs = {"dit": (x_t, t, condition), "decoder": (x_t, cond), "refresh": (hidden, t),
               "decoder_cond": (cond,), "decoder_pixel": (x_t, modulation)}
-    if model.config.family == "t2i":
+    if model.config.is_text_to_image:
         inputs["text_embed"] = example_inputs(model, "text_embed", 2, height, width, seed=seed)
     return inputs
 
@@ -220,7 +233,7 @@ def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int],
                       config: ModelConfig | None = None) -> dict[str, str]:
     """How each input's batch is declared: "enumerated", "range" or "fixed" (the inputs of
     ``config``'s graph; default a class-conditional DeCo's)."""
-    spec = get_graph(graph, config or DeCoConfig())
+    spec = get_graph(graph, config or ModelConfig())
     if len(sizes) == 1:
         return spec.coreml_batch_kinds(1, joint_enumeration=False)
     joint = joint_enumerated_shapes(ct, deployment_target(ct, target))

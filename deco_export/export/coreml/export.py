@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtimes.graphs import get_graph
 from runtimes.sampler import release_sampler
 from runtimes.sizes import SizeRange
 
@@ -39,7 +40,7 @@ from ..graphs import (
     reference_outputs,
 )
 from .compress import compress_model
-from .convert import batch_shape_kinds, convert_graph, tracing_inputs
+from .convert import batch_shape_kinds, convert_graph, discard_temp_packages, tracing_inputs
 from .inspect import inspect_package
 from .precision import parse_islands
 from .targets import (
@@ -63,16 +64,6 @@ DEFAULT_LICENSE = (
     "Weights: the licence of the source checkpoint. Export code: Apache-2.0 (deco-export)."
 )
 
-GRAPH_DESCRIPTIONS = {
-    "dit": "DeCo DiT: noisy image, time and label -> per-token condition and last hidden state",
-    "decoder": "DeCo pixel decoder: noisy image and per-token condition -> velocity",
-    "refresh": "DeCo condition refresh: cached hidden state and a new time -> condition",
-    "decoder_cond": "DeCo decoder, condition part: per-token condition -> per-pixel condition",
-    "decoder_pixel": "DeCo decoder, pixel part: noisy image and cached condition -> velocity",
-    "text_embed": "DeCo text-to-image text embedding: text features -> the DiT's text tokens",
-}
-T2I_DIT_DESCRIPTION = ("DeCo text-to-image DiT: noisy image, time and text tokens -> "
-                       "per-token condition and last hidden state")
 TENSOR_DESCRIPTIONS = {
     "x_t": "noisy image (B, C, H, W), float32; t = 0 is pure noise, t = 1 data",
     "t": "time (B,) in [0, 1], float32",
@@ -106,8 +97,7 @@ def describe_model(mlmodel: Any, model: DeCo, graph: str, precision: str, *,
     mlmodel.author = f"deco-export {__version__}"
     mlmodel.license = license
     mlmodel.version = __version__
-    mlmodel.short_description = (T2I_DIT_DESCRIPTION if (graph, model.config.family) == (
-        "dit", "t2i") else GRAPH_DESCRIPTIONS[graph])
+    mlmodel.short_description = get_graph(graph, model.config).description
     for name in input_names(model.config, graph):
         mlmodel.input_description[name] = TENSOR_DESCRIPTIONS[name]
     for name in output_names(model.config, graph):
@@ -186,7 +176,7 @@ def export_coreml(
     half needs no encoder. Exporting into a bundle that already stores one keeps it.
     """
     say = progress or (lambda _msg: None)
-    if model.config.architecture == "dit":
+    if not model.config.has_decoder:
         raise CoreMLExportError(
             "the plain DiT baseline exports to ONNX only (one graph, pixel_dit); use "
             "`deco export onnx`"
@@ -232,15 +222,20 @@ def export_coreml(
                     verbose=verbose, config=model.config,
                     image_sizes=None if served.is_fixed else served.enumerated)
                 convert_seconds = time.perf_counter() - started
-                mlmodel, compression_record = compress_model(mlmodel, compression, target,
-                                                              verbose=verbose)
-                describe_model(mlmodel, model, graph, precision, image_size=(height, width),
-                               batch_sizes=sizes, target=target, compute_units=compute_units,
-                               compression=compression, islands=islands, license=licence,
-                               source=source, image_sizes=served.enumerated or ())
-                path = txn.staging / name
-                with quiet_logs():
-                    mlmodel.save(str(path))
+                converted = mlmodel
+                try:
+                    mlmodel, compression_record = compress_model(converted, compression, target,
+                                                                  verbose=verbose)
+                    describe_model(mlmodel, model, graph, precision, image_size=(height, width),
+                                   batch_sizes=sizes, target=target,
+                                   compute_units=compute_units, compression=compression,
+                                   islands=islands, license=licence, source=source,
+                                   image_sizes=served.enumerated or ())
+                    path = txn.staging / name
+                    with quiet_logs():
+                        mlmodel.save(str(path))
+                finally:
+                    discard_temp_packages(converted, mlmodel)
                 structure = inspect_package(path)
                 details = {
                     "format": "mlprogram",
