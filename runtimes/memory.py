@@ -17,7 +17,6 @@ refuse earlier).
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +82,10 @@ def _meminfo_available() -> tuple[int, str] | None:
 
 
 def _address_space_left() -> tuple[int, str] | None:
+    try:
+        import resource  # POSIX only: Windows has no address-space limit to read
+    except ImportError:
+        return None
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return None

@@ -138,6 +138,8 @@ GRAPH_NAMING = {
     "deco_export.bench.availability": "which artifacts a runtime row needs",
     "deco_export.bench.run": "the text encoder, timed as its own stage",
     "deco_export.validate": "the text encoder, gated apart from the sampled graphs",
+    "deco_export.validate_text": "the text encoder's artifact, gated by its own recorded outputs",
+    "deco_export.commands.sample": 'the "text_encoder" key of an image\'s recorded parameters',
     "deco_export.calibrate": "the DiT artifact's hash keys a schedule",
     "deco_export.text_encoders": "the text encoder's record in a checkpoint",
     "deco_export.config": 'the architecture value "dit" (the plain pixel DiT)',
