@@ -20,9 +20,11 @@ and ``deco_export.backends.register`` calls, for each::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,12 @@ import numpy as np
 
 from runtimes import bundle as _bundle
 from runtimes import fileio
-from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
+from runtimes.backend import (
+    BackendError,
+    close_backend,
+    supports_decoder_split,
+    supports_text_embedding,
+)
 from runtimes.bundle import BundleError, Manifest, SamplerDefaults, model_config_from_manifest
 from runtimes.config import ModelConfig
 from runtimes.image import to_pil, to_uint8
@@ -227,6 +234,7 @@ class DeCoPipeline:
         )
         self.schedules = dict(schedules or {})
         self.manifest = manifest
+        self._generating = threading.Lock()
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -489,11 +497,13 @@ class DeCoPipeline:
         else:
             x0 = sample_noise(seed, *shape)
             used_seed = seed if isinstance(seed, (int, np.integer)) else list(seed)
-        x = sample(
-            self.backend, x0, cond, plan,
-            null_class=None if uncond is not None else self.model_config.null_class,
-            uncond=uncond, callback=callback, fused_step=fused_step, decoder_split=decoder_split,
-        )
+        with self._one_generation_at_a_time():
+            x = sample(
+                self.backend, x0, cond, plan,
+                null_class=None if uncond is not None else self.model_config.null_class,
+                uncond=uncond, callback=callback, fused_step=fused_step,
+                decoder_split=decoder_split,
+            )
         if output_type == "np":
             images: Any = x
         elif output_type == "uint8":
@@ -506,6 +516,24 @@ class DeCoPipeline:
                                 config, prompts)
 
     __call__ = generate
+
+    @contextlib.contextmanager
+    def _one_generation_at_a_time(self) -> Iterator[None]:
+        """Nothing for a ``thread_safe`` backend; otherwise a second thread's generation is
+        refused (not queued: a caller sharing such a pipeline has a bug to fix, not a wait)."""
+        if getattr(self.backend, "thread_safe", False):
+            yield
+            return
+        if not self._generating.acquire(blocking=False):
+            name = getattr(self.backend, "name", type(self.backend).__name__)
+            raise BackendError(
+                f"this pipeline's {name} backend is generating in another thread and runs one "
+                "generation at a time; give each thread its own pipeline (runtimes.load)"
+            )
+        try:
+            yield
+        finally:
+            self._generating.release()
 
     # -- sharing calibration ------------------------------------------------------------------
 

@@ -116,6 +116,8 @@ class OpenVinoBackend(HostArrays):
     cache_dir: where compiled models are cached (None: `default_cache_dir`; False: no cache).
     """
 
+    thread_safe = True  # one infer request per graph and thread (see _request)
+
     runtime = "onnx"
 
     @staticmethod
