@@ -56,6 +56,11 @@ DiT baseline, ``architecture="dit"``) runs as one graph. Its backend sets
 and the output of ``decoder``; the sampler then calls only that (no DiT sharing: there is no
 DiT output to reuse).
 
+Threads: a backend whose calls may run from several threads at once (ONNX Runtime sessions,
+OpenVINO with an infer request per thread, eager PyTorch) sets ``thread_safe = True``. A
+`runtimes.DeCoPipeline` on any other backend (one set of device buffers or CUDA graphs, say)
+refuses a second concurrent ``generate`` with one line instead of mixing two images' arrays.
+
 This module imports nothing but numpy, so every backend (including the PyTorch
 one that lives outside ``runtimes``) can implement the protocol without pulling a runtime in.
 """

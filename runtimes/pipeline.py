@@ -20,10 +20,12 @@ and ``deco_export.backends.register`` calls, for each::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,12 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as _bundle
-from runtimes.backend import close_backend, supports_decoder_split, supports_text_embedding
+from runtimes.backend import (
+    BackendError,
+    close_backend,
+    supports_decoder_split,
+    supports_text_embedding,
+)
 from runtimes.bundle import BundleError, Manifest, model_config_from_manifest
 from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError, DecoError
@@ -255,6 +262,7 @@ class DeCoPipeline:
         names = id2label if id2label is not None else (
             manifest.id2label if manifest is not None else {})
         self.id2label: dict[int, str] = {int(k): str(v) for k, v in names.items()}
+        self._generating = threading.Lock()
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -656,12 +664,13 @@ class DeCoPipeline:
                                     stopped_after)
 
         try:
-            x = sample(
-                self.backend, x0, cond, plan,
-                null_class=None if uncond is not None else self.model_config.null_class,
-                uncond=uncond, callback=callback, fused_step=fused_step,
-                decoder_split=decoder_split, after_step=hook,
-            )
+            with self._one_generation_at_a_time():
+                x = sample(
+                    self.backend, x0, cond, plan,
+                    null_class=None if uncond is not None else self.model_config.null_class,
+                    uncond=uncond, callback=callback, fused_step=fused_step,
+                    decoder_split=decoder_split, after_step=hook,
+                )
         except GenerationInterrupted as stopped:
             stopped.output = output(stopped.clean_estimate, stopped.steps_done)
             if return_partial:
@@ -708,6 +717,23 @@ class DeCoPipeline:
         `GenerationTask` (``cancel()``, ``latest``, ``result()``, ``future``): the form a GUI
         application uses. One pipeline runs one generation at a time."""
         return GenerationTask(self.generate, *args, **kwargs)
+    @contextlib.contextmanager
+    def _one_generation_at_a_time(self) -> Iterator[None]:
+        """Nothing for a ``thread_safe`` backend; otherwise a second thread's generation is
+        refused (not queued: a caller sharing such a pipeline has a bug to fix, not a wait)."""
+        if getattr(self.backend, "thread_safe", False):
+            yield
+            return
+        if not self._generating.acquire(blocking=False):
+            name = getattr(self.backend, "name", type(self.backend).__name__)
+            raise BackendError(
+                f"this pipeline's {name} backend is generating in another thread and runs one "
+                "generation at a time; give each thread its own pipeline (runtimes.load)"
+            )
+        try:
+            yield
+        finally:
+            self._generating.release()
 
     # -- sharing calibration ------------------------------------------------------------------
 

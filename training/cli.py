@@ -114,8 +114,8 @@ def resolve_preset(preset: str | None, family: str | None) -> str:
     help="CFG dropout rate: null label (c2i) or empty prompt (t2i)",
 )  # fmt: skip
 @click.option(
-    "--text-encoder", default="minilm", show_default=True,
-    help="t2i: minilm (all-MiniLM-L6-v2) or a local Qwen3 directory",
+    "--text-encoder", default=None,
+    help="t2i: minilm (all-MiniLM-L6-v2) or a local Qwen3 directory [minilm]",
 )  # fmt: skip
 @click.option("--time-shift", default=1.0, show_default=True, help="t/(t+(1-t)s) shift")
 @click.option(
@@ -170,6 +170,13 @@ def train(**kw: Any) -> None:
     if kw["freq_weight"] is None:
         # The reference trains its plain-DiT baselines with flow matching alone.
         kw["freq_weight"] = 1.0 if get_preset(kw["preset"]).has_decoder else 0.0
+    if kw["text_encoder"] is None:
+        kw["text_encoder"] = "minilm"
+    elif not get_preset(kw["preset"]).is_text_to_image:
+        raise click.UsageError(f"--text-encoder is for text-to-image presets; {kw['preset']} "
+                               "is class-conditional")
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
     kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")
@@ -237,7 +244,20 @@ def evaluate(
 
     if (samples is None) == (checkpoint is None):
         raise click.UsageError("give exactly one of --samples or --checkpoint")
+    # Every option before any data is read or any image generated.
+    counts = (("--num-samples", num_samples), ("--batch-size", batch_size),
+              ("--kid-subsets", kid_subsets), ("--threads", 1 if threads is None else threads))
+    for flag, value in counts:
+        if value < 1:
+            raise click.UsageError(f"{flag} must be >= 1, got {value}")
+    if not 1 <= steps <= 10000:
+        raise click.UsageError(f"--steps must lie in 1..10000, got {steps}")
+    if not (cfg_scale >= 0 and cfg_scale != float("inf")):
+        raise click.UsageError(f"--cfg must be a finite number >= 0, got {cfg_scale}")
+    from deco_export.devices import torch_device
+
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    torch_device(dev)
     if threads:
         torch.set_num_threads(threads)
     model = None

@@ -36,6 +36,7 @@ class TorchBackend:
     name = "torch"
     supports_refresh = True
     supports_velocity = False
+    thread_safe = True  # eager modules under no_grad share no state between calls
     supports_decoder_split = True
     supports_text_embedding = False  # True for a text-to-image model
 

@@ -152,6 +152,9 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         num_classes = pipe.model_config.num_classes
         distinct = pipe.class_indices(parse_classes(classes)) if classes else list(
             range(num_classes if num_classes <= 16 else 8))
+        if not distinct:
+            raise click.UsageError(f"--classes {classes!r} lists no class; give e.g. "
+                                   "--classes 0,3")
         condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
         count = len(distinct)
     if fast:

@@ -337,6 +337,8 @@ class OnnxRuntimeBackend(GraphBackend):
     device_id: GPU index for device-resident arrays.
     """
 
+    thread_safe = True  # ORT sessions are re-entrant; bindings are made per call
+
     runtime = "onnx"
 
     def __init__(

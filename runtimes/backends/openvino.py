@@ -110,6 +110,8 @@ class OpenVinoBackend(HostArrays, GraphBackend):
     cache_dir: where compiled models are cached (None: ``cache_dir("openvino")``; False: no cache).
     """
 
+    thread_safe = True  # one infer request per graph and thread (see _request)
+
     runtime = "onnx"
 
     @staticmethod

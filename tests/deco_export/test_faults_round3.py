@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.deco_export.test_faults import DECO, ENV, cli, deco, one_line_error, tree
+from tests.helpers import GaussianFlowBackend
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -445,19 +446,18 @@ def test_a_huge_size_range_is_planned_without_listing_every_size():
     assert result.stdout.strip() == "[(32, 32), (16, 32)]"
 
 
-def test_a_file_of_the_wrong_size_is_refused_before_any_hash(c2i_bundle, tmp_path, monkeypatch):
-    # A 20 GB tokenizer.json was hashed in full (122 s) before being refused.
+def test_a_file_of_the_wrong_size_is_refused_without_hashing_it(t2i_copy, monkeypatch):
+    # A 20 GB tokenizer.json (no size in the manifest) was hashed in full (122 s) before being
+    # refused; an export now records the sizes of extra files, checked before any hash.
     from runtimes import bundle as rb
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(c2i_bundle, bundle)
-    with open(bundle / "decoder.onnx", "r+b") as fh:
+    with open(t2i_copy / "tokenizer.json", "r+b") as fh:
         fh.truncate(20 << 30)  # sparse: 20 GB long, nothing written
     hashed: list[str] = []
-    monkeypatch.setattr(rb, "sha256_path", lambda p: hashed.append(str(p)) or "0" * 64)
-    problems = rb.verify(bundle)
-    assert problems and "decoder.onnx: 21474836480 bytes, the manifest says" in problems[0]
-    assert hashed and not any(h.endswith("/decoder.onnx") for h in hashed)  # never read
+    monkeypatch.setattr(rb, "sha256_path", lambda p: hashed.append(Path(p).name) or "0" * 64)
+    problems = rb.verify(t2i_copy)
+    assert problems[0].startswith("tokenizer.json: 21474836480 bytes, the manifest says")
+    assert "tokenizer.json" not in hashed and hashed  # the others are still hashed
 
 
 def test_extra_files_record_their_size(t2i_bundle):
@@ -532,6 +532,7 @@ def test_a_device_this_machine_lacks_is_one_line(images, tmp_path, verb, device)
     (["bench", "default", "--out", "{tmp}/o", "--timeout", "nan"], "--timeout must be a positive"),
     (["bench", "default", "--out", "{tmp}/o", "--guidance", "nan"], "--guidance must be a finite"),
     (["sample", "default", "--cols", "0", "--out", "{tmp}/x.png"], "--cols must be >= 1"),
+    (["sample", "default", "--classes", ",", "--out", "{tmp}/x.png"], "lists no class"),
 ])
 def test_options_are_checked_before_any_work(tmp_path, args, words):
     # Each failed only after sampling or benchmarking (or misleadingly, or as a traceback).
@@ -609,3 +610,55 @@ except Exception as exc:
                             env={**ENV, "DECO_MAX_MEMORY": "1000"}, timeout=300)
     assert "ran out of memory" in result.stdout, result.stdout + result.stderr
     assert "deco validate" not in result.stdout
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--text-encoder", "/nowhere"], "--text-encoder is for text-to-image presets"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_training_flags_that_do_not_apply_are_refused(images, tmp_path, extra, words):
+    # Both trained silently: the encoder was ignored, 0 threads meant "all".
+    one_line_error(cli(*train_args(images, tmp_path / "run", *extra)), words)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--device", "tpu"], "'tpu' is not a device"),
+    (["--steps", "0"], "--steps must lie in 1..10000"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+])
+def test_eval_options_are_checked_before_any_work(images, extra, words):
+    # --device tpu was a RuntimeError traceback; the others waited for the data and model.
+    one_line_error(cli("eval", "--data", images, "--checkpoint", "default", *extra), words)
+
+
+class _SlowBackend(GaussianFlowBackend):
+    """The analytic backend with a DiT call slow enough for two threads to overlap; like a
+    backend of device buffers or CUDA graphs, it does not declare itself thread-safe."""
+
+    def dit(self, x_t, t, y):
+        time.sleep(0.05)
+        return super().dit(x_t, t, y)
+
+
+def test_a_backend_that_is_not_thread_safe_refuses_a_second_generation():
+    import runtimes
+    from runtimes.backend import BackendError
+
+    backend = _SlowBackend()
+    pipe = runtimes.DeCoPipeline(backend, backend.model_config(), {"steps": 6})
+    started = threading.Event()
+
+    def first() -> np.ndarray:
+        return pipe.generate([0], output_type="np",
+                             callback=lambda i, n, t: started.set()).images
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(first)
+        assert started.wait(10)
+        with pytest.raises(BackendError, match="one generation at a time"):
+            pipe.generate([1], output_type="np")
+        images = running.result()
+    alone = pipe.generate([0], output_type="np").images  # free again afterwards
+    assert np.array_equal(images, alone)
