@@ -431,8 +431,11 @@ RELEASE_SAMPLERS: dict[str, SamplerConfig] = {
 # and the guidance edges, applied over the bundle's own guidance, interval and shift. Chosen
 # from the measured PSNR-vs-NFE curves of the embedded models (docs/sampling.md).
 FAST_SAMPLERS: dict[str, dict[str, Any]] = {
-    "c2i": {"solver": "unipc", "num_steps": 8, "guidance_edges": True},
-    "t2i": {"solver": "unipc", "num_steps": 8, "guidance_edges": True},
+    # 35.3 dB against the converged sample (Euler 25: 31.6, Euler 50: 36.8, the release's Euler
+    # 100: 39.3), 6.25x fewer evaluations than the release.
+    "c2i": {"solver": "unipc", "num_steps": 16, "guidance_edges": True},
+    # 33.3 dB (Euler 16: 33.0, Euler 25: 36.9, the release's AB2 25: 41.7), 2.5x fewer.
+    "t2i": {"solver": "ab2", "num_steps": 10, "guidance_edges": True},
 }
 
 

@@ -397,21 +397,11 @@ class DPMSolverPP2M(Solver):
 
 
 def _unipc_b(hh: float, order: int) -> list[float]:
-    """UniPC's right-hand side b (``order`` values) and B(h) for bh2 at hh = -h (data
-    prediction), following diffusers' loop; hh = -inf (a step from t = 0) has the limits."""
-    if math.isinf(hh):
-        b_h = -1.0
-        # h_phi_k = h_phi_1 / hh - 1 -> -1, then h_phi_k / hh - 1/k! -> -1/k!
-        phis, fact = [], 1
-        phi = -1.0
-        for i in range(1, order + 1):
-            phis.append(phi * fact / b_h)
-            fact *= i + 1
-            phi = -1.0 / fact
-        return phis
-    h_phi_1 = math.expm1(hh)
+    """UniPC's right-hand side b (``order`` values) for bh2 (B(h) = expm1(hh)) at hh = -h in
+    data prediction, following diffusers' loop; hh is finite (an order-2 step never starts
+    at t = 0 or ends at t = 1)."""
     b_h = math.expm1(hh)
-    phi = h_phi_1 / hh - 1.0
+    phi = math.expm1(hh) / hh - 1.0
     phis, fact = [], 1
     for i in range(1, order + 1):
         phis.append(phi * fact / b_h)
@@ -464,15 +454,14 @@ class UniPC(Solver):
             if i < n - 1 and not restarts[i]:
                 order = pred_orders[i]
                 hh = -(lam[i + 1] - lam[i])
-                phis = _unipc_b(hh, order)
-                b_h = -1.0 if math.isinf(hh) else math.expm1(hh)
+                b_h = -1.0 if math.isinf(hh) else math.expm1(hh)  # the limit from t = 0
                 c_m_prev = 0.0
                 if order == 1:
                     rhos = [0.5]
                 else:
                     r_c = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i])
                     mat = np.array([[1.0, 1.0], [r_c, 1.0]])
-                    rhos = [float(v) for v in np.linalg.solve(mat, np.array(phis))]
+                    rhos = [float(v) for v in np.linalg.solve(mat, np.array(_unipc_b(hh, 2)))]
                 # x = a x_i + b m_i - alpha_t B_h (sum rhos[:-1] D1s + rhos[-1] (m_t - m_i))
                 scale = -t * b_h
                 c_m_cur = b - scale * rhos[-1]

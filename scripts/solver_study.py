@@ -59,8 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("runs/solver-study"))
     p.add_argument("--num", type=int, default=64, help="held-out noises per model")
     p.add_argument("--solvers", default=",".join(SOLVERS))
-    p.add_argument("--nfe", default="4,6,8,10,16,25")
-    p.add_argument("--long-nfe", default="50")
+    p.add_argument("--nfe", default="4,6,8,10,16")
+    p.add_argument("--long-nfe", default="25,50")
     p.add_argument("--long-solvers", default="euler,unipc")
     p.add_argument("--compare", default="ab2,unipc",
                    help="solvers also run without guidance edges (class-conditional)")
@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="batch-1 timing runs per setting")
     p.add_argument("--out", type=Path, default=Path("docs/eval/solver-study.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/img/solvers.png"))
+    p.add_argument("--part", default="0/1",
+                   help="I/K: run every K-th setting from the I-th (K processes share a model; "
+                        "part 0 makes the reference, the others wait for it)")
     return p.parse_args()
 
 
@@ -153,6 +156,9 @@ def study(name: str, args: argparse.Namespace, nfes: list[int]) -> dict[str, Any
     cache = args.work / f"reference-{name}-{args.reference_steps}-{args.num}.npz"
     ref_cfg = replace(defaults, solver="heun", num_steps=args.reference_steps,
                       guidance_edges=True)
+    part, parts = (int(v) for v in args.part.split("/"))
+    while part and not cache.is_file():
+        time.sleep(10)
     if cache.is_file():
         stored = np.load(cache)
         reference, check = stored["reference"], stored["check"]
@@ -162,7 +168,8 @@ def study(name: str, args: argparse.Namespace, nfes: list[int]) -> dict[str, Any
         reference = generate(pipe, cond, ref_cfg, noise).astype(np.float64)
         check = generate(pipe, cond, replace(ref_cfg, num_steps=args.reference_steps // 2),
                          noise).astype(np.float64)
-        np.savez(cache, reference=reference, check=check)
+        np.savez(cache.with_suffix(".tmp.npz"), reference=reference, check=check)
+        cache.with_suffix(".tmp.npz").rename(cache)
     out: dict[str, Any] = {
         "model": name, "family": cfg.family, "num": args.num, "image_size": cfg.image_size,
         "defaults": defaults.to_dict(),
@@ -181,7 +188,7 @@ def study(name: str, args: argparse.Namespace, nfes: list[int]) -> dict[str, Any
                 settings.append((solver, replace(defaults, solver=solver,
                                                  num_steps=steps_for(solver, nfe),
                                                  guidance_edges=edges), nfe))
-    for label, config, target in settings:
+    for label, config, target in settings[part::parts]:
         t0 = time.perf_counter()
         images = generate(pipe, cond, config, noise)
         row = {"setting": label, "target_nfe": target, "solver": config.solver,
@@ -280,16 +287,18 @@ def main() -> None:
     earlier = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
     results = []
     for name in (n for n in args.models.split(",") if n):
-        part = args.work / f"result-{name}.json"
+        done = args.work / f"result-{name}-{args.part.replace('/', 'of')}.json"
         found = [r for r in earlier if r["model"] == name and r["num"] == args.num
                  and r["reference"]["steps"] == args.reference_steps]
-        if part.is_file():
-            results.append(json.loads(part.read_text()))
+        pieces = sorted(args.work.glob(f"result-{name}-[0-9]*of[0-9]*.json"))
+        if done.is_file() or (args.part == "0/1" and pieces):
+            merged = [json.loads(p.read_text()) for p in (pieces or [done])]
+            results.append({**merged[0], "rows": [r for m in merged for r in m["rows"]]})
         elif found:
             results.append(found[0])
         else:
             results.append(study(name, args, nfes))
-            part.write_text(json.dumps(results[-1], indent=1) + "\n")
+            done.write_text(json.dumps(results[-1], indent=1) + "\n")
     report = {"cpu": cpu_model(), "threads": args.threads, "runtime": "onnxruntime fp32",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "results": results}
