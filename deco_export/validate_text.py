@@ -38,11 +38,10 @@ def validate_text_path(bundle: Path, manifest: rb.Manifest,
     say(f"opening {art.file}")
     encoder.tokenize([""])  # opens the session: a truncated graph fails here, by name
     lines = [_encoder_gate(encoder, art.details.get("source"), say)]
-    text = manifest.extra.get("text") or {}
-    negative = text.get("negative_prompt_embeds") or {}
-    if isinstance(text.get("negative_prompt"), str) and negative.get("file"):
-        lines.append(_negative_gate(bundle, encoder, text["negative_prompt"],
-                                    str(negative["file"]), say))
+    text = manifest.text
+    if text is not None and isinstance(text.negative_prompt, str) and text.embeds_file:
+        lines.append(_negative_gate(bundle, encoder, text.negative_prompt, text.embeds_file,
+                                    say))
     return lines
 
 

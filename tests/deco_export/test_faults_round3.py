@@ -230,9 +230,12 @@ def rehash(bundle: Path, rel: str) -> None:
             art.sha256, art.bytes = sha, size
         if rel in art.extra_files:
             art.extra_files[rel], art.extra_bytes[rel] = sha, size
-    negative = (manifest.extra.get("text") or {}).get("negative_prompt_embeds") or {}
-    if negative.get("file") == rel:
-        negative.update(sha256=sha, bytes=size)
+    text = manifest.text
+    if text is not None and text.embeds_file == rel:
+        raw = dict(text.to_dict())
+        raw["negative_prompt_embeds"] = {**raw["negative_prompt_embeds"], "sha256": sha,
+                                         "bytes": size}
+        manifest.text = rb.TextSection.from_dict(raw)
     rb.write_manifest(bundle, manifest)
 
 
@@ -532,7 +535,7 @@ def test_a_device_this_machine_lacks_is_one_line(images, tmp_path, verb, device)
     (["bench", "default", "--out", "{tmp}/o", "--timeout", "nan"], "--timeout must be a positive"),
     (["bench", "default", "--out", "{tmp}/o", "--guidance", "nan"], "--guidance must be a finite"),
     (["sample", "default", "--cols", "0", "--out", "{tmp}/x.png"], "--cols must be >= 1"),
-    (["sample", "default", "--classes", ",", "--out", "{tmp}/x.png"], "lists no class"),
+    (["sample", "default", "--classes", ",", "--out", "{tmp}/x.png"], "--classes is empty"),
 ])
 def test_options_are_checked_before_any_work(tmp_path, args, words):
     # Each failed only after sampling or benchmarking (or misleadingly, or as a traceback).
