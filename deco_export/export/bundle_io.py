@@ -235,6 +235,8 @@ class BundleTransaction:
             parity=dict(parity or {}), tools=dict(tools or {}),
             extra_files={p.relative_to(self.staging).as_posix(): rb.sha256_path(p)
                          for p in (extra_files or [])},
+            extra_bytes={p.relative_to(self.staging).as_posix(): rb.path_size(p)
+                         for p in (extra_files or [])},
         )
         self.artifacts = [a for a in self.artifacts
                           if (a.runtime, a.graph, a.precision) != (runtime, graph, precision)]
