@@ -665,3 +665,18 @@ def test_a_backend_that_is_not_thread_safe_refuses_a_second_generation():
         images = running.result()
     alone = pipe.generate([0], output_type="np").images  # free again afterwards
     assert np.array_equal(images, alone)
+
+
+@pytest.mark.parametrize("rel, content, words", [
+    ("tokenizer.json", b"{not json", "not a tokenizer file"),
+    ("text_encoder.onnx", b"\x08\x07trunc", "ONNX Runtime cannot open it"),
+])
+def test_a_broken_text_path_with_rewritten_hashes_is_one_line(t2i_copy, tmp_path, rel, content,
+                                                              words):
+    # Both were tracebacks from tokenizers / onnxruntime on the first prompt.
+    (t2i_copy / rel).write_bytes(content)
+    rehash(t2i_copy, rel)
+    result = deco("sample", t2i_copy, "--prompt", "a cat", "--steps", "2", "--out",
+                  tmp_path / "x.png")
+    one_line_error(result, rel, words)
+    assert not (tmp_path / "x.png").exists()
