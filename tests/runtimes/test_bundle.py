@@ -99,6 +99,7 @@ def test_verify_names_each_tampered_or_missing_file(bundle):
     assert len(problems) == 4
     by_file = {p.split(":")[0]: p for p in problems}
     assert "sha256" in by_file["dit.onnx"] and "onnx/dit/fp32" in by_file["dit.onnx"]
+    assert "sha256" in by_file["dit.onnx.data"]
     assert "1 bytes, the manifest says 70" in by_file["dit.onnx.data"]  # its size is recorded
     assert "missing" in by_file["decoder.onnx"]
     assert "decoder.mlpackage" in by_file
