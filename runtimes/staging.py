@@ -77,7 +77,11 @@ class StagingDir:
             except OSError as err:  # name the user's target, not the staging name
                 raise OSError(err.errno, err.strerror, str(target)) from None
         self.path = path
-        self._fd: int | None = _hold(path)
+        try:
+            self._fd: int | None = _hold(path)
+        except BaseException:  # an interrupt (Ctrl-C, SIGTERM) too: nothing is left behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
 
     def release(self) -> None:
         """Drop the flock (the directory itself stays; see `remove`)."""

@@ -107,8 +107,12 @@ class BundleTransaction:
         clean_stale(self.bundle)
         self._staging = staging_dir(self.bundle)
         self.staging = self._staging.path
-        if self.negative_prompt_embeds is not None:
-            self._stage_negative_embeds()
+        try:
+            if self.negative_prompt_embeds is not None:
+                self._stage_negative_embeds()
+        except BaseException:  # __exit__ does not run when __enter__ fails
+            self._staging.remove()
+            raise
         return self
 
     def _stage_negative_embeds(self) -> None:
