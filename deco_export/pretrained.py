@@ -13,10 +13,11 @@ the model is an error that lists each one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,18 +98,25 @@ def check_target(out: Path, identity: Any, force: bool = False,
         )
 
 
-def save_tensors(state: dict[str, torch.Tensor], path: Path, shown: Path | None = None) -> None:
-    """``safetensors.torch.save_file``, whose I/O failures (a full disk) are a Rust error that
-    carries the OS error only in its text: re-raised as the OSError it is, naming ``shown``
-    (the user's path, where ``path`` is a staging one), so the CLI prints one line with it."""
+@contextlib.contextmanager
+def safetensors_errors(shown: str | Path) -> Iterator[None]:
+    """safetensors' I/O failures (a full disk) are a Rust error that carries the OS error only
+    in its text: re-raised as the OSError it is, naming ``shown`` (the user's path, where the
+    file written is a staging one), so the CLI prints one line with it."""
     try:
-        save_file(state, str(path), metadata={"format": "pt"})
+        yield
     except Exception as exc:
         match = re.search(r"os error (\d+)", str(exc))
         if match is None:
             raise
         code = int(match.group(1))
-        raise OSError(code, os.strerror(code), str(shown or path)) from None
+        raise OSError(code, os.strerror(code), str(shown)) from None
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path, shown: Path | None = None) -> None:
+    """``safetensors.torch.save_file`` with its I/O failures as OSErrors (`safetensors_errors`)."""
+    with safetensors_errors(shown or path):
+        save_file(state, str(path), metadata={"format": "pt"})
 
 
 def save_pretrained(model: Any, path: str | Path, source: str | None = None,

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from deco_export.pretrained import save_tensors
+from deco_export.pretrained import safetensors_errors
 from runtimes.fileio import fsync_dir, fsync_file
 
 __all__ = [
@@ -116,7 +116,8 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_tensors(_cpu(tensors), path)
+    with safetensors_errors(path):
+        save_file(_cpu(tensors), str(path), metadata={"format": "pt"})
     fsync_file(path)
 
 
