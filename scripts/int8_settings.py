@@ -38,10 +38,9 @@ RANDOM_SHAPES = {"dit-s16-256": {"hidden_size": 384, "num_heads": 6, "dit_depth"
 
 
 def build_model(case: str) -> Any:
-    import torch
-
-    from deco_export import DeCo, get_preset
+    from deco_export import get_preset
     from deco_export.checkpoint import load_reference
+    from deco_export.model import random_model
     from deco_export.sources import load_model
     from tests.helpers import GOLDEN_CKPT
 
@@ -49,13 +48,7 @@ def build_model(case: str) -> Any:
         return load_reference(GOLDEN_CKPT, image_size=(64, 64))
     if case in ("default", "default-t2i"):
         return load_model(case)[0]
-    torch.manual_seed(0)  # random weights, the output layers not zero (as scripts/bench_cpu.py)
-    model = DeCo(get_preset("DeCo-S/16", **RANDOM_SHAPES[case])).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(std=0.02)
-    return model
+    return random_model(get_preset("DeCo-S/16", **RANDOM_SHAPES[case]), seed=0)
 
 
 def quantized_copy(fp32_bundle: Path, out: Path, settings: Int8Settings) -> Path:
