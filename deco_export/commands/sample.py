@@ -233,6 +233,8 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         if pipe.is_text_to_image:
             record.update(prompts=condition["prompt"], negative_prompt=negative_prompt,
                           text_encoder=text_encoder)
+            if text_encoder_precision is not None:  # its features differ: the pixels too
+                record["text_encoder_precision"] = text_encoder_precision
         else:
             record["class_labels"] = condition["class_labels"]
         if init_image is not None:
@@ -280,7 +282,8 @@ def regenerate(image: Path, source: str | None, backend: str | None, precision: 
                   providers=providers or record.get("providers"))
     check_model(image, record, source)
     pipe = open_pipeline(source, backend=record["backend"], precision=record["precision"],
-                         providers=record["providers"], device=record["device"])
+                         providers=record["providers"], device=record["device"],
+                         text_encoder_precision=record.get("text_encoder_precision"))
     if pipe.is_text_to_image:
         attach_text_encoder(pipe, record.get("text_encoder"))
     with progress_callback("sampling") as callback:

@@ -84,14 +84,27 @@ def test_load_opens_the_precision_asked_for_and_its_output_holds_the_gate(
     assert images.shape == (1, 3, 64, 64) and np.isfinite(images).all()
 
 
-def test_sample_runs_the_chosen_encoder(exported, tmp_path):
+def test_sample_runs_the_chosen_encoder_and_records_it(exported, tmp_path):
+    from PIL import Image
+
+    def pixels(path):
+        with Image.open(path) as image:
+            return np.asarray(image)
+
     bundle, _ = exported
-    out = tmp_path / "cat.png"
-    result = CliRunner().invoke(main, [
-        "sample", str(bundle), "--prompt", PROMPT, "--steps", "2", "--text-encoder-precision",
-        "int8", "--out", str(out)])
+    runs = {}
+    for precision in ("int8", "fp32"):
+        result = CliRunner().invoke(main, [
+            "sample", str(bundle), "--prompt", PROMPT, "--steps", "2",
+            "--text-encoder-precision", precision, "--out-dir", str(tmp_path / precision)])
+        assert result.exit_code == 0, result.output
+        (runs[precision],) = (tmp_path / precision).glob("*.png")
+    assert not np.array_equal(pixels(runs["int8"]), pixels(runs["fp32"]))
+    again = tmp_path / "again.png"  # --from opens the encoder the image was made with
+    result = CliRunner().invoke(main, ["sample", "--from", str(runs["int8"]), "--out",
+                                       str(again)])
     assert result.exit_code == 0, result.output
-    assert out.is_file()
+    assert np.array_equal(pixels(again), pixels(runs["int8"]))
 
 
 def test_a_precision_the_bundle_lacks_names_the_ones_it_has(exported, tmp_path):
