@@ -23,7 +23,7 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +31,9 @@ from runtimes.bundle import ONNX_PRECISIONS
 from runtimes.graphs import get_graph
 
 from ..parity import TEXT_ENCODER_MIN_SNR, GraphParity, finite, max_abs_error, psnr, snr
-from .quantize import Int8Settings
+
+if TYPE_CHECKING:
+    from .quantize import Int8Settings
 
 TEXT_ENCODER_GRAPH = get_graph("text_encoder")  # its names and axes, in runtimes.graphs
 TEXT_ENCODER_FILE = "text_encoder.onnx"
@@ -146,7 +148,7 @@ def text_encoder_parity(encoder: Any, onnx_path: Path, tokenizer_path: Path,
             prompt = PARITY_PROMPTS[results.index(worst)]
             error = TextEncoderExportError(
                 f"{onnx_path.name}: the {precision} text encoder's features on prompt "
-                f"{prompt[:40]!r} are {worst.snr_db:.1f} dB SNR from the PyTorch fp32 "
+                f"{prompt[:40]!r} have a {worst.snr_db:.1f} dB SNR against the PyTorch fp32 "
                 f"encoder's, below the {limit:g} dB gate; nothing was written (keep the "
                 "fp32 text encoder, or try another precision)"
             )
@@ -168,7 +170,7 @@ def export_text_encoder(encoder: Any, txn: Any, opset: int = 18, progress: Any =
 
     from .onnx import onnx_file_name
     from .onnx_tools import check_onnx, tool_versions
-    from .quantize import quantize_int8
+    from .quantize import Int8Settings, quantize_int8
 
     unknown = [p for p in precisions if p not in TEXT_ENCODER_PRECISIONS]
     if unknown:
@@ -182,15 +184,17 @@ def export_text_encoder(encoder: Any, txn: Any, opset: int = 18, progress: Any =
     for precision in ["fp32", *sorted(set(precisions) - {"fp32"}, key=precisions.index)]:
         name = onnx_file_name("text_encoder", precision)
         path = txn.staging / name
-        say(f"exporting {name} (opset {opset})")
         details: dict[str, Any] = {}
         if precision == "int8":
-            external = fp32_external  # the quantizer reads the copy's data from fp32's file
+            # The copy reads its weights from fp32's data file, if any; the quantizer writes
+            # its own (``text_encoder.int8.onnx.data``).
+            external = fp32_external
             shutil.copyfile(fp32_path, path)
             settings = int8 or Int8Settings()
-            say(f"quantizing {name} ({settings.describe()})")
+            say(f"quantizing {name} from {TEXT_ENCODER_FILE} ({settings.describe()})")
             details["quantization"] = quantize_int8(path, external, settings)
         else:
+            say(f"exporting {name} (opset {opset})")
             external = export_text_encoder_graph(encoder, path, opset,
                                                  dtype=TRACE_DTYPES[precision])
         if precision == "fp32":

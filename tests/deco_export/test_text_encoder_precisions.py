@@ -134,7 +134,8 @@ def test_the_gate_refuses_an_encoder_below_it(exported, monkeypatch):
     monkeypatch.setitem(TEXT_ENCODER_MIN_SNR, "int8", 500.0)
     with pytest.raises(te.TextEncoderExportError,
                        match=r"text_encoder.int8.onnx: the int8 text encoder's features on "
-                             r"prompt .* dB SNR .* below the 500 dB gate; nothing was written"):
+                             r"prompt .* have a .* dB SNR against .* below the 500 dB gate; "
+                             r"nothing was written"):
         te.text_encoder_parity(encoder, bundle / FILES["int8"], bundle / "tokenizer.json",
                                "int8")
 
@@ -168,3 +169,31 @@ def test_the_int8_encoder_is_checked_against_the_cpu_its_gate_ran_on(exported, t
                                             "text_encoder_precision='fp32'"):
         runtimes.load(copy, text_encoder_precision="int8", verify=False)
     runtimes.load(copy, text_encoder_precision="int8", verify=False, allow_below_gate=True)
+
+
+def test_weights_in_external_data_give_each_precision_its_own_file(exported, tmp_path,
+                                                                   monkeypatch):
+    """The released Qwen3-1.7B's weights go to external data: the int8 encoder, quantized from
+    a copy of the fp32 graph, writes its own data file and leaves fp32's as it was."""
+    _, encoder_dir = exported
+    monkeypatch.setattr(te, "EXTERNAL_DATA_BYTES", 0)
+
+    class Staged:  # what export_text_encoder asks of a bundle transaction
+        def __init__(self):
+            self.staging, self.artifacts = tmp_path, {}
+
+        def add_artifact(self, **artifact):
+            self.artifacts[artifact["precision"]] = artifact
+
+    encoder = TransformersTextEncoder(encoder_dir, 8)
+    txn = Staged()
+    te.export_text_encoder(encoder, txn, precisions=("int8",))
+    fp32, int8 = txn.artifacts["fp32"], txn.artifacts["int8"]
+    assert fp32["details"]["external_data"] and int8["details"]["external_data"]
+    assert [p.name for p in fp32["extra_files"]] == ["tokenizer.json", "text_encoder.onnx.data"]
+    assert [p.name for p in int8["extra_files"]] == ["tokenizer.json",
+                                                     "text_encoder.int8.onnx.data"]
+    tokenizer = tmp_path / "tokenizer.json"
+    te.text_encoder_parity(encoder, tmp_path / "text_encoder.onnx", tokenizer)  # fp32 intact
+    (tmp_path / "text_encoder.onnx.data").unlink()  # int8 needs only its own file
+    te.text_encoder_parity(encoder, tmp_path / "text_encoder.int8.onnx", tokenizer, "int8")
