@@ -43,11 +43,13 @@ def _loopback(host: str) -> bool:
 @click.option("--url-ttl", type=float, default=600.0, show_default=True,
               help="seconds a response_format=url image is served")
 @click.option("--model-id", default=None, help="the id /v1/models gives [the bundle's name]")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="ONNX Runtime intra-op threads [its default: one per core]")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve(bundle: Path, host: str, port: int, backend: str, precision: str, max_batch: int,
           max_queue: int, max_n: int, api_key: str | None, url_ttl: float,
-          model_id: str | None, log_level: str) -> None:
+          model_id: str | None, threads: int | None, log_level: str) -> None:
     """Serve BUNDLE: POST /v1/images/generations (OpenAI's shape; stream: true for
     server-sent previews), GET /v1/models, /health, /metrics and a page at /."""
     try:
@@ -62,7 +64,8 @@ def serve(bundle: Path, host: str, port: int, backend: str, precision: str, max_
     if not _loopback(host) and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this "
                    "port can generate", err=True)
-    pipe = runtimes.load(bundle, backend=backend, precision=precision)
+    options = {"intra_op_threads": threads} if threads is not None else {}
+    pipe = runtimes.load(bundle, backend=backend, precision=precision, **options)
     settings = ServeSettings(max_batch=max_batch, max_queue=max_queue, max_n=max_n,
                              api_key=api_key, url_ttl=url_ttl,
                              model_id=model_id or bundle.resolve().name)

@@ -189,6 +189,7 @@ def create_app(pipe: Any, settings: ServeSettings | None = None) -> Starlette:
             await asyncio.wait({done}, timeout=_POLL_S)
             if not done.done() and await request.is_disconnected():
                 job.cancel()  # leaves the batch after the step in flight
+                done.cancel()  # nobody reads its GenerationInterrupted
                 metrics.requests.labels("499").inc()
                 return Response(status_code=499)
         if done.exception() is not None:
@@ -233,6 +234,7 @@ def create_app(pipe: Any, settings: ServeSettings | None = None) -> Starlette:
             finally:
                 if not job.future.done():
                     job.cancel()  # the client went away: free the slot at the next tick
+                    done.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
