@@ -56,6 +56,7 @@ from runtimes.sharing import (
     schedule_key,
 )
 from runtimes.sizes import SizeError, SizeRange
+from runtimes.solver_tables import TUNED, tuned_config
 from runtimes.solvers import get_solver
 from runtimes.steps import (
     Cancellable,
@@ -280,7 +281,9 @@ class DeCoPipeline:
         guidance_edges: bool | None = None,
     ) -> SamplerConfig:
         """The bundle's sampler defaults with the given overrides applied
-        (``dataclasses.replace``; the config checks every value)."""
+        (``dataclasses.replace``; the config checks every value). ``solver="tuned"`` runs the
+        bundle's tuned solver table fitted for these steps, guidance, interval and shift
+        (`runtimes.solver_tables`; a ConfigError when it has none)."""
         if timesteps is not None and steps is not None and len(timesteps) != steps + 1:
             raise ConfigError(
                 f"steps={steps} but {len(timesteps)} timesteps were given (need steps + 1); "
@@ -298,9 +301,17 @@ class DeCoPipeline:
             overrides["timesteps"] = tuple(timesteps)
         elif steps is not None:
             overrides["timesteps"] = None  # a step count replaces the defaults' explicit grid
-        if solver is not None and get_solver(solver).name != "table":
+        tuned = solver == TUNED
+        if tuned:
+            overrides.pop("solver")
+        elif solver is not None and get_solver(solver).name != "table":
             overrides["coefficients"] = None  # a table belongs to the "table" solver
-        return replace(self.sampler_defaults, **overrides)
+        config = replace(self.sampler_defaults, **overrides)
+        if tuned:  # the bundle's table fitted for these steps, guidance, interval and shift
+            manifest = self.manifest
+            config = tuned_config(manifest.solver_tables if manifest else {},
+                                  manifest.model_hash if manifest else None, config)
+        return config
 
     def plan(
         self, config: SamplerConfig, sharing: Any = None
