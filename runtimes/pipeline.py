@@ -889,7 +889,8 @@ def load(
     ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
     (e.g. ``intra_op_threads=2``) are passed to the backend. A text-to-image bundle's text
     encoder runs in ONNX Runtime on ``text_encoder_providers`` (default CPU, whatever the
-    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact; ``reduce_memory``
+    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact (fp16 and int8 where
+    the export wrote them, int8 checked like the graphs); ``reduce_memory``
     unloads it after each generation's prompts are encoded (see `DeCoPipeline`). int8 graphs
     on the CPU are checked against the kind of CPU their gate ran on (`runtimes.int8`): a
     warning where they are not proven, an `Int8GateError` where they were measured below the
@@ -915,6 +916,8 @@ def load(
             )
     if precision == "int8" and runtime == "onnx" and _on_cpu(providers):
         check_int8_load(root, manifest, allow_below_gate=allow_below_gate)
+    if text_encoder_precision == "int8" and _on_cpu(text_encoder_providers):
+        check_int8_load(root, manifest, allow_below_gate=allow_below_gate, text_encoder=True)
     options = dict(backend_options)
     if providers is not None:
         options["providers"] = providers

@@ -180,6 +180,7 @@ def export_onnx(
     text_encoder: Any = None,
     size_range: SizeRange | None = None,
     int8: Int8Settings | None = None,
+    text_encoder_precisions: Sequence[str] = ("fp32",),
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
     checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
@@ -194,7 +195,8 @@ def export_onnx(
     ``negative_prompt`` (the empty prompt by default), for the unconditional half. With
     ``text_encoder`` (a `deco_export.text_encoders.TransformersTextEncoder`) the bundle also
     gets ``text_encoder.onnx`` + ``tokenizer.json``, and the negative prompt is encoded with it
-    when its embeddings are not given.
+    when its embeddings are not given; ``text_encoder_precisions`` adds the encoder at fp16
+    and/or int8, each gated on its features (`export.text_encoder`).
     """
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(
@@ -214,6 +216,9 @@ def export_onnx(
     dynamic = not sizes.is_fixed
     checked = sizes.parity_sizes()
     traced = trace_size(sizes)
+    if text_encoder is None and set(text_encoder_precisions) - {"fp32"}:
+        raise ValueError("text_encoder_precisions: this export has no text encoder; give "
+                         "text_encoder= (--text-encoder DIR or 'minilm')")
     if text_encoder is not None:
         cfg = model.config
         if cfg.family != "t2i" or (text_encoder.max_length, text_encoder.dim) != (
@@ -234,7 +239,7 @@ def export_onnx(
         if text_encoder is not None:
             from .text_encoder import export_text_encoder
 
-            export_text_encoder(text_encoder, txn, opset, say)
+            export_text_encoder(text_encoder, txn, opset, say, text_encoder_precisions, int8)
         for precision in precisions:
             if precision not in ONNX_PRECISIONS:
                 raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "
