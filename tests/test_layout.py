@@ -149,6 +149,7 @@ GRAPH_NAMING = {
     "runtimes.bundle": 'the stage "dit" of the graphs whose inputs set a size range, and the '
                        "DiT artifact's hash that keys calibrated schedules and solver tables",
     "runtimes.text_encoder": "the text encoder's artifact",
+    "runtimes.int8": "the text encoder, whose int8 gate is on its features, not on images",
     "runtimes.backends.tensorrt": "the fused step's DiT slot",
     "runtimes.backends.coreml": "the DiT's enumerated sizes",
 }

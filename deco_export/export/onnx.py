@@ -45,7 +45,7 @@ from .graphs import (
     quiet,
     reference_outputs,
 )
-from .onnx_tools import check_onnx, ort_session, tool_versions
+from .onnx_tools import check_onnx, onnx_file_name, ort_session, tool_versions
 from .quantize import Int8Settings, quantize_int8
 
 DEFAULT_OPSET = 18
@@ -55,10 +55,6 @@ PARITY_BATCHES = (1, 3)
 QUANTIZED_FROM = {"int8": "fp32"}  # quantized precision -> the precision its graph is exported in
 
 Progress = Callable[[str], None]
-
-
-def onnx_file_name(graph: str, precision: str) -> str:
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
 def graph_record(graph: str, names: list[str]) -> GraphSpec:
