@@ -1,12 +1,113 @@
+"""What every test shares: the golden fixtures, and a temp dir of the run's own that each test
+must leave as it found it.
+
+The temp dir: at start-up each pytest process (each xdist worker too) points ``tempfile`` and
+``$TMPDIR`` (which the ``deco`` subprocesses inherit) at a fresh directory of its own, so what
+another process writes meanwhile is never blamed on a test here. After every test that directory
+must be empty again: whatever an export, a backend or a subprocess left there fails the test at
+teardown, named. ``tmp_path`` stays where pytest keeps it (``$PYTEST_DEBUG_TEMPROOT``), and so
+does torch's compile cache (``$TORCHINDUCTOR_CACHE_DIR``), which is reused from run to run."""
+
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.helpers import FIXTURES, GOLDEN_CKPT, GOLDEN_T2I_CKPT
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: each computes on one thread (torch, numpy's BLAS) rather than every
+    # worker's threads contending for every core. Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+_RUN_TEMP_DIR = pytest.StashKey[Path]()
+# What a library keeps in the temp dir once per machine, not per call: onnxruntime's
+# telemetry session id (written on first use, read ever after).
+MACHINE_STATE = frozenset({".ses"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    system = tempfile.gettempdir()
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          str(Path(system) / f"torchinductor_{getpass.getuser()}"))
+    private = Path(tempfile.mkdtemp(prefix="deco-tests-", dir=system))
+    os.environ["TMPDIR"] = tempfile.tempdir = str(private)
+    config.stash[_RUN_TEMP_DIR] = private
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    private = config.stash.get(_RUN_TEMP_DIR, None)
+    if private is not None:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _leaves_the_temp_dir_as_it_found_it(request: pytest.FixtureRequest):
+    """Fail the test whose run left anything in the temp dir (and clear it for the next)."""
+    yield
+    private = request.config.stash[_RUN_TEMP_DIR]
+    left = leftovers(private)
+    if left:
+        pytest.fail(f"left in the temp dir: {', '.join(left)}", pytrace=False)
+
+
+def leftovers(directory: Path) -> list[str]:
+    """The names in ``directory`` other than machine state, each removed once listed."""
+    left = sorted(p.name for p in directory.iterdir() if p.name not in MACHINE_STATE)
+    for name in left:
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return left
+
+
+# ---------------------------------------------------------------------------------------------
+# On several cores (`make test`: pytest-xdist, --dist loadgroup --no-loadscope-reorder) a test
+# file is one unit of work, so its module-scoped exports are built once; files that read the same
+# expensive session-scoped export below are one unit, so it is built once too; and units start
+# heaviest first, so that no long file is left to run alone at the end.
+
+SHARED_UNITS = {
+    "tests/deco_export/test_faults_round3.py": "t2i_text_bundle",
+    "tests/deco_export/test_bench_t2i.py": "t2i_text_bundle",
+    "tests/deco_export/test_text_encoder_placement.py": "t2i_text_bundle",
+}
+# The slowest units (measured on 2 cores), slowest first; the others follow in file order.
+HEAVIEST_FIRST = (
+    "tests/deco_export/test_faults.py",
+    "t2i_text_bundle",
+    "tests/deco_export/test_coreml.py",
+    "tests/deco_export/test_app_cli.py",
+    "tests/deco_export/test_export_onnx.py",
+    "tests/deco_export/test_bench.py",
+    "tests/training/test_trainer.py",
+    "tests/training/test_t2i.py",
+)
+
+
+def unit_of(item: pytest.Item) -> str:
+    """The unit of work (one xdist worker runs all of it) the test belongs to."""
+    path = item.path.relative_to(item.config.rootpath).as_posix()
+    return SHARED_UNITS.get(path, path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit_of(item)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {unit: i for i, unit in enumerate(HEAVIEST_FIRST)}
+        items.sort(key=lambda item: rank.get(unit_of(item), len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +154,54 @@ def golden_t2i_model():
     from deco_export.checkpoint import load_reference
 
     return load_reference(GOLDEN_T2I_CKPT, image_size=(64, 64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports that several test files read: built once per process, shared read-only (a test that
+# changes one copies it first).
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt_dir(tmp_path_factory, golden_model) -> Path:
+    """The golden tiny model as a checkpoint directory."""
+    from deco_export.checkpoint import save_pretrained
+
+    return save_pretrained(golden_model, tmp_path_factory.mktemp("ckpt") / "tiny",
+                           source="golden")
+
+
+@pytest.fixture(scope="session")
+def c2i_bundle(tmp_path_factory, golden_ckpt_dir) -> Path:
+    """An fp32 ONNX bundle of ``golden_ckpt_dir`` (its source checkpoint runs the torch
+    backend), exported under umask 022."""
+    from deco_export.export.onnx import export_onnx
+    from deco_export.sources import load_model
+
+    old = os.umask(0o022)
+    try:
+        model, source = load_model(golden_ckpt_dir)
+        out = tmp_path_factory.mktemp("bundle") / "bundle"
+        export_onnx(model, out, precisions=("fp32",), source=source, parity_steps=2)
+    finally:
+        os.umask(old)
+    return out
+
+
+@pytest.fixture(scope="session")
+def t2i_text_bundle(tmp_path_factory, golden_t2i_ckpt) -> Path:
+    """`deco export onnx` of the golden T2I checkpoint with a tiny random Qwen3 (48 wide, like
+    the model's text features) as its text encoder: fp32, 64x64, a 2-step parity gate."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from click.testing import CliRunner
+
+    from deco_export.cli import main
+    from tests.deco_export.test_text_encoders import build_tiny_qwen3
+
+    root = tmp_path_factory.mktemp("t2i-text")
+    encoder_dir = build_tiny_qwen3(root / "qwen3-48", hidden_size=48)
+    result = CliRunner().invoke(main, [
+        "export", "onnx", str(golden_t2i_ckpt), str(root / "bundle"), "--image-size", "64x64",
+        "--parity-steps", "2", "--text-encoder", str(encoder_dir)])
+    assert result.exit_code == 0, result.output
+    return root / "bundle"
