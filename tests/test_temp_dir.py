@@ -1,5 +1,5 @@
-"""The suite's temp-dir guard (tests/conftest.py): each test runs with a temp dir of the run's
-own, and what a test leaves there is named and removed."""
+"""The suite's machinery in tests/conftest.py: each test runs with a temp dir of the run's own,
+and what a test leaves there is named and removed; the units xdist schedules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.conftest import MACHINE_STATE, leftovers
+from tests.conftest import HEAVIEST_FIRST, MACHINE_STATE, SHARED_UNITS, leftovers, unit_of
+from tests.helpers import REPO
 
 
 def test_each_run_has_a_temp_dir_of_its_own_that_subprocesses_inherit():
@@ -30,3 +31,15 @@ def test_what_a_test_leaves_is_named_and_removed(tmp_path):
     assert leftovers(tmp_path) == ["link", "tmp1x2y.mlpackage", "tmpq0.onnx"]
     assert [p.name for p in tmp_path.iterdir()] == [".ses"]
     assert leftovers(tmp_path) == []
+
+
+def test_the_scheduling_tables_name_test_files_that_exist():
+    """Files that share an export are one xdist unit; the heaviest-first table names units."""
+    assert unit_of("tests/deco_export/test_bench_t2i.py::test_a") == unit_of(
+        "tests/deco_export/test_faults_round3.py::test_b[2]") == "t2i_text_bundle"
+    assert unit_of("tests/runtimes/test_sizes.py::test_c") == "tests/runtimes/test_sizes.py"
+    for path in SHARED_UNITS:
+        assert (REPO / path).is_file(), path
+    units = set(SHARED_UNITS.values())
+    for unit in HEAVIEST_FIRST:
+        assert unit in units or (REPO / unit).is_file(), unit
