@@ -235,7 +235,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
 
                     name = spec.key if settings.rounds == 1 else f"{spec.key}.round{rnd + 1}"
                     row_spec = {**common, "key": spec.key, "log_name": name,
-                                "row": asdict(spec)}
+                                "row": asdict(spec),
+                                "load": spec.kind.load_spec(settings.threads)}
                     if rnd:
                         row_spec.pop("fid", None)
                     result = run_worker(row_spec, work, logs, settings.timeout_s, tick)

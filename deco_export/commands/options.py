@@ -1,4 +1,5 @@
-"""Option types and parsers shared by several verbs: sizes, integer lists, solver names."""
+"""Option types and parsers shared by several verbs: sizes, integer lists, solver names, the
+backend option."""
 
 from __future__ import annotations
 
@@ -20,6 +21,23 @@ class SolverChoice(click.Choice):
         if value in SOLVER_ALIASES:
             return value  # SamplerConfig resolves it
         return super().convert(value, param, ctx)
+
+
+class CatalogueHelp(click.Option):
+    """An option whose help names the backends of the catalogue when the help is shown (a
+    backend registered after the verb was imported is listed too): ``help`` is a template
+    with ``{bundle}`` (the backends that run a bundle), ``{default}`` (the default one) and
+    ``{checkpoint}`` (the one that runs a checkpoint)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from ..sampling import CHECKPOINT_BACKEND, bundle_backends
+
+        template = getattr(self, "_template", None) or self.help or ""
+        self._template = template
+        bundle = bundle_backends()
+        self.help = template.format(bundle=", ".join(bundle), default=bundle[0],
+                                    checkpoint=CHECKPOINT_BACKEND)
+        return super().get_help_record(ctx)
 
 
 def parse_size(text: str) -> tuple[int, int]:

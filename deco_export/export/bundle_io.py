@@ -376,7 +376,10 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
 
 
 def runtime_of(backend: str) -> str:
-    return {"onnxruntime": "onnx", "coreml": "coreml", "tensorrt": "tensorrt"}.get(backend, backend)
+    """The manifest runtime whose artefacts ``backend`` reads (its catalogue entry's)."""
+    from runtimes.catalogue import entry
+
+    return entry(backend).runtime or backend
 
 
 def package_version() -> str:
