@@ -97,7 +97,9 @@ class BundleTransaction:
         self.force = force
         self.staging: Path
         self._staging: StagingDir | None = None
-        self.artifacts: list[rb.Artifact] = []
+        # This export's artefacts, kept by the manifest's own rule (one per runtime, graph and
+        # precision; a later one replaces an earlier one).
+        self._added = rb.Manifest(model=config)
         self._text_section: rb.TextSection | None = None  # the manifest's "text" section
 
     # -- context -----------------------------------------------------------------------------
@@ -244,10 +246,13 @@ class BundleTransaction:
             Path(path).relative_to(self.staging).as_posix(), inputs=inputs, outputs=outputs,
             details=details, parity=parity, tools=tools,
             extra_files=[p.relative_to(self.staging).as_posix() for p in (extra_files or [])])
-        self.artifacts = [a for a in self.artifacts
-                          if (a.runtime, a.graph, a.precision) != (runtime, graph, precision)]
-        self.artifacts.append(artifact)
+        self._added.add_artifact(artifact)
         return artifact
+
+    @property
+    def artifacts(self) -> list[rb.Artifact]:
+        """The artefacts this export staged so far."""
+        return self._added.artifacts
 
     def _staged_manifest(self) -> rb.Manifest:
         manifest = rb.Manifest.from_dict(self.manifest.to_dict())
