@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,9 @@ class BundleTransaction:
     # -- artefacts ---------------------------------------------------------------------------
 
     def add_artifact(self, *, runtime: str, graph: str, precision: str, path: Path,
-                     inputs: list[dict], outputs: list[dict], details: dict | None = None,
+                     inputs: Sequence[rb.TensorSpec | Mapping[str, Any]],
+                     outputs: Sequence[rb.TensorSpec | Mapping[str, Any]],
+                     details: dict | None = None,
                      parity: dict | None = None, tools: dict | None = None,
                      extra_files: list[Path] | None = None) -> rb.Artifact:
         """Describe a staged file (or directory, e.g. ``.mlpackage``) as a bundle artefact."""
