@@ -89,7 +89,7 @@ def check_prompts_apply(source: str | Path, settings: BenchSettings) -> None:
 
     from ..sources import is_bundle
 
-    if is_bundle(str(source)) and rb.read_manifest(Path(source)).model.family == "t2i":
+    if is_bundle(str(source)) and rb.read_manifest(Path(source)).model.is_text_to_image:
         return
     raise ValueError(f"--prompt is for text-to-image bundles; {source} is not one (a "
                      "class-conditional model samples its classes)")

@@ -9,6 +9,9 @@ import click
 
 from runtimes.sampler import SOLVER_ALIASES, SOLVERS
 
+# The one reader of a size the user typed; the verbs import it from here.
+from runtimes.sizes import parse_size as parse_size
+
 
 class SolverChoice(click.Choice):
     """The sampler's solvers by their real names; the older spellings (``adams2``,
@@ -38,20 +41,6 @@ class CatalogueHelp(click.Option):
         self.help = template.format(bundle=", ".join(bundle), default=bundle[0],
                                     checkpoint=CHECKPOINT_BACKEND)
         return super().get_help_record(ctx)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' or '256x192' (height x width)."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64") from None
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise ValueError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64")
-    return sizes[0], sizes[1]
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
