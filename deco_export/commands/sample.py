@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from .options import SolverChoice, parse_size, single_value
+from .options import CatalogueHelp, SolverChoice, parse_size, single_value
 
 
 @click.command()
 @click.argument("source", metavar="BUNDLE_OR_CHECKPOINT", required=False)
-@click.option("--backend", default=None,
-              help="onnxruntime, openvino, coreml, tensorrt (bundles) or torch (checkpoints); "
-                   "default: onnxruntime for bundles, torch for checkpoints")
+@click.option("--backend", default=None, cls=CatalogueHelp,
+              help="{bundle} (bundles) or {checkpoint} (checkpoints); default: {default} for "
+                   "bundles, {checkpoint} for checkpoints")
 @click.option("--precision", default=None, help="[fp32]")
 @click.option("--allow-below-gate", is_flag=True,
               help="run int8 graphs that `deco validate` measured below their gate on this CPU")

@@ -168,8 +168,7 @@ def export_text_encoder(encoder: Any, txn: Any, opset: int = 18, progress: Any =
     what the stored negative prompt is encoded with, and what ``runtimes.load`` opens."""
     from runtimes.cpu import cpu_record
 
-    from .onnx import onnx_file_name
-    from .onnx_tools import check_onnx, tool_versions
+    from .onnx_tools import check_onnx, onnx_file_name, tool_versions
     from .quantize import Int8Settings, quantize_int8
 
     unknown = [p for p in precisions if p not in TEXT_ENCODER_PRECISIONS]

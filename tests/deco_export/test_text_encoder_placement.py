@@ -3,34 +3,18 @@ text_encoder_providers, text_encoder_precision, reduce_memory and unload()."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import runtimes
-from deco_export.cli import main
 from runtimes.backend import BackendError
-from tests.deco_export.test_text_encoders import build_tiny_qwen3
 
 pytest.importorskip("onnxruntime")
 
 
-def export_with_tiny_encoder(root: Path, checkpoint: Path, *flags: str) -> Path:
-    """``deco export onnx`` of the tiny T2I checkpoint at 64x64 with a tiny Qwen3 encoder
-    (written to ``root``); returns the bundle."""
-    encoder_dir = build_tiny_qwen3(root / "qwen3-48", hidden_size=48)
-    result = CliRunner().invoke(main, [
-        "export", "onnx", str(checkpoint), str(root / "bundle"), "--image-size", "64x64",
-        "--parity-steps", "2", "--text-encoder", str(encoder_dir), *flags])
-    assert result.exit_code == 0, result.output
-    return root / "bundle"
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, golden_t2i_ckpt):
-    return export_with_tiny_encoder(tmp_path_factory.mktemp("t2i-encoder"), golden_t2i_ckpt)
+def bundle(t2i_text_bundle):
+    return t2i_text_bundle
 
 
 def test_reduce_memory_unloads_the_encoder_after_the_prompts_are_encoded(bundle):

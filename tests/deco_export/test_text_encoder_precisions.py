@@ -21,7 +21,7 @@ from deco_export.text_encoders import TransformersTextEncoder
 from runtimes import bundle as rb
 from runtimes.cpu import int8_kernel
 from runtimes.int8 import Int8GateError, Int8KernelWarning, record_int8_gate
-from tests.deco_export.test_text_encoder_placement import export_with_tiny_encoder
+from tests.helpers import export_with_tiny_encoder
 
 pytest.importorskip("onnxruntime")
 
