@@ -170,6 +170,17 @@ def golden_t2i_model():
     return load_reference(GOLDEN_T2I_CKPT, image_size=(64, 64))
 
 
+@pytest.fixture(scope="session")
+def golden_onnx_bundle(tmp_path_factory, golden_model, golden_ckpt) -> Path:
+    """The golden class-conditional model as an fp32 ONNX bundle (64x64, sizes 32..128)."""
+    from deco_export.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("golden-onnx") / "bundle"
+    export_onnx(golden_model, out, precisions=("fp32",), image_size=(64, 64),
+                source={"path": str(golden_ckpt)}, parity_steps=2)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Exports that several test files read: built once per process, shared read-only (a test that
 # changes one copies it first).
@@ -202,20 +213,25 @@ def c2i_bundle(tmp_path_factory, golden_ckpt_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_t2i_onnx_bundle(tmp_path_factory, golden_t2i_model, golden_t2i_ckpt,
+                           golden_t2i) -> Path:
+    """The golden text-to-image model as an fp32 ONNX bundle with its stored negative prompt
+    (no text encoder: callers pass text features as ``prompt_embeds``)."""
+    from deco_export.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("golden-t2i-onnx") / "bundle"
+    export_onnx(golden_t2i_model, out, precisions=("fp32",), image_size=(64, 64),
+                source={"path": str(golden_t2i_ckpt)}, parity_steps=2,
+                negative_prompt_embeds=golden_t2i["uncond_text"][:1], negative_prompt="")
+    return out
+
+
+@pytest.fixture(scope="session")
 def t2i_text_bundle(tmp_path_factory, golden_t2i_ckpt) -> Path:
     """`deco export onnx` of the golden T2I checkpoint with a tiny random Qwen3 (48 wide, like
     the model's text features) as its text encoder: fp32, 64x64, a 2-step parity gate."""
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from click.testing import CliRunner
+    from tests.helpers import export_with_tiny_encoder
 
-    from deco_export.cli import main
-    from tests.deco_export.test_text_encoders import build_tiny_qwen3
-
-    root = tmp_path_factory.mktemp("t2i-text")
-    encoder_dir = build_tiny_qwen3(root / "qwen3-48", hidden_size=48)
-    result = CliRunner().invoke(main, [
-        "export", "onnx", str(golden_t2i_ckpt), str(root / "bundle"), "--image-size", "64x64",
-        "--parity-steps", "2", "--text-encoder", str(encoder_dir)])
-    assert result.exit_code == 0, result.output
-    return root / "bundle"
+    return export_with_tiny_encoder(tmp_path_factory.mktemp("t2i-text"), golden_t2i_ckpt)
