@@ -81,6 +81,9 @@ SHARED_UNITS = {
     "tests/deco_export/test_faults_round3.py": "t2i_text_bundle",
     "tests/deco_export/test_bench_t2i.py": "t2i_text_bundle",
     "tests/deco_export/test_text_encoder_placement.py": "t2i_text_bundle",
+    "tests/deco_export/test_serve.py": "golden_onnx_bundles",
+    "tests/deco_export/test_serve_page.py": "golden_onnx_bundles",
+    "tests/runtimes/test_batching.py": "golden_onnx_bundles",
 }
 # The slowest units, slowest first (per --durations on 2 cores: the faults files' real
 # exports and kills, the shared T2I export, the Core ML conversions); the others follow

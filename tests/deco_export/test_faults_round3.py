@@ -96,7 +96,7 @@ def test_training_options_are_checked_before_any_work(images, tmp_path, flag, va
 def test_two_trainings_into_one_directory_do_not_both_run(images, tmp_path):
     out = tmp_path / "runs" / "C"
     first = subprocess.Popen(
-        [*DECO, *train_args(images, out, "--steps", "400", "--ckpt-every", "0",
+        [*DECO, *train_args(images, out, "--steps", "100000", "--ckpt-every", "0",
                             "--sample-every", "0")],
         env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
