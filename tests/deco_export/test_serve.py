@@ -219,7 +219,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_deco_serve_process_drains_on_sigterm_and_exits_0(golden_onnx_bundle):
+def test_deco_serve_process_frees_a_gone_clients_slot_drains_on_sigterm_exits_0(
+        golden_onnx_bundle):
     import httpx
 
     port = free_port()
@@ -231,6 +232,11 @@ def test_deco_serve_process_drains_on_sigterm_and_exits_0(golden_onnx_bundle):
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _up(base), timeout=120)
+        # a client that gives up frees its slot: its request leaves at the next tick
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/images/generations",
+                       json={"class_label": 4, "steps": 2000}, timeout=2)
+        wait_for(lambda: httpx.get(f"{base}/health").json()["in_flight"] == 0, timeout=15)
         result: dict = {}
 
         def request() -> None:
