@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from runtimes.cpu import cpu_flags, cpu_model
+from runtimes.cpu import cpu_flags, cpu_model, has_bf16, missing_bf16_reason
 
 __all__ = [
     "RELEVANT_FLAGS",
@@ -36,7 +36,6 @@ __all__ = [
 
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
                   "avx512_vnni", "avx_vnni", "amx_int8")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -46,22 +45,9 @@ def cpu_features() -> dict[str, bool]:
     return {name: name in flags for name in RELEVANT_FLAGS}
 
 
-def has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX-BF16)."""
-    return any(f in cpu_flags() for f in BF16_FLAGS)
-
-
 def has_int8_dot() -> bool:
     """True when the CPU has int8 dot-product instructions (VNNI or AMX-INT8)."""
     return any(f in cpu_flags() for f in INT8_DOT_FLAGS)
-
-
-def missing_bf16_reason() -> str | None:
-    """None on a CPU with bf16 instructions, else one line saying what is missing."""
-    if has_bf16():
-        return None
-    return (f"this CPU ({cpu_model()}) has no bf16 instructions (neither "
-            f"{' nor '.join(BF16_FLAGS)} in /proc/cpuinfo): bf16 would not run natively")
 
 
 PEAK_PRECISIONS = ("fp32", "bf16", "int8")

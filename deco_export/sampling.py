@@ -11,52 +11,72 @@ from typing import Any
 
 from runtimes.sampler import release_sampler
 
+from .backends import CHECKPOINT_BACKEND
 from .sources import is_bundle
 
-BUNDLE_BACKENDS = ("onnxruntime", "openvino", "coreml", "tensorrt")
+
+def bundle_backends() -> list[str]:
+    """The catalogue's backends that run a bundle's artefacts (``--backend`` for a bundle)."""
+    from runtimes.catalogue import entries
+
+    return [name for name, entry in entries().items() if entry.source == "bundle"]
 
 
 def default_backend(source: str | Path) -> str:
-    """The backend a source runs on when none is named: ONNX Runtime for a bundle, PyTorch for
-    a checkpoint."""
-    return "onnxruntime" if is_bundle(source) else "torch"
+    """The backend a source runs on when none is named: the catalogue's first for a bundle
+    (ONNX Runtime), PyTorch for a checkpoint."""
+    return bundle_backends()[0] if is_bundle(source) else CHECKPOINT_BACKEND
+
+
+def backend_options(backend: str, providers: str | None = None, device: str = "cpu"
+                    ) -> dict[str, Any]:
+    """The factory options of ``backend`` from the command line: ``--providers`` (a comma
+    list), the options its catalogue entry takes from the command line (OpenVINO's
+    ``--device``) and its shared-machine defaults (ONNX Runtime's idle threads sleep, the
+    command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch, set by
+    deco_export.commands)."""
+    from runtimes.catalogue import entry
+
+    found = entry(backend)
+    options: dict[str, Any] = dict(found.cli_defaults)
+    if providers:
+        options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
+    cli = {"device": device}
+    options.update({option: cli[flag] for flag, option in found.cli_options.items()
+                    if flag in cli})
+    return options
 
 
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
                   providers: str | None = None, device: str = "cpu", compile: bool = False,
                   allow_below_gate: bool = False, text_encoder_providers: str | None = None,
-                  reduce_memory: bool = False):
+                  reduce_memory: bool = False, text_encoder_precision: str | None = None):
     """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch).
 
     ``allow_below_gate``: open int8 graphs measured below their gate on this CPU.
-    ``text_encoder_providers`` places a bundle's ONNX text encoder ("cuda"); ``reduce_memory``
+    ``text_encoder_providers`` places a bundle's ONNX text encoder ("cuda") and
+    ``text_encoder_precision`` picks its exported precision (fp16, int8); ``reduce_memory``
     unloads the text encoder once each generation's prompts are encoded."""
     import runtimes
 
     backend = backend or default_backend(source)
     if is_bundle(source):
-        if backend == "torch":
+        if backend == CHECKPOINT_BACKEND:
             raise ValueError(
-                f"{source} is an exported bundle; the torch backend samples checkpoints. Use "
-                f"--backend {'|'.join(BUNDLE_BACKENDS)}, or pass the checkpoint"
+                f"{source} is an exported bundle; the {CHECKPOINT_BACKEND} backend samples "
+                f"checkpoints. Use --backend {'|'.join(bundle_backends())}, or pass the "
+                f"checkpoint"
             )
-        options: dict[str, Any] = {}
-        if providers:
-            options["providers"] = [p.strip() for p in providers.split(",") if p.strip()]
-        if backend == "onnxruntime":
-            # The command line's counterpart of OMP_WAIT_POLICY=PASSIVE for torch (set by
-            # deco_export.commands).
-            options["allow_spinning"] = False
-        if backend == "openvino":
-            options["device"] = device  # CPU, GPU or NPU
+        options = backend_options(backend, providers, device)
         if allow_below_gate:
             options["allow_below_gate"] = True
         if text_encoder_providers:
             options["text_encoder_providers"] = text_encoder_providers
+        if text_encoder_precision:
+            options["text_encoder_precision"] = text_encoder_precision
         return runtimes.load(source, backend=backend, precision=precision,
                              reduce_memory=reduce_memory, **options)
-    backend = backend or "torch"
-    if backend != "torch":
+    if backend != CHECKPOINT_BACKEND:
         raise ValueError(
             f"{source} is a checkpoint, which only the torch backend runs; export it first "
             f"(`deco export onnx {source} BUNDLE`) to use {backend}"
@@ -69,7 +89,7 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
 
     torch_device(device)  # a bad name is one line, before the model loads
     model, record = load_model(source)
-    backend_obj = create_backend("torch", model, device=device, precision=precision,
+    backend_obj = create_backend(CHECKPOINT_BACKEND, model, device=device, precision=precision,
                                  compile=compile)
     cfg = model.config
     encoder = None

@@ -39,12 +39,14 @@ import numpy as np
 
 from runtimes.errors import DecoError
 from runtimes.graph_backend import GRAPH_METHODS
+from runtimes.graphs import GRAPH_SPECS
 from runtimes.steps import StepState
 
 __all__ = ["DECODER_METHODS", "BatchError", "Job", "QueueFull", "StepBatcher", "TickStats"]
 
-# The calls that end a model evaluation: a tick runs them after every other call of the tick.
-DECODER_METHODS = frozenset({"decoder", "decoder_pixel", "velocity"})
+# The calls that end a model evaluation (those returning the velocity): a tick runs them after
+# every other call of the tick.
+DECODER_METHODS = frozenset(m for g in GRAPH_SPECS for m, output in g.calls if output == "v")
 
 
 class BatchError(DecoError, ValueError):

@@ -19,7 +19,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["INT8_KERNELS", "cpu_flags", "cpu_model", "cpu_record", "int8_kernel"]
+__all__ = ["BF16_FLAGS", "INT8_KERNELS", "cpu_flags", "cpu_model", "cpu_record", "has_bf16",
+           "int8_kernel", "missing_bf16_reason"]
 
 CPUINFO = Path("/proc/cpuinfo")
 # The int8 kernel kinds, each with the flags that select it, in the order ONNX Runtime's MLAS
@@ -30,6 +31,8 @@ INT8_KERNELS: dict[str, tuple[str, ...]] = {
     "avx_vnni": ("avx_vnni",),
     "avx2": ("avx2",),
 }
+# The flags of native bf16 matrix work (without them bf16 is emulated or refused).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -65,6 +68,19 @@ def cpu_model() -> str:
             if brand:
                 return brand
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX-BF16)."""
+    return any(f in cpu_flags() for f in BF16_FLAGS)
+
+
+def missing_bf16_reason() -> str | None:
+    """None on a CPU with bf16 instructions, else one line saying what is missing."""
+    if has_bf16():
+        return None
+    return (f"this CPU ({cpu_model()}) has no bf16 instructions (neither "
+            f"{' nor '.join(BF16_FLAGS)} in /proc/cpuinfo): bf16 would not run natively")
 
 
 def int8_kernel() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from runtimes import bundle as _bundle
+from runtimes import catalogue as _catalogue
 from runtimes.backend import (
     BackendError,
     close_backend,
@@ -56,6 +56,7 @@ from runtimes.sharing import (
     schedule_key,
 )
 from runtimes.sizes import SizeError, SizeRange
+from runtimes.solver_tables import TUNED, tuned_config
 from runtimes.solvers import get_solver
 from runtimes.steps import (
     Cancellable,
@@ -108,26 +109,16 @@ class ClassNameError(DecoError, ValueError):
     """A class name the model does not know, or one that names two classes."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    factory: str | Callable[..., Any]
-    runtime: str | None
-
-
-_REGISTRY: dict[str, _Entry] = {
-    "onnxruntime": _Entry("runtimes.backends.onnxruntime:OnnxRuntimeBackend", "onnx"),
-    "tensorrt": _Entry("runtimes.backends.tensorrt:TensorRTBackend", "tensorrt"),
-    "coreml": _Entry("runtimes.backends.coreml:CoreMLBackend", "coreml"),
-    "openvino": _Entry("runtimes.backends.openvino:OpenVinoBackend", "onnx"),
-}
-_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime"}
-ENTRY_POINT_GROUP = "runtimes.backends"
+ENTRY_POINT_GROUP = _catalogue.ENTRY_POINT_GROUP
 
 
 def register_backend(
-    name: str, factory: str | Callable[..., Any], *, runtime: str | None = None
+    name: str | _catalogue.BackendEntry, factory: str | Callable[..., Any] | None = None, *,
+    runtime: str | None = None, **entry_fields: Any,
 ) -> None:
-    """Make ``runtimes.load(..., backend=name)`` use ``factory``.
+    """Make ``runtimes.load(..., backend=name)`` use ``factory``: a catalogue entry
+    (`runtimes.catalogue.BackendEntry`), so ``deco sample``, ``deco bench`` and ``deco
+    validate`` see the backend too.
 
     ``factory`` is a callable or a lazy ``"package.module:Attribute"`` string. It is called as
     ``factory(bundle_dir, manifest, precision=precision, **backend_options)`` (``providers`` is
@@ -135,47 +126,27 @@ def register_backend(
     the manifest runtime whose artifacts the backend reads ("onnx", "coreml", "tensorrt"), so
     ``load`` verifies only those files; None verifies the whole bundle. A factory whose
     precisions read another precision's artefacts (OpenVINO's bf16 reads the fp32 graphs)
-    offers ``artifact_precision(precision)``, so ``load`` verifies those.
+    offers ``artifact_precision(precision)``, so ``load`` verifies those. ``entry_fields``
+    are the entry's other fields (its probe, bench rows, pip extra, ...); ``name`` may also be
+    a whole `BackendEntry`.
     """
-    if not name or not isinstance(name, str):
-        raise ValueError("a backend name must be a non-empty string")
-    _REGISTRY[name] = _Entry(factory, runtime)
-
-
-def _entry_points() -> dict[str, Any]:
-    from importlib.metadata import entry_points
-
-    return {e.name: e for e in entry_points(group=ENTRY_POINT_GROUP)}
+    if isinstance(name, _catalogue.BackendEntry):
+        _catalogue.register(name)
+        return
+    if factory is None:
+        raise ValueError("register_backend needs a factory (a callable or 'module:Attribute')")
+    _catalogue.register(_catalogue.BackendEntry(name, factory, runtime=runtime, **entry_fields))
 
 
 def available_backends() -> list[str]:
     """Registered backend names and those other packages offer through the
     ``runtimes.backends`` entry points (neither means the library is installed)."""
-    return sorted({*_REGISTRY, *_entry_points()})
+    return sorted(_catalogue.entries())
 
 
-def _factory(name: str) -> tuple[Callable[..., Any], str | None]:
-    key = _ALIASES.get(name, name)
-    entry = _REGISTRY.get(key)
-    if entry is None and key in (found := _entry_points()):
-        found[key].load()()  # the package's registration function
-        entry = _REGISTRY.get(key)
-    if entry is None:
-        raise ValueError(
-            f"unknown backend {name!r}: registered backends are {', '.join(available_backends())}"
-            f" (deco-export[torch] adds 'torch' and 'torch-cuda')"
-        )
-    if callable(entry.factory):
-        return entry.factory, entry.runtime
-    module_name, _, attr = entry.factory.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(
-            f"backend {name!r} needs {module_name}, which cannot be imported ({exc}); install its "
-            f"runtime library"
-        ) from exc
-    return getattr(module, attr), entry.runtime
+def _factory(name: str) -> tuple[Callable[..., Any], _catalogue.BackendEntry]:
+    entry = _catalogue.entry(name)
+    return entry.load_factory(), entry
 
 
 @dataclass
@@ -280,7 +251,9 @@ class DeCoPipeline:
         guidance_edges: bool | None = None,
     ) -> SamplerConfig:
         """The bundle's sampler defaults with the given overrides applied
-        (``dataclasses.replace``; the config checks every value)."""
+        (``dataclasses.replace``; the config checks every value). ``solver="tuned"`` runs the
+        bundle's tuned solver table fitted for these steps, guidance, interval and shift
+        (`runtimes.solver_tables`; a ConfigError when it has none)."""
         if timesteps is not None and steps is not None and len(timesteps) != steps + 1:
             raise ConfigError(
                 f"steps={steps} but {len(timesteps)} timesteps were given (need steps + 1); "
@@ -298,9 +271,17 @@ class DeCoPipeline:
             overrides["timesteps"] = tuple(timesteps)
         elif steps is not None:
             overrides["timesteps"] = None  # a step count replaces the defaults' explicit grid
-        if solver is not None and get_solver(solver).name != "table":
+        tuned = solver == TUNED
+        if tuned:
+            overrides.pop("solver")
+        elif solver is not None and get_solver(solver).name != "table":
             overrides["coefficients"] = None  # a table belongs to the "table" solver
-        return replace(self.sampler_defaults, **overrides)
+        config = replace(self.sampler_defaults, **overrides)
+        if tuned:  # the bundle's table fitted for these steps, guidance, interval and shift
+            manifest = self.manifest
+            config = tuned_config(manifest.solver_tables if manifest else {},
+                                  manifest.model_hash if manifest else None, config)
+        return config
 
     def plan(
         self, config: SamplerConfig, sharing: Any = None
@@ -878,7 +859,8 @@ def load(
     ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
     (e.g. ``intra_op_threads=2``) are passed to the backend. A text-to-image bundle's text
     encoder runs in ONNX Runtime on ``text_encoder_providers`` (default CPU, whatever the
-    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact; ``reduce_memory``
+    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact (fp16 and int8 where
+    the export wrote them, int8 checked like the graphs); ``reduce_memory``
     unloads it after each generation's prompts are encoded (see `DeCoPipeline`). int8 graphs
     on the CPU are checked against the kind of CPU their gate ran on (`runtimes.int8`): a
     warning where they are not proven, an `Int8GateError` where they were measured below the
@@ -886,11 +868,11 @@ def load(
     """
     root = Path(bundle_dir)
     manifest = _bundle.read_manifest(root)
-    factory, runtime = _factory(backend)
+    factory, entry = _factory(backend)
+    runtime = entry.runtime
     # A backend whose precision is a setting on another precision's artefacts (OpenVINO's bf16
     # runs the fp32 ONNX graphs) names the artefacts it reads, so those are the ones verified.
-    reads = getattr(factory, "artifact_precision", None)
-    artifact_precision = reads(precision) if callable(reads) else precision
+    artifact_precision = entry.artifact_precision(precision)
     if verify:
         problems = _bundle.verify(
             root, runtime=runtime, precision=artifact_precision if runtime else None,
@@ -904,6 +886,8 @@ def load(
             )
     if precision == "int8" and runtime == "onnx" and _on_cpu(providers):
         check_int8_load(root, manifest, allow_below_gate=allow_below_gate)
+    if text_encoder_precision == "int8" and _on_cpu(text_encoder_providers):
+        check_int8_load(root, manifest, allow_below_gate=allow_below_gate, text_encoder=True)
     options = dict(backend_options)
     if providers is not None:
         options["providers"] = providers

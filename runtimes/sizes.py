@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SizeError", "SizeRange", "parse_size_range"]
+__all__ = ["SizeError", "SizeRange", "parse_size", "parse_size_range"]
 
 Size = tuple[int, int]
 
@@ -201,20 +201,34 @@ class SizeRange:
             raise ConfigError(f"{where}: {exc}") from None
 
 
+def _sides(text: str) -> Size:
+    """'64' (square) or '64x32' (height x width, '*' for 'x'); ValueError otherwise."""
+    sides = [int(v) for v in text.lower().replace("*", "x").split("x")]
+    if len(sides) == 1:
+        sides *= 2
+    if len(sides) != 2:
+        raise ValueError(text)
+    return sides[0], sides[1]
+
+
+def parse_size(text: str) -> Size:
+    """'256' or '256x192' (height x width): the one reader of a size the user typed."""
+    try:
+        size = _sides(text)
+    except ValueError:
+        size = (0, 0)
+    if min(size) <= 0:
+        raise ConfigError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64")
+    return size
+
+
 def parse_size_range(text: str, default: Sequence[int], multiple: int) -> SizeRange:
     """'32:128' (both sides) or '32x64:128x256' (HEIGHTxWIDTH), the model's size as default."""
     parts = text.lower().replace(" ", "").split(":")
     try:
         if len(parts) != 2:
-            raise ValueError
-        ends = []
-        for part in parts:
-            sides = [int(v) for v in part.split("x")]
-            if len(sides) == 1:
-                sides *= 2
-            if len(sides) != 2:
-                raise ValueError
-            ends.append((sides[0], sides[1]))
+            raise ValueError(text)
+        ends = [_sides(part) for part in parts]
     except ValueError:
         raise ConfigError(f"cannot read size range {text!r}; write MIN:MAX, e.g. 32:128 or "
                           "32x64:128x256 (height x width)") from None

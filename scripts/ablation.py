@@ -38,8 +38,6 @@ import click
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 ARMS: dict[str, dict[str, Any]] = {
     "dit": {"label": "plain pixel DiT (N+2 blocks)", "baseline": True, "freq_weight": 0.0},

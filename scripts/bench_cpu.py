@@ -29,42 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deco_export.bench import REFERENCE, BenchSettings, markdown_table, run_benchmark
+from deco_export.bench.cases import CASES, make_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deco_export.bench import REFERENCE, BenchSettings, markdown_table, run_benchmark  # noqa: E402
-
 GOLDEN = ROOT / "tests" / "fixtures" / "deco_tiny_64.ckpt"
-CASES = {
-    "golden64": "golden tiny model (64 wide, 2 DiT blocks, patch 16, 10 classes) at 64x64",
-    "s16-256": "DeCo-S/16 (256 wide, 6 DiT blocks, patch 16, 1000 classes), random weights, "
-               "at 256x256",
-    "dit-s16-256": "an S/16-like DeCo (DiT-S: 384 wide, 6 heads, 12 blocks; patch 16, 1000 "
-                   "classes), random weights, at 256x256",
-    "dit-b16-256": "a B/16-like DeCo (DiT-B: 768 wide, 12 heads, 12 blocks; patch 16, 1000 "
-                   "classes), random weights, at 256x256",
-}
-# The DiT-S and DiT-B widths on the DeCo-S/16 preset (its decoder: 32 wide, 3 blocks).
-SHAPES = {"s16-256": {}, "dit-s16-256": {"hidden_size": 384, "num_heads": 6, "dit_depth": 12},
-          "dit-b16-256": {"hidden_size": 768, "num_heads": 12, "dit_depth": 12}}
 TARGET_SPEED_UP = 2.0
 TARGET_PSNR_DB = 40.0
-
-
-def make_checkpoint(case: str, models: Path, seed: int) -> Path:
-    """The case's model as a checkpoint directory (made once, then reused)."""
-    from deco_export import get_preset
-    from deco_export.checkpoint import load_reference, save_pretrained
-    from deco_export.model import random_model
-
-    path = models / case
-    if (path / "config.json").is_file():
-        return path
-    if case == "golden64":
-        model = load_reference(GOLDEN, image_size=(64, 64))
-    else:
-        model = random_model(get_preset("DeCo-S/16", **SHAPES[case]), seed)
-    return save_pretrained(model, path, source=f"scripts/bench_cpu.py {case} (seed {seed})")
 
 
 def verdict(rows: list[dict[str, Any]], precision: str) -> dict[str, Any]:
@@ -164,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
     results = []
     for case in cases:
-        checkpoint = make_checkpoint(case, args.out / "models", args.seed)
+        checkpoint = make_checkpoint(case, args.out / "models", args.seed, GOLDEN,
+                                     made_by="scripts/bench_cpu.py")
         out = args.out / f"{case}-threads-{args.threads}"
         bundle = args.out / f"{case}-bundle"
         settings = BenchSettings(

@@ -33,14 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deco_export.bench import REFERENCE, BenchSettings, markdown_table, run_benchmark
+from deco_export.bench.cases import CASES, make_checkpoint
+from deco_export.bench.report import peaks_line
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_cpu import CASES, make_checkpoint  # noqa: E402
-
-from deco_export.bench import REFERENCE, BenchSettings, markdown_table, run_benchmark  # noqa: E402
-from deco_export.bench.report import peaks_line  # noqa: E402
+GOLDEN = ROOT / "tests" / "fixtures" / "deco_tiny_64.ckpt"
 
 DEFAULT_CASES = ("dit-s16-256", "dit-b16-256")
 BACKENDS = (REFERENCE, "torch", "onnxruntime-cpu", "openvino-cpu")
@@ -132,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
     results = []
     for case in cases:
-        checkpoint = make_checkpoint(case, args.out / "models", args.seed)
+        checkpoint = make_checkpoint(case, args.out / "models", args.seed, GOLDEN,
+                                     made_by="scripts/bench_cpu.py")
         bundle = args.out / f"{case}-bundle"
         if not (bundle / "manifest.json").is_file():
             from deco_export.export.onnx import export_onnx

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -42,13 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import runtimes  # noqa: E402
-from deco_export import DeCo, get_preset  # noqa: E402
-from deco_export.model import random_model  # noqa: E402
-from runtimes.sampler import SamplerConfig, make_plan, sample  # noqa: E402
+import runtimes
+from deco_export import DeCo, get_preset
+from deco_export.model import random_model
+from deco_export.parity import psnr as _psnr
+from runtimes.sampler import SamplerConfig, make_plan, sample
 
 ROWS = ("eager-reference", "torch-cuda", "ort-cuda", "tensorrt")
 
@@ -113,8 +110,8 @@ def row(name: str, batch: int, steps: int, times: list[float], setup_s: float,
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+    """PSNR of images in [-1, 1] (peak-to-peak 2)."""
+    return _psnr(a, b, data_range=2.0)
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -33,16 +33,15 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np
+
+import runtimes
+from deco_export.bench.cases import make_checkpoint
+from deco_export.flops import sampling_flops
+from deco_export.machine import cpu_flags, cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import numpy as np  # noqa: E402
-from bench_cpu import make_checkpoint  # noqa: E402
-
-import runtimes  # noqa: E402
-from deco_export.flops import sampling_flops  # noqa: E402
-from deco_export.machine import cpu_flags, cpu_model  # noqa: E402
+GOLDEN = ROOT / "tests" / "fixtures" / "deco_tiny_64.ckpt"
 
 CASE = "dit-s16-256"
 ROWS = (("onnxruntime", "fp32"), ("openvino", "bf16"))
@@ -191,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, default=None, help="append a section to this file")
     args = ap.parse_args(argv)
 
-    checkpoint = make_checkpoint(CASE, args.out / "models", args.seed)
+    checkpoint = make_checkpoint(CASE, args.out / "models", args.seed, GOLDEN,
+                                 made_by="scripts/bench_cpu.py")
     bundle = args.out / f"{CASE}-bundle"
     if not (bundle / "manifest.json").is_file():
         from deco_export.export.onnx import export_onnx

@@ -37,10 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from training.metrics import denoise_error, speckles  # noqa: E402
+from training.metrics import denoise_error, speckles
 
 # The README grid: chosen before sampling; training and held-out names mixed.
 GRID_PROMPTS = (

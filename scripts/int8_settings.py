@@ -33,22 +33,14 @@ from deco_export.export.quantize import INT8_WEIGHTS, Int8Settings
 # `deco export onnx --int8-weights` choices, and the default with one scale per weight tensor.
 SETTINGS = {**INT8_WEIGHTS, "int8-7bit-per-tensor": Int8Settings(per_channel=False)}
 CASES = ("golden64", "default", "default-t2i", "dit-s16-256", "dit-b16-256")
-RANDOM_SHAPES = {"dit-s16-256": {"hidden_size": 384, "num_heads": 6, "dit_depth": 12},
-                 "dit-b16-256": {"hidden_size": 768, "num_heads": 12, "dit_depth": 12}}
-
-
 def build_model(case: str) -> Any:
-    from deco_export import get_preset
-    from deco_export.checkpoint import load_reference
-    from deco_export.model import random_model
+    from deco_export.bench.cases import case_model
     from deco_export.sources import load_model
     from tests.helpers import GOLDEN_CKPT
 
-    if case == "golden64":
-        return load_reference(GOLDEN_CKPT, image_size=(64, 64))
     if case in ("default", "default-t2i"):
         return load_model(case)[0]
-    return random_model(get_preset("DeCo-S/16", **RANDOM_SHAPES[case]), seed=0)
+    return case_model(case, GOLDEN_CKPT, seed=0)
 
 
 def quantized_copy(fp32_bundle: Path, out: Path, settings: Int8Settings) -> Path:

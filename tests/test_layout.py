@@ -140,15 +140,16 @@ GRAPH_NAMING = {
     "deco_export.validate": "the text encoder, gated apart from the sampled graphs",
     "deco_export.validate_text": "the text encoder's artifact, gated by its own recorded outputs",
     "deco_export.commands.sample": 'the "text_encoder" key of an image\'s recorded parameters',
-    "deco_export.calibrate": "the DiT artifact's hash keys a schedule",
     "deco_export.text_encoders": "the text encoder's record in a checkpoint",
     "deco_export.config": 'the architecture value "dit" (the plain pixel DiT)',
     "training.trainer": "the text encoder's record in a checkpoint",
     "training.cli": 'the "text_encoder" option of a text-to-image training',
     "runtimes.config": 'the architecture values "deco" and "dit"',
     "runtimes.backend": "the capabilities' method names (decoder_cond, decoder_pixel)",
-    "runtimes.bundle": 'the stage "dit" of the graphs whose inputs set a size range',
+    "runtimes.bundle": 'the stage "dit" of the graphs whose inputs set a size range, and the '
+                       "DiT artifact's hash that keys calibrated schedules and solver tables",
     "runtimes.text_encoder": "the text encoder's artifact",
+    "runtimes.int8": "the text encoder, whose int8 gate is on its features, not on images",
     "runtimes.backends.tensorrt": "the fused step's DiT slot",
     "runtimes.backends.coreml": "the DiT's enumerated sizes",
 }
@@ -166,3 +167,58 @@ def test_graph_names_are_spelled_only_where_listed():
                 spelled.add(name)
     assert sorted(spelled - set(GRAPH_NAMING)) == []
     assert sorted(set(GRAPH_NAMING) - spelled) == []  # a module cleaned up leaves the list
+
+
+def _backend_modules() -> tuple[set[str], set[str]]:
+    """(the backend and bench-row names, the modules that may spell them: the catalogue and
+    the backends' own modules, each factory's and probe's with its package; a backend module
+    may name another backend where its runtime offers it, as ONNX Runtime's providers do)."""
+    from runtimes import catalogue
+
+    names, homes = set(), {"runtimes.catalogue"}
+    for entry in catalogue.entries().values():
+        for target in (entry.factory, entry.probe):
+            if isinstance(target, str):
+                module = target.partition(":")[0]
+                homes |= {module, module.rpartition(".")[0]}
+        for row in entry.rows():
+            names |= {entry.name, *entry.aliases, row.name, *row.aliases}
+    return names, homes
+
+
+def _checkable_backend_names(names: set[str]) -> set[str]:
+    """The backend and bench-row names that mean nothing else: a manifest runtime ("onnx",
+    "coreml", "tensorrt"), a library or pip extra ("torch", "onnxruntime", "openvino") or a
+    CFG mode ("reference") is spelled for its own reason wherever it is needed."""
+    from deco_export.bench.catalogue import CFG_MODES
+    from runtimes import catalogue
+    from runtimes.bundle import RUNTIMES
+
+    entries = catalogue.entries().values()
+    other = {*RUNTIMES, *CFG_MODES, *(lib for e in entries for lib in e.libraries),
+             *(e.extra for e in entries if e.extra)}
+    return names - other
+
+
+def test_backends_are_named_only_in_the_catalogue_and_their_modules():
+    """A backend is one catalogue entry: no module but the catalogue and the backend's own
+    spells its name or its bench rows' (where the name means nothing else), and none
+    special-cases one by comparing a backend variable with its name."""
+    names, homes = _backend_modules()
+    checkable = _checkable_backend_names(names)
+    assert {"torch-cuda", "onnxruntime-cpu", "openvino-cpu", "torch-compile", "ort"} <= checkable
+    spelled, compared = [], []
+    for module, (path, _) in modules().items():
+        if module in homes:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in checkable:
+                spelled.append(f"{module}: {node.value!r}")
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(s, ast.Constant) and s.value in names for s in sides) and any(
+                        "backend" in ast.unparse(s) for s in sides
+                        if not isinstance(s, ast.Constant)):
+                    compared.append(f"{module}: {ast.unparse(node)}")
+    assert spelled == []
+    assert compared == []

@@ -311,7 +311,7 @@ class Trainer:
                          f"training at {size[0]}x{size[1]} with {self.micro} images per "
                          "micro-batch", "lower --image-size or --batch-size, or raise --grad-accum")
         self.text: TextConditioning | None = None
-        if base.family == "t2i":
+        if base.is_text_to_image:
             self.dataset = load_captioned(cfg.data, "train", size, cache_dir=cfg.cache_dir)
             self.model_config = dataclasses.replace(base, image_size=size)
         else:
@@ -324,7 +324,7 @@ class Trainer:
                 f"dataset '{cfg.data}' has {len(self.dataset)} training images, fewer than "
                 f"--batch-size {cfg.batch_size}"
             )
-        if base.family == "t2i":
+        if base.is_text_to_image:
             c = self.model_config
             encoder = text_encoder or load_text_encoder(cfg.text_encoder, c.text_len)
             self.text = TextConditioning(

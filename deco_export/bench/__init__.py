@@ -33,8 +33,6 @@ from __future__ import annotations
 from .aggregate import assemble_rows, merge_rounds, summarise_run
 from .availability import natural_precisions, plan_rows, unavailable_reason
 from .catalogue import (
-    ALIASES,
-    BACKENDS,
     CFG_MODES,
     KINDS,
     PRECISIONS,
@@ -42,6 +40,8 @@ from .catalogue import (
     BackendKind,
     BenchError,
     RowSpec,
+    aliases,
+    backend_kinds,
     expand_backends,
 )
 from .machine import environment, peak_rss_mib
@@ -58,8 +58,6 @@ from .source import Source, prepare_source
 from .timing import TimingBackend
 
 __all__ = [
-    "ALIASES",
-    "BACKENDS",
     "CFG_MODES",
     "KINDS",
     "PRECISIONS",
@@ -71,7 +69,9 @@ __all__ = [
     "RowSpec",
     "Source",
     "TimingBackend",
+    "aliases",
     "assemble_rows",
+    "backend_kinds",
     "environment",
     "expand_backends",
     "fid_table",

@@ -70,7 +70,7 @@ def roofline_figures(row: Mapping[str, Any], run: Mapping[str, Any],
     model, (height, width) = context["model"], context["image_size"]
     cost = run["cost"]
     kind = KINDS[row["backend"]]
-    on_cpu = kind.on_cpu and (kind.family != "torch" or context.get("device", "cpu") == "cpu")
+    on_cpu = kind.on_cpu and (not kind.runs_checkpoint or context.get("device", "cpu") == "cpu")
     peak_precision = PEAK_PRECISION.get(row["precision"], "fp32")
     peak = (context.get("peaks") or {}).get(peak_precision, {}).get("gflops") if on_cpu else None
     total = sampling_flops(model, cost, height, width, cost.get("decoder_cond_samples"))

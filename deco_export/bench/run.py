@@ -89,7 +89,7 @@ def check_prompts_apply(source: str | Path, settings: BenchSettings) -> None:
 
     from ..sources import is_bundle
 
-    if is_bundle(str(source)) and rb.read_manifest(Path(source)).model.family == "t2i":
+    if is_bundle(str(source)) and rb.read_manifest(Path(source)).model.is_text_to_image:
         return
     raise ValueError(f"--prompt is for text-to-image bundles; {source} is not one (a "
                      "class-conditional model samples its classes)")
@@ -235,7 +235,8 @@ def run_benchmark(source: str | Path, out: str | Path, settings: BenchSettings |
 
                     name = spec.key if settings.rounds == 1 else f"{spec.key}.round{rnd + 1}"
                     row_spec = {**common, "key": spec.key, "log_name": name,
-                                "row": asdict(spec)}
+                                "row": asdict(spec),
+                                "load": spec.kind.load_spec(settings.threads)}
                     if rnd:
                         row_spec.pop("fid", None)
                     result = run_worker(row_spec, work, logs, settings.timeout_s, tick)

@@ -20,7 +20,7 @@ import numpy as np
 from runtimes.fileio import atomic_write_text
 
 from ..messages import one_line
-from .catalogue import KINDS, PROGRESS_MARK, REFERENCE
+from .catalogue import PROGRESS_MARK, REFERENCE
 from .machine import peak_rss_mib, process_gpu_mib, rss_mib
 from .text import TimedTextEncoder, prompts_for
 from .timing import TimingBackend
@@ -32,28 +32,20 @@ def labels_for(batch: int, num_classes: int) -> list[int]:
 
 
 def open_pipeline(spec: Mapping[str, Any]) -> Any:
-    """A DeCoPipeline for the worker's row (the first call also imports its runtime)."""
+    """A DeCoPipeline for the worker's row (the first call also imports its runtime): the
+    backend the row's catalogue entry names, with the row's load options."""
     import runtimes
+    from runtimes import catalogue
 
-    row = spec["row"]
-    kind = KINDS[row["backend"]]
+    row, load = spec["row"], spec["load"]
+    name = load["backend"]
+    if name not in catalogue.entries():  # registered in the driver's process only
+        runtimes.register_backend(name, load["factory"], runtime=load["runtime"],
+                                  source=load["source"])
+    options = dict(load["options"])
     threads = spec.get("threads")
-    if kind.family == "bundle":
-        options: dict[str, Any] = {}
-        if kind.runtime == "onnx":
-            options["providers"] = [kind.provider]
-            # Idle pool threads sleep, as torch's do under OMP_WAIT_POLICY=PASSIVE (set by
-            # deco_export.commands): both libraries then wait the same way and a busy machine
-            # slows neither alone.
-            options["allow_spinning"] = False
-            if threads:
-                options["intra_op_threads"] = threads
-        if kind.loader == "openvino":
-            options = {"threads": threads, "cpu_pinning": False}  # shared machines: no pinning
-        backend = kind.loader or {"onnx": "onnxruntime"}.get(kind.runtime or "",
-                                                              kind.runtime or "")
-        return runtimes.load(spec["bundle"], backend=backend, precision=row["precision"],
-                             **options)
+    if load["source"] == "bundle":
+        return runtimes.load(spec["bundle"], backend=name, precision=row["precision"], **options)
 
     import torch
 
@@ -63,11 +55,8 @@ def open_pipeline(spec: Mapping[str, Any]) -> Any:
     if threads:
         torch.set_num_threads(int(threads))
     model, _ = load_model(spec["checkpoint"])
-    settings: dict[str, Any] = {"device": spec["device"], "precision": row["precision"]}
-    if kind.name != "torch-cuda":
-        settings["compile"] = kind.name == "torch-compile"
-    backend_obj = create_backend("torch-cuda" if kind.name == "torch-cuda" else "torch", model,
-                                 **settings)
+    backend_obj = create_backend(name, model, device=spec["device"], precision=row["precision"],
+                                 **options)
     return runtimes.DeCoPipeline(backend_obj, model_config=spec["model"],
                                  sampler_defaults=spec["sampler_defaults"])
 

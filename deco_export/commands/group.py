@@ -117,10 +117,12 @@ def plugin_commands() -> dict[str, Any]:
 
 
 def extra_for(module: str | None) -> str:
-    """The pip extra that installs ``module``."""
+    """The pip extra that installs ``module``: a backend's runtime library by its catalogue
+    entry, else the exporters' and verbs' own libraries."""
+    from runtimes.catalogue import extra_for as backend_extra
+
     top = (module or "").split(".")[0]
-    return {
-        "torch": "torch", "safetensors": "torch", "onnx": "onnx", "onnxruntime": "onnx",
-        "onnxscript": "onnx", "coremltools": "coreml", "tensorrt": "tensorrt",
-        "openvino": "openvino", "matplotlib": "train", "scipy": "eval", "tqdm": "torch",
+    return backend_extra(top) or {
+        "onnx": "onnx", "onnxscript": "onnx", "matplotlib": "train", "scipy": "eval",
+        "tqdm": "torch",
     }.get(top, "dev")

@@ -1,4 +1,5 @@
-"""Option types and parsers shared by several verbs: sizes, integer lists, solver names."""
+"""Option types and parsers shared by several verbs: sizes, integer lists, solver names, the
+backend option."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import click
 
 from runtimes.sampler import SOLVER_ALIASES, SOLVERS
 
+# The one reader of a size the user typed; the verbs import it from here.
+from runtimes.sizes import parse_size as parse_size
+from runtimes.solver_tables import TUNED
+
 
 class SolverChoice(click.Choice):
-    """The sampler's solvers by their real names; the older spellings (``adams2``,
-    ``heun_cheap``, ...) are still accepted but not listed."""
+    """The sampler's solvers by their real names, and "tuned" (a bundle's tuned solver table
+    for the steps asked for); the older spellings (``adams2``, ``heun_cheap``, ...) are still
+    accepted but not listed."""
 
     def __init__(self) -> None:
-        super().__init__(list(SOLVERS))
+        super().__init__([*SOLVERS, TUNED])
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if value in SOLVER_ALIASES:
@@ -22,18 +28,21 @@ class SolverChoice(click.Choice):
         return super().convert(value, param, ctx)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' or '256x192' (height x width)."""
-    parts = text.lower().replace("*", "x").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64") from None
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) <= 0:
-        raise ValueError(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 64x64")
-    return sizes[0], sizes[1]
+class CatalogueHelp(click.Option):
+    """An option whose help names the backends of the catalogue when the help is shown (a
+    backend registered after the verb was imported is listed too): ``help`` is a template
+    with ``{bundle}`` (the backends that run a bundle), ``{default}`` (the default one) and
+    ``{checkpoint}`` (the one that runs a checkpoint)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from ..sampling import CHECKPOINT_BACKEND, bundle_backends
+
+        template = getattr(self, "_template", None) or self.help or ""
+        self._template = template
+        bundle = bundle_backends()
+        self.help = template.format(bundle=", ".join(bundle), default=bundle[0],
+                                    checkpoint=CHECKPOINT_BACKEND)
+        return super().get_help_record(ctx)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from .options import SolverChoice, parse_size, single_value
+from .options import CatalogueHelp, SolverChoice, parse_size, single_value
 
 
 @click.command()
 @click.argument("source", metavar="BUNDLE_OR_CHECKPOINT", required=False)
-@click.option("--backend", default=None,
-              help="onnxruntime, openvino, coreml, tensorrt (bundles) or torch (checkpoints); "
-                   "default: onnxruntime for bundles, torch for checkpoints")
+@click.option("--backend", default=None, cls=CatalogueHelp,
+              help="{bundle} (bundles) or {checkpoint} (checkpoints); default: {default} for "
+                   "bundles, {checkpoint} for checkpoints")
 @click.option("--precision", default=None, help="[fp32]")
 @click.option("--allow-below-gate", is_flag=True,
               help="run int8 graphs that `deco validate` measured below their gate on this CPU")
@@ -53,6 +53,9 @@ from .options import SolverChoice, parse_size, single_value
                    "or 'minilm'; nothing is downloaded [a bundle's own text_encoder.onnx]")
 @click.option("--text-encoder-providers", default=None,
               help="text-to-image: where a bundle's text_encoder.onnx runs, e.g. cuda [cpu]")
+@click.option("--text-encoder-precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              default=None, help="text-to-image: which of the bundle's exported text "
+                                 "encoders runs [fp32]")
 @click.option("--reduce-memory", is_flag=True,
               help="text-to-image: unload the text encoder once the prompts are encoded")
 @click.option("--size", default=None, help="HxW to sample at (default: the model's)")
@@ -86,7 +89,8 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
            guidance_edges: bool | None, fast: bool, shift: float | None,
            sharing: str | None, sharing_mode: str, prompts: tuple[str, ...],
            negative_prompts: tuple[str, ...], text_encoder: str | None,
-           text_encoder_providers: str | None, reduce_memory: bool, size: str | None, seed: int,
+           text_encoder_providers: str | None, text_encoder_precision: str | None,
+           reduce_memory: bool, size: str | None, seed: int,
            out: Path | None, out_dir: Path | None, from_image: Path | None, cols: int | None,
            scale: int | None, preview_every: int | None, init_image: Path | None,
            strength: float | None, mask: Path | None) -> None:
@@ -119,8 +123,9 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         return
     if preview_every is not None and preview_every < 1:
         raise click.UsageError("--preview-every must be >= 1")
-    if allow_below_gate and precision != "int8":
-        raise click.UsageError("--allow-below-gate applies to int8 graphs: add --precision int8")
+    if allow_below_gate and "int8" not in (precision, text_encoder_precision):
+        raise click.UsageError("--allow-below-gate applies to int8 graphs: add --precision int8 "
+                               "(or --text-encoder-precision int8)")
     if cols is not None and cols < 1:
         raise click.UsageError(f"--cols must be >= 1, got {cols}")
     negative_prompt = single_value(negative_prompts, "--negative-prompt")
@@ -133,7 +138,8 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
     precision, device = precision or "fp32", device or "cpu"
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
                          device=device, text_encoder_providers=text_encoder_providers,
-                         reduce_memory=reduce_memory, allow_below_gate=allow_below_gate)
+                         reduce_memory=reduce_memory, allow_below_gate=allow_below_gate,
+                         text_encoder_precision=text_encoder_precision)
     height, width = parse_size(size) if size else (None, None)
     if pipe.is_text_to_image:
         if not prompts:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,10 @@ class BundleTransaction:
         self.force = force
         self.staging: Path
         self._staging: StagingDir | None = None
-        self.artifacts: list[rb.Artifact] = []
+        # This export's artefacts, kept by the manifest's own rule (one per runtime, graph and
+        # precision; a later one replaces an earlier one).
+        self._added = rb.Manifest(model=config)
+        self.solver_tables: list[rb.SolverTable] = []
         self._text_section: rb.TextSection | None = None  # the manifest's "text" section
 
     # -- context -----------------------------------------------------------------------------
@@ -235,7 +239,9 @@ class BundleTransaction:
     # -- artefacts ---------------------------------------------------------------------------
 
     def add_artifact(self, *, runtime: str, graph: str, precision: str, path: Path,
-                     inputs: list[dict], outputs: list[dict], details: dict | None = None,
+                     inputs: Sequence[rb.TensorSpec | Mapping[str, Any]],
+                     outputs: Sequence[rb.TensorSpec | Mapping[str, Any]],
+                     details: dict | None = None,
                      parity: dict | None = None, tools: dict | None = None,
                      extra_files: list[Path] | None = None) -> rb.Artifact:
         """Describe a staged file (or directory, e.g. ``.mlpackage``) as a bundle artefact."""
@@ -244,10 +250,18 @@ class BundleTransaction:
             Path(path).relative_to(self.staging).as_posix(), inputs=inputs, outputs=outputs,
             details=details, parity=parity, tools=tools,
             extra_files=[p.relative_to(self.staging).as_posix() for p in (extra_files or [])])
-        self.artifacts = [a for a in self.artifacts
-                          if (a.runtime, a.graph, a.precision) != (runtime, graph, precision)]
-        self.artifacts.append(artifact)
+        self._added.add_artifact(artifact)
         return artifact
+
+    @property
+    def artifacts(self) -> list[rb.Artifact]:
+        """The artefacts this export staged so far."""
+        return self._added.artifacts
+
+    def add_solver_table(self, table: rb.SolverTable) -> None:
+        """Record a tuned solver table (`runtimes.solver_tables`) with this commit; a
+        transaction of tables alone changes only the manifest."""
+        self.solver_tables.append(table)
 
     def _staged_manifest(self) -> rb.Manifest:
         manifest = rb.Manifest.from_dict(self.manifest.to_dict())
@@ -302,7 +316,7 @@ class BundleTransaction:
     # -- commit ------------------------------------------------------------------------------
 
     def _commit(self) -> None:
-        if not self.artifacts:
+        if not self.artifacts and not self.solver_tables:
             raise ValueError("nothing was exported; the bundle is unchanged")
         with lock(self.bundle):
             # Re-read under the lock: another export may have committed since this one began.
@@ -310,6 +324,8 @@ class BundleTransaction:
             manifest = existing if existing is not None else self._base_manifest()
             for artifact in self.artifacts:
                 manifest.add_artifact(artifact)
+            for table in self.solver_tables:
+                manifest.add_solver_table(table)
             manifest.sizes = self.sizes or manifest.sizes
             if self._text_section is not None:
                 manifest.text = self._text_section
@@ -376,7 +392,10 @@ def end_to_end_figures(model: DeCo, pipe: Any, image_size: tuple[int, int], step
 
 
 def runtime_of(backend: str) -> str:
-    return {"onnxruntime": "onnx", "coreml": "coreml", "tensorrt": "tensorrt"}.get(backend, backend)
+    """The manifest runtime whose artefacts ``backend`` reads (its catalogue entry's)."""
+    from runtimes.catalogue import entry
+
+    return entry(backend).runtime or backend
 
 
 def package_version() -> str:

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from runtimes.bundle import ONNX_PRECISIONS
-from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError
-from runtimes.graphs import GRAPH_SPECS, GraphSpec
+from runtimes.graphs import GraphSpec, get_graph
 from runtimes.sizes import SizeRange
 
 from ..model import DeCo
@@ -40,12 +39,11 @@ from .graphs import (
     export_image_size,
     graph_modules,
     input_names,
-    io_specs,
     output_names,
     quiet,
     reference_outputs,
 )
-from .onnx_tools import check_onnx, ort_session, tool_versions
+from .onnx_tools import check_onnx, onnx_file_name, ort_session, tool_versions
 from .quantize import Int8Settings, quantize_int8
 
 DEFAULT_OPSET = 18
@@ -55,19 +53,6 @@ PARITY_BATCHES = (1, 3)
 QUANTIZED_FROM = {"int8": "fp32"}  # quantized precision -> the precision its graph is exported in
 
 Progress = Callable[[str], None]
-
-
-def onnx_file_name(graph: str, precision: str) -> str:
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
-
-
-def graph_record(graph: str, names: list[str]) -> GraphSpec:
-    """The record of ``graph`` whose inputs are ``names`` (the DiT's differ per family)."""
-    for spec in GRAPH_SPECS:
-        if spec.name == graph and list(spec.input_names) == list(names):
-            return spec
-    raise ConfigError(f"no {graph} graph takes the inputs {list(names)}; "
-                      f"use the names of runtimes.graphs")
 
 
 def dynamic_shapes(record: GraphSpec, sizes: SizeRange | None) -> tuple[dict[int, Any], ...]:
@@ -110,14 +95,14 @@ def name_axes(path: Path, record: GraphSpec) -> None:
         onnx.save(model, str(path))
 
 
-def export_graph(module: torch.nn.Module, graph: str, inputs: tuple, path: Path, opset: int,
-                 external_data: bool, names: list[str] | None = None,
-                 sizes: SizeRange | None = None) -> None:
-    """``names``: the graph's input names, which pick its record (default the
-    class-conditional ones; a t2i model's are `graphs.input_names`). ``sizes``: the range the
-    height and width axes span (None or one size: fixed-size graphs)."""
-    names = names or input_names(ModelConfig(), graph)
-    record = graph_record(graph, names)
+def export_graph(module: torch.nn.Module, graph: GraphSpec | str, inputs: tuple, path: Path,
+                 opset: int, external_data: bool, sizes: SizeRange | None = None) -> None:
+    """Trace ``module`` into the ONNX graph its record declares (input and output names, batch
+    and size axes). ``graph``: the record (`get_graph(name, config)`, for the model's family),
+    or a name for the class-conditional record. ``sizes``: the range the height and width
+    axes span (None or one size: fixed-size graphs)."""
+    record = graph if isinstance(graph, GraphSpec) else get_graph(graph)
+    names = list(record.input_names)
     dynamic = dynamic_shapes(record, sizes)
     # The exporter logs a warning per torchvision op it cannot register when torchvision is
     # absent; DeCo uses none of them, so the notice is noise in every export's output.
@@ -180,6 +165,7 @@ def export_onnx(
     text_encoder: Any = None,
     size_range: SizeRange | None = None,
     int8: Int8Settings | None = None,
+    text_encoder_precisions: Sequence[str] = ("fp32",),
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
     checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
@@ -194,7 +180,8 @@ def export_onnx(
     ``negative_prompt`` (the empty prompt by default), for the unconditional half. With
     ``text_encoder`` (a `deco_export.text_encoders.TransformersTextEncoder`) the bundle also
     gets ``text_encoder.onnx`` + ``tokenizer.json``, and the negative prompt is encoded with it
-    when its embeddings are not given.
+    when its embeddings are not given; ``text_encoder_precisions`` adds the encoder at fp16
+    and/or int8, each gated on its features (`export.text_encoder`).
     """
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(
@@ -214,6 +201,9 @@ def export_onnx(
     dynamic = not sizes.is_fixed
     checked = sizes.parity_sizes()
     traced = trace_size(sizes)
+    if text_encoder is None and set(text_encoder_precisions) - {"fp32"}:
+        raise ValueError("text_encoder_precisions: this export has no text encoder; give "
+                         "text_encoder= (--text-encoder DIR or 'minilm')")
     if text_encoder is not None:
         cfg = model.config
         if cfg.family != "t2i" or (text_encoder.max_length, text_encoder.dim) != (
@@ -234,7 +224,7 @@ def export_onnx(
         if text_encoder is not None:
             from .text_encoder import export_text_encoder
 
-            export_text_encoder(text_encoder, txn, opset, say)
+            export_text_encoder(text_encoder, txn, opset, say, text_encoder_precisions, int8)
         for precision in precisions:
             if precision not in ONNX_PRECISIONS:
                 raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "
@@ -246,13 +236,13 @@ def export_onnx(
             parity: list[GraphParity] = []
             files: dict[str, Path] = {}
             for graph in modules:
+                record = get_graph(graph, model.config)  # the one look-up of this graph
                 name = onnx_file_name(graph, precision)
                 say(f"exporting {name} (opset {opset})")
                 path = txn.staging / name
                 started = time.perf_counter()
                 inputs = example_inputs(model, graph, 2, *traced, seed=seed)
-                export_graph(modules[graph], graph, inputs, path, opset, external,
-                             input_names(model.config, graph), sizes)
+                export_graph(modules[graph], record, inputs, path, opset, external, sizes)
                 details = {"opset": opset, "exporter": "torch.onnx dynamo",
                            "external_data": external}
                 if precision in QUANTIZED_FROM:
@@ -264,15 +254,14 @@ def export_onnx(
                 results = graph_parity(model, graph, path, height, width, seed, checked)
                 parity += results
                 files[graph] = path
-                inputs_spec, outputs_spec = (io_specs(model.config, graph) if dynamic else
-                                             io_specs(model.config, graph, height, width))
+                inputs_spec, outputs_spec = (record.io_specs(model.config) if dynamic else
+                                             record.io_specs(model.config, height, width))
                 txn.add_artifact(
                     runtime="onnx", graph=graph, precision=precision, path=path,
                     extra_files=sorted(p for p in txn.staging.iterdir()
                                        if p.name.startswith(name + ".") or
                                        p.name == name + ".data"),
-                    inputs=[s.to_dict() for s in inputs_spec],
-                    outputs=[s.to_dict() for s in outputs_spec],
+                    inputs=inputs_spec, outputs=outputs_spec,
                     details={**details,
                              "export_seconds": round(time.perf_counter() - started, 2)},
                     parity={"graphs": [r.to_dict() for r in results]},

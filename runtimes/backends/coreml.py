@@ -57,6 +57,7 @@ __all__ = [
     "measure_load_times",
     "require_macos",
     "split_batch",
+    "unavailable_reason",
 ]
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_AND_NE", "CPU_ONLY")
@@ -72,6 +73,19 @@ def require_macos(platform: str | None = None) -> None:
             "(coremltools there only converts and saves). Sample this bundle's ONNX graphs with "
             "--backend onnxruntime, or run on a Mac"
         )
+
+
+def unavailable_reason(precision: str, options: Mapping[str, Any], gpu: bool) -> str | None:
+    """The catalogue's probe: why Core ML cannot run here (macOS, coremltools), or None."""
+    from importlib.util import find_spec
+
+    platform = str(sys.platform)  # a string to the type checker on every OS
+    if platform != "darwin":
+        return (f"predict needs macOS: Core ML runs models only on macOS (this is "
+                f"{platform}; coremltools here converts only)")
+    if find_spec("coremltools") is None:
+        return "No module named 'coremltools'; pip install 'deco-export[coreml]'"
+    return None
 
 
 def _import_coremltools() -> Any:

@@ -33,12 +33,13 @@ from typing import Any
 import numpy as np
 
 from runtimes.backend import BackendError
-from runtimes.bundle import BundleError, Manifest, read_manifest
+from runtimes.bundle import ONNX_PRECISIONS, BundleError, Manifest, read_manifest
 from runtimes.config import ModelConfig
 from runtimes.graph_backend import GraphBackend
 from runtimes.graphs import get_graph, graphs_for
 
-__all__ = ["PROVIDER_NAMES", "OnnxRuntimeBackend", "OrtArray", "resolve_providers"]
+__all__ = ["PROVIDER_NAMES", "OnnxRuntimeBackend", "OrtArray", "resolve_providers",
+           "unavailable_reason"]
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -66,6 +67,13 @@ _FIX = {
     "CoreMLExecutionProvider": "the Core ML provider exists only in macOS builds of onnxruntime",
 }
 _IO_DTYPES = ("float32", "int64")
+# What a missing provider needs, in a benchmark's one-line reason.
+_PROBE_HINT = {
+    "CUDAExecutionProvider": "install onnxruntime-gpu (instead of onnxruntime) on a machine with "
+                             "an NVIDIA GPU",
+    "TensorrtExecutionProvider": "install onnxruntime-gpu and the TensorRT libraries",
+    "CoreMLExecutionProvider": "only macOS builds of onnxruntime have it",
+}
 
 
 def _import_ort() -> Any:
@@ -77,6 +85,25 @@ def _import_ort() -> Any:
             "`pip install onnxruntime-gpu` (CUDA/TensorRT)"
         ) from exc
     return onnxruntime
+
+
+def unavailable_reason(precision: str, options: Mapping[str, Any], gpu: bool) -> str | None:
+    """The catalogue's probe: why ONNX Runtime cannot run ``precision`` on the first of the
+    ``providers`` option here (library, provider, precision), or None."""
+    from importlib.util import find_spec
+
+    if find_spec("onnxruntime") is None:
+        return "No module named 'onnxruntime'; pip install onnxruntime"
+    import onnxruntime
+
+    full = resolve_providers(options.get("providers"))[0][0]
+    offered = onnxruntime.get_available_providers()
+    if full not in offered:
+        return (f"{full} not available (this onnxruntime {onnxruntime.__version__} offers "
+                f"{', '.join(offered)}); {_PROBE_HINT.get(full, '')}").rstrip("; ")
+    if precision not in ONNX_PRECISIONS:
+        return f"ONNX export writes {', '.join(ONNX_PRECISIONS)} graphs only"
+    return None
 
 
 def resolve_providers(

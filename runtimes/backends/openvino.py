@@ -49,7 +49,7 @@ from runtimes.fileio import atomic_write_bytes, atomic_write_text
 from runtimes.graph_backend import GraphBackend
 from runtimes.graphs import get_graph, graphs_for
 
-__all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend"]
+__all__ = ["CACHE_KEY_VERSION", "DEVICES", "PRECISIONS", "OpenVinoBackend", "unavailable_reason"]
 
 # Our precision -> (the ONNX artefact it reads, OpenVINO's inference precision hint).
 PRECISIONS: dict[str, tuple[str, str]] = {"fp32": ("fp32", "f32"), "bf16": ("fp32", "bf16")}
@@ -72,6 +72,23 @@ def _import_openvino() -> Any:
             "the openvino backend needs OpenVINO: `pip install deco-export[openvino]`"
         ) from exc
     return openvino
+
+
+def unavailable_reason(precision: str, options: Mapping[str, Any], gpu: bool) -> str | None:
+    """The catalogue's probe: why OpenVINO cannot run ``precision`` here (library, precision,
+    the CPU's bf16 instructions), or None."""
+    from importlib.util import find_spec
+
+    from runtimes.cpu import missing_bf16_reason
+
+    if find_spec("openvino") is None:
+        return "No module named 'openvino'; pip install 'deco-export[openvino]'"
+    if precision not in PRECISIONS:
+        return (f"OpenVINO runs {' or '.join(PRECISIONS)} (bf16 as an inference precision on "
+                f"the fp32 graphs)")
+    if precision == "bf16" and (missing := missing_bf16_reason()) is not None:
+        return f"{missing}; the openvino backend refuses to run it"
+    return None
 
 
 def _check_device(core: Any, device: str) -> str:

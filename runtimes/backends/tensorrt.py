@@ -73,7 +73,20 @@ __all__ = [
     "cuda_environment",
     "import_cuda",
     "import_tensorrt",
+    "unavailable_reason",
 ]
+
+
+def unavailable_reason(precision: str, options: Mapping[str, Any], gpu: bool) -> str | None:
+    """The catalogue's probe: why TensorRT cannot run here (library, NVIDIA GPU), or None."""
+    from importlib.util import find_spec
+
+    if find_spec("tensorrt") is None:
+        return ("No module named 'tensorrt'; TensorRT runs on NVIDIA GPUs: pip install "
+                "'deco-export[tensorrt]'")
+    if not gpu:
+        return "TensorRT needs an NVIDIA GPU and driver"
+    return None
 
 
 @dataclass

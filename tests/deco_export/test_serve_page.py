@@ -48,8 +48,8 @@ def server(golden_t2i_onnx_bundle):
     thread.join(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@pytest.fixture
+def page(server):  # per test: the browser and its profile directory are gone at its end
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         tab = browser.new_page()

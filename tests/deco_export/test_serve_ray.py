@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -20,12 +23,16 @@ serve = pytest.importorskip("ray.serve", reason="the Ray deployment needs ray[se
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # Ray's session directory holds Unix sockets, whose paths must stay short: a directory of
+    # its own under the system's temp root, removed afterwards.
+    root = tempfile.mkdtemp(prefix="ray", dir=os.environ.get("PYTEST_DEBUG_TEMPROOT", "/tmp"))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=root,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
     serve.start(proxy_location="Disabled")  # requests go through handles: no HTTP proxy
     yield
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_replicas_answer_with_the_single_servers_pixels(local_ray, golden_onnx_bundle):

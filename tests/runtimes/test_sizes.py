@@ -127,3 +127,13 @@ def test_pipeline_refuses_sizes_outside_the_range_in_one_line():
     free = runtimes.DeCoPipeline(be, be.model_config(), {"steps": 2})
     with pytest.raises(SizeError, match="multiple of the patch size 4"):
         free.generate([0], height=8, width=6)
+
+
+def test_parse_size_is_the_one_size_reader():
+    from runtimes.errors import ConfigError
+    from runtimes.sizes import parse_size
+
+    assert parse_size("64") == (64, 64) and parse_size("64x32") == parse_size("64*32") == (64, 32)
+    for bad in ("64x", "0x64", "a", "1x2x3"):
+        with pytest.raises(ConfigError, match="write HEIGHTxWIDTH"):
+            parse_size(bad)
