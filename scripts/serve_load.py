@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -75,13 +76,18 @@ class Server:
         return self.proc.wait(timeout=120)
 
 
-def body(i: int) -> dict:
-    return {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "size": None}
+def body_maker(base: str, steps: int | None) -> Callable[[int], dict]:
+    """Request i's body: a prompt (text-to-image) or a class (class-conditional), seed i."""
+    model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]
+    extra = {} if steps is None else {"steps": steps}
+    if model["family"] == "t2i":
+        return lambda i: {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, **extra}
+    classes = len(model["classes"])
+    return lambda i: {"class_label": i % classes, "seed": i, **extra}
 
 
-async def one(client: httpx.AsyncClient, base: str, i: int) -> float | None:
+async def one(client: httpx.AsyncClient, base: str, payload: dict) -> float | None:
     start = time.monotonic()
-    payload = {k: v for k, v in body(i).items() if v is not None}
     try:
         r = await client.post(base + "/v1/images/generations", json=payload)
     except (httpx.HTTPError, asyncio.CancelledError):
@@ -89,8 +95,8 @@ async def one(client: httpx.AsyncClient, base: str, i: int) -> float | None:
     return time.monotonic() - start if r.status_code == 200 else None
 
 
-async def poisson(base: str, rate: float, count: int, time_limit: float,
-                  seed: int) -> dict:
+async def poisson(base: str, rate: float, count: int, time_limit: float, seed: int,
+                  body: Callable[[int], dict]) -> dict:
     """``count`` requests with exponential gaps of mean 1 / ``rate``; whatever is unanswered
     ``time_limit`` seconds after the last arrival is cancelled and counted as unfinished."""
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, count)
@@ -103,7 +109,7 @@ async def poisson(base: str, rate: float, count: int, time_limit: float,
 
         async def fire(i: int, at: float) -> float | None:
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
-            latency = await one(client, base, 1000 * seed + i)
+            latency = await one(client, base, body(1000 * seed + i))
             if latency is not None:
                 finish.append(time.monotonic() - t0)
             return latency
@@ -123,15 +129,16 @@ async def poisson(base: str, rate: float, count: int, time_limit: float,
 
 
 def run_mode(bundle: Path, max_batch: int, multiples: list[float], count: int,
-             time_limit: float, threads: int,
+             time_limit: float, threads: int, steps: int | None = None,
              capacity: float | None = None) -> tuple[list[dict], float]:
     """One server, every rate; ``capacity`` None measures it here (1 / the mean latency of
     three requests alone) and returns it, so the first mode sets the rates of both."""
     server = Server(bundle, max_batch, threads)
     try:
-        asyncio.run(poisson(server.base, 100.0, 2, 120, seed=99))  # warm-up
+        body = body_maker(server.base, steps)
+        asyncio.run(poisson(server.base, 100.0, 2, 120, 99, body))  # warm-up
         if capacity is None:
-            alone = [asyncio.run(poisson(server.base, 100.0, 1, 120, seed=90 + k))["p50_s"]
+            alone = [asyncio.run(poisson(server.base, 100.0, 1, 120, 90 + k, body))["p50_s"]
                      for k in range(3)]
             capacity = 1.0 / float(np.mean(alone))
             print(f"one request alone: {1 / capacity:.3f} s -> {capacity:.2f} images/s",
@@ -139,7 +146,7 @@ def run_mode(bundle: Path, max_batch: int, multiples: list[float], count: int,
         rows = []
         for k, m in enumerate(multiples):
             before = server.ticks()
-            row = asyncio.run(poisson(server.base, m * capacity, count, time_limit, seed=k + 1))
+            row = asyncio.run(poisson(server.base, m * capacity, count, time_limit, k + 1, body))
             after = server.ticks()
             ticks = after[1] - before[1]
             row["images_per_tick"] = (after[0] - before[0]) / ticks if ticks else float("nan")
@@ -228,6 +235,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=120.0,
                     help="seconds after a rate's last arrival before its unanswered requests "
                          "are cancelled")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per request [the bundle's sampler default]")
     ap.add_argument("--threads", type=int, default=1, help="the server's ONNX Runtime threads")
     ap.add_argument("--costs-only", action="store_true",
                     help="only time the DiT and decoder calls at batch 1, 2, 8, 32")
@@ -242,9 +251,9 @@ def main() -> None:
     multiples = [float(m) for m in args.multiples.split(",")]
     # request-at-a-time first: its capacity sets the rates both modes are offered
     serial, capacity = run_mode(args.bundle, 1, multiples, args.requests, args.time_limit,
-                                args.threads)
+                                args.threads, args.steps)
     batched, _ = run_mode(args.bundle, args.max_batch, multiples, args.requests,
-                          args.time_limit, args.threads, capacity)
+                          args.time_limit, args.threads, args.steps, capacity)
     results = {"bundle": str(args.bundle), "alone_s": 1 / capacity, "capacity_per_s": capacity,
                "multiples": multiples, "cpu": args.cpu,
                "title": f"deco serve, {args.bundle.name}, {args.cpu}",

@@ -81,9 +81,12 @@ SHARED_UNITS = {
     "tests/deco_export/test_faults_round3.py": "t2i_text_bundle",
     "tests/deco_export/test_bench_t2i.py": "t2i_text_bundle",
     "tests/deco_export/test_text_encoder_placement.py": "t2i_text_bundle",
-    "tests/deco_export/test_serve.py": "golden_onnx_bundles",
-    "tests/deco_export/test_serve_page.py": "golden_onnx_bundles",
-    "tests/runtimes/test_batching.py": "golden_onnx_bundles",
+    # the serving tests read the golden_onnx_bundle and golden_t2i_onnx_bundle exports
+    "tests/runtimes/test_batching.py": "serve_bundles",
+    "tests/deco_export/test_serve.py": "serve_bundles",
+    "tests/deco_export/test_serve_page.py": "serve_bundles",
+    "tests/deco_export/test_serve_ray.py": "serve_bundles",
+    "tests/deco_export/test_serve_load.py": "serve_bundles",
 }
 # The slowest units, slowest first (per --durations on 2 cores: the faults files' real
 # exports and kills, the shared T2I export, the Core ML conversions); the others follow
@@ -91,8 +94,10 @@ SHARED_UNITS = {
 HEAVIEST_FIRST = (
     "tests/deco_export/test_faults.py",
     "t2i_text_bundle",
+    "serve_bundles",
     "tests/deco_export/test_coreml.py",
     "tests/deco_export/test_app_cli.py",
+    "tests/deco_export/test_text_encoder_precisions.py",
     "tests/deco_export/test_export_onnx.py",
     "tests/deco_export/test_bench.py",
     "tests/training/test_trainer.py",

@@ -17,6 +17,7 @@ cond = SiLU(e_t + h).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,22 @@ def check_image_to_image(pipe: Any, condition: dict[str, Any], steps: int = 4) -
     assert np.array_equal(out[..., w // 2:], image[..., w // 2:])
     assert np.abs(out[..., : w // 2] - image[..., : w // 2]).max() > 0.05
     return np.asarray(out)
+
+
+class PromptFeatures:
+    """Text features (1, L, C) drawn from a generator seeded by the prompt: the golden text
+    model's bundle has no text encoder, and a server test only needs prompts to become
+    features."""
+
+    def __init__(self, length: int, channels: int) -> None:
+        self.shape = (length, channels)
+
+    def encode(self, prompts):
+        rows = []
+        for p in prompts:
+            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+            rows.append(np.random.default_rng(seed).standard_normal(self.shape))
+        return np.asarray(rows, dtype=np.float32)
 
 
 def export_with_tiny_encoder(root: Path, checkpoint: Path, *flags: str) -> Path:

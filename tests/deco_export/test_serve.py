@@ -27,7 +27,7 @@ from starlette.testclient import TestClient
 
 import runtimes
 from deco_export.serve import ServeSettings, create_app
-from tests.helpers import REPO
+from tests.helpers import REPO, PromptFeatures
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,35 @@ def test_api_key(pipe):
         assert c.get("/metrics").status_code == 401 and c.get("/health").status_code == 200
 
 
+@pytest.fixture(scope="module")
+def t2i_pipe(golden_t2i_onnx_bundle):
+    return runtimes.load(golden_t2i_onnx_bundle, backend="onnxruntime")
+
+
+def test_text_to_image_prompts(t2i_pipe):
+    app = create_app(t2i_pipe, ServeSettings(max_batch=2))
+    with TestClient(app) as c:
+        post = lambda body: c.post("/v1/images/generations", json=body)  # noqa: E731
+        refused = post({"prompt": "a fox", "steps": 2})
+        assert refused.status_code == 400 and "no text encoder" in refused.json()["error"][
+            "message"]
+        t2i_pipe.text_encoder = PromptFeatures(t2i_pipe.model_config.text_len,
+                                               t2i_pipe.model_config.text_dim)
+        try:
+            assert "prompt is empty" in post({"prompt": "  "}).json()["error"]["message"]
+            assert "not class_label" in post({"class_label": 1}).json()["error"]["message"]
+            r = post({"prompt": "a fox", "negative_prompt": "blur", "seed": 4, "steps": 3,
+                      "size": "64x32"})
+            assert r.status_code == 200, r.text
+            offline = t2i_pipe.generate(prompt="a fox", negative_prompt="blur", seed=4,
+                                        steps=3, height=32, width=64,
+                                        output_type="uint8").images[0]
+            np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), offline)
+            assert c.get("/v1/models").json()["data"][0]["family"] == "t2i"
+        finally:
+            t2i_pipe.text_encoder = None
+
+
 def wait_for(predicate, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
@@ -190,7 +219,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_deco_serve_process_drains_on_sigterm_and_exits_0(golden_onnx_bundle):
+def test_deco_serve_process_frees_a_gone_clients_slot_drains_on_sigterm_exits_0(
+        golden_onnx_bundle):
     import httpx
 
     port = free_port()
@@ -202,6 +232,11 @@ def test_deco_serve_process_drains_on_sigterm_and_exits_0(golden_onnx_bundle):
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _up(base), timeout=120)
+        # a client that gives up frees its slot: its request leaves at the next tick
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/images/generations",
+                       json={"class_label": 4, "steps": 2000}, timeout=2)
+        wait_for(lambda: httpx.get(f"{base}/health").json()["in_flight"] == 0, timeout=15)
         result: dict = {}
 
         def request() -> None:

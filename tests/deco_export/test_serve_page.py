@@ -4,16 +4,15 @@ with its parameters, then start a second one and cancel it, which frees its slot
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import socket
 import threading
 import time
 
-import numpy as np
 import pytest
 
 import runtimes
+from tests.helpers import PromptFeatures
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if shutil.which("chromium") is None:
@@ -25,21 +24,6 @@ uvicorn = pytest.importorskip("uvicorn", reason="deco serve needs the serve extr
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-class PromptFeatures:
-    """Text features (1, L, C) drawn from a generator seeded by the prompt: the golden text
-    model's bundle has no text encoder, and the page only needs prompts to become features."""
-
-    def __init__(self, length: int, channels: int) -> None:
-        self.shape = (length, channels)
-
-    def encode(self, prompts):
-        rows = []
-        for p in prompts:
-            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
-            rows.append(np.random.default_rng(seed).standard_normal(self.shape))
-        return np.asarray(rows, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +48,8 @@ def server(golden_t2i_onnx_bundle):
     thread.join(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@pytest.fixture
+def page(server):  # per test: the browser and its profile directory are gone at its end
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         tab = browser.new_page()
