@@ -41,6 +41,7 @@ __all__ = [
     "CFG_MODES",
     "DIVERGENCE_CHECK_EVERY",
     "DIVERGENCE_LIMIT",
+    "FAST_PSNR_DB",
     "FAST_SAMPLERS",
     "MAX_STEPS",
     "RELEASE_SAMPLERS",
@@ -437,6 +438,9 @@ FAST_SAMPLERS: dict[str, dict[str, Any]] = {
     # 33.3 dB (Euler 16: 33.0, Euler 25: 36.9, the release's AB2 25: 41.7), 2.5x fewer.
     "t2i": {"solver": "ab2", "num_steps": 10, "guidance_edges": True},
 }
+# Those settings' PSNR against the converged sample (docs/sampling.md): `--fast` on a bundle
+# with tuned solver tables takes the fewest-step table whose held-out PSNR reaches it.
+FAST_PSNR_DB: dict[str, float] = {"c2i": 35.3, "t2i": 33.3}
 
 
 def release_sampler(family: str) -> SamplerConfig:

@@ -25,7 +25,8 @@ import numpy as np
 from runtimes.errors import ConfigError
 from runtimes.sampler import SamplerConfig
 
-__all__ = ["TUNED", "SolverTable", "find_solver_table", "solver_table_key", "tuned_config"]
+__all__ = ["TUNED", "SolverTable", "fast_table", "find_solver_table", "solver_table_key",
+           "tuned_config"]
 
 # The solver name that picks a bundle's tuned table for the call's NFE, guidance and shift.
 TUNED = "tuned"
@@ -152,3 +153,16 @@ def tuned_config(tables: Mapping[str, SolverTable], model_hash: str | None,
     if model_hash is None:
         raise ConfigError(f"solver 'tuned' needs a bundle with tuned solver tables; {MAKE_ONE}")
     return find_solver_table(tables, model_hash, config).sampler_config(config)
+
+
+def fast_table(tables: Mapping[str, SolverTable], model_hash: str | None,
+               config: SamplerConfig, min_psnr_db: float) -> SolverTable | None:
+    """The tuned table with the fewest steps, fitted at ``config``'s guidance, interval and
+    shift, whose recorded held-out PSNR reaches ``min_psnr_db`` (the quality of the family's
+    untuned few-step setting, so picking it never trades quality for speed); None when no
+    table does."""
+    fits = [t for t in tables.values()
+            if model_hash is not None
+            and t.matches(model_hash, replace(config, num_steps=t.nfe, timesteps=None))
+            and float(t.heldout.get("psnr_db", -np.inf)) >= min_psnr_db]
+    return min(fits, key=lambda t: t.nfe, default=None)

@@ -36,8 +36,9 @@ from .options import CatalogueHelp, SolverChoice, parse_size, single_value
               help="a step boundary on each edge of the guidance interval, multistep history "
                    "restarted there [the bundle's default: off]")
 @click.option("--fast", is_flag=True,
-              help="the family's recommended few-step setting (docs/sampling.md); --solver, "
-                   "--steps and --guidance-edges override its parts")
+              help="the family's recommended few-step setting (docs/sampling.md), or the "
+                   "bundle's fewest-step tuned solver table that is at least as accurate; "
+                   "--solver, --steps and --guidance-edges override its parts")
 @click.option("--shift", type=float, default=None)
 @click.option("--sharing", default=None,
               help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
@@ -164,9 +165,17 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
         count = len(distinct)
     if fast:
-        from runtimes.sampler import FAST_SAMPLERS
+        from runtimes.sampler import FAST_PSNR_DB, FAST_SAMPLERS
+        from runtimes.solver_tables import TUNED, fast_table
 
-        preset = FAST_SAMPLERS[pipe.model_config.family]
+        family = pipe.model_config.family
+        preset = FAST_SAMPLERS[family]
+        manifest = pipe.manifest
+        table = None if (solver or steps or manifest is None) else fast_table(
+            manifest.solver_tables, manifest.model_hash,
+            pipe.sampler_config(guidance=guidance, shift=shift), FAST_PSNR_DB[family])
+        if table is not None:  # a tuned table at least as good in fewer evaluations
+            solver, steps = TUNED, table.nfe
         solver = solver or preset["solver"]
         steps = steps or preset["num_steps"]
         guidance_edges = preset["guidance_edges"] if guidance_edges is None else guidance_edges

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 import runtimes
 from deco_export.cli import main
@@ -25,7 +26,7 @@ from deco_export.solver_tuning import parse_nfe, recheck_solver_tables, tune_sol
 from runtimes.bundle import Manifest, read_manifest, write_manifest
 from runtimes.errors import ConfigError
 from runtimes.sampler import sample
-from runtimes.solver_tables import SolverTable, solver_table_key
+from runtimes.solver_tables import SolverTable, fast_table, solver_table_key
 
 BACKEND = "solver-tables-test-torch"
 NFE = 4
@@ -157,7 +158,12 @@ def test_the_cli_tunes_records_and_samples(plain_bundle, tmp_path):
     result = CliRunner().invoke(main, ["sample", str(root), "--solver", "tuned", "--steps", "3",
                                        "--classes", "1", "--backend", BACKEND, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert out.is_file()
+    # --fast takes the tuned table (its held-out PSNR is above the family's few-step setting)
+    fast = tmp_path / "fast.png"
+    result = CliRunner().invoke(main, ["sample", str(root), "--fast", "--classes", "1",
+                                       "--backend", BACKEND, "--out", str(fast)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(fast)), np.asarray(Image.open(out)))
     result = CliRunner().invoke(main, ["sample", str(root), "--solver", "tuned", "--steps", "7",
                                        "--classes", "1", "--backend", BACKEND,
                                        "--out", str(tmp_path / "x.png")])
@@ -177,3 +183,14 @@ def test_a_table_that_is_not_lower_triangular_is_refused():
     with pytest.raises(ConfigError, match="lower"):
         SolverTable(model_sha256="0" * 64, nfe=2, guidance=1.0, guidance_interval=(0.0, 1.0),
                     shift=1.0, timesteps=(0.0, 0.5, 1.0), coefficients=((0.0, 0.1), (0.0, 0.0)))
+
+
+def test_fast_takes_a_tuned_table_only_when_it_is_as_accurate(tuned_bundle):
+    manifest = read_manifest(tuned_bundle)
+    (table,) = manifest.solver_tables.values()
+    tables, sha, defaults = manifest.solver_tables, manifest.model_hash, manifest.sampler_defaults
+    psnr = float(table.heldout["psnr_db"])
+    assert fast_table(tables, sha, defaults, psnr) == table
+    assert fast_table(tables, sha, defaults, psnr + 0.1) is None
+    assert fast_table(tables, sha, replace(defaults, guidance=2.0), 0.0) is None
+    assert fast_table(tables, None, defaults, 0.0) is None
