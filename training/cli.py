@@ -20,7 +20,7 @@ import click
 from deco_export.commands.group import user_errors
 from deco_export.commands.options import parse_size
 
-__all__ = ["evaluate", "train"]
+__all__ = ["distill_guidance", "evaluate", "train"]
 
 # OpenMP threads that busy-wait make a shared CPU several times slower: next to one other
 # training job on 2 cores, a 2-thread step took 4.6 s with spinning threads and 1.5 s with
@@ -309,7 +309,69 @@ def evaluate(
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
-main = click.Group(name="deco-training", commands=[train, evaluate])
+def _guidance_range(text: str) -> tuple[float, float]:
+    """MIN:MAX (a single value W means W:W)."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise click.BadParameter(f"expected MIN:MAX such as 1:6, got {text!r}")
+    return values[0], values[-1]
+
+
+@click.command(name="distill-guidance")
+@click.argument("teacher")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
+@click.option("--guidance-range", default="1:6", show_default=True,
+              help="MIN:MAX of the guidance scales w the student learns")
+@click.option("--steps", default=2000, show_default=True, help="optimizer steps in total")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--ema-decay", default=0.999, show_default=True)
+@click.option("--rollout-steps", default=4, show_default=True,
+              help="Euler steps of the teacher's guided ODE from noise to each training time")
+@click.option("--time-shift", default=None, type=float,
+              help="shift of the logit-normal training times [the teacher's training shift]")
+@click.option("--data", default=None, help="t2i: caption source [the teacher's training data]")
+@click.option("--text-encoder", default=None, help="t2i: [the teacher's text encoder]")
+@click.option("--cache-dir", default=None, help="dataset and text-embedding cache")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=None, type=int, help="CPU threads")
+@click.option("--log-every", default=25, show_default=True)
+@click.option("--ckpt-every", default=100, show_default=True, help="0 = only at the end")
+@click.option("--keep", default=2, show_default=True, help="checkpoints kept (0 = all)")
+@click.option("--progress/--no-progress", default=True)
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@one_line_errors
+def distill_guidance(teacher: str, guidance_range: str, resume: bool, keep: int,
+                     **kw: Any) -> None:
+    """Distil TEACHER ('default', 'default-t2i' or a checkpoint directory) into a
+    guidance-distilled student: one conditional pass per step gives the teacher's guided
+    velocity at the scale w it is given.
+
+    The student starts as the teacher plus a zero guidance embedding and learns the teacher's
+    own guided velocity on its guided trajectories (no images). Writes OUT/log.jsonl,
+    OUT/checkpoints/step_N/ and, at the end, the EMA student in OUT/model.
+    """
+    from .distill import DistillConfig, distill
+
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
+    low, high = _guidance_range(guidance_range)
+    cfg = DistillConfig(teacher=teacher, guidance_min=low, guidance_max=high,
+                        keep_checkpoints=keep, **kw)
+    try:
+        exported = distill(cfg, resume=resume)
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            "interrupted; continue from the last checkpoint with the same command plus --resume"
+        ) from None
+    click.echo(f"guidance-distilled student: {exported}")
+
+
+main = click.Group(name="deco-training", commands=[train, evaluate, distill_guidance])
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m training.cli train ...
     main()
