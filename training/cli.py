@@ -64,6 +64,38 @@ def _size(text: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(str(err)) from None
 
 
+def _betas(text: str | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(text, tuple):
+        return text
+    try:
+        b1, b2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"--betas must be B1,B2 such as 0.9,0.95, got {text!r}") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise click.BadParameter(f"--betas must each lie in [0, 1), got {text!r}")
+    return b1, b2
+
+
+def apply_recipe(name: str, kw: dict[str, Any], ctx: click.Context) -> None:
+    """Fill ``kw`` with the recipe's settings where no flag was given on the command line, and
+    print the table used."""
+    from click.core import ParameterSource
+
+    from .recipes import get_recipe, recipe_table
+
+    recipe = get_recipe(name)
+    flagged: dict[str, Any] = {}
+    for key in ("preset", *recipe.settings):
+        given = key in kw and ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
+        if given:
+            flagged[key] = kw[key]
+        elif key == "preset":
+            kw[key] = recipe.preset
+        else:
+            kw[key] = recipe.settings[key]
+    click.echo(recipe_table(recipe, flagged))
+
+
 DATA_HELP = (
     "emoji | emoji-base | fashion-mnist | a folder with one sub-folder per class; t2i: emoji | "
     "emoji-base (captioned) | a .jsonl of path + caption | a folder of images with .txt captions"
@@ -88,7 +120,13 @@ def resolve_preset(preset: str | None, family: str | None) -> str:
 
 
 @click.command()
+@click.option("--recipe", default=None,
+              help="a reference config by name (DeCo_XL, DeCo_XL_512, DeCo_large, "
+                   "Baseline_DiT_large, Baseline_DiT_XL, pretraining_res256, "
+                   "pretraining_res512, sft_res512): fills every hyper-parameter a flag "
+                   "does not set, and prints the table")
 @click.option("--preset", default=None, help="model size preset [DeCo-XS/4; t2i: DeCo-T2I-T/4]")
+@click.option("--betas", default="0.9,0.999", show_default=True, help="AdamW betas B1,B2")
 @click.option(
     "--family", type=click.Choice(["c2i", "t2i"]), default=None,
     help="class labels or text (implied by --preset)",
@@ -164,6 +202,10 @@ def train(**kw: Any) -> None:
     from .trainer import train as run
 
     resume = kw.pop("resume")
+    kw["betas"] = _betas(kw["betas"])
+    recipe = kw.pop("recipe")
+    if recipe is not None:
+        apply_recipe(recipe, kw, click.get_current_context())
     kw["preset"] = resolve_preset(kw["preset"], kw.pop("family"))
     if kw.pop("model_kind") == "baseline":
         kw["preset"] = baseline_preset(kw["preset"])
@@ -177,7 +219,8 @@ def train(**kw: Any) -> None:
                                "is class-conditional")
     if kw["threads"] is not None and kw["threads"] < 1:
         raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
-    kw["image_size"] = _size(kw["image_size"])
+    if not isinstance(kw["image_size"], tuple):
+        kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")
     cfg = TrainConfig(**kw)
