@@ -76,14 +76,24 @@ def _betas(text: str | tuple[float, float]) -> tuple[float, float]:
     return b1, b2
 
 
-def apply_recipe(name: str, kw: dict[str, Any], ctx: click.Context) -> None:
-    """Fill ``kw`` with the recipe's settings where no flag was given on the command line, and
-    print the table used."""
+# What fine-tuning from a release takes from the SFT recipe: the optimisation, not the model
+# size, the image size or the batch (those follow the run's preset and machine).
+FINE_TUNING_KEYS = ("lr", "betas", "weight_decay", "grad_clip", "warmup_steps", "label_dropout",
+                    "time_shift", "freq_weight", "freq_quality", "ema_decay")
+
+
+def apply_recipe(name: str, kw: dict[str, Any], ctx: click.Context,
+                 keys: tuple[str, ...] | None = None) -> None:
+    """Fill ``kw`` with the recipe's settings (``keys`` of them, or all with its preset) where
+    no flag was given on the command line, and print the table used."""
     from click.core import ParameterSource
 
-    from .recipes import get_recipe, recipe_table
+    from .recipes import Recipe, get_recipe, recipe_table
 
     recipe = get_recipe(name)
+    if keys is not None:
+        recipe = Recipe(recipe.name, kw["preset"], recipe.description + " (fine-tuning part)",
+                        {k: recipe.settings[k] for k in keys})
     flagged: dict[str, Any] = {}
     for key in ("preset", *recipe.settings):
         given = key in kw and ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
@@ -187,6 +197,11 @@ def resolve_preset(preset: str | None, family: str | None) -> str:
 @click.option("--sample-cfg", default=3.0, show_default=True, help="CFG scale for grids")
 @click.option("--cache-dir", default=None, help="dataset and text-embedding cache [~/.cache/deco]")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--init-from", default=None,
+              help="start from a release: a reference .ckpt (EMA weights), a checkpoint "
+                   "directory or 'default' / 'default-t2i'; strict, the optimizer fresh. A "
+                   "text-to-image run takes the sft_res512 optimisation settings unless "
+                   "--recipe or flags say otherwise")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @one_line_errors
 def train(**kw: Any) -> None:
@@ -207,6 +222,8 @@ def train(**kw: Any) -> None:
     if recipe is not None:
         apply_recipe(recipe, kw, click.get_current_context())
     kw["preset"] = resolve_preset(kw["preset"], kw.pop("family"))
+    if recipe is None and kw["init_from"] and get_preset(kw["preset"]).is_text_to_image:
+        apply_recipe("sft_res512", kw, click.get_current_context(), FINE_TUNING_KEYS)
     if kw.pop("model_kind") == "baseline":
         kw["preset"] = baseline_preset(kw["preset"])
     if kw["freq_weight"] is None:

@@ -94,3 +94,63 @@ def test_cli_prints_the_table_and_a_flag_wins():
     assert "'DeCo-T2I'" in lines["preset"] and "1.0" in lines["grad_clip"]
     unknown = CliRunner().invoke(train, ["--recipe", "DeCo_XXL", "--out", "unused"])
     assert unknown.exit_code == 1 and "unknown recipe 'DeCo_XXL'" in unknown.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning from a release (--init-from)
+# ------------------------------------------------------------------------------------------------
+
+
+def _caption_folder(root):
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "captioned"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"{['red', 'blue'][i % 2]} square {i}\n")
+    return folder
+
+
+def test_init_from_the_golden_t2i_checkpoint_fine_tunes_and_reloads_strictly(
+        golden_t2i_ckpt, golden_t2i_model, tmp_path):
+    import json
+
+    import torch
+
+    from deco_export.model import DeCo
+    from tests.training.test_t2i import ByteEncoder
+    from training.trainer import train as run
+
+    cfg = TrainConfig(
+        preset="DeCo-T2I-tiny/16", image_size=(32, 32), data=str(_caption_folder(tmp_path)),
+        out=str(tmp_path / "run"), steps=6, batch_size=4, lr=1e-3, ema_decay=0.5,
+        label_dropout=0.0, log_every=1, sample_every=0, ckpt_every=3, threads=1,
+        progress=False, device="cpu", cache_dir=str(tmp_path / "cache"), freq_weight=0.0,
+        init_from=str(golden_t2i_ckpt))
+    exported = run(cfg, text_encoder=ByteEncoder())
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text()
+              .splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    model = DeCo.from_pretrained(exported)  # strict load of the fine-tuned weights
+    assert model.config.same_weights_as(golden_t2i_model.config)
+    start = golden_t2i_model.state_dict()
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved  # trained from the release, not from scratch: the rest stays close to it
+    assert all((model.state_dict()[k] - start[k]).abs().max() < 0.1 for k in start)
+
+
+def test_init_from_refuses_another_model(golden_ckpt, tmp_path):
+    from training.trainer import Trainer
+
+    cfg = TrainConfig(preset="DeCo-T2I-tiny/16", image_size=(32, 32),
+                      data=str(_caption_folder(tmp_path)), out=str(tmp_path / "run"),
+                      steps=1, batch_size=4, threads=1, progress=False, device="cpu",
+                      cache_dir=str(tmp_path / "cache"), init_from=str(golden_ckpt))
+    from tests.training.test_t2i import ByteEncoder
+
+    with pytest.raises(ValueError, match="pass the matching --preset"):
+        Trainer(cfg, text_encoder=ByteEncoder())
