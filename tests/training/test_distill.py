@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -96,6 +97,13 @@ def test_distillation_trains_resumes_exactly_and_exports_a_distilled_model(teach
     with torch.no_grad():
         assert not torch.equal(student(x, t, y, torch.ones(3)),
                                student(x, t, y, torch.full((3,), 5.0)))
+    # `deco sample` on the checkpoint: the torch backend takes w, one pass per step.
+    from deco_export.sampling import open_pipeline
+
+    pipe = open_pipeline(whole)
+    assert pipe.backend.takes_guidance
+    out = pipe.generate(class_labels=[0, 1], seed=0, steps=4, guidance=3.0, output_type="np")
+    assert out.images.shape == (2, 3, 16, 16) and np.isfinite(out.images).all()
     meta = json.loads((whole / "metadata.json").read_text())
     assert meta["distillation"]["guidance_range"] == [1.0, 6.0]
     assert meta["distillation"]["guidance_interval"] == [0.1, 1.0]
