@@ -61,7 +61,7 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
         raise click.UsageError("--int8-weights applies to int8 graphs: add --precision int8")
     negative_prompt = single_value(negative_prompts, "--negative-prompt")
     net, source = load_model(model, weights=weights)
-    if net.config.family != "t2i" and negative_prompt is not None:
+    if not net.config.is_text_to_image and negative_prompt is not None:
         raise click.UsageError(f"--negative-prompt is for text-to-image models; {model} is "
                                "class-conditional")
     size = parse_size(image_size) if image_size else None

@@ -202,7 +202,7 @@ def export_onnx(
     traced = trace_size(sizes)
     if text_encoder is not None:
         cfg = model.config
-        if cfg.family != "t2i" or (text_encoder.max_length, text_encoder.dim) != (
+        if not cfg.is_text_to_image or (text_encoder.max_length, text_encoder.dim) != (
                 cfg.text_len, cfg.text_dim):
             raise ValueError(
                 f"the text encoder gives {text_encoder.max_length} x {text_encoder.dim} "

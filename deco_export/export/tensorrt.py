@@ -336,7 +336,7 @@ def export_tensorrt(
     settings = settings or BuildSettings()
     root = Path(bundle)
     manifest = rb.read_manifest(root)
-    if manifest.model.to_dict().get("architecture", "deco") == "dit":
+    if not manifest.model.has_decoder:
         raise ValueError(
             f"{root} holds the plain DiT baseline (one graph, pixel_dit), which runs on ONNX "
             "Runtime only; use --backend onnxruntime"
