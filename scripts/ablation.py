@@ -516,7 +516,7 @@ def report(out: str, docs: str, command: str) -> None:
 @click.option("--samples", default=96, show_default=True, help="per arm, labels cycling")
 def speckles(out: str, samples: int) -> None:
     """Isolated outlier pixels per sample at each arm's last checkpoint (the counter of
-    scripts/speckle_study.py; seeds 0..samples-1, the plan's steps and CFG)."""
+    scripts/studies/speckle_study.py; seeds 0..samples-1, the plan's steps and CFG)."""
     import torch
 
     from training.metrics import generate, load_generator

@@ -1,11 +1,12 @@
 """Resident memory of a text-to-image generation with the bundle's text encoder kept loaded
-and with ``reduce_memory=True`` (unloaded once the prompts are encoded).
+and with ``reduce_memory=True`` (unloaded once the prompts are encoded); produced the
+README's figures in "Where the text encoder runs, and for how long".
 
 Each mode runs in a fresh process: open the bundle (ONNX Runtime, CPU), generate one image
 from a prompt twice, and read VmRSS (resident now) and VmHWM (the peak) from
 /proc/self/status after each generation. Linux only.
 
-    PYTHONPATH=. python scripts/text_encoder_memory.py BUNDLE [--steps 25]
+    PYTHONPATH=. python scripts/studies/text_encoder_memory.py BUNDLE [--steps 25]
 """
 
 from __future__ import annotations
