@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -257,19 +256,13 @@ def read_features(out: Path, arm: str, step: int, limit: int) -> np.ndarray | No
 
 
 def cpu_description() -> dict[str, str]:
-    info = {"model": platform.processor() or "unknown", "flags": "", "cores": str(os.cpu_count())}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["model"] in ("unknown", platform.processor()):
-            info["model"] = value.strip()
-        if key.strip() == "flags" and not info["flags"]:
-            wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma")
-            info["flags"] = " ".join(f for f in value.split() if f in wanted)
-    return info
+    """The CPU the arms ran on (read by runtimes.cpu) and the flags that decide its speed."""
+    from runtimes.cpu import cpu_flags, cpu_model
+
+    wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma")
+    flags = cpu_flags()
+    return {"model": cpu_model(), "flags": " ".join(f for f in wanted if f in flags),
+            "cores": str(os.cpu_count())}
 
 
 def throughput(plan: Plan, out: Path, arm: str) -> tuple[float | None, float | None]:
