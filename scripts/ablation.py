@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -257,19 +256,13 @@ def read_features(out: Path, arm: str, step: int, limit: int) -> np.ndarray | No
 
 
 def cpu_description() -> dict[str, str]:
-    info = {"model": platform.processor() or "unknown", "flags": "", "cores": str(os.cpu_count())}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and info["model"] in ("unknown", platform.processor()):
-            info["model"] = value.strip()
-        if key.strip() == "flags" and not info["flags"]:
-            wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma")
-            info["flags"] = " ".join(f for f in value.split() if f in wanted)
-    return info
+    """The CPU the arms ran on (read by runtimes.cpu) and the flags that decide its speed."""
+    from runtimes.cpu import cpu_flags, cpu_model
+
+    wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma")
+    flags = cpu_flags()
+    return {"model": cpu_model(), "flags": " ".join(f for f in wanted if f in flags),
+            "cores": str(os.cpu_count())}
 
 
 def throughput(plan: Plan, out: Path, arm: str) -> tuple[float | None, float | None]:
@@ -516,7 +509,7 @@ def report(out: str, docs: str, command: str) -> None:
 @click.option("--samples", default=96, show_default=True, help="per arm, labels cycling")
 def speckles(out: str, samples: int) -> None:
     """Isolated outlier pixels per sample at each arm's last checkpoint (the counter of
-    scripts/speckle_study.py; seeds 0..samples-1, the plan's steps and CFG)."""
+    scripts/studies/speckle_study.py; seeds 0..samples-1, the plan's steps and CFG)."""
     import torch
 
     from training.metrics import generate, load_generator

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.config import ModelConfig
 from runtimes.fileio import atomic_write_text
 
 from ..messages import one_line
@@ -65,7 +66,7 @@ def timed_text_encoder(pipe: Any, spec: Mapping[str, Any]) -> TimedTextEncoder |
     """For a text-to-image row: give ``pipe`` the bundle's ONNX text encoder (at the row's
     thread count) and its stored negative prompt, the text encoder wrapped to time its calls;
     None for a class-conditional row."""
-    if spec["model"].get("family", "c2i") != "t2i":
+    if not ModelConfig.from_dict(spec["model"]).is_text_to_image:
         return None
     from runtimes import bundle as rb
     from runtimes.pipeline import bundle_negative_embeds
@@ -86,7 +87,7 @@ def timed_text_encoder(pipe: Any, spec: Mapping[str, Any]) -> TimedTextEncoder |
 def conditions(spec: Mapping[str, Any], batch: int) -> dict[str, Any]:
     """The generate() condition of one batch: class labels, or the row's prompts."""
     model = spec["model"]
-    if model.get("family", "c2i") == "t2i":
+    if ModelConfig.from_dict(model).is_text_to_image:
         return {"prompt": prompts_for(batch, spec.get("prompts") or ())}
     return {"class_labels": labels_for(batch, int(model["num_classes"]))}
 

@@ -17,7 +17,7 @@ from ..export.coreml import (
     FP32_ISLANDS,
     PRECISIONS,
 )
-from .options import model_text_encoder, parse_int_list, parse_size
+from .options import echo_step, export_flags, model_text_encoder, parse_int_list, parse_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
               help="more HxW sizes the packages accept, e.g. 32x64,128x128 (Core ML enumerates "
                    "them; a fixed size is fastest on the Neural Engine)")
 @click.option("--license", "license_text", default=None, help="licence text for the metadata")
-@click.option("--parity-steps", type=int, default=10, show_default=True,
-              help="sampler steps of the end-to-end gate (macOS)")
 @click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
               help="for reference .ckpt files")
 @click.option("--checkpoint", default=None,
@@ -58,9 +56,7 @@ if TYPE_CHECKING:
 @click.option("--negative-prompt", default="", show_default=True,
               help="text-to-image: the prompt of the unconditional half")
 @click.option("--verbose", is_flag=True, help="show coremltools' progress bars")
-@click.option("--force", is_flag=True,
-              help="replace OUT when it is not a bundle of this checkpoint (once the new one is "
-                   "complete)")
+@export_flags
 def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: str,
                    batch_sizes: str, compute_units: str, compression: str, fp32_islands: str,
                    image_size: str | None, extra_sizes: str, license_text: str | None,
@@ -75,20 +71,22 @@ def coreml_command(source: str, out: Path, precisions: tuple[str, ...], target: 
     gated on parity with PyTorch; elsewhere only its structure is checked.
     """
     from ..export.coreml import export_coreml, import_coremltools, load_source
+    from ..export.options import ExportOptions
 
     import_coremltools()
     model, record, bundle_size = load_source(source, weights=weights, checkpoint=checkpoint)
     size = parse_size(image_size) if image_size else bundle_size
     negative, negative_text = negative_prompt_for(model, source, text_encoder, negative_prompt)
     started = time.perf_counter()
+    options = ExportOptions(image_size=size, source=record, parity_steps=parity_steps,
+                            progress=echo_step, force=force, negative_prompt_embeds=negative,
+                            negative_prompt=negative_text)
     export_coreml(
-        model, out, precisions=precisions, image_size=size, source=record, target=target,
+        model, out, options, precisions=precisions, target=target,
         batch_sizes=parse_int_list(batch_sizes, "batch sizes"), compute_units=compute_units,
         compression=compression, fp32_islands=fp32_islands, license=license_text,
-        parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
-        verbose=verbose, force=force,
+        verbose=verbose,
         image_sizes=[parse_size(s) for s in extra_sizes.replace(" ", "").split(",") if s],
-        negative_prompt_embeds=negative, negative_prompt=negative_text,
     )
     click.echo(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
 

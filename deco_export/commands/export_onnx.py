@@ -8,7 +8,7 @@ import click
 
 from runtimes.bundle import ONNX_PRECISIONS
 
-from .options import model_text_encoder, parse_size, single_value
+from .options import echo_step, export_flags, model_text_encoder, parse_size, single_value
 
 
 @click.command("onnx")
@@ -30,13 +30,8 @@ from .options import model_text_encoder, parse_size, single_value
               help="MIN:MAX sizes the graphs serve, e.g. 32:128 or 32x64:128x256 (HxW), "
                    "multiples of the patch size [half to twice the export size]; one size "
                    "(64:64) exports fixed-size graphs")
-@click.option("--parity-steps", type=int, default=10, show_default=True,
-              help="sampler steps of the end-to-end parity gate")
 @click.option("--weights", type=click.Choice(["ema", "online"]), default="ema",
               help="for reference .ckpt files")
-@click.option("--force", is_flag=True,
-              help="replace BUNDLE when it is not a bundle of this checkpoint (only once the "
-                   "new bundle is complete)")
 @click.option("--text-encoder", default=None,
               help="text-to-image: a local transformers directory or 'minilm'; the bundle gets "
                    "text_encoder.onnx, tokenizer.json and the encoded negative prompt [the one the "
@@ -47,6 +42,7 @@ from .options import model_text_encoder, parse_size, single_value
                    "several), gated on its features; fp32 is always written")
 @click.option("--negative-prompt", "negative_prompts", multiple=True,
               help="text-to-image: the prompt of the unconditional half [empty]")
+@export_flags
 def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
                         int8_weights: str | None, opset: int,
                         image_size: str | None, size_range: str | None, parity_steps: int,
@@ -62,6 +58,7 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
     The export is gated on parity with PyTorch; a failing export leaves nothing behind.
     """
     from ..export.onnx import export_onnx
+    from ..export.options import ExportOptions
     from ..export.quantize import INT8_WEIGHTS
     from ..sources import load_model
 
@@ -70,7 +67,7 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
                                "(or --text-encoder-precision int8)")
     negative_prompt = single_value(negative_prompts, "--negative-prompt")
     net, source = load_model(model, weights=weights)
-    if net.config.family != "t2i" and negative_prompt is not None:
+    if not net.config.is_text_to_image and negative_prompt is not None:
         raise click.UsageError(f"--negative-prompt is for text-to-image models; {model} is "
                                "class-conditional")
     size = parse_size(image_size) if image_size else None
@@ -88,11 +85,10 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
     if encoder is None and text_encoder_precisions:
         raise click.UsageError("--text-encoder-precision needs a text encoder: give "
                                "--text-encoder DIR (or 'minilm') too")
-    export_onnx(net, bundle, precisions=precisions, opset=opset, image_size=size, source=source,
-                parity_steps=parity_steps, progress=lambda msg: click.echo(f"  {msg}", err=True),
-                force=force,
-                negative_prompt=(negative_prompt or "") if encoder is not None else None,
-                text_encoder=encoder, size_range=sizes,
-                int8=INT8_WEIGHTS[int8_weights or "int8-7bit"],
+    options = ExportOptions(
+        image_size=size, source=source, parity_steps=parity_steps, progress=echo_step,
+        force=force, negative_prompt=(negative_prompt or "") if encoder is not None else None)
+    export_onnx(net, bundle, options, precisions=precisions, opset=opset, text_encoder=encoder,
+                size_range=sizes, int8=INT8_WEIGHTS[int8_weights or "int8-7bit"],
                 text_encoder_precisions=("fp32", *text_encoder_precisions))
     click.echo(f"wrote {bundle}")

@@ -8,7 +8,9 @@ import click
 
 from runtimes.backends import tensorrt_profiles as tp
 
+from ..export.options import ExportOptions
 from ..export.tensorrt import ENGINE_PRECISIONS, BuildSettings, export_tensorrt
+from .options import echo_step, export_flags
 
 
 @click.command("tensorrt")
@@ -30,29 +32,34 @@ from ..export.tensorrt import ENGINE_PRECISIONS, BuildSettings, export_tensorrt
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="timing cache file (default: one per TensorRT version and GPU under "
                    "~/.cache/deco/tensorrt)")
-@click.option("--force", is_flag=True, help="rebuild engines that are up to date")
 @click.option("--checkpoint", default=None,
               help="the source checkpoint for the parity gate, when the manifest's path is not "
                    "valid here")
-@click.option("--parity-steps", type=int, default=10, show_default=True,
-              help="sampler steps of the end-to-end parity gate (0 skips it)")
-@click.option("--device", "device_id", type=int, default=0, show_default=True, help="GPU index")
+@click.option("--gpu", "device_id", type=int, default=0, show_default=True,
+              help="the index of the GPU to build for")
+@click.option("--device", "old_device_id", type=int, default=None, hidden=True,
+              help="the GPU index (now --gpu; --device names the device a model runs on)")
+@export_flags
 def tensorrt_command(bundle: Path, precisions: tuple[str, ...], batch_buckets: str, no_cfg: bool,
                      opt_level: int, workspace_gib: float | None, tf32: bool,
-                     timing_cache: Path | None, force: bool, checkpoint: str | None,
-                     parity_steps: int, device_id: int) -> None:
+                     timing_cache: Path | None, checkpoint: str | None, device_id: int,
+                     old_device_id: int | None, force: bool, parity_steps: int) -> None:
     """Build TensorRT engines for this machine's GPU from BUNDLE's ONNX graphs.
 
     Engines are keyed by ONNX hash, precision, batch profiles, TensorRT version and GPU; up to
     date ones are kept, stale or foreign ones rebuilt. Each new engine must pass the parity
     gate against PyTorch before it enters the bundle. Needs TensorRT and an NVIDIA GPU.
     """
+    if old_device_id is not None:
+        click.echo("Warning: `deco export tensorrt --device N` is deprecated, use --gpu N (in "
+                   "every other verb --device names the device a model runs on)", err=True)
+        device_id = old_device_id
     workspace = None if workspace_gib is None else int(workspace_gib * (1 << 30))
     settings = BuildSettings(tp.parse_buckets(batch_buckets), not no_cfg, opt_level, workspace,
                              tf32)
+    options = ExportOptions(parity_steps=parity_steps, progress=echo_step, force=force)
     lines = export_tensorrt(
-        bundle, precisions=precisions or None, settings=settings, timing_cache=timing_cache,
-        force=force, checkpoint=checkpoint, parity_steps=parity_steps, device_id=device_id,
-        progress=lambda msg: click.echo(f"  {msg}", err=True))
+        bundle, options, precisions=precisions or None, settings=settings,
+        timing_cache=timing_cache, checkpoint=checkpoint, device_id=device_id)
     for line in lines:
         click.echo(line)

@@ -1,9 +1,10 @@
 """Option types and parsers shared by several verbs: sizes, integer lists, solver names, the
-backend option."""
+backend option, and the flags every exporter shares (`export_flags`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -43,6 +44,29 @@ class CatalogueHelp(click.Option):
         self.help = template.format(bundle=", ".join(bundle), default=bundle[0],
                                     checkpoint=CHECKPOINT_BACKEND)
         return super().get_help_record(ctx)
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+# One meaning of --force in every verb that writes: replace what is there instead of refusing
+# or keeping it, and only once what replaces it is complete.
+FORCE_HELP = ("replace what the output already holds where it would be refused or kept (a "
+              "directory that is not a bundle of this checkpoint; up-to-date TensorRT engines), "
+              "only once the new files have passed their gates")
+
+
+def export_flags(command: Command) -> Command:
+    """The flags every ``deco export`` verb shares, declared once: ``--parity-steps`` and
+    ``--force`` (the fields of `deco_export.export.options.ExportOptions` a user sets)."""
+    command = click.option("--force", is_flag=True, help=FORCE_HELP)(command)
+    return click.option("--parity-steps", type=int, default=10, show_default=True,
+                        help="sampler steps of the end-to-end parity gate (TensorRT: 0 skips "
+                             "it; Core ML: on macOS)")(command)
+
+
+def echo_step(message: str) -> None:
+    """An exporter's progress line, indented on stderr."""
+    click.echo(f"  {message}", err=True)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

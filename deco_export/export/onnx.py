@@ -20,7 +20,7 @@ GEMMs and the DiT's projections), and is held to the same end-to-end gate as eve
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .graphs import (
     reference_outputs,
 )
 from .onnx_tools import check_onnx, onnx_file_name, ort_session, tool_versions
+from .options import ExportOptions
 from .quantize import Int8Settings, quantize_int8
 
 DEFAULT_OPSET = 18
@@ -51,8 +52,6 @@ SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
 PARITY_BATCHES = (1, 3)
 QUANTIZED_FROM = {"int8": "fp32"}  # quantized precision -> the precision its graph is exported in
-
-Progress = Callable[[str], None]
 
 
 def dynamic_shapes(record: GraphSpec, sizes: SizeRange | None) -> tuple[dict[int, Any], ...]:
@@ -151,44 +150,41 @@ def trace_size(sizes: SizeRange) -> tuple[int, int]:
 def export_onnx(
     model: DeCo,
     bundle: str | Path,
+    options: ExportOptions | None = None,
     *,
     precisions: Sequence[str] = ("fp32",),
     opset: int = DEFAULT_OPSET,
-    image_size: tuple[int, int] | None = None,
-    source: dict | None = None,
-    parity_steps: int = 10,
-    seed: int = 0,
-    progress: Progress | None = None,
-    force: bool = False,
-    negative_prompt_embeds: Any = None,
-    negative_prompt: str | None = None,
     text_encoder: Any = None,
     size_range: SizeRange | None = None,
     int8: Int8Settings | None = None,
     text_encoder_precisions: Sequence[str] = ("fp32",),
+    **shared: Any,
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
-    checkpoint) and return its path. ``force`` replaces any other directory wholesale once the
-    new bundle is complete (see `bundle_io.BundleTransaction`).
+    checkpoint) and return its path. ``options`` (or the same fields as keywords, ``shared``)
+    are every exporter's settings (`ExportOptions`: export size, source record, parity gate,
+    progress, ``force``, negative prompt).
 
     ``size_range``: the image sizes the graphs serve (default `SizeRange.around` the export
     size: half to twice each side); its default must be the export size. A range of one size
     exports fixed-size graphs. ``int8``: how int8 graphs are quantized (default
     `Int8Settings()`).
 
-    A text-to-image model's bundle can store ``negative_prompt_embeds`` (1, L, C), the encoded
-    ``negative_prompt`` (the empty prompt by default), for the unconditional half. With
-    ``text_encoder`` (a `deco_export.text_encoders.TransformersTextEncoder`) the bundle also
-    gets ``text_encoder.onnx`` + ``tokenizer.json``, and the negative prompt is encoded with it
-    when its embeddings are not given; ``text_encoder_precisions`` adds the encoder at fp16
-    and/or int8, each gated on its features (`export.text_encoder`).
+    With ``text_encoder`` (a `deco_export.text_encoders.TransformersTextEncoder`) a
+    text-to-image bundle also gets ``text_encoder.onnx`` + ``tokenizer.json``, and the
+    negative prompt (the empty prompt by default) is encoded with it when its embeddings are
+    not given; ``text_encoder_precisions`` adds the encoder at fp16 and/or int8, each gated
+    on its features (`export.text_encoder`).
     """
+    opts = ExportOptions.of(options, shared, "export_onnx")
+    image_size, source, force = opts.image_size, opts.source, opts.force
+    parity_steps, seed, say = opts.parity_steps, opts.seed, opts.say
+    negative_prompt_embeds, negative_prompt = opts.negative_prompt_embeds, opts.negative_prompt
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(
             f"opset {opset} is not supported; use 18 (portable) or 23 (native Attention op). "
             "Opset 17 from the dynamo exporter writes graphs ONNX Runtime rejects"
         )
-    say = progress or (lambda _msg: None)
     model = model.float().cpu().eval()
     height, width = export_image_size(model.config, image_size)
     sizes = size_range or SizeRange.around((height, width), model.config.patch_size)
@@ -206,7 +202,7 @@ def export_onnx(
                          "text_encoder= (--text-encoder DIR or 'minilm')")
     if text_encoder is not None:
         cfg = model.config
-        if cfg.family != "t2i" or (text_encoder.max_length, text_encoder.dim) != (
+        if not cfg.is_text_to_image or (text_encoder.max_length, text_encoder.dim) != (
                 cfg.text_len, cfg.text_dim):
             raise ValueError(
                 f"the text encoder gives {text_encoder.max_length} x {text_encoder.dim} "

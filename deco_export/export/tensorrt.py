@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from runtimes.errors import DecoError
 from runtimes.graphs import graphs_for
 from runtimes.sizes import SizeRange
 
-Progress = Callable[[str], None]
+from .options import ExportOptions, Progress
 
 
 class TensorRTUnavailable(DecoError, RuntimeError):
@@ -313,27 +313,30 @@ def engine_parity(model: Any, graph: str, plan: Path, batches: Sequence[int],
 
 def export_tensorrt(
     bundle: str | os.PathLike[str],
+    options: ExportOptions | None = None,
     *,
     precisions: Sequence[str] | None = None,
     settings: BuildSettings | None = None,
     timing_cache: str | os.PathLike[str] | None = None,
-    force: bool = False,
     checkpoint: str | None = None,
-    parity_steps: int = 10,
-    seed: int = 0,
     device_id: int = 0,
-    progress: Progress | None = None,
+    **shared: Any,
 ) -> list[str]:
     """Build (or keep) the bundle's TensorRT engines for this machine; return report lines.
+    ``options`` (or the same fields as keywords, ``shared``) are every exporter's settings
+    (`ExportOptions`: the parity gate's steps (0 skips it) and seed, progress, and ``force``,
+    which rebuilds engines that are up to date); the export size, source and negative prompt
+    are the bundle's.
 
     ``checkpoint`` is the PyTorch model the parity gate compares with (default: the source the
     manifest names). Nothing changes in the bundle unless every new engine passes its gate.
     """
-    say = progress or (lambda _msg: None)
+    opts = ExportOptions.of(options, shared, "export_tensorrt")
+    force, parity_steps, seed, say = opts.force, opts.parity_steps, opts.seed, opts.say
     settings = settings or BuildSettings()
     root = Path(bundle)
     manifest = rb.read_manifest(root)
-    if manifest.model.to_dict().get("architecture", "deco") == "dit":
+    if not manifest.model.has_decoder:
         raise ValueError(
             f"{root} holds the plain DiT baseline (one graph, pixel_dit), which runs on ONNX "
             "Runtime only; use --backend onnxruntime"

@@ -39,6 +39,7 @@ from ..graphs import (
     output_names,
     reference_outputs,
 )
+from ..options import ExportOptions, Progress
 from .compress import compress_model
 from .convert import batch_shape_kinds, convert_graph, discard_temp_packages, tracing_inputs
 from .inspect import inspect_package
@@ -52,7 +53,6 @@ from .targets import (
     PARITY_BATCHES,
     PRECISIONS,
     CoreMLExportError,
-    Progress,
     can_predict,
     compute_unit,
     deployment_target,
@@ -139,28 +139,25 @@ def normalise_batch_sizes(extra: Sequence[int] = ()) -> tuple[int, ...]:
 def export_coreml(
     model: DeCo,
     bundle: str | Path,
+    options: ExportOptions | None = None,
     *,
     precisions: Sequence[str] = ("fp16",),
-    image_size: tuple[int, int] | None = None,
-    source: dict | None = None,
     target: str = DEFAULT_TARGET,
     batch_sizes: Sequence[int] = (),
     compute_units: str = DEFAULT_COMPUTE_UNITS,
     compression: str = "none",
     fp32_islands: str | Sequence[str] | None = None,
     license: str | None = None,
-    parity_steps: int = 10,
-    seed: int = 0,
-    progress: Progress | None = None,
     verbose: bool = False,
-    force: bool = False,
     image_sizes: Sequence[tuple[int, int]] = (),
-    negative_prompt_embeds: Any = None,
-    negative_prompt: str | None = None,
+    **shared: Any,
 ) -> Path:
     """Export ``model`` as Core ML packages into ``bundle`` (created or extended); its path.
+    ``options`` (or the same fields as keywords, ``shared``) are every exporter's settings
+    (`ExportOptions`: export size, source record, parity gate, progress, ``force``, negative
+    prompt).
 
-    ``image_sizes`` are (height, width) sizes the packages accept beside ``image_size`` (the
+    ``image_sizes`` are (height, width) sizes the packages accept beside the export size (the
     default): Core ML enumerates them (``EnumeratedShapes``; a fixed size is the fast path on
     the Neural Engine, so none are added unless asked). The manifest records the list in each
     artifact's ``details["sizes"]``, which the runtime checks a size against.
@@ -171,11 +168,14 @@ def export_coreml(
     `FP32_ISLANDS`; "none" suits CPU_AND_NE, where fp32 work leaves the Neural Engine).
 
     A text-to-image model's packages take the text encoder's features; the bundle stores the
-    encoded ``negative_prompt`` (``negative_prompt_embeds`` (1, L, C)) as the ONNX export does
-    (``negative_prompt.npy``, named in the manifest's "text" section), so the unconditional
-    half needs no encoder. Exporting into a bundle that already stores one keeps it.
+    encoded negative prompt as the ONNX export does (``negative_prompt.npy``, named in the
+    manifest's "text" section), so the unconditional half needs no encoder. Exporting into a
+    bundle that already stores one keeps it.
     """
-    say = progress or (lambda _msg: None)
+    opts = ExportOptions.of(options, shared, "export_coreml")
+    image_size, source, force = opts.image_size, opts.source, opts.force
+    parity_steps, seed, say = opts.parity_steps, opts.seed, opts.say
+    negative_prompt_embeds, negative_prompt = opts.negative_prompt_embeds, opts.negative_prompt
     if not model.config.has_decoder:
         raise CoreMLExportError(
             "the plain DiT baseline exports to ONNX only (one graph, pixel_dit); use "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -22,8 +22,6 @@ DEFAULT_COMPUTE_UNITS = "ALL"
 COMPRESSIONS = ("none", "int8", "palette6", "palette4")
 DEFAULT_BATCH_SIZES = (1, 2)
 PARITY_BATCHES = (1, 2)
-
-Progress = Callable[[str], None]
 
 
 class CoreMLExportError(DecoError, ValueError):

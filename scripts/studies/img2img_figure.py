@@ -1,11 +1,12 @@
-"""docs/img/img2img.png: image-to-image and inpainting with the embedded default model.
+"""docs/img/img2img.png: image-to-image and inpainting with the embedded default model (the
+README's "Image-to-image and inpainting" figure).
 
 One row per start image (the default model's own samples of Animals & Nature and Flags):
 the image, image-to-image towards Smileys & Emotion at strength 0.4, 0.6 and 0.8, the mask
 (white: generate) and the inpainted image. 100 Euler steps, CFG 3.2, seed 0; on a CPU in
 seconds:
 
-    PYTHONPATH=. python scripts/img2img_figure.py [OUT.png]
+    PYTHONPATH=. python scripts/studies/img2img_figure.py [OUT.png]
 """
 
 from __future__ import annotations

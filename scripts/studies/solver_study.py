@@ -21,8 +21,9 @@ PSNR (data range 2) and the largest absolute pixel error against the reference, 
 ms per image at batch 1 on ONNX Runtime (``--threads`` intra-op threads) over ``--repeats``
 runs, measured in the same process. Writes JSON, a markdown table and a PNG plot.
 
-    OMP_NUM_THREADS=1 python scripts/solver_study.py                  # the docs/sampling.md run
-    python scripts/solver_study.py --num 8 --nfe 4,8 --reference-steps 50 --work /tmp/ss  # dry
+    OMP_NUM_THREADS=1 python scripts/studies/solver_study.py          # the docs/sampling.md run
+    python scripts/studies/solver_study.py --num 8 --nfe 4,8 --reference-steps 50 \\
+        --work /tmp/ss                                                # a dry run
 """
 
 from __future__ import annotations

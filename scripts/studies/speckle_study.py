@@ -1,4 +1,5 @@
-"""Where do the isolated bright pixels in the default model's samples come from?
+"""Where do the isolated bright pixels in the default model's samples come from? Produced
+docs/eval/speckles.md (and docs/eval/speckles.json).
 
 Measures, on the embedded c2i default (EMA weights; the raw weights are not shipped):
 
@@ -14,7 +15,7 @@ Measures, on the embedded c2i default (EMA weights; the raw weights are not ship
    speckles, the slope of the noise estimate on the true noise, and how often training drew
    a t at least that large.
 
-Writes docs/eval/speckles.json. Run: PYTHONPATH=. python scripts/speckle_study.py
+Writes docs/eval/speckles.json. Run: PYTHONPATH=. python scripts/studies/speckle_study.py
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DiT sharing on the default model: speed and quality per sharing ratio and schedule (issue 8 §3).
+"""DiT sharing on the default model: speed and quality per sharing ratio and schedule; produced
+the tables and figures of docs/sharing.md.
 
 Every setting samples the *same* noise and labels, so differences come from the schedule alone:
 
@@ -19,9 +20,9 @@ offline FID Inception (``training.metrics``), the FID and mean absolute pixel di
 Everything expensive is cached under ``--work`` (samples, features, schedules, the bundle), so a
 re-run only redoes what changed. The Inception dominates the cost (~3-5 images/s on 2 cores).
 
-    python scripts/sharing_study.py                                  # the docs/sharing.md table
-    python scripts/sharing_study.py --model runs/x/model --num 60 --steps 20 --work /tmp/s \\
-        --img-dir /tmp/s/img                                          # a dry run
+    python scripts/studies/sharing_study.py                          # the docs/sharing.md table
+    python scripts/studies/sharing_study.py --model runs/x/model --num 60 --steps 20 \\
+        --work /tmp/s --img-dir /tmp/s/img                            # a dry run
 """
 
 from __future__ import annotations

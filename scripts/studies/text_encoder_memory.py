@@ -1,7 +1,8 @@
 """Resident memory of a text-to-image generation with the bundle's text encoder kept loaded
 and with ``reduce_memory=True`` (unloaded once the prompts are encoded), for each precision of
 the encoder the bundle holds (fp32, and fp16/int8 where the export wrote them), and the
-encoder's own time.
+encoder's own time; produced the README's figures in "Where the text encoder runs, and for
+how long" and the text encoder's section of docs/benchmarks.md.
 
 Each mode runs in a fresh process: open the bundle (ONNX Runtime, CPU), generate one image
 from a prompt twice, and read VmRSS (resident now) and VmHWM (the peak) from
@@ -9,7 +10,7 @@ from a prompt twice, and read VmRSS (resident now) and VmHWM (the peak) from
 cold (``unload()`` first: the session is created and the files checked again) and warm
 (median of 5). Linux only.
 
-    PYTHONPATH=. python scripts/text_encoder_memory.py BUNDLE [--steps 25] [--precision fp16]
+    PYTHONPATH=. python scripts/studies/text_encoder_memory.py BUNDLE [--steps N] [--precision P]
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Quality of a text-to-image emoji model: FID/KID, prompt following, and a prompt grid.
+Produced docs/eval/default-t2i.json, the README's text-to-image grid and figures, and the
+text-to-image part of docs/eval/speckles.md.
 
-    PYTHONPATH=. python scripts/eval_t2i.py default-t2i            # the embedded default
-    PYTHONPATH=. python scripts/eval_t2i.py runs/my-t2i/model --num-samples 200 --follow 100
+    PYTHONPATH=. python scripts/studies/eval_t2i.py default-t2i            # the embedded default
+    PYTHONPATH=. python scripts/studies/eval_t2i.py runs/my-t2i/model --num-samples 200 --follow 100
 
 Every image is sampled as ``deco sample MODEL --prompt ...`` samples it: the PyTorch backend,
 the model's own sampler defaults (for a T2I model the release's AB2, 25 steps, CFG 4 inside
@@ -13,7 +15,7 @@ the model's own sampler defaults (for a T2I model the release's AB2, 25 steps, C
   emoji's Unicode name, then all base emoji (training and held out, about 1,870) ranked by the
   cosine similarity of FID-Inception pool features to it; top-1 / top-5 accuracy of the
   prompted emoji, at the model's guidance and at guidance 1 (no CFG), next to chance;
-- isolated bright pixels per sample, with the detector of ``scripts/speckle_study.py``, and
+- isolated bright pixels per sample, with the detector of ``scripts/studies/speckle_study.py``, and
   that script's noise-removal measurement on training emoji with their names as prompts (the
   slope of the noise estimate x_t - t v on the true noise at t = 0.5 ... 0.99; 1 removes it
   all), to set beside the c2i default's in ``docs/eval/speckles.json``;
