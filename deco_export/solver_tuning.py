@@ -195,7 +195,7 @@ def _segments(grid: np.ndarray, interval: tuple[float, float]) -> list[tuple[int
 
 
 def fit_table(model: Any, config: SamplerConfig, noise: np.ndarray, cond: Any, uncond: Any,
-              teacher: np.ndarray, *, iterations: int = 40, lr: float = 0.02,
+              teacher: np.ndarray, *, iterations: int = 24, lr: float = 0.05,
               callback: Callable[[int, int, float], None] | None = None) -> TableFit:
     """Fit the time deltas and the table of ``config`` (guidance edges on, ``num_steps`` N)
     so the N-step table solver from ``noise`` lands on ``teacher``: Adam on the mean squared
@@ -323,7 +323,7 @@ class TuningReport:
 
 def tune_solver_tables(
     bundle: str | Path, nfes: Sequence[int] | str, *, samples: int = 8, heldout: int = 8,
-    iterations: int = 40, lr: float = 0.02, teacher_steps: int = TEACHER_STEPS,
+    iterations: int = 24, lr: float = 0.05, teacher_steps: int = TEACHER_STEPS,
     guidance: float | None = None, shift: float | None = None, backend: str = "onnxruntime",
     checkpoint: str | None = None, record: bool = True,
     progress: Callable[[str, int, int, float], None] | None = None,

@@ -46,7 +46,7 @@ def _parse_classes(text: str | None) -> list[int] | None:
                    "on")
 @click.option("--heldout", type=int, default=8, show_default=True,
               help="with --nfe: held-out noises the recorded error is measured on")
-@click.option("--iterations", type=int, default=40, show_default=True,
+@click.option("--iterations", type=int, default=24, show_default=True,
               help="with --nfe: gradient steps per table")
 @click.option("--teacher-steps", type=int, default=TEACHER_STEPS, show_default=True,
               help="with --nfe: Heun steps of the teacher (2N - 1 evaluations)")
