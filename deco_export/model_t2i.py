@@ -28,10 +28,12 @@ from torch import Tensor, nn
 from runtimes.config import ModelConfig
 
 from .layers import (
+    GuidanceEmbedder,
     PatchEmbedder,
     RMSNorm,
     TimestepEmbedder,
     apply_rope,
+    block_time_embedding,
     length,
     linspace,
     modulate,
@@ -207,6 +209,8 @@ class TextDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = TextEmbedder(config.text_dim, d)
         self.y_pos_embedding = nn.Parameter(torch.randn(1, config.text_len, d))
+        if config.guidance_distilled:
+            self.g_embedder = GuidanceEmbedder(d)
         self.text_refine_blocks = nn.ModuleList(
             T2IBlock(d, mlp, TextSelfAttention(d, heads)) for _ in range(config.refine_depth)
         )
@@ -232,22 +236,25 @@ class TextDiT(nn.Module):
             y = block(y, c)
         return y
 
-    def forward_embedded(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_embedded(self, x_t: Tensor, t: Tensor, y: Tensor,
+                         guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """forward() from :meth:`embed_text`'s output (prompt work done once, outside)."""
+
         b, c, h, w = x_t.shape
         p = self.config.patch_size
         cos, sin = t2i_rope_tables(h // p, w // p, self.config.head_dim, x_t.device)
         patches = patchify(x_t, p).permute(0, 2, 1, 3).reshape(b, -1, c * p * p)
         x = self.s_embedder(patches)
         e_t = self.t_embedder(t).unsqueeze(1)
-        c_vec = F.silu(e_t)
+        c_vec = F.silu(block_time_embedding(self, e_t, guidance))
         y = self.refine_text(y, c_vec)
         for block in self.blocks:
             x = block(x, c_vec, y, cos, sin)
         return F.silu(e_t + x), x
 
-    def forward(self, x_t: Tensor, t: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        return self.forward_embedded(x_t, t, self.embed_text(text))
+    def forward(self, x_t: Tensor, t: Tensor, text: Tensor,
+                guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.forward_embedded(x_t, t, self.embed_text(text), guidance)
 
     def refresh_condition(self, hidden: Tensor, t: Tensor) -> Tensor:
         """cond for a new timestep from a cached last-block output: SiLU(e_t + h)."""

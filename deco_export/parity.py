@@ -21,6 +21,12 @@ from runtimes.errors import DecoError
 GRAPH_MAX_ABS = {"fp32": 1e-4}
 GRAPH_MIN_PSNR = {"bf16": 40.0}
 END_TO_END_MIN_PSNR = {"fp32": 60.0, "fp16": 35.0, "bf16": 40.0, "int8": 40.0}
+# A text encoder at a reduced precision, against the PyTorch fp32 encoder: the lowest
+# signal-to-noise ratio of its features (`snr`, every token: the DiT reads pads too) over the
+# gate's prompts. A PSNR over the features' peak-to-peak would hide a broken encoder behind
+# one large activation (an int8 all-MiniLM-L6-v2 whose pad rows point elsewhere measures 33 dB
+# PSNR, 3 dB SNR). 40 dB: an error of 1% of the features' RMS; int8 may lose three times that.
+TEXT_ENCODER_MIN_SNR = {"fp16": 40.0, "int8": 30.0}
 
 
 def max_abs_error(reference: np.ndarray, test: np.ndarray) -> float:
@@ -38,6 +44,15 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float | None = Non
     return 10.0 * math.log10(data_range**2 / mse)
 
 
+def snr(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-noise ratio in dB: the reference's energy over the error's (inf if exact)."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(float(np.sum(ref**2)), 1e-300) / noise)
+
+
 @dataclass
 class GraphParity:
     """One graph output against PyTorch at one batch (and image size, for graphs whose height
@@ -49,12 +64,15 @@ class GraphParity:
     psnr_db: float
     height: int | None = None
     width: int | None = None
+    snr_db: float | None = None  # where the gate is on `snr` (a reduced-precision text encoder)
 
     def to_dict(self) -> dict:
         d = {"graph": self.graph, "batch": self.batch, "max_abs_error": self.max_abs_error,
              "psnr_db": finite(self.psnr_db)}
         if self.height is not None and self.width is not None:
             d.update(height=self.height, width=self.width)
+        if self.snr_db is not None:
+            d["snr_db"] = finite(self.snr_db)
         return d
 
     @property

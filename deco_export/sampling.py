@@ -50,11 +50,12 @@ def backend_options(backend: str, providers: str | None = None, device: str = "c
 def open_pipeline(source: str | Path, backend: str | None = None, precision: str = "fp32",
                   providers: str | None = None, device: str = "cpu", compile: bool = False,
                   allow_below_gate: bool = False, text_encoder_providers: str | None = None,
-                  reduce_memory: bool = False):
+                  reduce_memory: bool = False, text_encoder_precision: str | None = None):
     """A ``runtimes.DeCoPipeline`` for a bundle (any runtime) or a checkpoint (PyTorch).
 
     ``allow_below_gate``: open int8 graphs measured below their gate on this CPU.
-    ``text_encoder_providers`` places a bundle's ONNX text encoder ("cuda"); ``reduce_memory``
+    ``text_encoder_providers`` places a bundle's ONNX text encoder ("cuda") and
+    ``text_encoder_precision`` picks its exported precision (fp16, int8); ``reduce_memory``
     unloads the text encoder once each generation's prompts are encoded."""
     import runtimes
 
@@ -71,6 +72,8 @@ def open_pipeline(source: str | Path, backend: str | None = None, precision: str
             options["allow_below_gate"] = True
         if text_encoder_providers:
             options["text_encoder_providers"] = text_encoder_providers
+        if text_encoder_precision:
+            options["text_encoder_precision"] = text_encoder_precision
         return runtimes.load(source, backend=backend, precision=precision,
                              reduce_memory=reduce_memory, **options)
     if backend != CHECKPOINT_BACKEND:

@@ -1,5 +1,6 @@
-"""`deco validate`: verify a bundle's hashes and re-run the parity gate of its ONNX artefacts,
-or gate a runtime backend that runs them (``--backend openvino --precision bf16``).
+"""`deco validate`: verify a bundle's hashes and re-run the parity gate of its ONNX artefacts
+(and re-measure each tuned solver table's held-out error), or gate a runtime backend that
+runs them (``--backend openvino --precision bf16``).
 
 The gate needs the PyTorch model the bundle was exported from; the manifest records its path
 and sha256, and ``--checkpoint`` points elsewhere when the bundle has moved machines. A backend
@@ -62,7 +63,9 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
     lines = [f"hashes: {files} files match the manifest"]
     if hashes_only:
         return lines
-    onnx_precisions = sorted({a.precision for a in manifest.artifacts if a.runtime == "onnx"})
+    # The text encoder's precisions are its own (validate_text_path gates each of them).
+    onnx_precisions = sorted({a.precision for a in manifest.artifacts
+                              if a.runtime == "onnx" and a.graph != "text_encoder"})
     missing = sorted(set(precisions or ()) - set(onnx_precisions))
     if missing:
         raise rb.BundleError(
@@ -117,6 +120,10 @@ def validate_bundle(bundle: str | Path, checkpoint: str | None = None, steps: in
         where = f" on {int8_kernel()} int8 kernels (recorded)" if precision == "int8" else ""
         lines.append(f"onnx {precision}: worst graph error {worst:.2e}, end to end "
                      f"{', '.join(runs)} over {steps} steps{where}: passed")
+    if manifest.solver_tables:  # each tuned table's held-out error, measured again here
+        from .solver_tuning import recheck_solver_tables
+
+        lines += recheck_solver_tables(bundle, say=say)
     for runtime in sorted({a.runtime for a in manifest.artifacts} - {"onnx"}):
         lines.append(f"{runtime}: hashes verified; its parity figures are in the manifest "
                      "(re-run them with its exporter on a machine that runs it)")

@@ -56,6 +56,12 @@ DiT baseline, ``architecture="dit"``) runs as one graph. Its backend sets
 and the output of ``decoder``; the sampler then calls only that (no DiT sharing: there is no
 DiT output to reuse).
 
+Guidance-distilled models: a backend whose model takes the guidance scale as an input (its
+DiT record has the ``guidance`` input) sets ``takes_guidance = True``; its ``dit`` and
+``dit_hidden`` take a fourth array, the scale w per sample (B,) float32, and give the guided
+condition in one conditional pass. The sampler then runs no unconditional half and feeds
+w = 1 where the guidance interval leaves a step unguided.
+
 Threads: a backend whose calls may run from several threads at once (ONNX Runtime sessions,
 OpenVINO with an infer request per thread, eager PyTorch) sets ``thread_safe = True``. A
 `runtimes.DeCoPipeline` on any other backend (one set of device buffers or CUDA graphs, say)
@@ -87,6 +93,7 @@ __all__ = [
     "supports_step",
     "supports_text_embedding",
     "supports_velocity",
+    "takes_guidance",
 ]
 
 
@@ -189,6 +196,11 @@ def supports_step(backend: Any) -> bool:
 def supports_velocity(backend: Any) -> bool:
     """True when ``backend`` runs a one-graph model through ``velocity`` and says so."""
     return _supports(backend, "supports_velocity")
+
+
+def takes_guidance(backend: Any) -> bool:
+    """True when ``backend``'s model is guidance-distilled: ``dit`` takes the scale w."""
+    return bool(getattr(backend, "takes_guidance", False))
 
 
 def close_backend(backend: Any) -> None:

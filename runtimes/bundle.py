@@ -12,6 +12,7 @@ Layout::
                         parity figures, tool versions, extra files (external data) with hashes
       dit.onnx, decoder.onnx, ...   (names are free; the manifest says which is which)
       schedules/*.json  DiT-sharing schedules, also recorded under "schedules"
+    (manifest "solver_tables": solver tables tuned for the model, `runtimes.solver_tables`)
 
 The "sizes" section is the range of image sizes the graphs serve (`runtimes.sizes.SizeRange`:
 min and max height x width, the default size, the multiple); the artifacts' height, width and
@@ -54,6 +55,7 @@ from .errors import ConfigError, DecoError
 from .graphs import GRAPH_NAMES, GRAPH_SPECS, TensorSpec
 from .sampler import SamplerConfig
 from .sizes import SizeRange
+from .solver_tables import SolverTable
 
 __all__ = [
     "FORMAT",
@@ -63,12 +65,14 @@ __all__ = [
     "ONNX_PRECISIONS",
     "PRECISIONS",
     "RUNTIMES",
+    "SOLVER_TABLES_SECTION",
     "TEXT_SECTION",
     "Artifact",
     "BundleError",
     "Manifest",
     "ModelConfig",
     "SizeRange",
+    "SolverTable",
     "TensorSpec",
     "TextSection",
     "atomic_write_bytes",
@@ -290,6 +294,7 @@ class Artifact:
 # The manifest section naming a class-conditional model's classes.
 ID2LABEL_SECTION = "id2label"
 TEXT_SECTION = "text"
+SOLVER_TABLES_SECTION = "solver_tables"
 
 
 @dataclass(frozen=True)
@@ -374,6 +379,7 @@ class Manifest:
     model_extra: dict[str, Any] = field(default_factory=dict)
     sizes: SizeRange | None = None
     text: TextSection | None = None
+    solver_tables: dict[str, SolverTable] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         model: Any = self.model  # a ModelConfig, or its dict from a caller
@@ -423,6 +429,17 @@ class Manifest:
             return self.sizes
         return None
 
+    @property
+    def model_hash(self) -> str | None:
+        """The sha256 that keys what is calibrated for this model (sharing schedules, tuned
+        solver tables): the source checkpoint's, else the DiT graph's; None when neither is
+        recorded."""
+        sha = (self.source or {}).get("sha256")
+        if sha:
+            return str(sha)
+        return next((str(a.sha256) for a in self.artifacts if a.graph == "dit" and a.sha256),
+                    None)
+
     def _describe(self, runtime: str | None = None) -> str:
         have = [
             "/".join(a.key) for a in self.artifacts if runtime is None or a.runtime == runtime
@@ -458,6 +475,11 @@ class Manifest:
             _check_relative(str(entry["file"]), f"schedule {key}")
         self.schedules[key] = dict(entry)
 
+    def add_solver_table(self, table: SolverTable) -> None:
+        """Record a tuned solver table under its key (replacing one fitted for the same model,
+        NFE, guidance, interval and shift)."""
+        self.solver_tables[table.key] = table
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "format": FORMAT,
@@ -473,6 +495,8 @@ class Manifest:
             d["sizes"] = self.sizes.to_dict()
         if self.text is not None:
             d[TEXT_SECTION] = self.text.to_dict()
+        if self.solver_tables:
+            d[SOLVER_TABLES_SECTION] = {k: t.to_dict() for k, t in self.solver_tables.items()}
         d.update(self.extra)
         return d
 
@@ -501,7 +525,8 @@ class Manifest:
                 "bundle again"
             )
         known = {"format", "format_version", "model", "sampler_defaults", "source",
-                 "package_version", "artifacts", "schedules", "sizes", TEXT_SECTION}
+                 "package_version", "artifacts", "schedules", "sizes", TEXT_SECTION,
+                 SOLVER_TABLES_SECTION}
         model, model_extra = model_config_from_manifest(d["model"])
         sizes = d.get("sizes")
         return cls(
@@ -516,6 +541,7 @@ class Manifest:
             extra={k: v for k, v in d.items() if k not in known},
             sizes=None if sizes is None else _size_range(sizes, "manifest.json: sizes"),
             text=None if d.get(TEXT_SECTION) is None else TextSection.from_dict(d[TEXT_SECTION]),
+            solver_tables=_solver_tables(d.get(SOLVER_TABLES_SECTION)),
         )
 
 
@@ -526,6 +552,27 @@ def _sampler_defaults(d: Any) -> SamplerConfig:
     except ConfigError as exc:
         raise BundleError(f"manifest.json: {exc}; fix the manifest or re-export the bundle"
                           ) from None
+
+
+def _solver_tables(d: Any) -> dict[str, SolverTable]:
+    """The "solver_tables" section by key, or a BundleError naming the table at fault."""
+    if d is None:
+        return {}
+    where = f"manifest.json: {SOLVER_TABLES_SECTION}"
+    if not isinstance(d, Mapping):
+        raise BundleError(f"{where} must be an object; fix the manifest or calibrate again")
+    tables = {}
+    for key, entry in d.items():
+        try:
+            table = SolverTable.from_dict(entry)
+        except ConfigError as exc:
+            raise BundleError(f"{where}.{key}: {exc}; run `deco calibrate BUNDLE --solver` "
+                              "again") from None
+        if table.key != key:
+            raise BundleError(f"{where}.{key}: the table was fitted for {table.key}; run "
+                              "`deco calibrate BUNDLE --solver` again")
+        tables[str(key)] = table
+    return tables
 
 
 def _size_range(d: Any, where: str) -> SizeRange:

@@ -4,8 +4,8 @@ It holds only what changes the weights' shapes or the forward pass; sampling set
 the sampler. Pure Python (no torch, no numpy), so an application reading a bundle needs nothing
 else. It round-trips through JSON (a checkpoint's ``config.json``, a bundle manifest's
 ``"model"``); fields added after the first release (``family``, ``architecture``, ``text_*``,
-``refine_depth``) are left out while they hold their defaults, so class-conditional files stay
-byte-identical to those older releases wrote and read.
+``refine_depth``, ``guidance_distilled``) are left out while they hold their defaults, so
+class-conditional files stay byte-identical to those older releases wrote and read.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ _MINIMUM = {
     "text_len": 0, "text_dim": 0, "refine_depth": 0,
 }
 # Fields serialised only when they differ from their default.
-_OPTIONAL = ("family", "text_len", "text_dim", "refine_depth", "architecture")
+_OPTIONAL = ("family", "text_len", "text_dim", "refine_depth", "architecture",
+             "guidance_distilled")
 _TEXT_FIELDS = ("text_len", "text_dim", "refine_depth")
 
 
@@ -55,6 +56,10 @@ class ModelConfig:
     (the plain pixel DiT baseline: ``dit_depth`` blocks and a final layer, no decoder).
     ``image_size`` is the native (height, width) the model was trained at; the model runs at any
     multiple of ``patch_size`` because its RoPE positions are normalised.
+    ``guidance_distilled`` marks a model that takes the guidance scale w as an input (a
+    guidance embedding added to the time embedding of its blocks) and gives the guided
+    velocity in one conditional pass: its DiT graph has a ``guidance`` input and the sampler
+    runs no unconditional half.
     """
 
     hidden_size: int = 1152
@@ -71,6 +76,7 @@ class ModelConfig:
     text_dim: int = 0
     refine_depth: int = 0
     architecture: str = "deco"
+    guidance_distilled: bool = False
 
     def __post_init__(self) -> None:
         size: Any = self.image_size  # any value a caller passed, checked here
@@ -91,6 +97,12 @@ class ModelConfig:
                 f"unknown architecture {self.architecture!r}; choose one of "
                 f"{', '.join(ARCHITECTURES)}"
             )
+        if not isinstance(self.guidance_distilled, bool):
+            raise ConfigError(
+                f"guidance_distilled must be true or false, got {self.guidance_distilled!r}")
+        if self.guidance_distilled and self.architecture != "deco":
+            raise ConfigError("guidance_distilled needs architecture 'deco' (the plain DiT "
+                              "baseline has no guidance embedding)")
         if self.architecture == "dit" and self.family != "c2i":
             raise ConfigError("the plain DiT baseline is class-conditional; use family 'c2i'")
         if self.hidden_size % self.num_heads:

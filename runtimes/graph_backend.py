@@ -20,7 +20,7 @@ from typing import Any
 
 from runtimes.backend import CAPABILITIES, BackendError
 from runtimes.config import ModelConfig
-from runtimes.graphs import GRAPH_SPECS, get_graph
+from runtimes.graphs import GRAPH_SPECS, GUIDANCE_INPUT, get_graph
 
 __all__ = ["GRAPH_METHODS", "GraphBackend", "GraphCall"]
 
@@ -48,6 +48,7 @@ class GraphBackend:
     supports_decoder_split = False
     supports_text_embedding = False
     supports_velocity = False
+    takes_guidance = False
     _graph_calls: Mapping[str, GraphCall] = {}
 
     def bind_graphs(self, model: ModelConfig, outputs: Mapping[str, Iterable[str]]) -> None:
@@ -62,6 +63,7 @@ class GraphBackend:
                 if output in have:
                     calls[method] = GraphCall(method, graph, spec.input_names, output)
         self._graph_calls = calls
+        self.takes_guidance = any(GUIDANCE_INPUT in call.inputs for call in calls.values())
         for flag, methods in CAPABILITIES.items():
             if all(m in GRAPH_METHODS for m in methods):
                 setattr(self, flag, all(m in calls for m in methods))

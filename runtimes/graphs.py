@@ -30,6 +30,7 @@ __all__ = [
     "DYNAMIC_AXES",
     "GRAPH_NAMES",
     "GRAPH_SPECS",
+    "GUIDANCE_INPUT",
     "GraphSpec",
     "TensorSpec",
     "axis_sizes",
@@ -114,7 +115,9 @@ class GraphSpec:
     them). ``stage`` is the half of the model the graph runs: "dit" (the low-frequency half:
     the DiT, its text embedding, the condition refresh; a one-graph model whole), "decoder" (the
     full-resolution half) or "text" (the text encoder, before sampling): the bench times and
-    counts FLOPs per stage.
+    counts FLOPs per stage. ``distilled`` says which models have this graph by their
+    ``guidance_distilled`` flag: a guidance-distilled model's DiT takes the guidance scale as
+    an input (``guidance``), every other graph serves both kinds.
     """
 
     name: str
@@ -129,6 +132,7 @@ class GraphSpec:
     sampled: bool = True
     calls: tuple[tuple[str, str], ...] = ()
     stage: str = "dit"
+    distilled: tuple[bool, ...] = (False, True)
     _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,7 +155,8 @@ class GraphSpec:
         return tuple(n for n in self.output_names if n not in self.optional_outputs)
 
     def applies_to(self, config: ModelConfig) -> bool:
-        return config.family in self.families and config.architecture in self.architectures
+        return (config.family in self.families and config.architecture in self.architectures
+                and config.guidance_distilled in self.distilled)
 
     def io_specs(self, config: ModelConfig, height: int | None = None, width: int | None = None
                  ) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -211,6 +216,8 @@ def _t(name: str, *shape: str, dtype: str = "float32") -> TensorSpec:
 
 
 _IMAGE = ("batch", "channels", "height", "width")
+# The guidance-distilled DiT's extra input: the guidance scale w per sample, float32 (B,).
+GUIDANCE_INPUT = "guidance"
 _PER_TOKEN = ("batch", "tokens", "hidden")
 _MODULATION = ("batch", "tokens", "patch_pixels", "decoder_hidden")
 _TEXT_TOKENS = ("batch", "text_len", "hidden")
@@ -223,8 +230,23 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         primary_input="x_t",
         optional_outputs=("hidden",),
         calls=(("dit", "cond"), ("dit_hidden", "hidden")),
+        distilled=(False,),
         description="DeCo DiT: the per-token condition SiLU(e_t + h) and the hidden state h "
                     "(x_t, t, y -> cond, hidden), once per DiT step",
+    ),
+    # A guidance-distilled model's DiT: the guidance scale w (B,) is an input, and one
+    # conditional pass gives the guided velocity (the sampler runs no unconditional half).
+    GraphSpec(
+        "dit",
+        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("y", "batch", dtype="int64"),
+                _t(GUIDANCE_INPUT, "batch")),
+        outputs=(_t("cond", *_PER_TOKEN), _t("hidden", *_PER_TOKEN)),
+        primary_input="x_t",
+        optional_outputs=("hidden",),
+        calls=(("dit", "cond"), ("dit_hidden", "hidden")),
+        distilled=(True,),
+        description="guidance-distilled DeCo DiT: as the DiT, with the guidance scale w as an "
+                    "input (x_t, t, y, guidance -> cond, hidden), once per DiT step",
     ),
     GraphSpec(
         "dit",
@@ -234,9 +256,24 @@ GRAPH_SPECS: tuple[GraphSpec, ...] = (
         optional_outputs=("hidden",),
         families=("t2i",),
         calls=(("dit", "cond"), ("dit_hidden", "hidden")),
+        distilled=(False,),
         description="DeCo text-to-image DiT: as the c2i DiT, conditioned on the embedded "
                     "text tokens of `text_embed` (x_t, t, text_tokens -> cond, hidden), once "
                     "per DiT step",
+    ),
+    GraphSpec(
+        "dit",
+        inputs=(_t("x_t", *_IMAGE), _t("t", "batch"), _t("text_tokens", *_TEXT_TOKENS),
+                _t(GUIDANCE_INPUT, "batch")),
+        outputs=(_t("cond", *_PER_TOKEN), _t("hidden", *_PER_TOKEN)),
+        primary_input="x_t",
+        optional_outputs=("hidden",),
+        families=("t2i",),
+        calls=(("dit", "cond"), ("dit_hidden", "hidden")),
+        distilled=(True,),
+        description="guidance-distilled DeCo text-to-image DiT: as the text-to-image DiT, "
+                    "with the guidance scale w as an input (x_t, t, text_tokens, guidance -> "
+                    "cond, hidden), once per DiT step",
     ),
     GraphSpec(
         "decoder",
@@ -357,4 +394,5 @@ def dit_condition_input(config: ModelConfig) -> str:
     """The DiT input that carries the condition for this model's family: "y" (class labels)
     or "text_tokens" (the embedded text of `text_embed`); the backends feed the sampler's
     condition to it."""
-    return next(n for n in get_graph("dit", config).input_names if n not in ("x_t", "t"))
+    return next(n for n in get_graph("dit", config).input_names
+                if n not in ("x_t", "t", GUIDANCE_INPUT))

@@ -56,6 +56,7 @@ from runtimes.sharing import (
     schedule_key,
 )
 from runtimes.sizes import SizeError, SizeRange
+from runtimes.solver_tables import TUNED, tuned_config
 from runtimes.solvers import get_solver
 from runtimes.steps import (
     Cancellable,
@@ -250,7 +251,9 @@ class DeCoPipeline:
         guidance_edges: bool | None = None,
     ) -> SamplerConfig:
         """The bundle's sampler defaults with the given overrides applied
-        (``dataclasses.replace``; the config checks every value)."""
+        (``dataclasses.replace``; the config checks every value). ``solver="tuned"`` runs the
+        bundle's tuned solver table fitted for these steps, guidance, interval and shift
+        (`runtimes.solver_tables`; a ConfigError when it has none)."""
         if timesteps is not None and steps is not None and len(timesteps) != steps + 1:
             raise ConfigError(
                 f"steps={steps} but {len(timesteps)} timesteps were given (need steps + 1); "
@@ -268,9 +271,17 @@ class DeCoPipeline:
             overrides["timesteps"] = tuple(timesteps)
         elif steps is not None:
             overrides["timesteps"] = None  # a step count replaces the defaults' explicit grid
-        if solver is not None and get_solver(solver).name != "table":
+        tuned = solver == TUNED
+        if tuned:
+            overrides.pop("solver")
+        elif solver is not None and get_solver(solver).name != "table":
             overrides["coefficients"] = None  # a table belongs to the "table" solver
-        return replace(self.sampler_defaults, **overrides)
+        config = replace(self.sampler_defaults, **overrides)
+        if tuned:  # the bundle's table fitted for these steps, guidance, interval and shift
+            manifest = self.manifest
+            config = tuned_config(manifest.solver_tables if manifest else {},
+                                  manifest.model_hash if manifest else None, config)
+        return config
 
     def plan(
         self, config: SamplerConfig, sharing: Any = None
@@ -848,7 +859,8 @@ def load(
     ``providers`` (ONNX Runtime: "cpu", "cuda", "tensorrt", "coreml") and ``backend_options``
     (e.g. ``intra_op_threads=2``) are passed to the backend. A text-to-image bundle's text
     encoder runs in ONNX Runtime on ``text_encoder_providers`` (default CPU, whatever the
-    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact; ``reduce_memory``
+    backend: e.g. "cuda") from its ``text_encoder_precision`` artefact (fp16 and int8 where
+    the export wrote them, int8 checked like the graphs); ``reduce_memory``
     unloads it after each generation's prompts are encoded (see `DeCoPipeline`). int8 graphs
     on the CPU are checked against the kind of CPU their gate ran on (`runtimes.int8`): a
     warning where they are not proven, an `Int8GateError` where they were measured below the
@@ -874,6 +886,8 @@ def load(
             )
     if precision == "int8" and runtime == "onnx" and _on_cpu(providers):
         check_int8_load(root, manifest, allow_below_gate=allow_below_gate)
+    if text_encoder_precision == "int8" and _on_cpu(text_encoder_providers):
+        check_int8_load(root, manifest, allow_below_gate=allow_below_gate, text_encoder=True)
     options = dict(backend_options)
     if providers is not None:
         options["providers"] = providers

@@ -32,6 +32,7 @@ from runtimes.backend import (
     supports_step,
     supports_text_embedding,
     supports_velocity,
+    takes_guidance,
 )
 from runtimes.errors import ConfigError, DecoError
 from runtimes.sharing import SharingSchedule
@@ -41,6 +42,7 @@ __all__ = [
     "CFG_MODES",
     "DIVERGENCE_CHECK_EVERY",
     "DIVERGENCE_LIMIT",
+    "FAST_PSNR_DB",
     "FAST_SAMPLERS",
     "MAX_STEPS",
     "RELEASE_SAMPLERS",
@@ -52,6 +54,7 @@ __all__ = [
     "SamplingPlan",
     "condition_arrays",
     "condition_inputs",
+    "distilled_guidance",
     "edge_timesteps",
     "guidance_flags",
     "make_plan",
@@ -437,6 +440,9 @@ FAST_SAMPLERS: dict[str, dict[str, Any]] = {
     # 33.3 dB (Euler 16: 33.0, Euler 25: 36.9, the release's AB2 25: 41.7), 2.5x fewer.
     "t2i": {"solver": "ab2", "num_steps": 10, "guidance_edges": True},
 }
+# Those settings' PSNR against the converged sample (docs/sampling.md): `--fast` on a bundle
+# with tuned solver tables takes the fewest-step table whose held-out PSNR reaches it.
+FAST_PSNR_DB: dict[str, float] = {"c2i": 35.3, "t2i": 33.3}
 
 
 def release_sampler(family: str) -> SamplerConfig:
@@ -708,6 +714,10 @@ class _Velocity:
                       for k in range(plan.num_evaluations)]
         if any(self.split) and not supports_decoder_split(backend):
             self.split = [False] * plan.num_evaluations
+        # A guidance-distilled model gives the guided velocity in one conditional pass: no
+        # evaluation runs an unconditional half, and its DiT is fed w where the plan guides
+        # and 1 elsewhere (`distilled_guidance`).
+        self.distilled = takes_guidance(backend)
         self.one_graph = supports_velocity(backend)
         if self.one_graph and (on_condition is not None or not all(plan.run_dit)):
             raise ConfigError(
@@ -725,9 +735,12 @@ class _Velocity:
         # Time arrays for every evaluation, made before the loop (no host work inside it).
         self.t_single: list[Any] = []
         self.t_double: list[Any | None] = []
+        self.guidance: list[tuple[Any, ...]] = [
+            (backend.from_numpy(w),) for w in distilled_guidance(plan, b)
+        ] if self.distilled else [()] * plan.num_evaluations
         for k, ev in enumerate(plan.evaluations):
             self.t_single.append(backend.from_numpy(np.full(b, ev.t, dtype=np.float32)))
-            need_double = plan.needs_both(k) or (plan.run_dit[k] and plan.dit_both[k])
+            need_double = self._both(k) or (plan.run_dit[k] and self._dit_both(k))
             self.t_double.append(
                 backend.from_numpy(np.full(2 * b, ev.t, dtype=np.float32)) if need_double else None
             )
@@ -737,24 +750,31 @@ class _Velocity:
         self.modulation: Any = None  # the split decoder's modulation of the cached condition
         self.modulation_half: Any = None
 
+    def _both(self, k: int) -> bool:
+        """Whether evaluation k runs the decoder on [uncond; cond] (never when distilled)."""
+        return not self.distilled and self.plan.needs_both(k)
+
+    def _dit_both(self, k: int) -> bool:
+        return not self.distilled and self.plan.dit_both[k]
+
     def __call__(self, x: Any, k: int) -> Any:
         plan, backend, b = self.plan, self.backend, self.batch
-        both = plan.needs_both(k)
+        both = self._both(k)
         if self.one_graph:
             return self._one_graph(x, k, both)
         x2 = None
-        if both or (plan.run_dit[k] and plan.dit_both[k]):
+        if both or (plan.run_dit[k] and self._dit_both(k)):
             x2 = backend.concat([x, x])
         if plan.run_dit[k]:
-            dit_both = plan.dit_both[k]
+            dit_both = self._dit_both(k)
             xd = x2 if dit_both else x
             td = self.t_double[k] if dit_both else self.t_single[k]
             yd = self.y_both if dit_both else self.y_cond
             if self.fresh_t:
-                self.cache = backend.dit_hidden(xd, td, yd)
+                self.cache = backend.dit_hidden(xd, td, yd, *self.guidance[k])
                 full = backend.refresh_condition(self.cache, td)
             else:
-                full = backend.dit(xd, td, yd)
+                full = backend.dit(xd, td, yd, *self.guidance[k])
                 self.cache = full
             self.cache_both = dit_both
             self.cache_half = None
@@ -810,6 +830,19 @@ class _Velocity:
         return v_u + (v_c - v_u) * w
 
 
+def distilled_guidance(plan: SamplingPlan, batch: int) -> list[np.ndarray]:
+    """The guidance input of a guidance-distilled model at each evaluation, (B,) float32: the
+    scale w where the plan guides, 1 (the conditional velocity) where the interval leaves the
+    step unguided or w = 1. Under DiT sharing the DiT's evaluation decides for the steps that
+    reuse its condition, as it decides whether a cached condition holds both halves."""
+    w = np.float32(plan.config.guidance)
+    out = []
+    for k, ev in enumerate(plan.evaluations):
+        guided = plan.dit_both[k] if plan.run_dit[k] else ev.guided
+        out.append(np.full(batch, w if guided else np.float32(1.0), dtype=np.float32))
+    return out
+
+
 def sample(
     backend: Any,
     noise: np.ndarray,
@@ -863,6 +896,7 @@ def sample(
         and on_condition is None
         and supports_step(backend)
         and not supports_velocity(backend)
+        and not takes_guidance(backend)
     )
     if fused_step and not fusable:
         raise ConfigError(

@@ -37,7 +37,15 @@ class OnnxTextEncoder:
                  verify: bool = True) -> None:
         self.bundle_dir = Path(bundle_dir)
         manifest = manifest if manifest is not None else read_manifest(self.bundle_dir)
-        art = manifest.find_artifact("onnx", "text_encoder", precision)
+        art = manifest.get_artifact("onnx", "text_encoder", precision)
+        if art is None:
+            have = [a.precision for a in manifest.artifacts
+                    if (a.runtime, a.graph) == ("onnx", "text_encoder")]
+            raise BundleError(
+                f"this bundle has no onnx text_encoder graph at {precision} (its text encoder "
+                f"has: {', '.join(have) or 'none'}); pass text_encoder_precision="
+                f"{have[0] if have else 'fp32'!r} or export it with `deco export onnx ... "
+                f"--text-encoder-precision {precision}`")
         self.path = self.bundle_dir / art.file
         tokenizer = art.details.get("tokenizer", "tokenizer.json")
         self.tokenizer_path = self.bundle_dir / tokenizer

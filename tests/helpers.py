@@ -17,6 +17,7 @@ cond = SiLU(e_t + h).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,36 @@ def check_image_to_image(pipe: Any, condition: dict[str, Any], steps: int = 4) -
     assert np.array_equal(out[..., w // 2:], image[..., w // 2:])
     assert np.abs(out[..., : w // 2] - image[..., : w // 2]).max() > 0.05
     return np.asarray(out)
+
+
+class PromptFeatures:
+    """Text features (1, L, C) drawn from a generator seeded by the prompt: the golden text
+    model's bundle has no text encoder, and a server test only needs prompts to become
+    features."""
+
+    def __init__(self, length: int, channels: int) -> None:
+        self.shape = (length, channels)
+
+    def encode(self, prompts):
+        rows = []
+        for p in prompts:
+            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+            rows.append(np.random.default_rng(seed).standard_normal(self.shape))
+        return np.asarray(rows, dtype=np.float32)
+
+
+def export_with_tiny_encoder(root: Path, checkpoint: Path, *flags: str) -> Path:
+    """``deco export onnx`` of the tiny T2I checkpoint at 64x64 with a tiny random Qwen3 (48
+    wide, like the model's text features) as its text encoder, written under ``root``; a 2-step
+    parity gate. Returns the bundle."""
+    from click.testing import CliRunner
+
+    from deco_export.cli import main
+    from tests.deco_export.test_text_encoders import build_tiny_qwen3
+
+    encoder_dir = build_tiny_qwen3(root / "qwen3-48", hidden_size=48)
+    result = CliRunner().invoke(main, [
+        "export", "onnx", str(checkpoint), str(root / "bundle"), "--image-size", "64x64",
+        "--parity-steps", "2", "--text-encoder", str(encoder_dir), *flags])
+    assert result.exit_code == 0, result.output
+    return root / "bundle"

@@ -20,7 +20,7 @@ import click
 from deco_export.commands.group import user_errors
 from deco_export.commands.options import parse_size
 
-__all__ = ["evaluate", "train"]
+__all__ = ["distill_guidance", "evaluate", "train"]
 
 # OpenMP threads that busy-wait make a shared CPU several times slower: next to one other
 # training job on 2 cores, a 2-thread step took 4.6 s with spinning threads and 1.5 s with
@@ -64,6 +64,48 @@ def _size(text: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(str(err)) from None
 
 
+def _betas(text: str | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(text, tuple):
+        return text
+    try:
+        b1, b2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"--betas must be B1,B2 such as 0.9,0.95, got {text!r}") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise click.BadParameter(f"--betas must each lie in [0, 1), got {text!r}")
+    return b1, b2
+
+
+# What fine-tuning from a release takes from the SFT recipe: the optimisation, not the model
+# size, the image size or the batch (those follow the run's preset and machine).
+FINE_TUNING_KEYS = ("lr", "betas", "weight_decay", "grad_clip", "warmup_steps", "label_dropout",
+                    "time_shift", "freq_weight", "freq_quality", "ema_decay")
+
+
+def apply_recipe(name: str, kw: dict[str, Any], ctx: click.Context,
+                 keys: tuple[str, ...] | None = None) -> None:
+    """Fill ``kw`` with the recipe's settings (``keys`` of them, or all with its preset) where
+    no flag was given on the command line, and print the table used."""
+    from click.core import ParameterSource
+
+    from .recipes import Recipe, get_recipe, recipe_table
+
+    recipe = get_recipe(name)
+    if keys is not None:
+        recipe = Recipe(recipe.name, kw["preset"], recipe.description + " (fine-tuning part)",
+                        {k: recipe.settings[k] for k in keys})
+    flagged: dict[str, Any] = {}
+    for key in ("preset", *recipe.settings):
+        given = key in kw and ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE
+        if given:
+            flagged[key] = kw[key]
+        elif key == "preset":
+            kw[key] = recipe.preset
+        else:
+            kw[key] = recipe.settings[key]
+    click.echo(recipe_table(recipe, flagged))
+
+
 DATA_HELP = (
     "emoji | emoji-base | fashion-mnist | a folder with one sub-folder per class; t2i: emoji | "
     "emoji-base (captioned) | a .jsonl of path + caption | a folder of images with .txt captions"
@@ -88,7 +130,13 @@ def resolve_preset(preset: str | None, family: str | None) -> str:
 
 
 @click.command()
+@click.option("--recipe", default=None,
+              help="a reference config by name (DeCo_XL, DeCo_XL_512, DeCo_large, "
+                   "Baseline_DiT_large, Baseline_DiT_XL, pretraining_res256, "
+                   "pretraining_res512, sft_res512): fills every hyper-parameter a flag "
+                   "does not set, and prints the table")
 @click.option("--preset", default=None, help="model size preset [DeCo-XS/4; t2i: DeCo-T2I-T/4]")
+@click.option("--betas", default="0.9,0.999", show_default=True, help="AdamW betas B1,B2")
 @click.option(
     "--family", type=click.Choice(["c2i", "t2i"]), default=None,
     help="class labels or text (implied by --preset)",
@@ -149,6 +197,11 @@ def resolve_preset(preset: str | None, family: str | None) -> str:
 @click.option("--sample-cfg", default=3.0, show_default=True, help="CFG scale for grids")
 @click.option("--cache-dir", default=None, help="dataset and text-embedding cache [~/.cache/deco]")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--init-from", default=None,
+              help="start from a release: a reference .ckpt (EMA weights), a checkpoint "
+                   "directory or 'default' / 'default-t2i'; strict, the optimizer fresh. A "
+                   "text-to-image run takes the sft_res512 optimisation settings unless "
+                   "--recipe or flags say otherwise")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
 @one_line_errors
 def train(**kw: Any) -> None:
@@ -164,7 +217,13 @@ def train(**kw: Any) -> None:
     from .trainer import train as run
 
     resume = kw.pop("resume")
+    kw["betas"] = _betas(kw["betas"])
+    recipe = kw.pop("recipe")
+    if recipe is not None:
+        apply_recipe(recipe, kw, click.get_current_context())
     kw["preset"] = resolve_preset(kw["preset"], kw.pop("family"))
+    if recipe is None and kw["init_from"] and get_preset(kw["preset"]).is_text_to_image:
+        apply_recipe("sft_res512", kw, click.get_current_context(), FINE_TUNING_KEYS)
     if kw.pop("model_kind") == "baseline":
         kw["preset"] = baseline_preset(kw["preset"])
     if kw["freq_weight"] is None:
@@ -177,7 +236,8 @@ def train(**kw: Any) -> None:
                                "is class-conditional")
     if kw["threads"] is not None and kw["threads"] < 1:
         raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
-    kw["image_size"] = _size(kw["image_size"])
+    if not isinstance(kw["image_size"], tuple):
+        kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")
     cfg = TrainConfig(**kw)
@@ -309,7 +369,69 @@ def evaluate(
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
-main = click.Group(name="deco-training", commands=[train, evaluate])
+def _guidance_range(text: str) -> tuple[float, float]:
+    """MIN:MAX (a single value W means W:W)."""
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise click.BadParameter(f"expected MIN:MAX such as 1:6, got {text!r}")
+    return values[0], values[-1]
+
+
+@click.command(name="distill-guidance")
+@click.argument("teacher")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory")
+@click.option("--guidance-range", default="1:6", show_default=True,
+              help="MIN:MAX of the guidance scales w the student learns")
+@click.option("--steps", default=2000, show_default=True, help="optimizer steps in total")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--ema-decay", default=0.999, show_default=True)
+@click.option("--rollout-steps", default=4, show_default=True,
+              help="Euler steps of the teacher's guided ODE from noise to each training time")
+@click.option("--time-shift", default=None, type=float,
+              help="shift of the logit-normal training times [the teacher's training shift]")
+@click.option("--data", default=None, help="t2i: caption source [the teacher's training data]")
+@click.option("--text-encoder", default=None, help="t2i: [the teacher's text encoder]")
+@click.option("--cache-dir", default=None, help="dataset and text-embedding cache")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=None, type=int, help="CPU threads")
+@click.option("--log-every", default=25, show_default=True)
+@click.option("--ckpt-every", default=100, show_default=True, help="0 = only at the end")
+@click.option("--keep", default=2, show_default=True, help="checkpoints kept (0 = all)")
+@click.option("--progress/--no-progress", default=True)
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@one_line_errors
+def distill_guidance(teacher: str, guidance_range: str, resume: bool, keep: int,
+                     **kw: Any) -> None:
+    """Distil TEACHER ('default', 'default-t2i' or a checkpoint directory) into a
+    guidance-distilled student: one conditional pass per step gives the teacher's guided
+    velocity at the scale w it is given.
+
+    The student starts as the teacher plus a zero guidance embedding and learns the teacher's
+    own guided velocity on its guided trajectories (no images). Writes OUT/log.jsonl,
+    OUT/checkpoints/step_N/ and, at the end, the EMA student in OUT/model.
+    """
+    from .distill import DistillConfig, distill
+
+    if kw["threads"] is not None and kw["threads"] < 1:
+        raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
+    low, high = _guidance_range(guidance_range)
+    cfg = DistillConfig(teacher=teacher, guidance_min=low, guidance_max=high,
+                        keep_checkpoints=keep, **kw)
+    try:
+        exported = distill(cfg, resume=resume)
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            "interrupted; continue from the last checkpoint with the same command plus --resume"
+        ) from None
+    click.echo(f"guidance-distilled student: {exported}")
+
+
+main = click.Group(name="deco-training", commands=[train, evaluate, distill_guidance])
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m training.cli train ...
     main()

@@ -441,9 +441,11 @@ def _mmd_parts(k_xx: np.ndarray, k_xr: np.ndarray, ix: np.ndarray, ir: np.ndarra
 
 
 def paired_kid_bootstrap(
-    fa: np.ndarray, fb: np.ndarray, real: np.ndarray, *, rounds: int = 1000, seed: int = 0
+    fa: np.ndarray, fb: np.ndarray, real: np.ndarray, *, rounds: int = 1000, seed: int = 0,
+    level: float = 0.95,
 ) -> dict[str, float]:
-    """KID(a) − KID(b) with a 95 % percentile interval, resampling sample indices jointly.
+    """KID(a) − KID(b) with a percentile interval at ``level`` (95 % by default), resampling
+    sample indices jointly.
 
     ``fa[i]`` and ``fb[i]`` come from the same noise and label, so resampling index i for both
     keeps the pairing; the held-out set is resampled too. Also returns each arm's bootstrap
@@ -466,9 +468,11 @@ def paired_kid_bootstrap(
         ka[i] = _mmd_parts(kaa, kar, ix, ir) + rr
         kb[i] = _mmd_parts(kbb, kbr, ix, ir) + rr
         diffs[i] = ka[i] - kb[i]
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(diffs, [tail, 100.0 - tail])
     return {"diff": float(np.mean(diffs)), "lo": float(lo), "hi": float(hi),
-            "se_a": float(ka.std()), "se_b": float(kb.std()), "rounds": rounds}
+            "se_a": float(ka.std()), "se_b": float(kb.std()), "rounds": rounds,
+            "level": level}
 
 
 def speckles(images: np.ndarray, jump: int = 64, calm: int = 48) -> np.ndarray:

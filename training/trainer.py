@@ -98,6 +98,7 @@ class TrainConfig:
     cache_dir: str | None = None
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         # Checked before any data or model is built: `--steps 0` would otherwise "train"
@@ -334,7 +335,10 @@ class Trainer:
 
         # Model, EMA, REPA, optimizer. Same seed on every rank: identical initial weights.
         torch.manual_seed(cfg.seed)
-        model = build_model(self.model_config).to(d.device)
+        model = build_model(self.model_config)
+        if cfg.init_from and resume_from is None:  # a resumed run's weights are its own
+            init_weights(model, cfg.init_from)
+        model = model.to(d.device)
         self.ema = EMA(model, build_model(self.model_config).to(d.device), cfg.ema_decay)
         self.encoder: FrozenEncoder | None = None
         head = None
@@ -714,6 +718,22 @@ class Trainer:
         if self.dist.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
         self._run_lock.close()
+
+
+def init_weights(model: DeCo | PixelDiT, spec: str) -> None:
+    """Start ``model`` from a released model's weights (``--init-from``): a reference ``.ckpt``
+    (its EMA weights), a checkpoint directory of ours or an embedded model's name. Strict: the
+    source must describe the same weights (any native image size), every tensor must fit."""
+    from deco_export.pretrained import load_state_strict
+    from deco_export.sources import load_model
+
+    source, _ = load_model(spec, weights="ema")
+    if not source.config.same_weights_as(model.config):
+        raise ValueError(
+            f"--init-from {spec} is a {source.config.to_dict()} model, not the "
+            f"{model.config.to_dict()} this run trains; pass the matching --preset (and data)"
+        )
+    load_state_strict(model, source.state_dict(), source=str(spec))
 
 
 def take_run_lock(stack: contextlib.ExitStack, out: Path) -> None:

@@ -39,13 +39,14 @@ COMPILE_MODES = ("max-autotune-no-cudagraphs", "default", "max-autotune", "reduc
 _PARAM_CACHE = 4096
 
 
-def dit_forward(model: DeCo, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def dit_forward(model: DeCo, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, hidden) from class labels, or from a text-to-image model's text tokens (the
-    output of ``embed_text``, computed once per generation)."""
+    output of ``embed_text``, computed once per generation); ``guidance`` the scale w of a
+    guidance-distilled model."""
     if model.config.is_text_to_image:
-        return model.dit.forward_embedded(x_t, t, y.to(x_t.dtype))
-    return model.dit(x_t, t, y)
+        return model.dit.forward_embedded(x_t, t, y.to(x_t.dtype), guidance)
+    return model.dit(x_t, t, y, guidance)
 
 
 def guided_step(model: DeCo, dtype: torch.dtype, x: torch.Tensor, y2: torch.Tensor,
@@ -95,6 +96,7 @@ class CudaGraphBackend:
     supports_refresh = True
     supports_step = True
     supports_decoder_split = True
+    takes_guidance = False  # True for a guidance-distilled model
 
     def __init__(self, model: DeCo, device: str | torch.device = "cuda", precision: str = "bf16",
                  compile: bool = True, compile_mode: str = "max-autotune-no-cudagraphs",
@@ -127,6 +129,10 @@ class CudaGraphBackend:
         if compile:
             _raise_recompile_limit(64)  # one compiled variant per bucket and guidance mode
         self.supports_text_embedding = model.config.is_text_to_image
+        # A guidance-distilled model's DiT takes w; its fused step (a [x; x] batch) does not
+        # apply, so the sampler drives it through dit and decoder.
+        self.takes_guidance = model.config.guidance_distilled
+        self.supports_step = not self.takes_guidance
         self._dit = self._compiled(self._dit_forward)
         self._embed_text = self._compiled(self.model.dit.embed_text) if (
             self.supports_text_embedding) else None
@@ -147,9 +153,9 @@ class CudaGraphBackend:
 
     # -- the step, as the graph sees it -----------------------------------------------------------
 
-    def _dit_forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return dit_forward(self.model, x_t, t, y)
+    def _dit_forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                     guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return dit_forward(self.model, x_t, t, y, guidance)
 
     def _guided_step(self, x: torch.Tensor, y2: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         return guided_step(self.model, self.dtype, x, y2, params)
@@ -252,15 +258,17 @@ class CudaGraphBackend:
         return self._embed_text(text).float()
 
     @torch.no_grad()
-    def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+            guidance: torch.Tensor | None = None) -> torch.Tensor:
         self._last_out = None
-        cond, _ = self._dit(x_t.to(self.dtype), t, y)
+        cond, _ = self._dit(x_t.to(self.dtype), t, y, guidance)
         return cond.float()
 
     @torch.no_grad()
-    def dit_hidden(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def dit_hidden(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                   guidance: torch.Tensor | None = None) -> torch.Tensor:
         self._last_out = None
-        _, hidden = self._dit(x_t.to(self.dtype), t, y)
+        _, hidden = self._dit(x_t.to(self.dtype), t, y, guidance)
         return hidden.float()
 
     @torch.no_grad()

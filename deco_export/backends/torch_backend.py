@@ -39,6 +39,7 @@ class TorchBackend:
     thread_safe = True  # eager modules under no_grad share no state between calls
     supports_decoder_split = True
     supports_text_embedding = False  # True for a text-to-image model
+    takes_guidance = False  # True for a guidance-distilled model
 
     def __init__(self, model: DeCo | PixelDiT, device: str | torch.device | None = "cpu",
                  precision: str = "fp32", compile: bool = False):
@@ -56,6 +57,7 @@ class TorchBackend:
         # A text-to-image DiT embeds the text once per generation (embed_text); its steps
         # start from the text tokens.
         self.supports_text_embedding = self.config.is_text_to_image
+        self.takes_guidance = self.config.guidance_distilled
         self._dit = self.model.dit.forward_embedded if self.supports_text_embedding else (
             self.model.dit)
         self._embed_text = self.model.dit.embed_text if self.supports_text_embedding else None
@@ -99,15 +101,18 @@ class TorchBackend:
         return tokens.float()
 
     @torch.inference_mode()
-    def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def dit(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+            guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition; ``guidance`` is the scale w of a guidance-distilled model."""
         with self._autocast():
-            cond, _ = self._dit(x_t, t, y)
+            cond, _ = self._dit(x_t, t, y, guidance)
         return cond.float()
 
     @torch.inference_mode()
-    def dit_hidden(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def dit_hidden(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                   guidance: torch.Tensor | None = None) -> torch.Tensor:
         with self._autocast():
-            _, hidden = self._dit(x_t, t, y)
+            _, hidden = self._dit(x_t, t, y, guidance)
         return hidden.float()
 
     @torch.inference_mode()

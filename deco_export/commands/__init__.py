@@ -34,6 +34,7 @@ VERBS = {
     "sample": "deco_export.commands.sample:sample",
     "calibrate": "deco_export.commands.calibrate:calibrate_command",
     "bench": "deco_export.commands.bench:bench_command",
+    "serve": "deco_export.commands.serve:serve",
 }
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from runtimes.solver_tables import TUNED
+
+from ..solver_tuning import TEACHER_STEPS
 from .options import SolverChoice, parse_size
 
 
@@ -32,7 +36,20 @@ def _parse_classes(text: str | None) -> list[int] | None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
 @click.option("--shift", type=float, default=None, help="timestep shift (default: the model's)")
-@click.option("--solver", type=SolverChoice(), default=None)
+@click.option("--solver", type=SolverChoice(), default=None, is_flag=False, flag_value=TUNED,
+              help="the sampler's solver for the sharing schedules; given alone (with --nfe) "
+                   "it tunes the bundle's coefficient-table solver instead")
+@click.option("--nfe", default=None,
+              help="with a bare --solver: the step counts to tune tables for, e.g. 5,6,8,10")
+@click.option("--samples", type=int, default=8, show_default=True,
+              help="with --nfe: calibration noises (and labels or prompts) the tables are fitted "
+                   "on")
+@click.option("--heldout", type=int, default=8, show_default=True,
+              help="with --nfe: held-out noises the recorded error is measured on")
+@click.option("--iterations", type=int, default=40, show_default=True,
+              help="with --nfe: gradient steps per table")
+@click.option("--teacher-steps", type=int, default=TEACHER_STEPS, show_default=True,
+              help="with --nfe: Heun steps of the teacher (2N - 1 evaluations)")
 @click.option("--mode", type=click.Choice(["reuse", "fresh_t"]), default="reuse",
               show_default=True, help="stored with the schedule: reuse the condition, or cache h "
                                       "and refresh the timestep embedding")
@@ -53,14 +70,32 @@ def calibrate_command(source: str, steps: int | None, budgets: tuple[str, ...],
                       shift: float | None, solver: str | None, mode: str, backend: str | None,
                       precision: str, providers: str | None, device: str,
                       image_size: str | None, out: Path, plot: Path | None,
-                      no_record: bool) -> None:
+                      no_record: bool, nfe: str | None, samples: int, heldout: int,
+                      iterations: int, teacher_steps: int) -> None:
     """Calibrate StatisticDP DiT-sharing schedules (one per --budget) for a bundle or checkpoint.
 
     Samples the calibration labels with the DiT at every step, averages the token cosine
     similarity between the conditions of every pair of steps, and picks for each budget K the
     K steps that keep every reused condition closest to the one it replaces. Use a schedule
     with `deco sample SOURCE --sharing KEY` (bundles) or `--sharing schedules.json#KEY`.
+
+    `deco calibrate BUNDLE --solver --nfe 5,6,8,10` instead fits the coefficient-table solver
+    (time deltas and a lower-triangular table) to the bundle's model for each step count,
+    against a many-step teacher, and records the tables in the manifest with their error on
+    held-out noises; use one with `deco sample BUNDLE --solver tuned --steps N`.
     """
+    if solver == TUNED or nfe is not None:
+        if solver != TUNED:
+            raise click.UsageError("--nfe tunes solver tables: give it with a bare --solver "
+                                   "(deco calibrate BUNDLE --solver --nfe 5,6,8)")
+        if nfe is None:
+            raise click.UsageError("--solver alone tunes solver tables: give the step counts "
+                                   "with --nfe, e.g. --nfe 5,6,8,10")
+        _tune_tables(source, nfe, samples=samples, heldout=heldout, iterations=iterations,
+                     teacher_steps=teacher_steps, guidance=guidance, shift=shift,
+                     backend=backend or "onnxruntime", precision=precision,
+                     providers=providers, record=not no_record)
+        return
     from tqdm.auto import tqdm
 
     from ..calibrate import calibrate
@@ -108,3 +143,48 @@ def calibrate_command(source: str, steps: int | None, budgets: tuple[str, ...],
         click.echo(f"recorded {len(report.schedules)} schedule(s) in "
                    f"{Path(source) / 'manifest.json'}")
     click.echo(f"wrote {report.plot_path}")
+
+
+def _tune_tables(source: str, nfe: str, *, samples: int, heldout: int, iterations: int,
+                 teacher_steps: int, guidance: float | None, shift: float | None, backend: str,
+                 precision: str, providers: str | None, record: bool) -> None:
+    """`deco calibrate BUNDLE --solver --nfe ...`: fit, measure, record, summarise."""
+    from tqdm.auto import tqdm
+
+    from ..solver_tuning import parse_nfe, tune_solver_tables
+    from ..sources import is_bundle
+
+    if not is_bundle(source):
+        raise click.UsageError(f"{source} is not a bundle: tuned solver tables are stored in a "
+                               "bundle's manifest; export one first (deco export onnx)")
+    counts = parse_nfe(nfe)
+    bars: dict[str, Any] = {}
+
+    def progress(what: str, i: int, total: int, loss: float) -> None:
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = tqdm(total=total, desc=f"tuning {what}", unit="it", leave=False)
+        if i:
+            bar.update(1)
+        bar.set_postfix(loss=f"{loss:.2e}")
+        if i == total:
+            bar.close()
+
+    options = {} if providers is None else {"providers": providers}
+    report = tune_solver_tables(
+        source, counts, samples=samples, heldout=heldout, iterations=iterations,
+        teacher_steps=teacher_steps, guidance=guidance, shift=shift, backend=backend,
+        precision=precision, record=record, progress=progress,
+        say=lambda m: click.echo(m, err=True), **options)
+    click.echo(f"tuned on {samples} calibration samples, measured on {heldout} held-out ones "
+               f"against Heun {teacher_steps} steps (model {report.model_hash[:16]})")
+    click.echo("  NFE  tuned dB  AB2 dB  Euler dB  key")
+    for key, table in report.tables.items():
+        h = table.heldout
+        base = h["baselines"]
+        click.echo(f"  {table.nfe:>3}  {h['psnr_db']:8.2f}  {base['ab2 guidance_edges']:6.2f}"
+                   f"  {base['euler guidance_edges']:8.2f}  {key}")
+    if record:
+        click.echo(f"recorded {len(report.tables)} table(s) in "
+                   f"{Path(source) / 'manifest.json'}; use `deco sample {source} --solver tuned "
+                   f"--steps {counts[0]}`")

@@ -36,6 +36,10 @@ from .options import echo_step, export_flags, model_text_encoder, parse_size, si
               help="text-to-image: a local transformers directory or 'minilm'; the bundle gets "
                    "text_encoder.onnx, tokenizer.json and the encoded negative prompt [the one the "
                    "checkpoint's metadata names, e.g. default-t2i's minilm]")
+@click.option("--text-encoder-precision", "text_encoder_precisions", multiple=True,
+              type=click.Choice(list(ONNX_PRECISIONS)),
+              help="text-to-image: also write the text encoder at this precision (repeat for "
+                   "several), gated on its features; fp32 is always written")
 @click.option("--negative-prompt", "negative_prompts", multiple=True,
               help="text-to-image: the prompt of the unconditional half [empty]")
 @export_flags
@@ -44,6 +48,7 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
                         image_size: str | None, size_range: str | None, parity_steps: int,
                         weights: str,
                         force: bool, text_encoder: str | None,
+                        text_encoder_precisions: tuple[str, ...],
                         negative_prompts: tuple[str, ...]) -> None:
     """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE; the plain DiT
     baseline writes its one graph, pixel_dit.onnx.
@@ -57,8 +62,9 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
     from ..export.quantize import INT8_WEIGHTS
     from ..sources import load_model
 
-    if int8_weights is not None and "int8" not in precisions:
-        raise click.UsageError("--int8-weights applies to int8 graphs: add --precision int8")
+    if int8_weights is not None and "int8" not in (*precisions, *text_encoder_precisions):
+        raise click.UsageError("--int8-weights applies to int8 graphs: add --precision int8 "
+                               "(or --text-encoder-precision int8)")
     negative_prompt = single_value(negative_prompts, "--negative-prompt")
     net, source = load_model(model, weights=weights)
     if not net.config.is_text_to_image and negative_prompt is not None:
@@ -76,9 +82,13 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
     if encoder is None and negative_prompt is not None:
         raise click.UsageError("--negative-prompt is encoded by the bundle's text encoder: "
                                "give --text-encoder DIR (or 'minilm') too")
+    if encoder is None and text_encoder_precisions:
+        raise click.UsageError("--text-encoder-precision needs a text encoder: give "
+                               "--text-encoder DIR (or 'minilm') too")
     options = ExportOptions(
         image_size=size, source=source, parity_steps=parity_steps, progress=echo_step,
         force=force, negative_prompt=(negative_prompt or "") if encoder is not None else None)
     export_onnx(net, bundle, options, precisions=precisions, opset=opset, text_encoder=encoder,
-                size_range=sizes, int8=INT8_WEIGHTS[int8_weights or "int8-7bit"])
+                size_range=sizes, int8=INT8_WEIGHTS[int8_weights or "int8-7bit"],
+                text_encoder_precisions=("fp32", *text_encoder_precisions))
     click.echo(f"wrote {bundle}")

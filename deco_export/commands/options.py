@@ -12,14 +12,16 @@ from runtimes.sampler import SOLVER_ALIASES, SOLVERS
 
 # The one reader of a size the user typed; the verbs import it from here.
 from runtimes.sizes import parse_size as parse_size
+from runtimes.solver_tables import TUNED
 
 
 class SolverChoice(click.Choice):
-    """The sampler's solvers by their real names; the older spellings (``adams2``,
-    ``heun_cheap``, ...) are still accepted but not listed."""
+    """The sampler's solvers by their real names, and "tuned" (a bundle's tuned solver table
+    for the steps asked for); the older spellings (``adams2``, ``heun_cheap``, ...) are still
+    accepted but not listed."""
 
     def __init__(self) -> None:
-        super().__init__(list(SOLVERS))
+        super().__init__([*SOLVERS, TUNED])
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if value in SOLVER_ALIASES:

@@ -36,8 +36,9 @@ from .options import CatalogueHelp, SolverChoice, parse_size, single_value
               help="a step boundary on each edge of the guidance interval, multistep history "
                    "restarted there [the bundle's default: off]")
 @click.option("--fast", is_flag=True,
-              help="the family's recommended few-step setting (docs/sampling.md); --solver, "
-                   "--steps and --guidance-edges override its parts")
+              help="the family's recommended few-step setting (docs/sampling.md), or the "
+                   "bundle's fewest-step tuned solver table that is at least as accurate; "
+                   "--solver, --steps and --guidance-edges override its parts")
 @click.option("--shift", type=float, default=None)
 @click.option("--sharing", default=None,
               help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
@@ -53,6 +54,9 @@ from .options import CatalogueHelp, SolverChoice, parse_size, single_value
                    "or 'minilm'; nothing is downloaded [a bundle's own text_encoder.onnx]")
 @click.option("--text-encoder-providers", default=None,
               help="text-to-image: where a bundle's text_encoder.onnx runs, e.g. cuda [cpu]")
+@click.option("--text-encoder-precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              default=None, help="text-to-image: which of the bundle's exported text "
+                                 "encoders runs [fp32]")
 @click.option("--reduce-memory", is_flag=True,
               help="text-to-image: unload the text encoder once the prompts are encoded")
 @click.option("--size", default=None, help="HxW to sample at (default: the model's)")
@@ -86,7 +90,8 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
            guidance_edges: bool | None, fast: bool, shift: float | None,
            sharing: str | None, sharing_mode: str, prompts: tuple[str, ...],
            negative_prompts: tuple[str, ...], text_encoder: str | None,
-           text_encoder_providers: str | None, reduce_memory: bool, size: str | None, seed: int,
+           text_encoder_providers: str | None, text_encoder_precision: str | None,
+           reduce_memory: bool, size: str | None, seed: int,
            out: Path | None, out_dir: Path | None, from_image: Path | None, cols: int | None,
            scale: int | None, preview_every: int | None, init_image: Path | None,
            strength: float | None, mask: Path | None) -> None:
@@ -119,8 +124,9 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         return
     if preview_every is not None and preview_every < 1:
         raise click.UsageError("--preview-every must be >= 1")
-    if allow_below_gate and precision != "int8":
-        raise click.UsageError("--allow-below-gate applies to int8 graphs: add --precision int8")
+    if allow_below_gate and "int8" not in (precision, text_encoder_precision):
+        raise click.UsageError("--allow-below-gate applies to int8 graphs: add --precision int8 "
+                               "(or --text-encoder-precision int8)")
     if cols is not None and cols < 1:
         raise click.UsageError(f"--cols must be >= 1, got {cols}")
     negative_prompt = single_value(negative_prompts, "--negative-prompt")
@@ -133,7 +139,8 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
     precision, device = precision or "fp32", device or "cpu"
     pipe = open_pipeline(source, backend=backend, precision=precision, providers=providers,
                          device=device, text_encoder_providers=text_encoder_providers,
-                         reduce_memory=reduce_memory, allow_below_gate=allow_below_gate)
+                         reduce_memory=reduce_memory, allow_below_gate=allow_below_gate,
+                         text_encoder_precision=text_encoder_precision)
     height, width = parse_size(size) if size else (None, None)
     if pipe.is_text_to_image:
         if not prompts:
@@ -158,9 +165,17 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
         count = len(distinct)
     if fast:
-        from runtimes.sampler import FAST_SAMPLERS
+        from runtimes.sampler import FAST_PSNR_DB, FAST_SAMPLERS
+        from runtimes.solver_tables import TUNED, fast_table
 
-        preset = FAST_SAMPLERS[pipe.model_config.family]
+        family = pipe.model_config.family
+        preset = FAST_SAMPLERS[family]
+        manifest = pipe.manifest
+        table = None if (solver or steps or manifest is None) else fast_table(
+            manifest.solver_tables, manifest.model_hash,
+            pipe.sampler_config(guidance=guidance, shift=shift), FAST_PSNR_DB[family])
+        if table is not None:  # a tuned table at least as good in fewer evaluations
+            solver, steps = TUNED, table.nfe
         solver = solver or preset["solver"]
         steps = steps or preset["num_steps"]
         guidance_edges = preset["guidance_edges"] if guidance_edges is None else guidance_edges
@@ -227,6 +242,8 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         if pipe.is_text_to_image:
             record.update(prompts=condition["prompt"], negative_prompt=negative_prompt,
                           text_encoder=text_encoder)
+            if text_encoder_precision is not None:  # its features differ: the pixels too
+                record["text_encoder_precision"] = text_encoder_precision
         else:
             record["class_labels"] = condition["class_labels"]
         if init_image is not None:
@@ -274,7 +291,8 @@ def regenerate(image: Path, source: str | None, backend: str | None, precision: 
                   providers=providers or record.get("providers"))
     check_model(image, record, source)
     pipe = open_pipeline(source, backend=record["backend"], precision=record["precision"],
-                         providers=record["providers"], device=record["device"])
+                         providers=record["providers"], device=record["device"],
+                         text_encoder_precision=record.get("text_encoder_precision"))
     if pipe.is_text_to_image:
         attach_text_encoder(pipe, record.get("text_encoder"))
     with progress_callback("sampling") as callback:

@@ -101,6 +101,7 @@ class BundleTransaction:
         # This export's artefacts, kept by the manifest's own rule (one per runtime, graph and
         # precision; a later one replaces an earlier one).
         self._added = rb.Manifest(model=config)
+        self.solver_tables: list[rb.SolverTable] = []
         self._text_section: rb.TextSection | None = None  # the manifest's "text" section
 
     # -- context -----------------------------------------------------------------------------
@@ -257,6 +258,11 @@ class BundleTransaction:
         """The artefacts this export staged so far."""
         return self._added.artifacts
 
+    def add_solver_table(self, table: rb.SolverTable) -> None:
+        """Record a tuned solver table (`runtimes.solver_tables`) with this commit; a
+        transaction of tables alone changes only the manifest."""
+        self.solver_tables.append(table)
+
     def _staged_manifest(self) -> rb.Manifest:
         manifest = rb.Manifest.from_dict(self.manifest.to_dict())
         manifest.sizes = self.sizes or manifest.sizes
@@ -310,7 +316,7 @@ class BundleTransaction:
     # -- commit ------------------------------------------------------------------------------
 
     def _commit(self) -> None:
-        if not self.artifacts:
+        if not self.artifacts and not self.solver_tables:
             raise ValueError("nothing was exported; the bundle is unchanged")
         with lock(self.bundle):
             # Re-read under the lock: another export may have committed since this one began.
@@ -318,6 +324,8 @@ class BundleTransaction:
             manifest = existing if existing is not None else self._base_manifest()
             for artifact in self.artifacts:
                 manifest.add_artifact(artifact)
+            for table in self.solver_tables:
+                manifest.add_solver_table(table)
             manifest.sizes = self.sizes or manifest.sizes
             if self._text_section is not None:
                 manifest.text = self._text_section

@@ -5,7 +5,8 @@ A graph's contract (names, inputs and outputs, axes, which input leads) is its r
 (`GRAPH_CLASSES`), realistic example inputs and the eager fp32 reference outputs.
 
 * ``dit``:      (x_t, t, y)   -> (cond, hidden)   the expensive half, once per DiT step
-                (x_t, t, text_tokens) for the text-to-image family
+                (x_t, t, text_tokens) for the text-to-image family; a guidance-distilled
+                model's adds the guidance scale w: (x_t, t, y, guidance)
 * ``text_embed``: text        -> text_tokens      text-to-image only: y_embedder(text) +
                 y_pos_embedding, which depends on the prompt alone (once per generation)
 * ``decoder``:  (x_t, cond)   -> v                the cheap half, every step
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from runtimes.config import ModelConfig
-from runtimes.graphs import GRAPH_NAMES, TensorSpec, get_graph, graphs_for
+from runtimes.graphs import GRAPH_NAMES, GUIDANCE_INPUT, TensorSpec, get_graph, graphs_for
 
 from ..model import DeCo, PixelDiT
 
@@ -56,11 +57,14 @@ class DiTGraph(nn.Module):
         self.dtype = model.dit.s_embedder.proj.weight.dtype
         self.text_tokens = model.config.is_text_to_image
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor,
+                guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``guidance``: the scale w, an input of a guidance-distilled model's graph only."""
         if self.text_tokens:
-            cond, hidden = self.dit.forward_embedded(x_t.to(self.dtype), t, y.to(self.dtype))
+            cond, hidden = self.dit.forward_embedded(x_t.to(self.dtype), t, y.to(self.dtype),
+                                                     guidance)
         else:
-            cond, hidden = self.dit(x_t.to(self.dtype), t, y)
+            cond, hidden = self.dit(x_t.to(self.dtype), t, y, guidance)
         return cond.float(), hidden.float()
 
 
@@ -220,6 +224,8 @@ def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, 
     else:
         values["y"] = torch.randint(0, cfg.num_classes + 1, shapes["y"], generator=g)
         values["y"][0] = cfg.null_class
+    if cfg.guidance_distilled:  # scales across the range a student is distilled on
+        values[GUIDANCE_INPUT] = 1.0 + 5.0 * torch.rand(shapes[GUIDANCE_INPUT], generator=g)
     condition = values.get("text", values.get("y"))
     if not set(spec.input_names) <= set(values):  # the DiT's outputs feed the other graphs
         with torch.no_grad():

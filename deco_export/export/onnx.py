@@ -43,7 +43,7 @@ from .graphs import (
     quiet,
     reference_outputs,
 )
-from .onnx_tools import check_onnx, ort_session, tool_versions
+from .onnx_tools import check_onnx, onnx_file_name, ort_session, tool_versions
 from .options import ExportOptions
 from .quantize import Int8Settings, quantize_int8
 
@@ -53,10 +53,6 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the 
 PARITY_BATCHES = (1, 3)
 QUANTIZED_FROM = {"int8": "fp32"}  # quantized precision -> the precision its graph is exported in
 
-
-
-def onnx_file_name(graph: str, precision: str) -> str:
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
 def dynamic_shapes(record: GraphSpec, sizes: SizeRange | None) -> tuple[dict[int, Any], ...]:
@@ -162,6 +158,7 @@ def export_onnx(
     text_encoder: Any = None,
     size_range: SizeRange | None = None,
     int8: Int8Settings | None = None,
+    text_encoder_precisions: Sequence[str] = ("fp32",),
     **shared: Any,
 ) -> Path:
     """Export ``model`` into ``bundle`` (created, or extended if it is a bundle of the same
@@ -177,7 +174,8 @@ def export_onnx(
     With ``text_encoder`` (a `deco_export.text_encoders.TransformersTextEncoder`) a
     text-to-image bundle also gets ``text_encoder.onnx`` + ``tokenizer.json``, and the
     negative prompt (the empty prompt by default) is encoded with it when its embeddings are
-    not given.
+    not given; ``text_encoder_precisions`` adds the encoder at fp16 and/or int8, each gated on
+    its features (`export.text_encoder`).
     """
     opts = ExportOptions.of(options, shared, "export_onnx")
     image_size, source, force = opts.image_size, opts.source, opts.force
@@ -200,6 +198,9 @@ def export_onnx(
     dynamic = not sizes.is_fixed
     checked = sizes.parity_sizes()
     traced = trace_size(sizes)
+    if text_encoder is None and set(text_encoder_precisions) - {"fp32"}:
+        raise ValueError("text_encoder_precisions: this export has no text encoder; give "
+                         "text_encoder= (--text-encoder DIR or 'minilm')")
     if text_encoder is not None:
         cfg = model.config
         if not cfg.is_text_to_image or (text_encoder.max_length, text_encoder.dim) != (
@@ -220,7 +221,7 @@ def export_onnx(
         if text_encoder is not None:
             from .text_encoder import export_text_encoder
 
-            export_text_encoder(text_encoder, txn, opset, say)
+            export_text_encoder(text_encoder, txn, opset, say, text_encoder_precisions, int8)
         for precision in precisions:
             if precision not in ONNX_PRECISIONS:
                 raise ValueError(f"ONNX precision must be one of {list(ONNX_PRECISIONS)}, "

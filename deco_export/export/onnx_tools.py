@@ -40,3 +40,8 @@ def tool_versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover - onnxscript ships with the onnx extra
         pass
     return versions
+
+
+def onnx_file_name(graph: str, precision: str) -> str:
+    """The bundle file of ``graph`` at ``precision``: ``dit.onnx``, ``dit.fp16.onnx``, ..."""
+    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"

@@ -27,17 +27,8 @@ PROMPTS = ("a photo of a cat", "a red fox in the snow")
 
 
 @pytest.fixture(scope="module")
-def t2i_bundle(tmp_path_factory, golden_t2i_model, golden_t2i_ckpt) -> Path:
-    from deco_export.export.onnx import export_onnx
-    from deco_export.text_encoders import qwen3_encoder
-    from tests.deco_export.test_text_encoders import build_tiny_qwen3
-
-    qwen = build_tiny_qwen3(tmp_path_factory.mktemp("qwen3"), hidden_size=48)
-    out = tmp_path_factory.mktemp("bench-t2i") / "bundle"
-    export_onnx(golden_t2i_model, out, precisions=("fp32",), image_size=(64, 64),
-                source={"path": str(golden_t2i_ckpt)}, parity_steps=2,
-                text_encoder=qwen3_encoder(qwen, max_length=8))
-    return out
+def t2i_bundle(t2i_text_bundle) -> Path:
+    return t2i_text_bundle
 
 
 @pytest.fixture(scope="module")

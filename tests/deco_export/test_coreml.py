@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from deco_export.export import coreml as cm
+from deco_export.export.coreml.convert import discard_temp_packages
 from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends.coreml import CoreMLBackend, split_batch
@@ -289,8 +290,10 @@ def test_fp32_islands_effect(golden_model, manifest):
     its own operations fp32; all islands (the default export) -> the sum of them."""
     modules = cm.graph_modules(golden_model, "fp32")
     inputs = cm.example_inputs(golden_model, "dit", 2, *SIZE)
-    _, none = cm.convert_graph(modules["dit"], "dit", inputs, islands=())
-    _, rms = cm.convert_graph(modules["dit"], "dit", inputs, islands=("rmsnorm",))
+    converted, none = cm.convert_graph(modules["dit"], "dit", inputs, islands=())
+    discard_temp_packages(converted)
+    converted, rms = cm.convert_graph(modules["dit"], "dit", inputs, islands=("rmsnorm",))
+    discard_temp_packages(converted)
     full = artifact(manifest, "dit", "fp16").details
     assert none.unexpected_fp32 == [] and rms.unexpected_fp32 == []
     assert none.compute_ops.get("fp32", 0) == 0
@@ -340,6 +343,7 @@ def test_palettes_are_applied(golden_model, tmp_path, compression, target, granu
     inputs = cm.example_inputs(golden_model, "dit", 2, *SIZE)
     mlmodel, _ = cm.convert_graph(modules["dit"], "dit", inputs, target=target)
     mlmodel.save(str(tmp_path / "plain.mlpackage"))
+    discard_temp_packages(mlmodel)
     record = cm.compress_package(tmp_path / "plain.mlpackage", tmp_path / "packed.mlpackage",
                                  compression)  # the target comes from the metadata
     plain = cm.inspect_package(tmp_path / "plain.mlpackage")
@@ -431,7 +435,9 @@ def test_unexpected_fp32_fallback_is_refused():
     # coremltools keeps an op in fp32 when a constant exceeds the fp16 range
     with pytest.raises(cm.CoreMLExportError, match=r"stayed fp32 outside the chosen islands"):
         cm.convert_graph(HugeConstant(), "refresh", toy_inputs())
-    _, report = cm.convert_graph(HugeConstant(), "refresh", toy_inputs(), precision="fp32")
+    converted, report = cm.convert_graph(HugeConstant(), "refresh", toy_inputs(),
+                                         precision="fp32")
+    discard_temp_packages(converted)
     assert report.compute_ops.get("fp16", 0) == 0
 
 

@@ -478,3 +478,22 @@ def test_fp32_graphs_wrap_the_model_itself_and_reduced_precision_a_copy(golden_m
     assert fp16["dit"].dit is not model.dit
     assert fp16["dit"].dit.s_embedder.proj.weight.dtype == torch.float16
     assert model.dit.s_embedder.proj.weight.dtype == torch.float32
+
+
+def test_validate_remeasures_tuned_solver_tables(tmp_path, golden_bundle, golden_ckpt):
+    """`deco validate` re-measures each tuned table's held-out error through ONNX Runtime and
+    fails on a table changed after it was recorded (a two-iteration fit keeps this quick)."""
+    from deco_export.solver_tuning import tune_solver_tables
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(golden_bundle, copy)
+    tune_solver_tables(copy, [3], samples=2, heldout=2, iterations=2, teacher_steps=4)
+    assert rb.verify(copy) == []  # a manifest-only transaction keeps every file intact
+    lines = validate_bundle(copy, checkpoint=str(golden_ckpt), steps=2, precisions=["fp32"])
+    assert any(line.startswith("solver table") and line.endswith("passed") for line in lines)
+    data = json.loads((copy / "manifest.json").read_text())
+    (entry,) = data["solver_tables"].values()
+    entry["coefficients"][2][1] += 1.5
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="solver table .* worse"):
+        validate_bundle(copy, checkpoint=str(golden_ckpt), steps=2, precisions=["fp32"])

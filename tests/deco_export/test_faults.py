@@ -36,7 +36,6 @@ from deco_export.checkpoint import (
 )
 from deco_export.cli import main
 from deco_export.export.bundle_io import BundleTransaction
-from deco_export.export.onnx import export_onnx
 from deco_export.sources import load_model
 from runtimes import bundle as rb
 from runtimes import fileio, locks, staging
@@ -89,9 +88,9 @@ def staging_left(parent: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ckpt(tmp_path_factory, golden_model) -> Path:
+def ckpt(golden_ckpt_dir) -> Path:
     """The golden tiny model as a checkpoint directory."""
-    return save_pretrained(golden_model, tmp_path_factory.mktemp("ckpt") / "tiny", source="golden")
+    return golden_ckpt_dir
 
 
 @pytest.fixture(scope="session")
@@ -106,16 +105,9 @@ def other_ckpt(tmp_path_factory, golden_model) -> Path:
 
 
 @pytest.fixture(scope="session")
-def session_bundle(tmp_path_factory, ckpt) -> Path:
+def session_bundle(c2i_bundle) -> Path:
     """An fp32 ONNX bundle of ``ckpt``, exported under umask 022."""
-    old = os.umask(0o022)
-    try:
-        model, source = load_model(ckpt)
-        out = tmp_path_factory.mktemp("bundle") / "bundle"
-        export_onnx(model, out, precisions=("fp32",), source=source, parity_steps=2)
-    finally:
-        os.umask(old)
-    return out
+    return c2i_bundle
 
 
 @pytest.fixture

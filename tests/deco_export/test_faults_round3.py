@@ -96,7 +96,7 @@ def test_training_options_are_checked_before_any_work(images, tmp_path, flag, va
 def test_two_trainings_into_one_directory_do_not_both_run(images, tmp_path):
     out = tmp_path / "runs" / "C"
     first = subprocess.Popen(
-        [*DECO, *train_args(images, out, "--steps", "400", "--ckpt-every", "0",
+        [*DECO, *train_args(images, out, "--steps", "100000", "--ckpt-every", "0",
                             "--sample-every", "0")],
         env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -151,22 +151,6 @@ def test_bench_writes_again_into_its_own_output(tmp_path):
 # One pipeline, many threads
 
 
-@pytest.fixture(scope="module")
-def c2i_bundle(tmp_path_factory, golden_model) -> Path:
-    """An fp32 ONNX bundle of the golden tiny model (its source checkpoint runs the torch
-    backend)."""
-    from deco_export.checkpoint import save_pretrained
-    from deco_export.export.onnx import export_onnx
-    from deco_export.sources import load_model
-
-    ckpt = save_pretrained(golden_model, tmp_path_factory.mktemp("ckpt") / "tiny",
-                           source="golden")
-    model, source = load_model(ckpt)
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
-    export_onnx(model, out, precisions=("fp32",), source=source, parity_steps=2)
-    return out
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
 def test_one_pipeline_is_safe_to_share_across_threads(c2i_bundle, backend):
     # OpenVINO's one infer request per graph was shared: 3 of 3 runs gave wrong images.
@@ -194,21 +178,10 @@ def test_one_pipeline_is_safe_to_share_across_threads(c2i_bundle, backend):
 
 
 @pytest.fixture(scope="module")
-def t2i_bundle(tmp_path_factory, golden_t2i_model, golden_t2i_ckpt) -> Path:
+def t2i_bundle(t2i_text_bundle) -> Path:
     """The golden T2I model with a tiny random Qwen3 (48 wide) as its text encoder and the
-    empty negative prompt encoded by it."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("tokenizers")
-    from deco_export.export.onnx import export_onnx
-    from deco_export.text_encoders import qwen3_encoder
-    from tests.deco_export.test_text_encoders import build_tiny_qwen3
-
-    qwen = build_tiny_qwen3(tmp_path_factory.mktemp("qwen3"), hidden_size=48)
-    out = tmp_path_factory.mktemp("t2i") / "bundle"
-    export_onnx(golden_t2i_model, out, precisions=("fp32",), image_size=(64, 64),
-                source={"path": str(golden_t2i_ckpt)}, parity_steps=2,
-                text_encoder=qwen3_encoder(qwen, max_length=8))
-    return out
+    empty negative prompt encoded by it (shared: see tests/conftest.py)."""
+    return t2i_text_bundle
 
 
 @pytest.fixture

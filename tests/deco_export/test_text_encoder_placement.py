@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import runtimes
-from deco_export.cli import main
 from runtimes.backend import BackendError
-from tests.deco_export.test_text_encoders import build_tiny_qwen3
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, golden_t2i_ckpt):
-    root = tmp_path_factory.mktemp("t2i-encoder")
-    encoder_dir = build_tiny_qwen3(root / "qwen3-48", hidden_size=48)
-    result = CliRunner().invoke(main, [
-        "export", "onnx", str(golden_t2i_ckpt), str(root / "bundle"), "--image-size", "64x64",
-        "--parity-steps", "2", "--text-encoder", str(encoder_dir)])
-    assert result.exit_code == 0, result.output
-    return root / "bundle"
+def bundle(t2i_text_bundle):
+    return t2i_text_bundle
 
 
 def test_reduce_memory_unloads_the_encoder_after_the_prompts_are_encoded(bundle):

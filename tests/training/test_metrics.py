@@ -169,6 +169,16 @@ def test_bootstrap_of_equal_sets_includes_zero():
     assert same["lo"] == same["hi"] == 0.0  # paired: identical samples differ by nothing
 
 
+def test_bootstrap_interval_narrows_with_its_level():
+    real = features(100, seed=1)
+    a, b = features(120, 0.0, seed=4), features(120, 0.1, seed=5)
+    wide = paired_kid_bootstrap(a, b, real, rounds=200)
+    narrow = paired_kid_bootstrap(a, b, real, rounds=200, level=0.90)
+    assert wide["level"] == 0.95 and narrow["level"] == 0.90
+    assert wide["diff"] == narrow["diff"]  # the same resamples
+    assert wide["lo"] < narrow["lo"] <= narrow["hi"] < wide["hi"]
+
+
 def test_speckles_count_isolated_outlier_pixels_only():
     flat = np.full((2, 8, 8, 3), 100, np.uint8)
     flat[0, 4, 4] = 250  # one bright pixel among calm neighbours
