@@ -23,6 +23,7 @@ from runtimes.cpu import cpu_flags, cpu_model, has_bf16, missing_bf16_reason
 
 __all__ = [
     "RELEVANT_FLAGS",
+    "cpu_description",
     "cpu_features",
     "cpu_flags",
     "cpu_model",
@@ -37,6 +38,17 @@ __all__ = [
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
                   "avx512_vnni", "avx_vnni", "amx_int8")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_description() -> dict[str, str]:
+    """The CPU record every study writes beside its figures: the model, the flags that decide
+    its speed, and the cores this process may use."""
+    import os
+
+    wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma")
+    flags = cpu_flags()
+    return {"model": cpu_model(), "flags": " ".join(f for f in wanted if f in flags),
+            "cores": str(os.cpu_count())}
 
 
 def cpu_features() -> dict[str, bool]:

@@ -48,11 +48,11 @@ __all__ = [
 ]
 
 # Noise seeds (runtimes.noise keys (seed, i)): the fit's and the recorded held-out error's.
-# scripts/solver_study.py measures on seed 1, which neither uses.
+# scripts/studies/solver_study.py measures on seed 1, which neither uses.
 CALIBRATION_SEED = 10
 HELDOUT_SEED = 11
 # Emoji names (CLDR short names) for text-to-image: the fit's and the held-out ones (disjoint,
-# and disjoint from scripts/solver_study.py's).
+# and disjoint from scripts/studies/solver_study.py's).
 CALIBRATION_PROMPTS = ("smiling face", "winking face", "blue heart", "banana", "crescent moon",
                        "christmas tree", "cloud", "house", "automobile", "sunflower",
                        "hot beverage", "birthday cake", "panda", "rainbow", "soccer ball",

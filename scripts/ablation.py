@@ -255,16 +255,6 @@ def read_features(out: Path, arm: str, step: int, limit: int) -> np.ndarray | No
 # ------------------------------------------------------------------------------------------------
 
 
-def cpu_description() -> dict[str, str]:
-    """The CPU the arms ran on (read by runtimes.cpu) and the flags that decide its speed."""
-    from runtimes.cpu import cpu_flags, cpu_model
-
-    wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "fma")
-    flags = cpu_flags()
-    return {"model": cpu_model(), "flags": " ".join(f for f in wanted if f in flags),
-            "cores": str(os.cpu_count())}
-
-
 def throughput(plan: Plan, out: Path, arm: str) -> tuple[float | None, float | None]:
     """(median training images/s, training wall seconds) from the run's log.
 
@@ -296,6 +286,7 @@ def score(feats: np.ndarray, real: np.ndarray) -> dict[str, float]:
 def collect(plan: Plan, out: Path) -> dict[str, Any]:
     """Scores over the samples every arm has: the curves on ``curve_samples`` per checkpoint,
     the last checkpoint on the longest prefix all arms completed (``num_samples`` when done)."""
+    from deco_export import machine
     from deco_export.config import get_preset
     from deco_export.flops import TRAINING_FACTOR, training_flops
     from runtimes.cache import cache_dir as default_cache_dir
@@ -311,7 +302,7 @@ def collect(plan: Plan, out: Path) -> dict[str, Any]:
     n_final = min(len(f) for f in done) if len(done) == len(ARMS) else 0
     result: dict[str, Any] = {
         "plan": dataclasses.asdict(plan), "final_samples": n_final, "num_real": len(real),
-        "arms": {}, "cpu": cpu_description(),
+        "arms": {}, "cpu": machine.cpu_description(),
     }  # fmt: skip
     for arm, spec in ARMS.items():
         cfg = get_preset(arm_preset(plan, arm))

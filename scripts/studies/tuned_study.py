@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Tuned solver tables on the embedded models: tune (``deco calibrate --solver``), then measure
-them on the held-out protocol of scripts/solver_study.py (docs/sampling.md).
+them on the held-out protocol of scripts/studies/solver_study.py (docs/sampling.md).
 
 For each model it takes solver_study's fp32 ONNX bundle (cached under ``--work``), fits one
 table per NFE of ``--nfe`` on the calibration noises and labels or prompts

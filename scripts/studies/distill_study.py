@@ -58,11 +58,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import runtimes
+    from deco_export.machine import cpu_description  # the CPU record every study writes
     from runtimes.sampler import release_sampler
     from training.metrics import HeldOutScorer, inception_features, paired_kid_bootstrap
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ablation import cpu_description  # the CPU record every study writes
 
     work = Path(args.work)
     bundles = {"teacher": export(args.teacher, work / "teacher"),
