@@ -63,8 +63,7 @@ class GraphBackend:
                 if output in have:
                     calls[method] = GraphCall(method, graph, spec.input_names, output)
         self._graph_calls = calls
-        dit = calls.get("dit")
-        self.takes_guidance = dit is not None and GUIDANCE_INPUT in dit.inputs
+        self.takes_guidance = any(GUIDANCE_INPUT in c.inputs for c in calls.values())
         for flag, methods in CAPABILITIES.items():
             if all(m in GRAPH_METHODS for m in methods):
                 setattr(self, flag, all(m in calls for m in methods))
