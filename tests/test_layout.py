@@ -143,7 +143,7 @@ GRAPH_NAMING = {
     "deco_export.text_encoders": "the text encoder's record in a checkpoint",
     "deco_export.config": 'the architecture value "dit" (the plain pixel DiT)',
     "training.trainer": "the text encoder's record in a checkpoint",
-    "training.distill": "the student's DiT parameters in a state dict (dit.g_embedder.*)",
+    "training.distill": "the teacher's text encoder, read from its checkpoint's record",
     "training.cli": 'the "text_encoder" option of a text-to-image training',
     "runtimes.config": 'the architecture values "deco" and "dit"',
     "runtimes.backend": "the capabilities' method names (decoder_cond, decoder_pixel)",
