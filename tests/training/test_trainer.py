@@ -217,7 +217,11 @@ def test_ddp_two_processes_match_one(assets, tmp_path):
     double = tiny_config(assets, tmp_path / "two", **kw)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # The launcher keeps its per-run log directory (torchelastic_*) in TMPDIR after it exits.
+    launcher_tmp = tmp_path / "launcher-tmp"
+    launcher_tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(launcher_tmp)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, str(script), json.dumps(double.to_dict())],
