@@ -217,3 +217,24 @@ def export_with_tiny_encoder(root: Path, checkpoint: Path, *flags: str) -> Path:
         "--parity-steps", "2", "--text-encoder", str(encoder_dir), *flags])
     assert result.exit_code == 0, result.output
     return root / "bundle"
+
+
+def torch_backed_bundle(root: Path, checkpoint: Path, backend: str) -> Path:
+    """A bundle directory at ``root`` with a manifest only, whose backend ``backend`` (registered
+    here) runs the checkpoint's model in PyTorch: for tests of what reads a bundle's model
+    (calibration, solver tuning) without exporting graphs."""
+    import runtimes
+    from deco_export.backends.torch_backend import TorchBackend
+    from deco_export.checkpoint import load_pretrained, read_metadata
+    from runtimes.bundle import Manifest, write_manifest
+    from runtimes.sampler import release_sampler
+
+    model = load_pretrained(checkpoint)
+    runtimes.register_backend(backend, lambda root, manifest, precision, **kw:
+                              TorchBackend(model))
+    root.mkdir()
+    write_manifest(root, Manifest(model=model.config.to_dict(),
+                                  sampler_defaults=release_sampler(model.config.family),
+                                  source={"path": str(checkpoint),
+                                          "sha256": read_metadata(checkpoint)["weights_sha256"]}))
+    return root

@@ -129,6 +129,21 @@ def resolve_preset(preset: str | None, family: str | None) -> str:
     return preset
 
 
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads must be >= 1, got {threads}")
+
+
+def _resumable(run_: Callable[[], Path]) -> Path:
+    """Run a checkpointing job; Ctrl-C ends it with one line saying how to continue."""
+    try:
+        return run_()
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            "interrupted; continue from the last checkpoint with the same command plus --resume"
+        ) from None
+
+
 @click.command()
 @click.option("--recipe", default=None,
               help="a reference config by name (DeCo_XL, DeCo_XL_512, DeCo_large, "
@@ -234,19 +249,13 @@ def train(**kw: Any) -> None:
     elif not get_preset(kw["preset"]).is_text_to_image:
         raise click.UsageError(f"--text-encoder is for text-to-image presets; {kw['preset']} "
                                "is class-conditional")
-    if kw["threads"] is not None and kw["threads"] < 1:
-        raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
+    _check_threads(kw["threads"])
     if not isinstance(kw["image_size"], tuple):
         kw["image_size"] = _size(kw["image_size"])
     kw["num_workers"] = kw.pop("workers")
     kw["keep_checkpoints"] = kw.pop("keep")
     cfg = TrainConfig(**kw)
-    try:
-        exported = run(cfg, resume=resume)
-    except KeyboardInterrupt:
-        raise click.ClickException(
-            "interrupted; continue from the last checkpoint with the same command plus --resume"
-        ) from None
+    exported = _resumable(lambda: run(cfg, resume=resume))
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"EMA weights: {exported}")
 
@@ -417,17 +426,11 @@ def distill_guidance(teacher: str, guidance_range: str, resume: bool, keep: int,
     """
     from .distill import DistillConfig, distill
 
-    if kw["threads"] is not None and kw["threads"] < 1:
-        raise click.UsageError(f"--threads must be >= 1, got {kw['threads']}")
+    _check_threads(kw["threads"])
     low, high = _guidance_range(guidance_range)
     cfg = DistillConfig(teacher=teacher, guidance_min=low, guidance_max=high,
                         keep_checkpoints=keep, **kw)
-    try:
-        exported = distill(cfg, resume=resume)
-    except KeyboardInterrupt:
-        raise click.ClickException(
-            "interrupted; continue from the last checkpoint with the same command plus --resume"
-        ) from None
+    exported = _resumable(lambda: distill(cfg, resume=resume))
     click.echo(f"guidance-distilled student: {exported}")
 
 

@@ -19,7 +19,8 @@ from PIL import Image
 import runtimes
 from deco_export.calibrate import check_budgets, plot_similarity
 from deco_export.cli import main
-from runtimes.bundle import Manifest, read_manifest, verify, write_manifest
+from runtimes.bundle import read_manifest, verify
+from tests.helpers import torch_backed_bundle
 
 STEPS = 4
 TEST_BACKEND = "calibrate-test-torch"
@@ -41,21 +42,9 @@ def weights_sha(golden_dir) -> str:
 
 
 @pytest.fixture
-def golden_bundle(tmp_path, golden_dir, weights_sha) -> Path:
+def golden_bundle(tmp_path, golden_dir) -> Path:
     """A bundle directory whose backend is the golden model in PyTorch."""
-    from deco_export.backends.torch_backend import TorchBackend
-    from deco_export.checkpoint import load_pretrained
-    from runtimes.sampler import release_sampler
-
-    model = load_pretrained(golden_dir)
-    runtimes.register_backend(TEST_BACKEND, lambda root, manifest, precision, **kw:
-                              TorchBackend(model))
-    root = tmp_path / "bundle"
-    root.mkdir()
-    write_manifest(root, Manifest(model=model.config.to_dict(),
-                                  sampler_defaults=release_sampler(model.config.family),
-                                  source={"path": str(golden_dir), "sha256": weights_sha}))
-    return root
+    return torch_backed_bundle(tmp_path / "bundle", golden_dir, TEST_BACKEND)
 
 
 def _run(args: list[str]) -> str:

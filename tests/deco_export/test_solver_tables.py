@@ -23,10 +23,11 @@ from PIL import Image
 import runtimes
 from deco_export.cli import main
 from deco_export.solver_tuning import parse_nfe, recheck_solver_tables, tune_solver_tables
-from runtimes.bundle import Manifest, read_manifest, write_manifest
+from runtimes.bundle import read_manifest, write_manifest
 from runtimes.errors import ConfigError
 from runtimes.sampler import sample
 from runtimes.solver_tables import SolverTable, fast_table, solver_table_key
+from tests.helpers import torch_backed_bundle
 
 BACKEND = "solver-tables-test-torch"
 NFE = 4
@@ -36,22 +37,11 @@ FIT = {"samples": 4, "heldout": 4, "iterations": 8, "teacher_steps": 8, "lr": 0.
 @pytest.fixture(scope="module")
 def plain_bundle(tmp_path_factory, golden_ckpt) -> Path:
     """A bundle of the golden model (32x32) whose backend is the model in PyTorch."""
-    from deco_export.backends.torch_backend import TorchBackend
-    from deco_export.checkpoint import convert_reference, load_pretrained, read_metadata
-    from runtimes.sampler import release_sampler
+    from deco_export.checkpoint import convert_reference
 
     base = tmp_path_factory.mktemp("tables")
     ck = convert_reference(golden_ckpt, base / "tiny", image_size=(32, 32))
-    model = load_pretrained(ck)
-    runtimes.register_backend(BACKEND, lambda root, manifest, precision, **kw:
-                              TorchBackend(model))
-    root = base / "bundle"
-    root.mkdir()
-    write_manifest(root, Manifest(model=model.config.to_dict(),
-                                  sampler_defaults=release_sampler(model.config.family),
-                                  source={"path": str(ck),
-                                          "sha256": read_metadata(ck)["weights_sha256"]}))
-    return root
+    return torch_backed_bundle(base / "bundle", ck, BACKEND)
 
 
 @pytest.fixture(scope="module")
