@@ -46,6 +46,7 @@ from .graphs import (
 from .onnx_tools import check_onnx, onnx_file_name, ort_session, tool_versions
 from .options import ExportOptions
 from .quantize import Int8Settings, quantize_int8
+from .trace_cache import export_onnx_file
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = (18, 19, 20, 21, 22, 23)
@@ -99,18 +100,17 @@ def export_graph(module: torch.nn.Module, graph: GraphSpec | str, inputs: tuple,
     """Trace ``module`` into the ONNX graph its record declares (input and output names, batch
     and size axes). ``graph``: the record (`get_graph(name, config)`, for the model's family),
     or a name for the class-conditional record. ``sizes``: the range the height and width
-    axes span (None or one size: fixed-size graphs)."""
+    axes span (None or one size: fixed-size graphs). A trace made before of the same module
+    comes from the cache (`trace_cache`)."""
     record = graph if isinstance(graph, GraphSpec) else get_graph(graph)
     names = list(record.input_names)
     dynamic = dynamic_shapes(record, sizes)
     # The exporter logs a warning per torchvision op it cannot register when torchvision is
     # absent; DeCo uses none of them, so the notice is noise in every export's output.
     with quiet("torch.onnx._internal.exporter._registration"):
-        program = torch.onnx.export(
-            module, inputs, dynamo=True, opset_version=opset, input_names=names,
-            output_names=list(record.output_names), dynamic_shapes=dynamic, verbose=False,
-        )
-    program.save(str(path), external_data=external_data)
+        export_onnx_file(module, inputs, path, opset=opset, input_names=names,
+                         output_names=list(record.output_names), dynamic_shapes=dynamic,
+                         external_data=external_data)
     name_axes(path, record)
 
 

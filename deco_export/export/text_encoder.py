@@ -73,6 +73,7 @@ def export_text_encoder_graph(encoder: Any, path: Path, opset: int = 18,
 
     from ..text_encoders import EXPORT_ATTENTION, TransformersTextEncoder
     from .graphs import quiet
+    from .trace_cache import export_onnx_file
 
     traced = TransformersTextEncoder(encoder.directory, encoder.max_length, dtype=dtype,
                                      attention=EXPORT_ATTENTION)
@@ -94,14 +95,13 @@ def export_text_encoder_graph(encoder: Any, path: Path, opset: int = 18,
     # The optimizer's constant folding reports the tokenizer-shaped constants it leaves alone.
     with quiet("torch.onnx._internal.exporter._registration",
                "onnxscript.optimizer._constant_folding"):
-        program = torch.onnx.export(
-            Graph(traced.model).eval(), inputs, dynamo=True, opset_version=opset,
+        export_onnx_file(
+            Graph(traced.model).eval(), inputs, path, opset=opset,
             input_names=list(TEXT_ENCODER_GRAPH.input_names),
             output_names=list(TEXT_ENCODER_GRAPH.output_names),
             dynamic_shapes=tuple({i: batch for i, axis in enumerate(s.shape) if axis == "batch"}
-                                 for s in TEXT_ENCODER_GRAPH.inputs), verbose=False,
+                                 for s in TEXT_ENCODER_GRAPH.inputs), external_data=external,
         )
-    program.save(str(path), external_data=external)
     return external
 
 

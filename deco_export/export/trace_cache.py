@@ -1,0 +1,194 @@
+"""Traced ONNX graphs, kept so that exporting the same module again skips the tracer.
+
+Tracing a graph with the dynamo exporter (torch.export, decompositions, the ONNX translation)
+is most of an export's time: about 13 s per graph of the embedded models on one core, against
+a second or two for the parity checks that follow. A checkpoint is often exported more than
+once (another precision, another bundle, a re-export after a failed gate, `--force`), and each
+time it traces the very same graphs. So `export_onnx_file` keeps what the tracer wrote in
+``cache_dir("onnx-traces")``, keyed by everything the traced graph depends on:
+
+- the module: every parameter and buffer (names, dtypes, shapes, bytes), the plain attributes
+  of every submodule (sizes, flags, configs), and the packages their classes come from: the
+  version of an installed one, every source file of one that is not (this project's own), so
+  an edited model is traced again;
+- the example inputs (dtypes, shapes, values), the input and output names, the dynamic
+  shapes, the opset, whether weights go to external data, and the file's name;
+- the versions of torch, onnx and onnxscript.
+
+A hit copies the files into place; nothing else changes, and every export still runs its
+parity gate against the PyTorch model, so an entry that were somehow wrong would fail the gate
+instead of shipping. Graphs whose files exceed `MAX_ENTRY_BYTES` are not kept (release-size
+weights would fill the disk for a trace that costs little next to their conversion), and the
+cache keeps its total under `MAX_CACHE_BYTES`, dropping the least recently used entries.
+Removing the folder costs only time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtimes.cache import cache_dir
+
+CACHE_KIND = "onnx-traces"
+MAX_ENTRY_BYTES = 256 * 2**20
+MAX_CACHE_BYTES = 2 * 2**30
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training",
+                               "_non_persistent_buffers_set", "_state_dict_hooks",
+                               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                               "_load_state_dict_post_hooks", "_forward_hooks",
+                               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                               "_backward_hooks", "_backward_pre_hooks",
+                               "_is_full_backward_hook", "_compiled_call_impl"})
+
+
+def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opset: int,
+                     input_names: list[str], output_names: list[str], dynamic_shapes: Any,
+                     external_data: bool) -> None:
+    """``torch.onnx.export(module, inputs, dynamo=True, ...)`` saved to ``path`` (plus its
+    external-data file), or the same files from the cache when this exact trace was made
+    before."""
+    def trace() -> None:
+        program = torch.onnx.export(
+            module, inputs, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+        program.save(str(path), external_data=external_data)
+
+    key = trace_key(module, inputs, path.name, opset=opset, input_names=input_names,
+                    output_names=output_names, dynamic_shapes=dynamic_shapes,
+                    external_data=external_data)
+    cached(key, path, trace)
+
+
+def cached(key: str, path: Path, make: Callable[[], None]) -> bool:
+    """Put the files of entry ``key`` at ``path`` (and its companions), making them with
+    ``make`` and keeping them when the entry is missing. True when they came from the cache."""
+    root = cache_dir(CACHE_KIND)
+    entry = root / key
+    if (entry / path.name).is_file():
+        try:
+            for file in entry.iterdir():
+                shutil.copyfile(file, path.parent / file.name)
+            os.utime(entry)  # recently used
+            return True
+        except OSError:  # removed meanwhile, or unreadable: trace instead
+            pass
+    make()
+    files = [p for p in path.parent.iterdir()
+             if p.name == path.name or p.name.startswith(path.name + ".")]
+    if sum(p.stat().st_size for p in files) <= MAX_ENTRY_BYTES:
+        _store(root, entry, files)
+    return False
+
+
+def trace_key(module: torch.nn.Module, inputs: tuple, file_name: str, **settings: Any) -> str:
+    """The sha256 of everything a trace of ``module`` on ``inputs`` depends on."""
+    h = hashlib.sha256()
+
+    def add(*parts: object) -> None:
+        for part in parts:
+            data = part if isinstance(part, bytes) else _ADDRESS.sub("", repr(part)).encode()
+            h.update(len(data).to_bytes(8, "little") + data)
+
+    add(file_name, sorted(settings.items()), torch.__version__,
+        *(_version(name) for name in ("onnx", "onnxscript")))
+    for x in inputs:
+        add(*_tensor_parts(x) if isinstance(x, torch.Tensor) else (x,))
+    packages: set[str] = set()
+    for name, sub in module.named_modules():
+        add(name, f"{type(sub).__module__}.{type(sub).__qualname__}",
+            sorted((k, _plain(v)) for k, v in vars(sub).items()
+                   if k not in _MODULE_INTERNALS and not isinstance(v, torch.Tensor)))
+        packages.add(type(sub).__module__.split(".")[0])
+    for package in sorted(packages):
+        add(package, _version(package), *_sources(package))
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        add(name, *_tensor_parts(tensor))
+    return h.hexdigest()
+
+
+def _tensor_parts(x: torch.Tensor) -> tuple[object, ...]:
+    data = x.detach().cpu().contiguous()
+    raw = data.view(torch.uint8) if data.dtype != torch.bool else data.to(torch.uint8)
+    return str(x.dtype), tuple(x.shape), raw.numpy().tobytes()
+
+
+def _plain(value: Any) -> Any:
+    """What of an attribute can change a trace: plain values as they are, dataclasses (the
+    model's config) by their fields, submodules by their class (their own state is added
+    apart), anything else by its repr."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, torch.nn.Module):
+        return type(value).__qualname__
+    return value
+
+
+def _sources(package: str) -> list[bytes]:
+    """The source of a package that is not an installed release (this project's own, or any
+    checkout installed in development mode): every ``.py`` file under it, so an edit to a
+    function a forward calls also changes the key. Released packages count by version."""
+    module = sys.modules.get(package)
+    file = getattr(module, "__file__", None)
+    if not file or {"site-packages", "dist-packages"} & set(Path(file).parts):
+        return []
+    root = Path(file).parent
+    return [p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes()
+            for p in sorted(root.rglob("*.py"))]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _store(root: Path, entry: Path, files: list[Path]) -> None:
+    """Write the entry beside the cache and rename it in, so a reader never sees half of
+    one; two exports racing for one key keep the first. Failing to cache never fails an
+    export."""
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir(parents=True)
+        for file in files:
+            shutil.copyfile(file, staging / file.name)
+        try:
+            os.rename(staging, entry)
+        except OSError:  # another export stored it first
+            pass
+        _evict(root)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _evict(root: Path) -> None:
+    """Drop the least recently used entries until the cache holds at most MAX_CACHE_BYTES."""
+    entries = []
+    for entry in root.iterdir():
+        if entry.name.startswith("."):
+            continue
+        size = sum(f.stat().st_size for f in entry.iterdir())
+        entries.append((entry.stat().st_mtime, size, entry))
+    total = sum(size for _, size, _ in entries)
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):
+        if total <= MAX_CACHE_BYTES:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size

@@ -1,0 +1,106 @@
+"""The traced-graph cache: the same trace comes back byte for byte, anything it depends on
+changes the key, and the cache keeps to its bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from deco_export.export import trace_cache
+from deco_export.export.trace_cache import cached, export_onnx_file, trace_key
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float = 2.0):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 3)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.factor
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECO_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / trace_cache.CACHE_KIND
+
+
+def export(module: torch.nn.Module, path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    export_onnx_file(module, (torch.ones(2, 4),), path, opset=18, input_names=["x"],
+                     output_names=["y"], dynamic_shapes=({0: batch},), external_data=False)
+
+
+def test_a_second_export_of_the_same_module_is_the_first_ones_file(tmp_path, cache):
+    torch.manual_seed(0)
+    module = Scale().eval()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    export(module, tmp_path / "a" / "g.onnx")
+    entries = list(cache.iterdir())
+    assert len(entries) == 1
+    export(module, tmp_path / "b" / "g.onnx")
+    assert list(cache.iterdir()) == entries
+    assert (tmp_path / "a" / "g.onnx").read_bytes() == (tmp_path / "b" / "g.onnx").read_bytes()
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "b" / "g.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, module(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
+
+
+def test_the_key_follows_weights_attributes_inputs_and_settings():
+    torch.manual_seed(0)
+    module = Scale().eval()
+    x = (torch.ones(2, 4),)
+    settings = {"opset": 18, "external_data": False}
+    base = trace_key(module, x, "g.onnx", **settings)
+    assert trace_key(module, x, "g.onnx", **settings) == base
+    other_attribute = Scale(3.0).eval()
+    other_attribute.load_state_dict(module.state_dict())
+    assert trace_key(other_attribute, x, "g.onnx", **settings) != base
+    with torch.no_grad():
+        module.proj.bias[0] += 1e-6
+    changed = trace_key(module, x, "g.onnx", **settings)
+    assert changed != base
+    assert trace_key(module, (torch.ones(3, 4),), "g.onnx", **settings) != changed
+    assert trace_key(module, x, "h.onnx", **settings) != changed
+    assert trace_key(module, x, "g.onnx", opset=23, external_data=False) != changed
+
+
+def test_an_entry_is_made_once_and_copied_with_its_companion_files(tmp_path, cache):
+    made = []
+
+    def make(path):
+        def run():
+            made.append(path)
+            path.write_bytes(b"graph")
+            (path.parent / (path.name + ".data")).write_bytes(b"weights")
+        return run
+
+    for name in ("one", "two"):
+        out = tmp_path / name / "g.onnx"
+        out.parent.mkdir()
+        came_from_cache = cached("k" * 64, out, make(out))
+        assert came_from_cache == (name == "two")
+        assert out.read_bytes() == b"graph"
+        assert (out.parent / "g.onnx.data").read_bytes() == b"weights"
+    assert len(made) == 1
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_large_entries_are_not_kept_and_the_total_stays_bounded(tmp_path, cache, monkeypatch):
+    def make(path, size):
+        return lambda: path.write_bytes(b"x" * size)
+
+    monkeypatch.setattr(trace_cache, "MAX_ENTRY_BYTES", 100)
+    big = tmp_path / "big.onnx"
+    cached("b" * 64, big, make(big, 101))
+    assert not (cache / ("b" * 64)).exists()
+
+    monkeypatch.setattr(trace_cache, "MAX_CACHE_BYTES", 150)
+    for i, key in enumerate(("1" * 64, "2" * 64, "3" * 64)):
+        path = tmp_path / f"g{i}.onnx"
+        cached(key, path, make(path, 60))
+    assert sorted(p.name for p in cache.iterdir()) == ["2" * 64, "3" * 64]  # oldest dropped
