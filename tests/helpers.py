@@ -18,6 +18,7 @@ cond = SiLU(e_t + h).
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOLDEN_CKPT = FIXTURES / "deco_tiny_64.ckpt"
 GOLDEN_T2I_CKPT = FIXTURES / "deco_t2i_tiny_64.ckpt"
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child process a test interrupts: SIGINT back to its default. A
+    shell's background job (``nohup pytest ... &``) runs with SIGINT ignored and its children
+    inherit that, so Python in them would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def patchify(x: np.ndarray, p: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from deco_export.cli import main
 from deco_export.commands.group import INTERRUPTED, INTERRUPTED_STATUS
-from tests.helpers import REPO
+from tests.helpers import REPO, interruptible
 
 
 def test_preview_every_writes_the_clean_estimate(tmp_path):
@@ -156,7 +156,8 @@ def _interrupt(args: list[str], cwd: Path, ready) -> subprocess.CompletedProcess
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("DECO_DEBUG", None)
     proc = subprocess.Popen([sys.executable, "-m", "deco_export.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 240
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

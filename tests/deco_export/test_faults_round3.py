@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.deco_export.test_faults import DECO, ENV, cli, deco, one_line_error, tree
-from tests.helpers import GaussianFlowBackend
+from tests.helpers import GaussianFlowBackend, interruptible
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -98,7 +98,8 @@ def test_two_trainings_into_one_directory_do_not_both_run(images, tmp_path):
     first = subprocess.Popen(
         [*DECO, *train_args(images, out, "--steps", "100000", "--ckpt-every", "0",
                             "--sample-every", "0")],
-        env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 120
         while not (out / "log.jsonl").exists():  # the first run is past its start-up
@@ -448,7 +449,8 @@ def test_a_signal_during_an_export_removes_its_staging_directory(tmp_path, signu
     # SIGTERM left a hidden .NAME.staging-* directory until the next export to the same path.
     out = tmp_path / "bundle"
     proc = subprocess.Popen([*DECO, "export", "onnx", "default", str(out)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 120
         while not any(".staging-" in p.name for p in tmp_path.iterdir()):
