@@ -17,6 +17,10 @@ The text-to-image DiT (``family="t2i"``) adds the text path: the refine blocks o
 tokens, each block's text keys/values (``kv_y``) and the image queries' attention to the text
 keys, every step; ``y_embedder`` is its own graph, ``text_embed``, once per generation.
 
+A guidance-distilled model's DiT (``guidance_distilled``) adds the guidance embedding's MLP,
+the time embedding's twin; its sampler runs one conditional pass per step, which the sampling
+cost (`SamplingPlan.cost` with ``distilled``) counts.
+
 The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
 blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
 
@@ -82,6 +86,8 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
                      + 3 * 2 * tokens * d_model * mlp)  # SwiGLU w1, w3, w2
         per_sample = (2 * tokens * c * p * p * d_model + _timestep_mlp(d_model)
                       + depth * per_block)
+        if _flag(config, "guidance_distilled"):  # the guidance embedding: w's MLP as t's
+            per_sample += _timestep_mlp(d_model)
         if text:
             refine = (2 * d_model * 6 * d_model + 2 * text_len * d_model * 3 * d_model
                       + 4 * text_len * text_len * d_model + 2 * text_len * d_model * d_model
@@ -127,6 +133,13 @@ def text_embedding_flops(config: Any, cost: Mapping[str, int], height: int, widt
     text fields)."""
     samples = int(cost.get("text_embed_samples", 0))
     return samples * graph_flops(config, "text_embed", 1, height, width) if samples else 0
+
+
+def _flag(config: Any, name: str) -> bool:
+    """A boolean field that defaults to False (a mapping leaves it out while it does)."""
+    if isinstance(config, Mapping):
+        return bool(config.get(name, False))
+    return bool(getattr(config, name, False))
 
 
 def _family(config: Any) -> str:

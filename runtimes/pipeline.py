@@ -38,6 +38,7 @@ from runtimes.backend import (
     close_backend,
     supports_decoder_split,
     supports_text_embedding,
+    takes_guidance,
 )
 from runtimes.bundle import BundleError, Manifest, model_config_from_manifest
 from runtimes.config import ModelConfig
@@ -638,11 +639,12 @@ class DeCoPipeline:
                             inpainting=inpainting)
         split = decoder_split and supports_decoder_split(self.backend)
         embedded = self.is_text_to_image and supports_text_embedding(self.backend)
+        distilled = takes_guidance(self.backend)
 
         def output(x: np.ndarray, stopped_after: int | None = None) -> GenerationOutput:
             return GenerationOutput(*self._images(x, output_type), labels, used_seed,
-                                    plan.cost(batch, split, embedded), config, prompts,
-                                    stopped_after)
+                                    plan.cost(batch, split, embedded, distilled), config,
+                                    prompts, stopped_after)
 
         try:
             with self._one_generation_at_a_time():

@@ -511,7 +511,7 @@ class SamplingPlan:
                 and k + 1 < self.num_evaluations and not self.run_dit[k + 1])
 
     def cost(self, batch_size: int = 1, decoder_split: bool = False,
-             text_embedding: bool = False) -> dict[str, int]:
+             text_embedding: bool = False, distilled: bool = False) -> dict[str, int]:
         """Calls and per-sample passes of each graph (what a benchmark should report).
 
         ``decoder_calls`` / ``decoder_samples`` count the decoder in any form, one call per
@@ -520,11 +520,17 @@ class SamplingPlan:
         samples (the decoder's samples without it). With ``text_embedding`` (a text-to-image
         backend with `embed_text`) the text is embedded once, on the B conditional and B
         unconditional rows (`condition_arrays`): ``text_embed_calls`` / ``text_embed_samples``.
+        With ``distilled`` (a guidance-distilled backend, `takes_guidance`) every call runs the
+        B conditional rows only: the sampler runs no unconditional half and embeds no negative
+        prompt.
         """
         dit_calls = sum(self.run_dit)
-        pairs = zip(self.run_dit, self.dit_both, strict=True)
+        # The rows (per batch sample) of evaluation k's DiT run and of its decoder.
+        dit_both = [both and not distilled for both in self.dit_both]
+        dec_both = [self.needs_both(k) and not distilled for k in range(self.num_evaluations)]
+        pairs = zip(self.run_dit, dit_both, strict=True)
         dit_rows = sum((2 if both else 1) for run, both in pairs if run)
-        dec_rows = sum(2 if self.needs_both(k) else 1 for k in range(self.num_evaluations))
+        dec_rows = sum(2 if both else 1 for both in dec_both)
         cost = {
             "steps": self.num_steps,
             "evaluations": self.num_evaluations,
@@ -537,12 +543,13 @@ class SamplingPlan:
             cond_rows = 0
             for k in range(self.num_evaluations):
                 if self.reused_after(k):  # the modulation of the DiT's whole batch, cached
-                    cond_rows += 2 if self.dit_both[k] else 1
+                    cond_rows += 2 if dit_both[k] else 1
                 elif self.run_dit[k] or self.sharing_mode != "reuse":  # the fused decoder
-                    cond_rows += 2 if self.needs_both(k) else 1
+                    cond_rows += 2 if dec_both[k] else 1
             cost["decoder_cond_samples"] = cond_rows * batch_size
         if text_embedding:
-            cost["text_embed_calls"], cost["text_embed_samples"] = 1, 2 * batch_size
+            cost["text_embed_calls"] = 1
+            cost["text_embed_samples"] = (1 if distilled else 2) * batch_size
         return cost
 
 
@@ -669,8 +676,14 @@ def condition_arrays(backend: Any, cond: np.ndarray, uncond: np.ndarray) -> tupl
 
     For a backend with the text embedding (`supports_text_embedding`), text features become the
     DiT's text tokens here, in one ``embed_text`` call for both halves: the prompt-only work runs
-    once per generation instead of once per step.
+    once per generation instead of once per step. A guidance-distilled backend
+    (`takes_guidance`) never runs the unconditional half, so only its conditional rows are
+    embedded and the second array is None.
     """
+    if takes_guidance(backend):
+        if cond.ndim == 3 and supports_text_embedding(backend):
+            return backend.embed_text(backend.from_numpy(cond)), None
+        return backend.from_numpy(cond), None
     both = backend.from_numpy(np.concatenate([uncond, cond]))
     if cond.ndim != 3 or not supports_text_embedding(backend):
         return backend.from_numpy(cond), both
