@@ -445,6 +445,29 @@ def test_t2i_engine_build_declares_the_text_profile(tmp_path):
     assert ("parse", "dit.onnx") in trt.calls and ("clear_flag", 7) in trt.calls
 
 
+def test_distilled_engine_build_declares_the_guidance_profile(tmp_path):
+    """A guidance-distilled DiT's engine: the profiles come from its graph record, so each
+    sets ``guidance`` (batch,) beside x_t, t and y; the build drops the doubled CFG batches
+    (no [uncond; cond] batch ever runs) and keys the engines by that."""
+    from deco_export.export.tensorrt import BuildSettings, build_engine
+    from runtimes.config import ModelConfig
+    from runtimes.sizes import SizeRange
+
+    distilled = ModelConfig.from_dict(dict(TINY, guidance_distilled=True))
+    settings = BuildSettings(buckets=(1, 2)).for_model(distilled)
+    assert settings.engine_batches == (1, 2) and not settings.cfg
+    assert BuildSettings(buckets=(1, 2)).for_model(ModelConfig.from_dict(TINY)).cfg
+    trt = _RecordingTRT()
+    profiles = tp.profiles_for("dit", distilled, (64, 64), settings.engine_batches,
+                               SizeRange.around((64, 64), 16))
+    (tmp_path / "dit.onnx").write_bytes(b"onnx")
+    build_engine(trt, tmp_path / "dit.onnx", tmp_path / "out" / "dit.plan", profiles, settings,
+                 tmp_path / "timing.cache", lambda _msg: None)
+    shapes = [c for c in trt.calls if c[0] == "set_shape"]
+    assert [c[1] for c in shapes] == ["x_t", "t", "y", "guidance"] * 2
+    assert [c[2:] for c in shapes if c[1] == "guidance"] == [((n,),) * 3 for n in (1, 2)]
+
+
 def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):
     """What `deco export tensorrt` commits into a text-to-image bundle (its transaction, the
     manifest entries of built engines) leaves the stored negative prompt as the ONNX export
