@@ -424,7 +424,8 @@ class DeCoPipeline:
 
         The unconditional rows come from ``negative_prompt_embeds``, else the encoded
         ``negative_prompt``, else the bundle's stored encoding of its negative prompt (the
-        empty prompt by default), else the encoded empty prompt.
+        empty prompt by default), else the encoded empty prompt; a guidance-distilled model,
+        which never runs them, needs none of these.
         """
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass prompt= or prompt_embeds= (one of the two)")
@@ -453,6 +454,10 @@ class DeCoPipeline:
             uncond = self._encode(negatives)
         elif self.negative_prompt_embeds is not None:
             uncond = self.negative_prompt_embeds
+        elif takes_guidance(self.backend):
+            # A guidance-distilled model runs no unconditional half: no row of these is read,
+            # so it needs no negative prompt (nor a text encoder to make one).
+            uncond = np.zeros_like(cond[:1])
         else:
             uncond = self._encode([""])
         if uncond.ndim == 2:

@@ -5,7 +5,8 @@ One export (ONNX fp32, fp16 and int8 of a tiny student saved as a checkpoint dir
 every test: ONNX Runtime at each precision, OpenVINO (its gate through `deco validate
 --backend`), the TensorRT build plan. Core ML converts here and is checked for what it
 declares; its predictions, and TensorRT's engines, run only on macOS / an NVIDIA GPU (their
-tests in test_coreml.py and test_tensorrt.py skip with the reason elsewhere).
+tests in test_coreml.py and test_tensorrt.py skip with the reason elsewhere). A distilled
+text-to-image model samples without a negative prompt.
 """
 
 from __future__ import annotations
@@ -180,3 +181,22 @@ def test_coreml_declares_guidance_from_the_record(student, tmp_path_factory):
         assert art.parity["end_to_end"]["psnr_db"] >= parity.END_TO_END_MIN_PSNR["fp32"]
     else:
         assert art.parity["end_to_end"]["status"] == "not run"
+
+
+def test_a_distilled_text_model_needs_no_negative_prompt(golden_t2i_model):
+    """A distilled text-to-image model samples from prompt embeddings alone (no text encoder,
+    no stored negative prompt), embedding only the prompts; untrained, it is its teacher's
+    conditional model, so it gives the teacher's unguided images."""
+    cfg = golden_t2i_model.config
+    embeds = np.random.default_rng(0).standard_normal((2, cfg.text_len, cfg.text_dim),
+                                                      dtype=np.float32)
+    kwargs = dict(prompt_embeds=embeds, seed=0, steps=3, output_type="np")
+    teacher = runtimes.DeCoPipeline(create_backend("torch", golden_t2i_model), cfg.to_dict())
+    with pytest.raises(ValueError, match="no text encoder"):
+        teacher.generate(**kwargs, guidance=4.0)
+    expected = teacher.generate(**kwargs, guidance=1.0, negative_prompt_embeds=embeds[:1])
+    student = student_from_teacher(golden_t2i_model).eval()
+    pipe = runtimes.DeCoPipeline(create_backend("torch", student), student.config.to_dict())
+    out = pipe.generate(**kwargs, guidance=4.0)
+    np.testing.assert_allclose(out.images, expected.images, rtol=0, atol=1e-6)
+    assert out.cost["dit_samples"] == 2 * 3 and out.cost["text_embed_samples"] == 2
