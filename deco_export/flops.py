@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from runtimes.graphs import GRAPH_SPECS
+from runtimes.sampler import SamplingCost
 
 __all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "text_embedding_flops",
            "training_flops"]
@@ -106,32 +107,32 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
     return b * (cond + pixel) + position
 
 
-def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int,
-                   decoder_cond_samples: int | None = None) -> int:
+def sampling_flops(config: Any, cost: SamplingCost, height: int, width: int) -> int:
     """FLOPs of one whole generation from a sampling plan's ``cost`` (`SamplingPlan.cost`):
     each graph's per-sample count times the samples it ran, plus the per-call terms.
 
-    ``decoder_cond_samples``: when the decoder's condition part runs apart from its pixel part
-    (DiT sharing with the split decoder: the cost's ``decoder_cond_samples``), the samples it
-    ran; None counts it on every decoder sample. A text-to-image cost's
-    ``text_embed_samples`` adds the once-per-generation text embedding.
+    The decoder's condition part counts on the cost's ``decoder_cond_samples`` where it ran
+    apart from the pixel part (DiT sharing with the split decoder), else on every decoder
+    sample; a text-to-image cost's ``text_embed_samples`` adds the once-per-generation text
+    embedding.
     """
     dit = graph_flops(config, "dit", 1, height, width)
     dec_pixel_one = graph_flops(config, "decoder_pixel", 1, height, width)
     position = graph_flops(config, "decoder_pixel", 0, height, width)
     dec_cond = graph_flops(config, "decoder_cond", 1, height, width)
-    dec_samples = int(cost["decoder_samples"])
-    cond_samples = dec_samples if decoder_cond_samples is None else int(decoder_cond_samples)
-    return (int(cost["dit_samples"]) * dit
-            + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
+    dec_samples = cost.decoder_samples
+    cond_samples = (dec_samples if cost.decoder_cond_samples is None
+                    else cost.decoder_cond_samples)
+    return (cost.dit_samples * dit
+            + dec_samples * (dec_pixel_one - position) + cost.decoder_calls * position
             + cond_samples * dec_cond + text_embedding_flops(config, cost, height, width))
 
 
-def text_embedding_flops(config: Any, cost: Mapping[str, int], height: int, width: int) -> int:
+def text_embedding_flops(config: Any, cost: SamplingCost, height: int, width: int) -> int:
     """FLOPs of a generation's once-per-generation text embedding (the cost's
     ``text_embed_samples``); 0 for a cost without it (class-conditional, whose config has no
     text fields)."""
-    samples = int(cost.get("text_embed_samples", 0))
+    samples = cost.text_embed_samples
     return samples * graph_flops(config, "text_embed", 1, height, width) if samples else 0
 
 

@@ -108,8 +108,8 @@ def test_onnx_runtime_samples_as_pytorch_in_one_pass(bundle, noise, pytorch_samp
     assert np.abs(got - unguided).max() > 1e-4  # w reaches the graph
     out = pipe.generate(class_labels=[1], seed=0, steps=4, guidance=3.0, output_type="np")
     # One conditional row per call: 4 DiT and 4 decoder samples for one image in 4 steps.
-    assert out.cost["dit_calls"] == out.cost["dit_samples"] == 4
-    assert out.cost["decoder_samples"] == 4 and np.isfinite(out.images).all()
+    assert out.cost.dit_calls == out.cost.dit_samples == 4
+    assert out.cost.decoder_samples == 4 and np.isfinite(out.images).all()
 
 
 @pytest.mark.parametrize("precision", [
@@ -135,7 +135,7 @@ def test_openvino_passes_the_gate_and_samples_in_one_pass(bundle, noise, pytorch
                             output_type="np")
     if precision == "fp32":
         np.testing.assert_allclose(got, pytorch_sample, rtol=0, atol=1e-4)
-    assert out.cost["dit_samples"] == out.cost["decoder_samples"] == 2 * 4
+    assert out.cost.dit_samples == out.cost.decoder_samples == 2 * 4
 
 
 def test_tensorrt_would_build_every_graph_with_a_guidance_profile(bundle):
@@ -199,4 +199,4 @@ def test_a_distilled_text_model_needs_no_negative_prompt(golden_t2i_model):
     pipe = runtimes.DeCoPipeline(create_backend("torch", student), student.config.to_dict())
     out = pipe.generate(**kwargs, guidance=4.0)
     np.testing.assert_allclose(out.images, expected.images, rtol=0, atol=1e-6)
-    assert out.cost["dit_samples"] == 2 * 3 and out.cost["text_embed_samples"] == 2
+    assert out.cost.dit_samples == 2 * 3 and out.cost.text_embed_samples == 2

@@ -76,7 +76,7 @@ def test_a_guided_generation_matches_the_profiler(model):
                   seed=0, output_type="np", height=h, width=w)
     out, flops = profiled_generation(pipe, kwargs)
     assert np.isfinite(np.asarray(out.images)).all()
-    assert out.cost["dit_samples"] > out.cost["steps"] * 2  # some steps ran both CFG halves
+    assert out.cost.dit_samples > out.cost.steps * 2  # some steps ran both CFG halves
     assert flops == sampling_flops(cfg, out.cost, h, w)
 
 
@@ -87,9 +87,9 @@ def test_a_shared_generation_with_the_split_decoder_matches_the_profiler(model):
     kwargs = dict(class_labels=[1, 2], steps=6, guidance=3.0, guidance_interval=(0.4, 1.0),
                   seed=0, output_type="np", height=h, width=w, sharing=0.5)
     out, flops = profiled_generation(pipe, kwargs)
-    cond_samples = out.cost["decoder_cond_samples"]
-    assert cond_samples < out.cost["decoder_samples"]
-    assert flops == sampling_flops(cfg, out.cost, h, w, cond_samples)
+    cond_samples = out.cost.decoder_cond_samples
+    assert cond_samples < out.cost.decoder_samples
+    assert flops == sampling_flops(cfg, out.cost, h, w)
 
 
 def test_a_distilled_generation_matches_the_profiler(model):
@@ -107,7 +107,7 @@ def test_a_distilled_generation_matches_the_profiler(model):
     kwargs = dict(class_labels=[1, 2], steps=3, guidance=3.0, guidance_interval=(0.4, 1.0),
                   seed=0, output_type="np", height=h, width=w)
     out, flops = profiled_generation(pipe, kwargs)
-    assert out.cost["dit_samples"] == out.cost["decoder_samples"] == 2 * out.cost["steps"]
+    assert out.cost.dit_samples == out.cost.decoder_samples == 2 * out.cost.steps
     assert flops == sampling_flops(cfg, out.cost, h, w)
 
 

@@ -105,13 +105,13 @@ def test_the_cost_counts_the_rows_each_graph_ran(distilled, solver, sharing):
     sample(backend, noise, [0, 1], config, null_class=3, sharing=schedule)
     plan = make_plan(config, schedule)
     cost = plan.cost(2, decoder_split=True, distilled=distilled)
-    assert {k: cost[k] for k in _counted(backend)} == _counted(backend)
-    assert ("decoder_cond_samples" in cost) == (sharing is not None)
+    assert {k: getattr(cost, k) for k in _counted(backend)} == _counted(backend)
+    assert (cost.decoder_cond_samples is not None) == (sharing is not None)
     if distilled:
-        assert cost["dit_samples"] == 2 * cost["dit_calls"]
-        assert cost["decoder_samples"] == 2 * cost["evaluations"]
+        assert cost.dit_samples == 2 * cost.dit_calls
+        assert cost.decoder_samples == 2 * cost.evaluations
     else:
-        assert cost["decoder_samples"] > 2 * cost["evaluations"]  # guided steps ran 2B
+        assert cost.decoder_samples > 2 * cost.evaluations  # guided steps ran 2B
 
 
 class DistilledTextBackend:
@@ -157,5 +157,5 @@ def test_a_distilled_text_model_embeds_only_the_prompts():
     assert backend.calls[0] == ("embed_text", 2)  # no negative prompt rows
     assert {n for _, n in backend.calls} == {2}
     cost = make_plan(config).cost(2, text_embedding=True, distilled=True)
-    assert cost["text_embed_calls"] == 1 and cost["text_embed_samples"] == 2
-    assert cost["dit_samples"] == sum(n for k, n in backend.calls if k == "dit")
+    assert cost.text_embed_calls == 1 and cost.text_embed_samples == 2
+    assert cost.dit_samples == sum(n for k, n in backend.calls if k == "dit")
