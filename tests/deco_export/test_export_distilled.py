@@ -112,6 +112,26 @@ def test_onnx_runtime_samples_as_pytorch_in_one_pass(bundle, noise, pytorch_samp
     assert out.cost.decoder_samples == 4 and np.isfinite(out.images).all()
 
 
+def test_a_bench_row_counts_and_times_one_pass_per_step(bundle):
+    """The bench's timing proxy keeps the model's flag, so a distilled bundle's row reports
+    the calls that ran (B rows each) and the FLOPs of those."""
+    from deco_export.bench.aggregate import roofline_figures
+    from deco_export.bench.timing import TimingBackend
+    from deco_export.flops import graph_flops
+
+    pipe = runtimes.load(bundle, backend="onnxruntime")
+    pipe.backend = proxy = TimingBackend(pipe.backend)
+    out = pipe.generate(class_labels=[0, 1], seed=0, steps=4, guidance=3.0, output_type="np")
+    assert proxy.calls["dit"] == out.cost.dit_calls == 4 and out.cost.dit_samples == 2 * 4
+    model = pipe.model_config
+    assert model.guidance_distilled
+    run = {"batch": 2, "seconds": [1.0], "stages": {"dit": [0.5]}, "cost": out.cost.to_dict()}
+    figures = roofline_figures({"backend": "onnxruntime-cpu", "precision": "fp32"}, run,
+                               {"model": model, "image_size": (16, 16)})
+    assert figures["dit_gflops"] == pytest.approx(
+        2 * 4 * graph_flops(model, "dit", 1, 16, 16) / 0.5 / 1e9)
+
+
 @pytest.mark.parametrize("precision", [
     "fp32", pytest.param("bf16", marks=pytest.mark.skipif(NO_BF16 is not None,
                                                           reason=NO_BF16 or ""))])
