@@ -45,9 +45,17 @@ FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
 DCT_FEATURES = 64  # PixelEmbedder's 8 x 8 DCT position features
 
 
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """A field of a `ModelConfig` or of a mapping of its fields (``default`` where a mapping
+    leaves it out, as a manifest does for fields at their defaults)."""
+    if default is None:
+        return config[name] if isinstance(config, Mapping) else getattr(config, name)
+    return config.get(name, default) if isinstance(config, Mapping) else getattr(
+        config, name, default)
+
+
 def _field(config: Any, name: str) -> int:
-    value = config[name] if isinstance(config, Mapping) else getattr(config, name)
-    return int(value)
+    return int(_get(config, name))
 
 
 def _timestep_mlp(d: int) -> int:
@@ -76,7 +84,7 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
         return graph_flops(config, "dit", b, height, width) + b * final
     if graph == "dit":
         depth = _field(config, "dit_depth")
-        text = _family(config) == "t2i"
+        text = _get(config, "family", "c2i") == "t2i"
         # SwiGLU width, as ModelConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
         mlp = 4 * d_model if text else int(2 * (4 * d_model) / 3)
         text_len = _field(config, "text_len") if text else 0
@@ -87,7 +95,7 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
                      + 3 * 2 * tokens * d_model * mlp)  # SwiGLU w1, w3, w2
         per_sample = (2 * tokens * c * p * p * d_model + _timestep_mlp(d_model)
                       + depth * per_block)
-        if _flag(config, "guidance_distilled"):  # the guidance embedding: w's MLP as t's
+        if _get(config, "guidance_distilled", False):  # the guidance embedding: w's MLP as t's
             per_sample += _timestep_mlp(d_model)
         if text:
             refine = (2 * d_model * 6 * d_model + 2 * text_len * d_model * 3 * d_model
@@ -136,29 +144,10 @@ def text_embedding_flops(config: Any, cost: SamplingCost, height: int, width: in
     return samples * graph_flops(config, "text_embed", 1, height, width) if samples else 0
 
 
-def _flag(config: Any, name: str) -> bool:
-    """A boolean field that defaults to False (a mapping leaves it out while it does)."""
-    if isinstance(config, Mapping):
-        return bool(config.get(name, False))
-    return bool(getattr(config, name, False))
-
-
-def _family(config: Any) -> str:
-    if isinstance(config, Mapping):
-        return str(config.get("family", "c2i"))
-    return str(getattr(config, "family", "c2i"))
-
-
-def _architecture(config: Any) -> str:
-    if isinstance(config, Mapping):
-        return str(config.get("architecture", "deco"))
-    return str(getattr(config, "architecture", "deco"))
-
-
 def training_flops(config: Any, height: int, width: int) -> int:
     """Forward + backward FLOPs of one training image: the whole network once, times
     :data:`TRAINING_FACTOR`. DeCo and its plain-DiT baseline compare at equal compute on this."""
-    if _architecture(config) == "dit":
+    if _get(config, "architecture", "deco") == "dit":
         forward = graph_flops(config, "pixel_dit", 1, height, width)
     else:
         forward = graph_flops(config, "dit", 1, height, width) + graph_flops(
