@@ -220,3 +220,15 @@ def test_a_distilled_text_model_needs_no_negative_prompt(golden_t2i_model):
     out = pipe.generate(**kwargs, guidance=4.0)
     np.testing.assert_allclose(out.images, expected.images, rtol=0, atol=1e-6)
     assert out.cost.dit_samples == 2 * 3 and out.cost.text_embed_samples == 2
+
+
+def test_deco_validate_reruns_every_precisions_gate(bundle):
+    """`deco validate` re-runs each ONNX precision's gate against the checkpoint the bundle
+    names (graph parity with the guidance input, then the sampler end to end)."""
+    from deco_export.validate import validate_bundle
+
+    lines = validate_bundle(bundle, steps=4)
+    assert lines[0].startswith("hashes:")
+    gates = {line.split(":")[0]: line for line in lines[1:]}
+    assert set(gates) == {"onnx fp16", "onnx fp32", "onnx int8"}
+    assert all(line.endswith("passed") for line in gates.values())
