@@ -17,6 +17,10 @@ The text-to-image DiT (``family="t2i"``) adds the text path: the refine blocks o
 tokens, each block's text keys/values (``kv_y``) and the image queries' attention to the text
 keys, every step; ``y_embedder`` is its own graph, ``text_embed``, once per generation.
 
+A guidance-distilled model's DiT (``guidance_distilled``) adds the guidance embedding's MLP,
+the time embedding's twin; its sampler runs one conditional pass per step, which the sampling
+cost (`SamplingPlan.cost` with ``distilled``) counts.
+
 The plain pixel DiT baseline (``architecture="dit"``) is one graph, ``pixel_dit``: the DiT
 blocks and a final layer (adaLN shift/scale, D -> p*p*C per token).
 
@@ -29,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from runtimes.graphs import GRAPH_SPECS
+from runtimes.sampler import SamplingCost
 
 __all__ = ["GRAPHS", "TRAINING_FACTOR", "graph_flops", "sampling_flops", "text_embedding_flops",
            "training_flops"]
@@ -40,9 +45,17 @@ FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
 DCT_FEATURES = 64  # PixelEmbedder's 8 x 8 DCT position features
 
 
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """A field of a `ModelConfig` or of a mapping of its fields (``default`` where a mapping
+    leaves it out, as a manifest does for fields at their defaults)."""
+    if default is None:
+        return config[name] if isinstance(config, Mapping) else getattr(config, name)
+    return config.get(name, default) if isinstance(config, Mapping) else getattr(
+        config, name, default)
+
+
 def _field(config: Any, name: str) -> int:
-    value = config[name] if isinstance(config, Mapping) else getattr(config, name)
-    return int(value)
+    return int(_get(config, name))
 
 
 def _timestep_mlp(d: int) -> int:
@@ -71,7 +84,7 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
         return graph_flops(config, "dit", b, height, width) + b * final
     if graph == "dit":
         depth = _field(config, "dit_depth")
-        text = _family(config) == "t2i"
+        text = _get(config, "family", "c2i") == "t2i"
         # SwiGLU width, as ModelConfig.mlp_hidden_size; t2i's fused w12 + w3 count as w1, w3, w2.
         mlp = 4 * d_model if text else int(2 * (4 * d_model) / 3)
         text_len = _field(config, "text_len") if text else 0
@@ -82,6 +95,8 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
                      + 3 * 2 * tokens * d_model * mlp)  # SwiGLU w1, w3, w2
         per_sample = (2 * tokens * c * p * p * d_model + _timestep_mlp(d_model)
                       + depth * per_block)
+        if _get(config, "guidance_distilled", False):  # the guidance embedding: w's MLP as t's
+            per_sample += _timestep_mlp(d_model)
         if text:
             refine = (2 * d_model * 6 * d_model + 2 * text_len * d_model * 3 * d_model
                       + 4 * text_len * text_len * d_model + 2 * text_len * d_model * d_model
@@ -100,51 +115,39 @@ def graph_flops(config: Any, graph: str, batch: int, height: int, width: int) ->
     return b * (cond + pixel) + position
 
 
-def sampling_flops(config: Any, cost: Mapping[str, int], height: int, width: int,
-                   decoder_cond_samples: int | None = None) -> int:
+def sampling_flops(config: Any, cost: SamplingCost, height: int, width: int) -> int:
     """FLOPs of one whole generation from a sampling plan's ``cost`` (`SamplingPlan.cost`):
     each graph's per-sample count times the samples it ran, plus the per-call terms.
 
-    ``decoder_cond_samples``: when the decoder's condition part runs apart from its pixel part
-    (DiT sharing with the split decoder: the cost's ``decoder_cond_samples``), the samples it
-    ran; None counts it on every decoder sample. A text-to-image cost's
-    ``text_embed_samples`` adds the once-per-generation text embedding.
+    The decoder's condition part counts on the cost's ``decoder_cond_samples`` where it ran
+    apart from the pixel part (DiT sharing with the split decoder), else on every decoder
+    sample; a text-to-image cost's ``text_embed_samples`` adds the once-per-generation text
+    embedding.
     """
     dit = graph_flops(config, "dit", 1, height, width)
     dec_pixel_one = graph_flops(config, "decoder_pixel", 1, height, width)
     position = graph_flops(config, "decoder_pixel", 0, height, width)
     dec_cond = graph_flops(config, "decoder_cond", 1, height, width)
-    dec_samples = int(cost["decoder_samples"])
-    cond_samples = dec_samples if decoder_cond_samples is None else int(decoder_cond_samples)
-    return (int(cost["dit_samples"]) * dit
-            + dec_samples * (dec_pixel_one - position) + int(cost["decoder_calls"]) * position
+    dec_samples = cost.decoder_samples
+    cond_samples = (dec_samples if cost.decoder_cond_samples is None
+                    else cost.decoder_cond_samples)
+    return (cost.dit_samples * dit
+            + dec_samples * (dec_pixel_one - position) + cost.decoder_calls * position
             + cond_samples * dec_cond + text_embedding_flops(config, cost, height, width))
 
 
-def text_embedding_flops(config: Any, cost: Mapping[str, int], height: int, width: int) -> int:
+def text_embedding_flops(config: Any, cost: SamplingCost, height: int, width: int) -> int:
     """FLOPs of a generation's once-per-generation text embedding (the cost's
     ``text_embed_samples``); 0 for a cost without it (class-conditional, whose config has no
     text fields)."""
-    samples = int(cost.get("text_embed_samples", 0))
+    samples = cost.text_embed_samples
     return samples * graph_flops(config, "text_embed", 1, height, width) if samples else 0
-
-
-def _family(config: Any) -> str:
-    if isinstance(config, Mapping):
-        return str(config.get("family", "c2i"))
-    return str(getattr(config, "family", "c2i"))
-
-
-def _architecture(config: Any) -> str:
-    if isinstance(config, Mapping):
-        return str(config.get("architecture", "deco"))
-    return str(getattr(config, "architecture", "deco"))
 
 
 def training_flops(config: Any, height: int, width: int) -> int:
     """Forward + backward FLOPs of one training image: the whole network once, times
     :data:`TRAINING_FACTOR`. DeCo and its plain-DiT baseline compare at equal compute on this."""
-    if _architecture(config) == "dit":
+    if _get(config, "architecture", "deco") == "dit":
         forward = graph_flops(config, "pixel_dit", 1, height, width)
     else:
         forward = graph_flops(config, "dit", 1, height, width) + graph_flops(

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from runtimes.config import ModelConfig
+
 __all__ = ["EMOJI_GROUPS", "id2label_for", "imagenet_names"]
 
 # The Unicode emoji groups with fully-qualified emoji, in emoji-test.txt's order (the
@@ -47,10 +49,10 @@ def _metadata(source: Mapping[str, Any]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def id2label_for(config: Any, source: Mapping[str, Any]) -> dict[str, str] | None:
+def id2label_for(config: ModelConfig, source: Mapping[str, Any]) -> dict[str, str] | None:
     """``{"0": name, ...}`` for a class-conditional model and its source record (see the
     module docstring for where the names come from); None when nothing names its classes."""
-    if getattr(config, "family", "c2i") != "c2i":
+    if config.is_text_to_image:
         return None
     n = int(config.num_classes)
     meta = _metadata(source)

@@ -41,6 +41,7 @@ from runtimes.pipeline import (
 )
 from runtimes.sampler import (
     SamplerConfig,
+    SamplingCost,
     SamplingPlan,
     make_plan,
     release_sampler,
@@ -80,6 +81,7 @@ __all__ = [
     "ModelConfig",
     "RefreshBackend",
     "SamplerConfig",
+    "SamplingCost",
     "SamplingPlan",
     "SharingSchedule",
     "SimilarityAccumulator",

@@ -38,6 +38,7 @@ from runtimes.backend import (
     close_backend,
     supports_decoder_split,
     supports_text_embedding,
+    takes_guidance,
 )
 from runtimes.bundle import BundleError, Manifest, model_config_from_manifest
 from runtimes.config import ModelConfig
@@ -46,7 +47,7 @@ from runtimes.image import ImageInputError, image_input, mask_input, to_pil, to_
 from runtimes.int8 import check_int8_load
 from runtimes.memory import check_memory, generation_bytes
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
-from runtimes.sampler import SamplerConfig, SamplingPlan, make_plan, sample
+from runtimes.sampler import SamplerConfig, SamplingCost, SamplingPlan, make_plan, sample
 from runtimes.sharing import (
     SharingSchedule,
     SimilarityAccumulator,
@@ -82,9 +83,6 @@ __all__ = [
 ]
 
 OUTPUT_TYPES = ("pil", "np", "uint8")
-# The cost of a call that runs no step (image-to-image at strength 0).
-_NO_COST = ("steps", "evaluations", "dit_calls", "dit_samples", "decoder_calls",
-            "decoder_samples")
 
 
 def _is_bool(value: Any) -> bool:
@@ -158,7 +156,8 @@ class GenerationOutput:
         uint8 ("uint8").
     class_labels / seed: what was generated (seed None when noise was given); class_labels is
         empty for a text-to-image model (``prompts`` holds the prompts when they were given).
-    cost: graph calls and per-sample passes (see `SamplingPlan.cost`).
+    cost: graph calls and per-sample passes (`SamplingCost`, from `SamplingPlan.cost`;
+        ``cost.to_dict()`` is its JSON form).
     config: the resolved sampler settings.
     stopped_after: None for a finished run; for a stopped one (`GenerationInterrupted`), the
         steps taken, and ``images`` is the clean estimate after the last of them.
@@ -167,7 +166,7 @@ class GenerationOutput:
     images: Any
     class_labels: list[int]
     seed: int | list[int] | None
-    cost: dict[str, int] = field(default_factory=dict)
+    cost: SamplingCost = field(default_factory=SamplingCost.nothing)
     config: SamplerConfig | None = None
     prompts: list[str] | None = None
     stopped_after: int | None = None
@@ -423,7 +422,8 @@ class DeCoPipeline:
 
         The unconditional rows come from ``negative_prompt_embeds``, else the encoded
         ``negative_prompt``, else the bundle's stored encoding of its negative prompt (the
-        empty prompt by default), else the encoded empty prompt.
+        empty prompt by default), else the encoded empty prompt; a guidance-distilled model,
+        which never runs them, needs none of these.
         """
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass prompt= or prompt_embeds= (one of the two)")
@@ -452,6 +452,10 @@ class DeCoPipeline:
             uncond = self._encode(negatives)
         elif self.negative_prompt_embeds is not None:
             uncond = self.negative_prompt_embeds
+        elif takes_guidance(self.backend):
+            # A guidance-distilled model runs no unconditional half: no row of these is read,
+            # so it needs no negative prompt (nor a text encoder to make one).
+            uncond = np.zeros_like(cond[:1])
         else:
             uncond = self._encode([""])
         if uncond.ndim == 2:
@@ -626,7 +630,7 @@ class DeCoPipeline:
             known = np.ascontiguousarray(np.broadcast_to(init[0], shape), dtype=np.float32)
             if steps_left == 0:  # strength 0: nothing to generate
                 return GenerationOutput(*self._images(known, output_type), labels, used_seed,
-                                        dict.fromkeys(_NO_COST, 0), config, prompts)
+                                        SamplingCost.nothing(), config, prompts)
             t0 = float(config.grid()[0])
             if init[1] is not None:
                 inpainting = Inpainting(known, init[1], x0)
@@ -638,11 +642,12 @@ class DeCoPipeline:
                             inpainting=inpainting)
         split = decoder_split and supports_decoder_split(self.backend)
         embedded = self.is_text_to_image and supports_text_embedding(self.backend)
+        distilled = takes_guidance(self.backend)
 
         def output(x: np.ndarray, stopped_after: int | None = None) -> GenerationOutput:
             return GenerationOutput(*self._images(x, output_type), labels, used_seed,
-                                    plan.cost(batch, split, embedded), config, prompts,
-                                    stopped_after)
+                                    plan.cost(batch, split, embedded, distilled), config,
+                                    prompts, stopped_after)
 
         try:
             with self._one_generation_at_a_time():

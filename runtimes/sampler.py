@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ __all__ = [
     "Evaluation",
     "SampleDiverged",
     "SamplerConfig",
+    "SamplingCost",
     "SamplingPlan",
     "condition_arrays",
     "condition_inputs",
@@ -463,6 +464,50 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class SamplingCost:
+    """Graph calls and per-sample passes of one generation (`SamplingPlan.cost`): what a
+    benchmark reports and the FLOP count multiplies (`deco_export.flops.sampling_flops`).
+
+    ``decoder_calls`` / ``decoder_samples`` count the decoder in any form, one call per
+    evaluation. ``decoder_cond_samples``: with the split decoder under DiT sharing, the samples
+    its condition part ran on (None: the fused decoder ran it on every decoder sample).
+    ``text_embed_calls`` / ``text_embed_samples``: a text-to-image backend's once-per-generation
+    text embedding (0 for a backend without it).
+    """
+
+    steps: int
+    evaluations: int
+    dit_calls: int
+    dit_samples: int
+    decoder_calls: int
+    decoder_samples: int
+    decoder_cond_samples: int | None = None
+    text_embed_calls: int = 0
+    text_embed_samples: int = 0
+
+    @classmethod
+    def nothing(cls) -> SamplingCost:
+        """The cost of a call that runs no step (image-to-image at strength 0)."""
+        return cls(0, 0, 0, 0, 0, 0)
+
+    def to_dict(self) -> dict[str, int]:
+        """The JSON form (a bench row's "cost"): the counts that apply, as `from_dict` reads
+        them back (no ``decoder_cond_samples`` without the split decoder, no text embedding
+        counts without it)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.decoder_cond_samples is None:
+            del out["decoder_cond_samples"]
+        if not self.text_embed_calls:
+            del out["text_embed_calls"], out["text_embed_samples"]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingCost:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
 class SamplingPlan:
     """Everything the step loop needs, computed on the host before the first step.
 
@@ -511,39 +556,42 @@ class SamplingPlan:
                 and k + 1 < self.num_evaluations and not self.run_dit[k + 1])
 
     def cost(self, batch_size: int = 1, decoder_split: bool = False,
-             text_embedding: bool = False) -> dict[str, int]:
+             text_embedding: bool = False, distilled: bool = False) -> SamplingCost:
         """Calls and per-sample passes of each graph (what a benchmark should report).
 
-        ``decoder_calls`` / ``decoder_samples`` count the decoder in any form, one call per
-        evaluation. With ``decoder_split`` (a backend with the split decoder), the condition
-        part runs only where the modulation is new; ``decoder_cond_samples`` says on how many
-        samples (the decoder's samples without it). With ``text_embedding`` (a text-to-image
-        backend with `embed_text`) the text is embedded once, on the B conditional and B
-        unconditional rows (`condition_arrays`): ``text_embed_calls`` / ``text_embed_samples``.
+        With ``decoder_split`` (a backend with the split decoder), the condition part runs
+        only where the modulation is new (``decoder_cond_samples``). With ``text_embedding``
+        (a text-to-image backend with `embed_text`) the text is embedded once, on the B
+        conditional and B unconditional rows (`condition_arrays`). With ``distilled`` (a
+        guidance-distilled backend, `takes_guidance`) every call runs the B conditional rows
+        only: the sampler runs no unconditional half and embeds no negative prompt.
         """
-        dit_calls = sum(self.run_dit)
-        pairs = zip(self.run_dit, self.dit_both, strict=True)
+        # The rows (per batch sample) of evaluation k's DiT run and of its decoder.
+        dit_both = [both and not distilled for both in self.dit_both]
+        dec_both = [self.needs_both(k) and not distilled for k in range(self.num_evaluations)]
+        pairs = zip(self.run_dit, dit_both, strict=True)
         dit_rows = sum((2 if both else 1) for run, both in pairs if run)
-        dec_rows = sum(2 if self.needs_both(k) else 1 for k in range(self.num_evaluations))
-        cost = {
-            "steps": self.num_steps,
-            "evaluations": self.num_evaluations,
-            "dit_calls": dit_calls,
-            "dit_samples": dit_rows * batch_size,
-            "decoder_calls": self.num_evaluations,
-            "decoder_samples": dec_rows * batch_size,
-        }
+        dec_rows = sum(2 if both else 1 for both in dec_both)
+        cond_samples = None
         if decoder_split and any(self.reused_after(k) for k in range(self.num_evaluations)):
             cond_rows = 0
             for k in range(self.num_evaluations):
                 if self.reused_after(k):  # the modulation of the DiT's whole batch, cached
-                    cond_rows += 2 if self.dit_both[k] else 1
+                    cond_rows += 2 if dit_both[k] else 1
                 elif self.run_dit[k] or self.sharing_mode != "reuse":  # the fused decoder
-                    cond_rows += 2 if self.needs_both(k) else 1
-            cost["decoder_cond_samples"] = cond_rows * batch_size
-        if text_embedding:
-            cost["text_embed_calls"], cost["text_embed_samples"] = 1, 2 * batch_size
-        return cost
+                    cond_rows += 2 if dec_both[k] else 1
+            cond_samples = cond_rows * batch_size
+        return SamplingCost(
+            steps=self.num_steps,
+            evaluations=self.num_evaluations,
+            dit_calls=sum(self.run_dit),
+            dit_samples=dit_rows * batch_size,
+            decoder_calls=self.num_evaluations,
+            decoder_samples=dec_rows * batch_size,
+            decoder_cond_samples=cond_samples,
+            text_embed_calls=1 if text_embedding else 0,
+            text_embed_samples=((1 if distilled else 2) * batch_size) if text_embedding else 0,
+        )
 
 
 def _evaluation_times(config: SamplerConfig, grid: np.ndarray, dts: np.ndarray) -> np.ndarray:
@@ -669,8 +717,14 @@ def condition_arrays(backend: Any, cond: np.ndarray, uncond: np.ndarray) -> tupl
 
     For a backend with the text embedding (`supports_text_embedding`), text features become the
     DiT's text tokens here, in one ``embed_text`` call for both halves: the prompt-only work runs
-    once per generation instead of once per step.
+    once per generation instead of once per step. A guidance-distilled backend
+    (`takes_guidance`) never runs the unconditional half, so only its conditional rows are
+    embedded and the second array is None.
     """
+    if takes_guidance(backend):
+        if cond.ndim == 3 and supports_text_embedding(backend):
+            return backend.embed_text(backend.from_numpy(cond)), None
+        return backend.from_numpy(cond), None
     both = backend.from_numpy(np.concatenate([uncond, cond]))
     if cond.ndim != 3 or not supports_text_embedding(backend):
         return backend.from_numpy(cond), both

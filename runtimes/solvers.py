@@ -336,12 +336,6 @@ def _lambda(t: float) -> float:
     return math.log(t / (1.0 - t))
 
 
-def _exp_neg_h(s: float, t: float) -> float:
-    """e^{-(lambda_t - lambda_s)} = s (1 - t) / (t (1 - s)), finite at the ends (0 at s = 0
-    or t = 1)."""
-    return s * (1.0 - t) / (t * (1.0 - s))
-
-
 def _data_update(s: float, t: float) -> tuple[float, float]:
     """(a, b) of the first-order data-prediction step x_t = a x_s + b D: a = sigma_t / sigma_s,
     b = -alpha_t (e^{-h} - 1). With D = x_hat_s it is exactly an Euler step."""

@@ -10,7 +10,8 @@ Each arm trains in its own process (``--threads`` each), checkpoints every ``--c
 steps, then scores its checkpoints with FID and KID against the held-out split: the last
 checkpoint with ``--num-samples``, the earlier ones with ``--curve-samples`` (cheaper), all with
 the same labels and the same per-sample noise across arms. ``report`` adds a paired bootstrap of
-the KID difference (DeCo arm minus baseline) and writes the JSON, the plots and the page.
+the KID difference (DeCo arm minus baseline) and writes docs/eval/ablation.json and the plots
+and sample grids under docs/img/ that docs/ablation.md shows.
 
 Everything is resumable: rerunning the command continues unfinished trainings from their last
 checkpoint (the trainer's ``--resume``) and skips finished evaluations.

@@ -116,8 +116,7 @@ def flop_ratios(pipe: Any, args: argparse.Namespace) -> dict[str, float]:
     out = {}
     for mode, (sharing, split) in MODES.items():
         cost = pipe.plan(config, sharing).cost(args.batch, split)
-        out[mode] = sampling_flops(pipe.model_config, cost, 256, 256,
-                                   cost.get("decoder_cond_samples")) / 1e9
+        out[mode] = sampling_flops(pipe.model_config, cost, 256, 256) / 1e9
     return out
 
 

@@ -6,7 +6,8 @@ figures.
 The weights are random (no checkpoint is downloaded here), with the layers the reference
 initialises to zero drawn small instead, so the gate compares non-trivial outputs. The export
 size is small (64x64 by default, range 32..128): the graphs are the released graphs (dynamic
-height and width), and the gate's PyTorch and ONNX Runtime runs stay minutes on a CPU.
+height and width), and the gate's PyTorch and ONNX Runtime runs stay minutes on a CPU. Its
+figures are the release-size export section of docs/benchmarks.md.
 
     python scripts/export_release_size.py --out /tmp/release-bundle --json release-export.json
 """

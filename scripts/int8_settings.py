@@ -57,7 +57,7 @@ def quantized_copy(fp32_bundle: Path, out: Path, settings: Int8Settings) -> Path
 
 def condition(model: Any, batch: int) -> dict[str, Any]:
     cfg = model.config
-    if cfg.family == "t2i":
+    if cfg.is_text_to_image:
         rng = np.random.default_rng(0)
         return {"prompt_embeds": rng.standard_normal((batch, cfg.text_len, cfg.text_dim),
                                                      dtype=np.float32),

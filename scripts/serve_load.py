@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from runtimes.cpu import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("grinning face", "red heart", "thumbs up", "rocket", "sun with face", "pizza",
@@ -242,7 +243,7 @@ def main() -> None:
                     help="only time the DiT and decoder calls at batch 1, 2, 8, 32")
     ap.add_argument("--out-json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
-    ap.add_argument("--cpu", default=platform.processor() or platform.machine(),
+    ap.add_argument("--cpu", default=cpu_model(),
                     help="the CPU named in the plot's title")
     args = ap.parse_args()
     if args.costs_only:

@@ -737,7 +737,7 @@ def init_weights(model: DeCo | PixelDiT, spec: str) -> None:
 
 
 def take_run_lock(stack: contextlib.ExitStack, out: Path) -> None:
-    """Enter the write lock of a run directory (the one exports take, `runtimes.fileio.lock`)
+    """Enter the write lock of a run directory (the one exports take, `runtimes.locks.lock`)
     into ``stack``, without waiting: another run into it may last hours."""
     try:
         stack.enter_context(lock(out, timeout=0))

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.sampler import SamplingCost
+
 from ..flops import graph_flops, sampling_flops, text_embedding_flops
 from ..machine import roofline as roofline_of
 from .catalogue import KINDS, PEAK_PRECISION, RowSpec
@@ -68,15 +70,15 @@ def roofline_figures(row: Mapping[str, Any], run: Mapping[str, Any],
     where no peak was measured at its precision.
     """
     model, (height, width) = context["model"], context["image_size"]
-    cost = run["cost"]
+    cost = SamplingCost.from_dict(run["cost"])  # a worker's JSON record
     kind = KINDS[row["backend"]]
     on_cpu = kind.on_cpu and (not kind.runs_checkpoint or context.get("device", "cpu") == "cpu")
     peak_precision = PEAK_PRECISION.get(row["precision"], "fp32")
     peak = (context.get("peaks") or {}).get(peak_precision, {}).get("gflops") if on_cpu else None
-    total = sampling_flops(model, cost, height, width, cost.get("decoder_cond_samples"))
+    total = sampling_flops(model, cost, height, width)
     whole = roofline_of(total, statistics.median(run["seconds"]), peak)
     # The once-per-generation text embedding is timed in the DiT stage.
-    dit_flops = (int(cost["dit_samples"]) * graph_flops(model, "dit", 1, height, width)
+    dit_flops = (cost.dit_samples * graph_flops(model, "dit", 1, height, width)
                  + text_embedding_flops(model, cost, height, width))
     dit_s = statistics.median(run["stages"]["dit"])
     dit = roofline_of(dit_flops, dit_s, peak) if dit_s > 0 else {"gflops": None,

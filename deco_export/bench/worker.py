@@ -163,7 +163,7 @@ def measure(spec: Mapping[str, Any], progress: Callable[[], None] | None = None
                 "calls": dict(proxy.calls, **({"text_encoder": encoder.calls,
                                                "prompts_encoded": encoder.prompts}
                                               if encoder else {})),
-                "cost": dict(result.cost), "images": path.name,
+                "cost": result.cost.to_dict(), "images": path.name,
             })
     fid_images = None
     if spec.get("fid"):

@@ -206,8 +206,9 @@ def io_specs(config: ModelConfig, graph: str, height: int | None = None,
 def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, width: int,
                    seed: int = 0) -> tuple[Tensor, ...]:
     """Realistic float32 inputs: noise-like x_t, t in [0, 1], labels with the null class (or
-    text embeddings of unit scale, as a final-norm encoder gives, and their text tokens), and
-    the condition/hidden the fp32 DiT really produces for them."""
+    text embeddings of unit scale, as a final-norm encoder gives, and their text tokens), a
+    guidance-distilled model's scales w, and the condition/hidden the fp32 DiT really produces
+    for them."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     spec = get_graph(graph, cfg)
@@ -229,7 +230,8 @@ def example_inputs(model: DeCo | PixelDiT, graph: str, batch: int, height: int, 
     condition = values.get("text", values.get("y"))
     if not set(spec.input_names) <= set(values):  # the DiT's outputs feed the other graphs
         with torch.no_grad():
-            values["cond"], values["hidden"] = model.dit(values["x_t"], values["t"], condition)
+            values["cond"], values["hidden"] = model.dit(values["x_t"], values["t"], condition,
+                                                         values.get(GUIDANCE_INPUT))
             if "modulation" in spec.input_names:
                 values["modulation"] = model.decoder.modulation(values["cond"])
     return tuple(values[name] for name in spec.input_names)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from runtimes import bundle as rb
 from runtimes.backend import BackendError
 from runtimes.backends import tensorrt_keys as tk
 from runtimes.backends import tensorrt_profiles as tp
+from runtimes.config import ModelConfig
 from runtimes.errors import DecoError
 from runtimes.graphs import graphs_for
 from runtimes.sizes import SizeRange
@@ -97,6 +98,11 @@ class BuildSettings:
     @property
     def build(self) -> dict[str, Any]:
         return tk.build_options(self.builder_optimization_level, self.workspace_bytes, self.tf32)
+
+    def for_model(self, model: ModelConfig) -> BuildSettings:
+        """These settings for ``model``: a guidance-distilled model never runs an
+        [uncond; cond] batch, so its engines need no doubled batches."""
+        return replace(self, cfg=False) if model.guidance_distilled and self.cfg else self
 
 
 @dataclass(frozen=True)
@@ -333,9 +339,9 @@ def export_tensorrt(
     """
     opts = ExportOptions.of(options, shared, "export_tensorrt")
     force, parity_steps, seed, say = opts.force, opts.parity_steps, opts.seed, opts.say
-    settings = settings or BuildSettings()
     root = Path(bundle)
     manifest = rb.read_manifest(root)
+    settings = (settings or BuildSettings()).for_model(manifest.model)
     if not manifest.model.has_decoder:
         raise ValueError(
             f"{root} holds the plain DiT baseline (one graph, pixel_dit), which runs on ONNX "

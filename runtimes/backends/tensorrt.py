@@ -10,14 +10,14 @@ How it runs (one CUDA stream, no host synchronisation between the first and the 
 * **Device memory.** Per engine batch and image size (a "slot": the batch sizes the engines
   were built for, see `tensorrt_profiles`, at a size inside the range their profiles span) the I/O
   buffers x_t, t, the condition (``y`` int64 labels, or ``text_tokens`` float32 (B, L, D) for
-  a text-to-image model, as the DiT's graph record says, with text_embed's input ``text``),
-  cond, hidden and v (and the split
-  decoder's modulation, when its engines exist) are allocated once, on first use, and every
-  execution context of that batch is bound to them (re-bound when the batch runs another
-  size). The DiT writes ``cond`` where the decoder reads it, so the two engines hand over
-  without a copy. All contexts are created with user-managed device memory and share one
-  activation buffer, sized to the largest profile used so far (the engines run one after the
-  other on one stream).
+  a text-to-image model, as the DiT's graph record says, with text_embed's input ``text``;
+  a guidance-distilled DiT's ``guidance``), cond, hidden and v (and the split decoder's
+  modulation, when its engines exist): every tensor the loaded engines' records declare,
+  allocated once, on first use, and every execution context of that batch is bound to them
+  (re-bound when the batch runs another size). The DiT writes ``cond`` where the decoder
+  reads it, so the two engines hand over without a copy. All contexts are created with
+  user-managed device memory and share one activation buffer, sized to the largest profile
+  used so far (the engines run one after the other on one stream).
 * **Native arrays** are `DeviceArray` objects: float32 / int64 device buffers with the
   sampler's arithmetic (``+``, ``-``, ``* scalar``, batch slices) done by three small kernels
   compiled once with NVRTC. Temporaries come from a caching pool, so a sampling loop does no
@@ -188,15 +188,20 @@ class TensorRTBackend(GraphBackend):
         self._d = int(model.hidden_size)
         self.bind_graphs(model, {graph: e.outputs for graph, e in self._engines.items()})
 
+    def bind_graphs(self, model: Any, outputs: Mapping[str, Any]) -> None:
+        """The graph calls and capabilities from the engines loaded; the fused `step` runs
+        [uncond; cond] CFG and feeds no guidance scale, so a guidance-distilled model samples
+        through the graph calls instead (as the sampler does for it anyway)."""
+        super().bind_graphs(model, outputs)
+        self.supports_step = not self.takes_guidance
+
     # -- slots and contexts -------------------------------------------------------------------
 
-    def _condition(self, n: int) -> tuple[str, tuple[int, ...], str]:
-        """The DiT's condition input at engine batch ``n``: (name, shape, dtype) from the
-        model's graph record: ("y", (n,), "int64") or ("text_tokens", (n, L, D), "float32")."""
-        name = dit_condition_input(self._model)
-        spec = next(s for s in get_graph("dit", self._model).inputs if s.name == name)
-        shape = spec.resolve(axis_sizes(self._model, *self.image_size, n)).shape
-        return name, tuple(int(d) for d in shape), spec.dtype
+    @property
+    def _condition(self) -> str:
+        """The DiT's condition input, from the model's graph record: "y" (int64 labels) or
+        "text_tokens" (float32 (B, L, D))."""
+        return dit_condition_input(self._model)
 
     def _slot(self, n: int, size: tuple[int, int] | None = None) -> _Slot:
         """The buffers of engine batch ``n`` at image ``size`` (default: the last size run),
@@ -225,26 +230,27 @@ class TensorRTBackend(GraphBackend):
                 slot.graphs.clear()
 
     def _new_slot(self, n: int, h: int, w: int) -> _Slot:
+        """The buffers of engine batch ``n`` at image ``h`` x ``w``: every input and output
+        the loaded engines' graph records declare (the DiT's condition, a guidance-distilled
+        DiT's ``guidance``, the split decoder's modulation, text_embed's text), resolved at
+        that batch and size, plus the fused step's (t, dt, w) ``params``."""
         cuda = self._cuda
-        tokens = self._model.num_tokens(h, w)
-        condition, condition_shape, condition_dtype = self._condition(n)
-        shapes = {"x_t": (n, self._c, h, w), "t": (n,), condition: condition_shape,
-                  "cond": (n, tokens, self._d), "hidden": (n, tokens, self._d),
-                  "v": (n, self._c, h, w), "params": (4,)}
         sizes = axis_sizes(self._model, h, w, n)
-        if self.supports_decoder_split:  # the split decoder's (B, L, p*p, d), as its record
-            shapes["modulation"] = tuple(int(v) for v in get_graph("decoder_cond").outputs[
-                0].resolve(sizes).shape)
-        if self.supports_text_embedding:  # text_embed's input, the text features (B, L, C)
-            shapes["text"] = tuple(int(v) for v in get_graph(
-                "text_embed", self._model).inputs[0].resolve(sizes).shape)
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, str] = {}
+        for graph in self._engines:
+            spec = get_graph(graph, self._model)
+            for tensor in (*spec.inputs, *spec.outputs):
+                shapes[tensor.name] = tuple(int(v) for v in tensor.resolve(sizes).shape)
+                dtypes[tensor.name] = tensor.dtype
+        shapes["params"], dtypes["params"] = (4,), "float32"
         buffers: dict[str, DeviceArray] = {}
         for name, shape in shapes.items():
-            dtype = condition_dtype if name == condition else "float32"
-            nbytes = numel(shape) * DTYPES[dtype][0]
+            nbytes = numel(shape) * DTYPES[dtypes[name]][0]
             ptr = cuda.malloc(nbytes)
             cuda.memset(ptr, nbytes)
-            buffers[name] = DeviceArray(cuda, ptr, shape, dtype, "slot")
+            buffers[name] = DeviceArray(cuda, ptr, shape, dtypes[name], "slot")
+        condition = self._condition
         if condition == "y":
             # Padding rows must hold a valid label: fill y with the null class once (padding
             # rows of text tokens stay zero, which any DiT accepts).
@@ -305,7 +311,7 @@ class TensorRTBackend(GraphBackend):
         self._engines[graph].execute(n, cuda.stream_handle)
         # The DiT's condition buffer was written (as an input, or as text_embed's output): a
         # fused step must copy its condition in again.
-        if self._condition(n)[0] in (*feeds, output):
+        if self._condition in (*feeds, output):
             slot.bound_y = None
         src = slot.buffers[output]
         out = DeviceArray.empty(cuda, (rows, *src.shape[1:]), "float32")
@@ -364,7 +370,7 @@ class TensorRTBackend(GraphBackend):
         slot = self._slot(n, (int(x.shape[2]), int(x.shape[3])))
         cuda = self._cuda
         half = n // 2 if guided else n
-        condition = self._condition(n)[0]
+        condition = self._condition
         xbuf, ybuf = slot.buffers["x_t"], slot.buffers[condition]
         if y.dtype != ybuf.dtype or tuple(y.shape[1:]) != tuple(ybuf.shape[1:]):
             raise ValueError(f"step: {condition} must be {ybuf.dtype} rows of shape "

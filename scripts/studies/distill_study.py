@@ -8,9 +8,10 @@ difference student - teacher has a paired bootstrap 90% interval (the same sampl
 jointly). ms/image is the wall time of the generation calls divided by the images, measured
 in the same run, arms interleaved batch by batch so machine load affects both alike. For
 text-to-image the prompts are encoded once up front (the same embeddings for both arms), so the
-text encoder is not in the timing.
+text encoder is not in the timing. It produced the distillation table of docs/sampling.md.
 
-    python scripts/distill_study.py --family c2i --teacher default --student S --out OUT.json
+    python scripts/studies/distill_study.py --family c2i --teacher default --student S \
+        --out OUT.json
 """
 
 from __future__ import annotations

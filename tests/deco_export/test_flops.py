@@ -3,6 +3,8 @@ each graph, the decoder's two parts, and a whole guided generation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,15 @@ def counted(fn, *args) -> int:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         fn(*args)
     return fc.get_total_flops()
+
+
+def profiled_generation(pipe, kwargs):
+    """The output of ``pipe.generate(**kwargs)`` and the FLOPs the profiler counts in a second,
+    identical run."""
+    out = pipe.generate(**kwargs)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        pipe.generate(**kwargs)
+    return out, fc.get_total_flops()
 
 
 @pytest.fixture(scope="module", params=["DeCo-tiny/16", "DeCo-XS/4"])
@@ -63,12 +74,10 @@ def test_a_guided_generation_matches_the_profiler(model):
     pipe = runtimes.DeCoPipeline(TorchBackend(model), cfg.to_dict())
     kwargs = dict(class_labels=[1, 2], steps=3, guidance=3.0, guidance_interval=(0.4, 1.0),
                   seed=0, output_type="np", height=h, width=w)
-    out = pipe.generate(**kwargs)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        pipe.generate(**kwargs)
+    out, flops = profiled_generation(pipe, kwargs)
     assert np.isfinite(np.asarray(out.images)).all()
-    assert out.cost["dit_samples"] > out.cost["steps"] * 2  # some steps ran both CFG halves
-    assert fc.get_total_flops() == sampling_flops(cfg, out.cost, h, w)
+    assert out.cost.dit_samples > out.cost.steps * 2  # some steps ran both CFG halves
+    assert flops == sampling_flops(cfg, out.cost, h, w)
 
 
 def test_a_shared_generation_with_the_split_decoder_matches_the_profiler(model):
@@ -77,12 +86,29 @@ def test_a_shared_generation_with_the_split_decoder_matches_the_profiler(model):
     pipe = runtimes.DeCoPipeline(TorchBackend(model), cfg.to_dict())
     kwargs = dict(class_labels=[1, 2], steps=6, guidance=3.0, guidance_interval=(0.4, 1.0),
                   seed=0, output_type="np", height=h, width=w, sharing=0.5)
-    out = pipe.generate(**kwargs)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        pipe.generate(**kwargs)
-    cond_samples = out.cost["decoder_cond_samples"]
-    assert cond_samples < out.cost["decoder_samples"]
-    assert fc.get_total_flops() == sampling_flops(cfg, out.cost, h, w, cond_samples)
+    out, flops = profiled_generation(pipe, kwargs)
+    cond_samples = out.cost.decoder_cond_samples
+    assert cond_samples < out.cost.decoder_samples
+    assert flops == sampling_flops(cfg, out.cost, h, w)
+
+
+def test_a_distilled_generation_matches_the_profiler(model):
+    """A guidance-distilled model: its DiT's guidance embedding is counted, and a guided
+    generation runs one conditional pass per step (B rows, never 2B)."""
+    cfg = dataclasses.replace(model.config, guidance_distilled=True)
+    torch.manual_seed(0)
+    student = DeCo(cfg).eval()
+    h, w = (64, 64) if cfg.patch_size == 16 else (32, 32)
+    x, t = torch.randn(2, cfg.in_channels, h, w), torch.rand(2)
+    y, g = torch.tensor([1, 2]), torch.tensor([3.0, 1.0])
+    assert counted(student.dit, x, t, y, g) == graph_flops(cfg, "dit", 2, h, w)
+    assert graph_flops(cfg, "dit", 2, h, w) > graph_flops(model.config, "dit", 2, h, w)
+    pipe = runtimes.DeCoPipeline(TorchBackend(student), cfg.to_dict())
+    kwargs = dict(class_labels=[1, 2], steps=3, guidance=3.0, guidance_interval=(0.4, 1.0),
+                  seed=0, output_type="np", height=h, width=w)
+    out, flops = profiled_generation(pipe, kwargs)
+    assert out.cost.dit_samples == out.cost.decoder_samples == 2 * out.cost.steps
+    assert flops == sampling_flops(cfg, out.cost, h, w)
 
 
 def test_cond_embed_is_a_large_part_of_the_decoder_at_s16():

@@ -360,5 +360,5 @@ def test_a_guided_generation_counts_the_text_embedding_once(golden_t2i_model, go
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         pipe.generate(**kwargs)
     b = len(golden_t2i["cond_text"])
-    assert out.cost["text_embed_calls"] == 1 and out.cost["text_embed_samples"] == 2 * b
+    assert out.cost.text_embed_calls == 1 and out.cost.text_embed_samples == 2 * b
     assert fc.get_total_flops() == sampling_flops(cfg, out.cost, 64, 64)

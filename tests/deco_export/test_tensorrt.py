@@ -277,6 +277,58 @@ def test_backend_fused_steps_match_the_sampler_and_pytorch(tiny_trt_bundle, gold
     assert psnr(reference, fused, data_range=2.0) > (60 if precision == "fp32" else 35)
 
 
+@pytest.fixture(scope="module")
+def distilled_trt_bundle(tmp_path_factory):
+    """A tiny guidance-distilled student (saved as a checkpoint) exported to ONNX fp32 with
+    engines built for this GPU; and the student."""
+    import torch
+
+    from deco_export.checkpoint import save_pretrained
+    from deco_export.export.onnx import export_onnx
+    from deco_export.export.tensorrt import BuildSettings, export_tensorrt
+    from deco_export.model import random_model
+    from deco_export.sources import load_model
+    from runtimes.config import ModelConfig
+    from training.distill import student_from_teacher
+
+    root = tmp_path_factory.mktemp("trt-distilled")
+    student = student_from_teacher(random_model(ModelConfig.from_dict(TINY), seed=0))
+    with torch.no_grad():  # a trained guidance embedding: w changes the output
+        student.dit.g_embedder.mlp[2].weight.normal_(std=1.0, generator=torch.Generator()
+                                                     .manual_seed(1))
+    model, source = load_model(save_pretrained(student.eval(), root / "ckpt",
+                                               source="distilled-test"))
+    export_onnx(model, root / "bundle", precisions=("fp32",), parity_steps=4, source=source)
+    export_tensorrt(root / "bundle", settings=BuildSettings(buckets=(1, 2)), parity_steps=4)
+    return root / "bundle", model
+
+
+@needs_trt_gpu
+@pytest.mark.gpu
+def test_distilled_engines_pass_their_gates_and_sample_in_one_pass(distilled_trt_bundle):
+    import runtimes
+    from deco_export.backends.torch_backend import TorchBackend
+    from deco_export.parity import psnr
+    from runtimes.sampler import SamplerConfig, sample
+
+    bundle, model = distilled_trt_bundle
+    art = rb.read_manifest(bundle).get_artifact("tensorrt", "dit", "fp32")
+    assert art.parity["end_to_end"]["status"] == "passed"
+    assert art.details["engine_batches"] == [1, 2]  # no doubled CFG batches
+    assert [p["batch"] for p in art.details["profiles"]] == [1, 2]
+    cfg = SamplerConfig(num_steps=6, guidance=3.0, guidance_interval=(0.3, 1.0))
+    noise = runtimes.sample_noise(0, 2, 3, 64, 64)
+    labels = np.array([1, 2])
+    with runtimes.load(bundle, backend="tensorrt", precision="fp32") as pipe:
+        assert pipe.backend.takes_guidance and not pipe.backend.supports_step
+        got = sample(pipe.backend, noise, labels, cfg, null_class=10)
+        out = pipe.generate(class_labels=[1, 2], seed=0, steps=4, guidance=3.0,
+                            output_type="np")
+    reference = sample(TorchBackend(model), noise, labels, cfg, null_class=10)
+    assert psnr(reference, got, data_range=2.0) > 60
+    assert out.cost.dit_samples == out.cost.decoder_samples == 2 * 4
+
+
 @needs_trt_gpu
 @pytest.mark.gpu
 def test_backend_refuses_stale_and_foreign_engines(tiny_trt_bundle, tmp_path, monkeypatch):
@@ -443,6 +495,29 @@ def test_t2i_engine_build_declares_the_text_profile(tmp_path):
     assert [lo[0] for lo, _, _ in images] == [1, 2, 4] and images[0][2] == (1, 3, 128, 128)
     assert [c[0] for c in trt.calls].count("add_optimization_profile") == 3
     assert ("parse", "dit.onnx") in trt.calls and ("clear_flag", 7) in trt.calls
+
+
+def test_distilled_engine_build_declares_the_guidance_profile(tmp_path):
+    """A guidance-distilled DiT's engine: the profiles come from its graph record, so each
+    sets ``guidance`` (batch,) beside x_t, t and y; the build drops the doubled CFG batches
+    (no [uncond; cond] batch ever runs) and keys the engines by that."""
+    from deco_export.export.tensorrt import BuildSettings, build_engine
+    from runtimes.config import ModelConfig
+    from runtimes.sizes import SizeRange
+
+    distilled = ModelConfig.from_dict(dict(TINY, guidance_distilled=True))
+    settings = BuildSettings(buckets=(1, 2)).for_model(distilled)
+    assert settings.engine_batches == (1, 2) and not settings.cfg
+    assert BuildSettings(buckets=(1, 2)).for_model(ModelConfig.from_dict(TINY)).cfg
+    trt = _RecordingTRT()
+    profiles = tp.profiles_for("dit", distilled, (64, 64), settings.engine_batches,
+                               SizeRange.around((64, 64), 16))
+    (tmp_path / "dit.onnx").write_bytes(b"onnx")
+    build_engine(trt, tmp_path / "dit.onnx", tmp_path / "out" / "dit.plan", profiles, settings,
+                 tmp_path / "timing.cache", lambda _msg: None)
+    shapes = [c for c in trt.calls if c[0] == "set_shape"]
+    assert [c[1] for c in shapes] == ["x_t", "t", "y", "guidance"] * 2
+    assert [c[2:] for c in shapes if c[1] == "guidance"] == [((n,),) * 3 for n in (1, 2)]
 
 
 def test_t2i_engines_keep_the_bundles_negative_prompt(tmp_path):

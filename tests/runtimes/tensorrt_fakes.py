@@ -98,7 +98,7 @@ class RecordingEngine:
         pass
 
 
-def recording_backend(sizes=None):
+def recording_backend(sizes=None, model=TINY):
     from runtimes.backends.tensorrt import TensorRTBackend
     from runtimes.config import ModelConfig
     from runtimes.sizes import SizeRange
@@ -111,7 +111,7 @@ def recording_backend(sizes=None):
     be._slots, be._memory, be._last_out, be._last_key = {}, (0, 0), None, None
     be.cuda_graphs, be.image_size, be.batches = True, (64, 64), (1, 2, 4, 8, 16)
     be.null_class, be._c, be._d = 10, 3, 64
-    be._model, be._size, be._bound = ModelConfig.from_dict(TINY), None, {}
+    be._model, be._size, be._bound = ModelConfig.from_dict(model), None, {}
     be.sizes = sizes or SizeRange.fixed((64, 64), 16)
     be.bind_graphs(be._model, {graph: e.outputs for graph, e in be._engines.items()})
     return be, cuda

@@ -26,7 +26,7 @@ def test_diffusers_setting_names_mean_the_same():
     ours = pipe.generate([0, 2], steps=4, guidance=3.0, noise=noise, output_type="np")
     theirs = pipe([0, 2], num_inference_steps=4, guidance_scale=3.0, latents=noise,
                   output_type="np")
-    assert np.array_equal(ours.images, theirs.images) and theirs.cost["steps"] == 4
+    assert np.array_equal(ours.images, theirs.images) and theirs.cost.steps == 4
     assert theirs.config.guidance == 3.0
     with pytest.raises(ValueError, match="steps= and num_inference_steps= are the same"):
         pipe([0], steps=4, num_inference_steps=4)

@@ -27,7 +27,7 @@ def test_strength_zero_returns_the_input_in_every_form():
     pipe = _pipe()
     x = _picture()
     out = pipe.generate([1], image=x, strength=0.0, output_type="np")
-    assert np.array_equal(out.images, x) and out.cost["steps"] == 0
+    assert np.array_equal(out.images, x) and out.cost.steps == 0
     pil = runtimes.to_pil(runtimes.to_uint8(x))[0]
     back = pipe.generate([1], image=pil, strength=0.0).images[0]
     assert back.tobytes() == pil.tobytes()
@@ -41,7 +41,7 @@ def test_the_run_starts_at_one_minus_strength_on_the_solvers_grid():
     pipe = _pipe()
     grid = runtimes.timesteps(10)
     out = pipe.generate([1], image=_picture(), strength=0.6, output_type="np")
-    assert out.cost["steps"] == 6 and out.config.grid()[0] == grid[4]  # t0 = 0.4
+    assert out.cost.steps == 6 and out.config.grid()[0] == grid[4]  # t0 = 0.4
     assert np.array_equal(out.config.grid(), grid[4:])
     states = []
     pipe.generate([1], image=_picture(), strength=0.65, seed=3, on_step=states.append)

@@ -71,7 +71,7 @@ def test_reused_steps_match_the_fused_decoder_on_the_cached_condition(bundle, go
                       sharing=0.5)
         split = pipe.generate(**kwargs)
         fused = pipe.generate(**kwargs, decoder_split=False)
-    assert split.cost["decoder_cond_samples"] < split.cost["decoder_samples"]
+    assert split.cost.decoder_cond_samples < split.cost.decoder_samples
     if precision == "fp32":
         np.testing.assert_allclose(split_call, fused_call, atol=1e-5)
         np.testing.assert_allclose(split.images, fused.images, atol=1e-5)

@@ -49,13 +49,13 @@ def test_seed_noise_and_batch_composition():
 def test_defaults_and_overrides():
     pipe = _pipe()
     out = pipe.generate([1], output_type="np")
-    assert out.cost["steps"] == 6 and out.config.guidance == 2.0
+    assert out.cost.steps == 6 and out.config.guidance == 2.0
     out = pipe.generate([1], steps=4, solver="heun", guidance=1.0, output_type="np")
-    assert out.cost["evaluations"] == 7 and out.cost["dit_samples"] == 7
+    assert out.cost.evaluations == 7 and out.cost.dit_samples == 7
     out = pipe.generate([1], timesteps=[0.0, 0.5, 1.0], output_type="np")
-    assert out.cost["steps"] == 2
+    assert out.cost.steps == 2
     out = pipe.generate([1, 2], steps=10, sharing=0.5, output_type="np")
-    assert out.cost["dit_calls"] == 5 and out.cost["decoder_calls"] == 10
+    assert out.cost.dit_calls == 5 and out.cost.decoder_calls == 10
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_calibrate_record_and_use_a_dp_schedule(tmp_path):
     pipe = runtimes.DeCoPipeline(be, manifest.model, manifest.sampler_defaults,
                                  schedules=manifest.schedules)
     out = pipe.generate([1], sharing=key, output_type="np")
-    assert out.cost["dit_calls"] == 3
+    assert out.cost.dit_calls == 3
     with pytest.raises(ValueError, match="made for 8 model evaluations"):
         pipe.generate([1], steps=9, sharing=key)
 
@@ -126,7 +126,7 @@ def test_register_backend_and_load(tmp_path):
     runtimes.register_backend("analytic-test", factory)
     assert "analytic-test" in runtimes.available_backends()
     with runtimes.load(root, backend="analytic-test", precision="bf16", providers=["x"]) as pipe:
-        assert pipe.generate([2], output_type="np").cost["steps"] == 3
+        assert pipe.generate([2], output_type="np").cost.steps == 3
     assert seen == {"dir": root, "precision": "bf16", "providers": ["x"]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from runtimes.sampler import (
     SamplerConfig,
+    SamplingCost,
     guidance_flags,
     make_plan,
     sample,
@@ -228,7 +230,7 @@ def test_sharing_across_the_guidance_boundary_keeps_both_halves():
     np.testing.assert_allclose(out["fast"], out["reference"], atol=1e-5)
     plan = make_plan(SamplerConfig(num_steps=10, guidance=3.0, guidance_interval=(0.25, 1.0)),
                      explicit_schedule([0, 5], 10))
-    assert plan.cost(2)["dit_calls"] == 2 and plan.cost(2)["decoder_calls"] == 10
+    assert plan.cost(2).dit_calls == 2 and plan.cost(2).decoder_calls == 10
 
 
 def test_schedule_for_another_length_is_refused():
@@ -406,8 +408,21 @@ def test_a_cached_modulation_keeps_both_halves_across_the_guidance_boundary():
     np.testing.assert_allclose(out["fast"], out["reference"], atol=1e-5)
     plan = make_plan(_split_config(), sched)
     cost = plan.cost(2, decoder_split=True)
-    assert cost["decoder_cond_samples"] == 2 * 4 and "decoder_cond_samples" not in plan.cost(2)
-    assert cost["decoder_calls"] == 10
+    assert cost.decoder_cond_samples == 2 * 4 and plan.cost(2).decoder_cond_samples is None
+    assert cost.decoder_calls == 10
+
+
+def test_the_cost_round_trips_through_its_json_form():
+    """A bench row stores the cost as JSON: only the counts that apply (the keys of earlier
+    rows), read back to the same `SamplingCost`."""
+    plan = make_plan(_split_config(), explicit_schedule([0, 5], 10))
+    plain, full = plan.cost(2), plan.cost(2, decoder_split=True, text_embedding=True)
+    assert set(plain.to_dict()) == {"steps", "evaluations", "dit_calls", "dit_samples",
+                                    "decoder_calls", "decoder_samples"}
+    assert set(full.to_dict()) - set(plain.to_dict()) == {
+        "decoder_cond_samples", "text_embed_calls", "text_embed_samples"}
+    for cost in (plain, full, SamplingCost.nothing()):
+        assert SamplingCost.from_dict(json.loads(json.dumps(cost.to_dict()))) == cost
 
 
 class _TextBackend:

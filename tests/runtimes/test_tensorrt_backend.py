@@ -219,3 +219,29 @@ def test_t2i_backend_embeds_text_into_the_slot_the_dit_reads():
     be.step(x, both, 0.3, 0.01, 4.0)
     copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy"]
     assert (slot.buffers["text_tokens"].ptr, both.ptr, 3 * 8 * 64 * 4) in copies
+
+
+def test_distilled_backend_feeds_guidance_into_the_slot_and_has_no_fused_step():
+    """A guidance-distilled DiT engine: the slot holds the record's (B,) float32 ``guidance``
+    buffer, the DiT call copies w into it, and the fused CFG step is not offered."""
+    from runtimes.backends.tensorrt import DeviceArray
+
+    be, cuda = recording_backend(model=dict(TINY, guidance_distilled=True))
+    assert be.takes_guidance and not be.supports_step
+    x = DeviceArray(cuda, 5000 << 12, (3, 3, 64, 64), "float32")
+    t = DeviceArray(cuda, 5100 << 12, (3,), "float32")
+    y = DeviceArray(cuda, 5200 << 12, (3,), "int64")
+    w = DeviceArray(cuda, 5300 << 12, (3,), "float32")
+    cond = be.dit(x, t, y, w)
+    slot = be._slots[(4, 64, 64)]
+    assert slot.shapes["guidance"] == (4,) and slot.buffers["guidance"].dtype == "float32"
+    copies = [c[1:4] for c in cuda.take_calls() if c[0] == "copy"]
+    assert (slot.buffers["guidance"].ptr, w.ptr, 3 * 4) in copies
+    assert cond.shape == (3, 16, 64)
+    with pytest.raises(TypeError, match=r"dit takes 4 arrays \(x_t, t, y, guidance\)"):
+        be.dit(x, t, y)
+    with pytest.raises(TypeError, match="guidance must be float32"):
+        be.dit(x, t, y, y)
+    plain, _ = recording_backend()
+    plain.dit(x, t, y)
+    assert plain.supports_step and "guidance" not in plain._slots[(4, 64, 64)].buffers

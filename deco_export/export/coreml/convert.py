@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from runtimes.config import ModelConfig
-from runtimes.graphs import GRAPH_SPECS, get_graph
+from runtimes.graphs import GRAPH_SPECS, get_graph, graphs_for
 
 from ...model import DeCo
 from ..graphs import GRAPH_CLASSES, example_inputs, input_names, output_names
@@ -215,18 +215,22 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
 def tracing_inputs(model: DeCo, height: int, width: int, seed: int
                    ) -> dict[str, tuple[torch.Tensor, ...]]:
     """Batch-2 inputs of every graph from one DiT forward (``example_inputs`` runs the DiT once
-    per graph, which costs more than converting the small graphs of a large model). The DiT's
-    condition is its family's: labels (c2i) or text tokens (t2i, whose ``text_embed`` takes the
-    text features)."""
-    x_t, t, condition = example_inputs(model, "dit", 2, height, width, seed=seed)
+    per graph, which costs more than converting the small graphs of a large model): the DiT's
+    inputs (its family's condition, a guidance-distilled model's ``guidance``), its outputs and
+    the decoder's modulation, each graph taking its record's inputs by name. A graph whose
+    inputs the DiT does not give (t2i's ``text_embed``, on the text features) gets its own."""
+    config = model.config
+    dit = get_graph("dit", config)
+    values = dict(zip(dit.input_names, example_inputs(model, "dit", 2, height, width,
+                                                      seed=seed), strict=True))
     with torch.no_grad():
-        cond, hidden = GRAPH_CLASSES["dit"](model)(x_t, t, condition)
-        modulation = model.decoder.modulation(cond)
-    inputs = {"dit": (x_t, t, condition), "decoder": (x_t, cond), "refresh": (hidden, t),
-              "decoder_cond": (cond,), "decoder_pixel": (x_t, modulation)}
-    if model.config.is_text_to_image:
-        inputs["text_embed"] = example_inputs(model, "text_embed", 2, height, width, seed=seed)
-    return inputs
+        outputs = GRAPH_CLASSES["dit"](model)(*(values[n] for n in dit.input_names))
+        values.update(zip(dit.output_names, outputs, strict=True))
+        values["modulation"] = model.decoder.modulation(values["cond"])
+    return {graph: tuple(values[n] for n in spec.input_names)
+            if set(spec.input_names) <= set(values)
+            else example_inputs(model, graph, 2, height, width, seed=seed)
+            for graph, spec in graphs_for(config).items() if spec.sampled}
 
 
 def batch_shape_kinds(ct: Any, graph: str, target: str, sizes: Sequence[int],

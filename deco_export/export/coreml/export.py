@@ -68,6 +68,8 @@ TENSOR_DESCRIPTIONS = {
     "x_t": "noisy image (B, C, H, W), float32; t = 0 is pure noise, t = 1 data",
     "t": "time (B,) in [0, 1], float32",
     "y": "class label (B,), int32; num_classes is the null (unconditional) class",
+    "guidance": "guidance scale w (B,), float32, of a guidance-distilled model: one pass gives "
+                "the guided velocity (1: the conditional one)",
     "text": "text encoder features (B, L, C), float32, right-padded to L; the bundle's "
             "negative_prompt.npy is the unconditional row",
     "text_tokens": "the DiT's text tokens y_embedder(text) + y_pos_embedding (B, L, D), "
