@@ -506,6 +506,11 @@ class SamplingCost:
         names = {f.name for f in fields(cls)}
         return cls(**{k: int(v) for k, v in d.items() if k in names})
 
+    def __getitem__(self, key: str) -> int:
+        """``cost["dit_samples"]``: code written when the cost was its JSON dict still reads
+        it (a count that does not apply is a KeyError there, as it was)."""
+        return self.to_dict()[key]
+
 
 @dataclass(frozen=True)
 class SamplingPlan:

@@ -423,6 +423,10 @@ def test_the_cost_round_trips_through_its_json_form():
         "decoder_cond_samples", "text_embed_calls", "text_embed_samples"}
     for cost in (plain, full, SamplingCost.nothing()):
         assert SamplingCost.from_dict(json.loads(json.dumps(cost.to_dict()))) == cost
+    # what read the cost when it was that dict reads it still
+    assert full["decoder_cond_samples"] == full.decoder_cond_samples
+    with pytest.raises(KeyError):
+        plain["decoder_cond_samples"]
 
 
 class _TextBackend:
