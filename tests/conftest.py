@@ -88,20 +88,23 @@ SHARED_UNITS = {
     "tests/deco_export/test_serve_ray.py": "serve_bundles",
     "tests/deco_export/test_serve_load.py": "serve_bundles",
 }
-# The slowest units, slowest first (per --durations on 2 cores: the faults files' real
-# exports and kills, the shared T2I export, the Core ML conversions); the others follow
-# in file order.
+# The slowest units, slowest first (per --durations on 2 cores: the Core ML conversions, the
+# faults files' real exports and kills, the shared T2I export, the serving tests' exports); the
+# others follow in file order.
 HEAVIEST_FIRST = (
+    "tests/deco_export/test_coreml.py",
     "tests/deco_export/test_faults.py",
     "t2i_text_bundle",
     "serve_bundles",
-    "tests/deco_export/test_coreml.py",
-    "tests/deco_export/test_app_cli.py",
-    "tests/deco_export/test_text_encoder_precisions.py",
     "tests/deco_export/test_export_onnx.py",
+    "tests/deco_export/test_int8.py",
+    "tests/deco_export/test_export_onnx_t2i_precisions.py",
+    "tests/deco_export/test_text_encoder_precisions.py",
+    "tests/deco_export/test_default_t2i.py",
+    "tests/deco_export/test_export_distilled.py",
     "tests/deco_export/test_bench.py",
+    "tests/deco_export/test_coreml_t2i.py",
     "tests/training/test_trainer.py",
-    "tests/training/test_t2i.py",
 )
 
 

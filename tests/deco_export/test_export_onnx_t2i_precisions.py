@@ -20,7 +20,7 @@ GRAPHS = ("dit", "decoder", "refresh", "text_embed")
 def bundle(tmp_path_factory, golden_t2i_model, golden_t2i_ckpt, golden_t2i):
     out = tmp_path_factory.mktemp("export-t2i-precisions") / "bundle"
     export_onnx(golden_t2i_model, out, precisions=PRECISIONS, image_size=(64, 64),
-                source={"path": str(golden_t2i_ckpt)},
+                source={"path": str(golden_t2i_ckpt)}, parity_steps=4,
                 negative_prompt_embeds=golden_t2i["uncond_text"][:1], negative_prompt="")
     return out
 
