@@ -166,7 +166,8 @@ def guidance_flags(
     return inside
 
 
-def edge_timesteps(num_steps: int, shift: float, interval: tuple[float, float]) -> np.ndarray:
+def edge_timesteps(num_steps: int, shift: float, interval: tuple[float, float],
+                   counts: Sequence[int] | None = None) -> np.ndarray:
     """A grid of N + 1 float32 times with a step boundary on each edge of the guidance
     interval that lies inside (0, 1), so no step straddles the jump of the guided velocity.
 
@@ -175,6 +176,10 @@ def edge_timesteps(num_steps: int, shift: float, interval: tuple[float, float]) 
     one, and inside a segment the steps are uniform in u, as `timesteps` is (an interval with
     no edge inside (0, 1) keeps the `timesteps` grid). N must be at least the number of
     segments (2 for c2i's (0.1, 1]; 1 for an interval (0, 1)).
+
+    ``counts`` (one per segment, at least one each, summing to N) overrides the proportional
+    split: a tuned solver table searches it, since where the few steps go on either side of
+    the jump matters more than their spacing inside a segment.
     """
     edges = sorted({float(e) for e in interval if 0.0 < float(e) < 1.0})
     if not edges:
@@ -187,13 +192,28 @@ def edge_timesteps(num_steps: int, shift: float, interval: tuple[float, float]) 
             f"guidance_edges places a step boundary on each edge of the guidance interval "
             f"{interval}: that needs at least {lengths.size} steps, got {num_steps}"
         )
-    counts = np.maximum(1, np.round(lengths * num_steps)).astype(int)
-    while counts.sum() != num_steps:  # the rounding's excess or deficit on the longest segment
-        j = int(np.argmax(lengths / counts)) if counts.sum() < num_steps else int(
-            np.argmax(np.where(counts > 1, counts / lengths, -np.inf)))
-        counts[j] += 1 if counts.sum() < num_steps else -1
+    if counts is not None:
+        given = np.asarray(counts, dtype=int)
+        if given.shape != lengths.shape or np.any(given < 1) or int(given.sum()) != num_steps:
+            raise ConfigError(
+                f"guidance_edges step counts {tuple(int(c) for c in given)} must give each of "
+                f"the {lengths.size} segments at least one step and sum to {num_steps}"
+            )
+        return _segment_grid(cuts, given, edges, shift)
+    split = np.maximum(1, np.round(lengths * num_steps)).astype(int)
+    while split.sum() != num_steps:  # the rounding's excess or deficit on the longest segment
+        j = int(np.argmax(lengths / split)) if split.sum() < num_steps else int(
+            np.argmax(np.where(split > 1, split / lengths, -np.inf)))
+        split[j] += 1 if split.sum() < num_steps else -1
+    return _segment_grid(cuts, split, edges, shift)
+
+
+def _segment_grid(cuts: Sequence[float], counts: np.ndarray, edges: Sequence[float],
+                  shift: float) -> np.ndarray:
+    """``counts[k]`` steps uniform in u between ``cuts[k]`` and ``cuts[k + 1]``, mapped to t,
+    with each edge exactly on its boundary."""
     u = np.concatenate([np.linspace(cuts[k], cuts[k + 1], int(counts[k]) + 1)[:-1]
-                        for k in range(lengths.size)] + [np.array([1.0])])
+                        for k in range(len(counts))] + [np.array([1.0])])
     grid = u / (u + (1.0 - u) * shift)
     out = grid.astype(np.float32)
     for e, k in zip(edges, np.cumsum(counts)[:-1], strict=True):
