@@ -9,7 +9,7 @@ import click
 
 from runtimes.solver_tables import TUNED
 
-from ..solver_tuning import SCHEDULES, TEACHER_STEPS
+from ..solver_tuning import FIT_ITERATIONS, FIT_SAMPLES, SCHEDULES, TEACHER_STEPS
 from .options import SolverChoice, parse_size
 
 
@@ -41,12 +41,12 @@ def _parse_classes(text: str | None) -> list[int] | None:
                    "it tunes the bundle's coefficient-table solver instead")
 @click.option("--nfe", default=None,
               help="with a bare --solver: the step counts to tune tables for, e.g. 5,6,8,10")
-@click.option("--samples", type=int, default=8, show_default=True,
+@click.option("--samples", type=int, default=FIT_SAMPLES, show_default=True,
               help="with --nfe: calibration noises (and labels or prompts) the tables are fitted "
                    "on")
 @click.option("--heldout", type=int, default=8, show_default=True,
               help="with --nfe: held-out noises the recorded error is measured on")
-@click.option("--iterations", type=int, default=24, show_default=True,
+@click.option("--iterations", type=int, default=FIT_ITERATIONS, show_default=True,
               help="with --nfe: gradient steps per table")
 @click.option("--teacher-steps", type=int, default=TEACHER_STEPS, show_default=True,
               help="with --nfe: Heun steps of the teacher (2N - 1 evaluations)")
