@@ -22,8 +22,11 @@ held-out emoji by cosine similarity of the Inception features; top-1 / top-5.
 Time: ms/image is the wall time of the generation calls over the images, on ONNX Runtime at
 one intra-op thread (``--threads``), every arm in the same process, interleaved batch by batch
 (``--batch``) so the machine's load falls on all arms alike. After every batch the features
-and times so far are saved (``--work``/kid-MODEL.npz) and the JSON is rewritten from them, so a
-stopped run leaves a complete table at a smaller N; a rerun resumes from the saved batches.
+and times so far are saved (``--work``/kid-MODEL-NUM.npz) and the JSON is rewritten from them,
+so a stopped run leaves a complete table at a smaller N; a rerun resumes from the saved
+batches, and a rerun with more arms (a larger ``--nfe``) adds them to a finished run, paired
+with its release images; each row records the pass it was timed in (``timed_in_pass``; times
+compare within a pass).
 
     OMP_NUM_THREADS=1 python scripts/studies/solver_kid_study.py --num 300   # the docs run
     python scripts/studies/solver_kid_study.py --num 8 --batch 4 --nfe 8 \\
@@ -175,24 +178,30 @@ def follow(feats: np.ndarray, real: np.ndarray, target: np.ndarray) -> dict[str,
 
 
 def score(state: dict[str, Any], real: np.ndarray, target: np.ndarray | None, level: float,
-          rounds: int, with_fid: bool) -> list[dict[str, Any]]:
-    """One row per arm from the saved features and times."""
+          rounds: int, num: int) -> list[dict[str, Any]]:
+    """One row per arm that has images, from the saved features and times: each arm at its
+    own count, paired with the release's images of the same seeds (FID and the full bootstrap
+    once an arm has all ``num``; ``rounds`` // 5 before)."""
     from training.metrics import fid_from_features, kid_from_features, paired_kid_bootstrap
 
-    done = min(len(f) for f in state["feats"].values())
-    base = state["feats"]["release"][:done]
     rows = []
     for arm in state["arms"]:
+        done = min(state["counted"][arm["arm"]], state["counted"]["release"])
+        if done < 2:
+            continue
         f = state["feats"][arm["arm"]][:done]
         kid, kid_std = kid_from_features(f, real, num_subsets=100)
         row = {**{k: arm[k] for k in ("arm", "setting", "settings", "nfe")},
                "num_samples": done, "kid": kid, "kid_std": kid_std,
-               "ms_per_image": 1000 * state["seconds"][arm["arm"]] / state["counted"][arm["arm"]]}
-        if with_fid:
+               "ms_per_image": 1000 * state["seconds"][arm["arm"]] / state["counted"][arm["arm"]],
+               "timed_in_pass": next(i for i, names in enumerate(state["passes"])
+                                     if arm["arm"] in names)}
+        if done >= num:
             row["fid"] = fid_from_features(f, real)
         if arm["arm"] != "release":
-            row["kid_diff_vs_release"] = paired_kid_bootstrap(f, base, real, rounds=rounds,
-                                                              level=level)
+            row["kid_diff_vs_release"] = paired_kid_bootstrap(
+                f, state["feats"]["release"][:done], real, level=level,
+                rounds=rounds if done >= num else max(rounds // 5, 1))
         if target is not None:
             row["follow"] = follow(f, real, target[:done])
         rows.append(row)
@@ -222,13 +231,21 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
     state: dict[str, Any] = {"arms": plan, "feats": {a["arm"]: np.zeros((0, 2048)) for a in plan},
                              "seconds": {a["arm"]: 0.0 for a in plan},
                              "counted": {a["arm"]: 0 for a in plan}, "feature_seconds": 0.0}
-    if store.is_file() and not args.estimate:
+    state["passes"] = []
+    if store.is_file() and not args.estimate:  # resume, and add arms to a finished run
         saved = np.load(store, allow_pickle=False)
         meta = json.loads(str(saved["meta"]))
-        if [a["arm"] for a in meta["arms"]] == [a["arm"] for a in plan]:
-            state.update(meta)
-            state["feats"] = {a["arm"]: saved[f"f{i}"] for i, a in enumerate(plan)}
-            log(f"{name}: resuming after {min(state['counted'].values())} images")
+        for i, arm in enumerate(meta["arms"]):
+            if arm["arm"] not in state["feats"]:
+                raise SystemExit(f"{store} holds the arm {arm['arm']!r}: ask for it too")
+            state["feats"][arm["arm"]] = saved[f"f{i}"]
+            for key in ("seconds", "counted"):
+                state[key][arm["arm"]] = meta[key][arm["arm"]]
+        state["feature_seconds"] = meta["feature_seconds"]
+        state["passes"] = meta.get("passes", [[a["arm"] for a in meta["arms"]]])
+        log(f"{name}: resuming at {state['counted']}")
+    # Arms started in this process are timed together, interleaved batch by batch.
+    state["passes"].append([a["arm"] for a in plan if state["counted"][a["arm"]] < num])
     result: dict[str, Any] = {
         "model": name, "family": cfg.family, "bundle_defaults": release.to_dict(),
         "conditions": ("held-out class proportions" if target is None else
@@ -242,6 +259,8 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
     while start < num:
         stop = min(start + args.batch, num)
         for arm in plan:  # interleaved: every arm generates this batch before the next one
+            if state["counted"][arm["arm"]] >= stop:
+                continue
             images, seconds = generate(pipe, cond, start, stop, arm["settings"])
             t0 = time.perf_counter()
             f = inception_features(features, images, batch_size=50, device="cpu")
@@ -257,11 +276,10 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
         tmp = store.with_suffix(".tmp.npz")
         np.savez(tmp, meta=json.dumps(meta), **arrays)
         tmp.rename(store)
-        final = start >= num
-        result["rows"] = score(state, scorer.real, target, args.level,
-                               args.rounds if final else 200, with_fid=final)
+        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num)
+        result["passes"] = state["passes"]
         result["loadavg_end"] = os.getloadavg()
-        result["complete"] = final
+        result["complete"] = start >= num
         report["results"] = [r for r in report["results"] if r["model"] != name] + [result]
         write(report, args)
         shown = ", ".join(f"{r['arm']} {r['kid_diff_vs_release']['diff'] * 1e3:+.1f}"
