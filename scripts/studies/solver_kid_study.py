@@ -300,9 +300,30 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
 
 def write(report: dict[str, Any], args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.rename(args.out)
+    for path, text in ((args.out, json.dumps(report, indent=1) + "\n"),
+                       (args.out.with_suffix(".md"), markdown(report))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.rename(path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table docs/sampling.md shows: one row per arm and model."""
+    lines = ["| model | setting | NFE | N | FID | KID (x1e-3) | KID - release (x1e-3) "
+             "[interval] | top-1 / top-5 | ms/image | time vs release |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
+    for res in report["results"]:
+        for row in res.get("rows", []):
+            d = row.get("kid_diff_vs_release")
+            diff = (f"{d['diff'] * 1e3:+.1f} [{d['lo'] * 1e3:+.1f}, {d['hi'] * 1e3:+.1f}]"
+                    if d else "")
+            f = row.get("follow")
+            top = f"{f['top1']:.3f} / {f['top5']:.3f}" if f else ""
+            fid = f"{row['fid']:.1f}" if "fid" in row else ""
+            lines.append(f"| `{res['model']}` | {row['arm']} | {row['nfe']} | "
+                         f"{row['num_samples']} | {fid} | {row['kid'] * 1e3:.1f} | {diff} | "
+                         f"{top} | {row['ms_per_image']:.0f} | {row['time_vs_release']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
