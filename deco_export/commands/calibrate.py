@@ -9,7 +9,7 @@ import click
 
 from runtimes.solver_tables import TUNED
 
-from ..solver_tuning import TEACHER_STEPS
+from ..solver_tuning import FIT_ITERATIONS, FIT_SAMPLES, SCHEDULES, TEACHER_STEPS
 from .options import SolverChoice, parse_size
 
 
@@ -41,15 +41,24 @@ def _parse_classes(text: str | None) -> list[int] | None:
                    "it tunes the bundle's coefficient-table solver instead")
 @click.option("--nfe", default=None,
               help="with a bare --solver: the step counts to tune tables for, e.g. 5,6,8,10")
-@click.option("--samples", type=int, default=8, show_default=True,
+@click.option("--samples", type=int, default=FIT_SAMPLES, show_default=True,
               help="with --nfe: calibration noises (and labels or prompts) the tables are fitted "
                    "on")
 @click.option("--heldout", type=int, default=8, show_default=True,
               help="with --nfe: held-out noises the recorded error is measured on")
-@click.option("--iterations", type=int, default=24, show_default=True,
+@click.option("--iterations", type=int, default=FIT_ITERATIONS, show_default=True,
               help="with --nfe: gradient steps per table")
 @click.option("--teacher-steps", type=int, default=TEACHER_STEPS, show_default=True,
               help="with --nfe: Heun steps of the teacher (2N - 1 evaluations)")
+@click.option("--lr", type=float, default=0.05, show_default=True,
+              help="with --nfe: Adam's learning rate")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True,
+              help="with --nfe: the learning rate over the iterations")
+@click.option("--split-search/--no-split-search", default=True, show_default=True,
+              help="with --nfe: choose how many steps lie between each pair of guidance edges "
+                   "by short fits (the grid's own split otherwise)")
+@click.option("--screen-iterations", type=int, default=12, show_default=True,
+              help="with --nfe and --split-search: iterations of each short fit")
 @click.option("--mode", type=click.Choice(["reuse", "fresh_t"]), default="reuse",
               show_default=True, help="stored with the schedule: reuse the condition, or cache h "
                                       "and refresh the timestep embedding")
@@ -71,7 +80,8 @@ def calibrate_command(source: str, steps: int | None, budgets: tuple[str, ...],
                       precision: str, providers: str | None, device: str,
                       image_size: str | None, out: Path, plot: Path | None,
                       no_record: bool, nfe: str | None, samples: int, heldout: int,
-                      iterations: int, teacher_steps: int) -> None:
+                      iterations: int, teacher_steps: int, lr: float, schedule: str,
+                      split_search: bool, screen_iterations: int) -> None:
     """Calibrate StatisticDP DiT-sharing schedules (one per --budget) for a bundle or checkpoint.
 
     Samples the calibration labels with the DiT at every step, averages the token cosine
@@ -92,7 +102,9 @@ def calibrate_command(source: str, steps: int | None, budgets: tuple[str, ...],
             raise click.UsageError("--solver alone tunes solver tables: give the step counts "
                                    "with --nfe, e.g. --nfe 5,6,8,10")
         _tune_tables(source, nfe, samples=samples, heldout=heldout, iterations=iterations,
-                     teacher_steps=teacher_steps, guidance=guidance, shift=shift,
+                     teacher_steps=teacher_steps, lr=lr, schedule=schedule,
+                     split_search=split_search, screen_iterations=screen_iterations,
+                     guidance=guidance, shift=shift,
                      backend=backend or "onnxruntime", precision=precision,
                      providers=providers, record=not no_record)
         return
@@ -146,7 +158,8 @@ def calibrate_command(source: str, steps: int | None, budgets: tuple[str, ...],
 
 
 def _tune_tables(source: str, nfe: str, *, samples: int, heldout: int, iterations: int,
-                 teacher_steps: int, guidance: float | None, shift: float | None, backend: str,
+                 teacher_steps: int, lr: float, schedule: str, split_search: bool,
+                 screen_iterations: int, guidance: float | None, shift: float | None, backend: str,
                  precision: str, providers: str | None, record: bool) -> None:
     """`deco calibrate BUNDLE --solver --nfe ...`: fit, measure, record, summarise."""
     from tqdm.auto import tqdm
@@ -173,7 +186,8 @@ def _tune_tables(source: str, nfe: str, *, samples: int, heldout: int, iteration
     options = {} if providers is None else {"providers": providers}
     report = tune_solver_tables(
         source, counts, samples=samples, heldout=heldout, iterations=iterations,
-        teacher_steps=teacher_steps, guidance=guidance, shift=shift, backend=backend,
+        teacher_steps=teacher_steps, lr=lr, schedule=schedule, split_search=split_search,
+        screen_iterations=screen_iterations, guidance=guidance, shift=shift, backend=backend,
         precision=precision, record=record, progress=progress,
         say=lambda m: click.echo(m, err=True), **options)
     click.echo(f"tuned on {samples} calibration samples, measured on {heldout} held-out ones "

@@ -230,17 +230,30 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         rel = next(r for r in res["rows"] if r["setting"] == "release")
         ax.scatter([rel["nfe"]], [rel["psnr_mean"]], marker="*", s=120, color="k",
                    label=f"release ({rel['solver']} {rel['steps']})", zorder=5)
-        ax.set_xscale("log")
-        ax.set_xticks([4, 6, 8, 10, 16, 25, 50, 100])
         ax.set_ylim(top=max(r["psnr_mean"] for r in res["rows"]) + 3)
-        ax.set_xticklabels(["4", "6", "8", "10", "16", "25", "50", "100"])
-        ax.set_xlabel("NFE (model evaluations per CFG branch)")
-        ax.set_ylabel(f"PSNR vs converged sample (dB), mean of {res['num']}")
         conv = res["reference"]["converged"]["psnr_mean"]
-        ax.set_title(f"{res['model']} ({res['family']}); solid: guidance edges, dotted: "
-                     f"without\nreference converged to {conv:.1f} dB")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        nfe_axes(ax, f"PSNR vs converged sample (dB), mean of {res['num']}",
+                 f"{res['model']} ({res['family']}); solid: guidance edges, dotted: "
+                 f"without\nreference converged to {conv:.1f} dB")
+    save_figure(fig, path)
+
+
+def nfe_axes(ax: Any, ylabel: str, title: str, ticks: tuple[int, ...] = (4, 6, 8, 10, 16, 25,
+                                                                          50, 100),
+             legend: dict[str, Any] | None = None) -> None:
+    """NFE on a log axis with the given ticks, the labels, a grid and the legend: the frame of
+    every solver study's plot."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks))
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel("NFE (model evaluations per CFG branch)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**(legend or {"fontsize": 7, "ncol": 2}))
+
+
+def save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

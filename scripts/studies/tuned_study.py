@@ -36,6 +36,8 @@ from solver_study import (
     bundle_for,
     conditions,
     log,
+    nfe_axes,
+    save_figure,
 )
 
 import runtimes
@@ -167,17 +169,9 @@ def plot(study_results: list[dict[str, Any]], tuned: list[dict[str, Any]], path:
         if rel is not None:
             ax.scatter([rel["nfe"]], [rel["psnr_mean"]], marker="*", s=120, color="k",
                        label=f"release ({rel['solver']} {rel['steps']})", zorder=5)
-        ax.set_xscale("log")
-        ax.set_xticks([4, 6, 8, 10, 16, 25, 50, 100])
-        ax.set_xticklabels(["4", "6", "8", "10", "16", "25", "50", "100"])
-        ax.set_xlabel("NFE (model evaluations per CFG branch)")
-        ax.set_ylabel(f"PSNR vs converged sample (dB), mean of {res['num']}")
-        ax.set_title(f"{res['model']} ({res['family']}): tuned tables against the solvers")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+        nfe_axes(ax, f"PSNR vs converged sample (dB), mean of {res['num']}",
+                 f"{res['model']} ({res['family']}): tuned tables against the solvers")
+    save_figure(fig, path)
 
 
 def main() -> None:

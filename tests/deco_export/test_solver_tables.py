@@ -22,7 +22,12 @@ from PIL import Image
 
 import runtimes
 from deco_export.cli import main
-from deco_export.solver_tuning import parse_nfe, recheck_solver_tables, tune_solver_tables
+from deco_export.solver_tuning import (
+    parse_nfe,
+    recheck_solver_tables,
+    search_split,
+    tune_solver_tables,
+)
 from runtimes.bundle import read_manifest, write_manifest
 from runtimes.errors import ConfigError
 from runtimes.sampler import sample
@@ -69,6 +74,27 @@ def test_the_fit_beats_the_untuned_grids_on_held_out_noises(tuned_bundle):
     grid = np.asarray(table.timesteps)
     assert grid[0] == 0.0 and grid[-1] == 1.0 and np.all(np.diff(grid) > 0)
     assert np.float32(0.1) in grid.astype(np.float32)  # the guidance edge stays a boundary
+    # the split of the steps around the edge is the best of those screened, and the grid has it
+    screened = {tuple(int(v) for v in k.split(",")): loss
+                for k, loss in table.fit["screened"].items()}
+    assert len(screened) >= 2 and tuple(table.fit["split"]) == min(screened, key=screened.get)
+    assert int(np.flatnonzero(grid.astype(np.float32) == np.float32(0.1))[0]) == \
+        table.fit["split"][0]
+
+
+def test_the_split_search_climbs_to_the_lowest_screened_loss():
+    seen = []
+
+    def screen(split):
+        seen.append(split)
+        return (split[0] - 3) ** 2 + 0.1 * split[1]
+
+    best, tried = search_split(screen, (1, 7))
+    assert best == (3, 5) and set(tried) == {(1, 7), (2, 6), (3, 5), (4, 4)}
+    assert len(seen) == len(set(seen))  # no split is fitted twice
+    # three runs (two edges inside (0, 1)): steps move between neighbouring runs only
+    best, _ = search_split(lambda s: float(abs(s[0] - 2) + abs(s[2] - 3)), (1, 1, 6))
+    assert best == (2, 3, 3)
 
 
 def test_tables_round_trip_through_the_manifest(tuned_bundle, tmp_path):

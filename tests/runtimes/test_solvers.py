@@ -103,6 +103,15 @@ def test_edge_grid_puts_a_boundary_on_the_edge_and_keeps_the_step_count():
         make_plan(SamplerConfig(num_steps=1, guidance=2.0, guidance_interval=(0.1, 1.0),
                                 guidance_edges=True))
     # guidance per step by where the step lies: the bounds' open or closed ends do not matter
+    # a given split of the steps between the edges (what a tuned table searches)
+    three = edge_timesteps(8, 1.0, (0.1, 1.0), counts=(3, 5))
+    assert three[3] == np.float32(0.1) and np.allclose(np.diff(three[:4]), 0.1 / 3)
+    assert np.allclose(np.diff(three[3:]), 0.9 / 5)
+    assert np.array_equal(edge_timesteps(8, 1.0, (0.1, 1.0), counts=(1, 7)),
+                          edge_timesteps(8, 1.0, (0.1, 1.0)))
+    for bad in ((0, 8), (2, 5), (1, 2, 5)):
+        with pytest.raises(ConfigError, match="at least one step and sum to 8"):
+            edge_timesteps(8, 1.0, (0.1, 1.0), counts=bad)
     plans = [make_plan(SamplerConfig(solver="ab2", num_steps=8, guidance=3.0, guidance_bounds=b,
                                      guidance_interval=(0.1, 1.0), guidance_edges=True))
              for b in ("()", "(]", "[]")]
