@@ -44,6 +44,17 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float | None = Non
     return 10.0 * math.log10(data_range**2 / mse)
 
 
+def sample_accuracy(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How close a batch of samples is to reference samples of the same noises: the mean and
+    the lowest per-image PSNR (data range 2, images in [-1, 1]; the figure solver studies and
+    tuned solver tables report) and the largest absolute pixel error over the batch."""
+    err = (np.asarray(images, np.float64) - np.asarray(reference, np.float64)).reshape(
+        len(images), -1)
+    per_image = 10 * np.log10(4.0 / np.maximum((err**2).mean(axis=1), 1e-20))
+    return {"psnr_mean": float(per_image.mean()), "psnr_min": float(per_image.min()),
+            "max_abs": float(np.abs(err).max())}
+
+
 def snr(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-noise ratio in dB: the reference's energy over the error's (inf if exact)."""
     ref = np.asarray(reference, np.float64)

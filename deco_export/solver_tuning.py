@@ -36,6 +36,8 @@ from runtimes.sampler import SamplerConfig, edge_timesteps, make_plan
 from runtimes.solver_tables import TUNED, SolverTable
 from runtimes.solvers import adams_bashforth_table
 
+from .parity import sample_accuracy
+
 __all__ = [
     "CALIBRATION_PROMPTS",
     "HELDOUT_PROMPTS",
@@ -147,9 +149,8 @@ def _generate(pipe: Any, cond: dict[str, Any], noise: np.ndarray, **settings: An
 
 def _psnr(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     """(mean per-image PSNR, data range 2; largest absolute error)."""
-    err = (images - reference).reshape(len(images), -1)
-    mse = np.maximum((err ** 2).mean(axis=1), 1e-20)
-    return float(np.mean(10 * np.log10(4.0 / mse))), float(np.abs(err).max())
+    figures = sample_accuracy(images, reference)
+    return figures["psnr_mean"], figures["max_abs"]
 
 
 def _teacher_settings(steps: int) -> dict[str, Any]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,11 +46,8 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from solver_study import bundle_for, log, nfe_axes, save_figure
-
 import runtimes
+from deco_export.studies import bundle_for, log, nfe_axes, save_figure
 from runtimes.sampler import make_plan, release_sampler
 
 FEW_STEP = (("tuned", {"solver": "tuned"}),

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,15 +42,18 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import runtimes
+from deco_export.parity import sample_accuracy as accuracy
+from deco_export.studies import (
+    NOISE_SEED,
+    SOLVERS,
+    bundle_for,
+    conditions,
+    log,
+    nfe_axes,
+    save_figure,
+)
 from runtimes.noise import noise_for_keys
 from runtimes.sampler import SamplerConfig, make_plan
-
-SOLVERS = ("euler", "heun", "ab2", "ab3", "dpm++2m", "unipc")
-NOISE_SEED = 1
-# Emoji names (CLDR short names, as the text-to-image model was trained on), 16 of them.
-PROMPTS = ("grinning face", "red heart", "cat face", "thumbs up", "fire", "rocket",
-           "smiling face with sunglasses", "face with tears of joy", "green apple", "sun",
-           "crying face", "dog face", "pizza", "star", "ghost", "snowman")
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,37 +80,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def log(*parts: Any) -> None:
-    print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)
 
 
-def bundle_for(name: str, work: Path) -> Path:
-    """An fp32 ONNX bundle of the embedded model ``name`` (exported once, then reused)."""
-    root = work / f"bundle-{name}"
-    if (root / "manifest.json").is_file():
-        return root
-    from deco_export.export.onnx import export_onnx
-    from deco_export.sources import load_model
-
-    model, source = load_model(name)
-    log(f"exporting {root}")
-    export_onnx(model.float().eval(), root, precisions=("fp32",), source=source,
-                parity_steps=10)
-    return root
 
 
-def conditions(pipe: Any, name: str, num: int) -> dict[str, Any]:
-    """Labels cycling over the classes, or held-out emoji names encoded once."""
-    cfg = pipe.model_config
-    if cfg.family != "t2i":
-        return {"class_labels": [i % cfg.num_classes for i in range(num)]}
-    from deco_export.sampling import open_pipeline
-
-    torch_pipe = open_pipeline(name)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num)]
-    embeds = np.asarray(torch_pipe.text_encoder.encode(prompts), dtype=np.float32)
-    negative = np.asarray(torch_pipe.text_encoder.encode([""]), dtype=np.float32)
-    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "prompts": prompts}
 
 
 def steps_for(solver: str, nfe: int) -> int:
@@ -127,12 +102,6 @@ def generate(pipe: Any, cond: dict[str, Any], config: SamplerConfig, noise: np.n
     return np.asarray(pipe.generate(**c, noise=noise, output_type="np", **kw).images)
 
 
-def accuracy(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    err = (images.astype(np.float64) - reference).reshape(len(images), -1)
-    mse = np.maximum((err**2).mean(axis=1), 1e-20)
-    psnr = 10 * np.log10(4.0 / mse)
-    return {"psnr_mean": float(psnr.mean()), "psnr_min": float(psnr.min()),
-            "max_abs": float(np.abs(err).max())}
 
 
 def ms_per_image(pipe: Any, cond: dict[str, Any], config: SamplerConfig, noise: np.ndarray,
@@ -238,25 +207,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def nfe_axes(ax: Any, ylabel: str, title: str, ticks: tuple[int, ...] = (4, 6, 8, 10, 16, 25,
-                                                                          50, 100),
-             legend: dict[str, Any] | None = None) -> None:
-    """NFE on a log axis with the given ticks, the labels, a grid and the legend: the frame of
-    every solver study's plot."""
-    ax.set_xscale("log")
-    ax.set_xticks(list(ticks))
-    ax.set_xticklabels([str(t) for t in ticks])
-    ax.set_xlabel("NFE (model evaluations per CFG branch)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(**(legend or {"fontsize": 7, "ncol": 2}))
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,20 +26,17 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from solver_study import (
+import runtimes
+from deco_export.parity import sample_accuracy as accuracy
+from deco_export.studies import (
     NOISE_SEED,
     SOLVERS,
-    accuracy,
     bundle_for,
     conditions,
     log,
     nfe_axes,
     save_figure,
 )
-
-import runtimes
 from runtimes.noise import noise_for_keys
 from runtimes.sampler import make_plan
 
