@@ -81,6 +81,9 @@ SHARED_UNITS = {
     "tests/deco_export/test_faults_round3.py": "t2i_text_bundle",
     "tests/deco_export/test_bench_t2i.py": "t2i_text_bundle",
     "tests/deco_export/test_text_encoder_placement.py": "t2i_text_bundle",
+    # both export the embedded default-t2i: one after the other, the second reuses the traces
+    "tests/deco_export/test_int8.py": "default_t2i_exports",
+    "tests/deco_export/test_default_t2i.py": "default_t2i_exports",
     # the serving tests read the golden_onnx_bundle and golden_t2i_onnx_bundle exports
     "tests/runtimes/test_batching.py": "serve_bundles",
     "tests/deco_export/test_serve.py": "serve_bundles",
@@ -88,20 +91,19 @@ SHARED_UNITS = {
     "tests/deco_export/test_serve_ray.py": "serve_bundles",
     "tests/deco_export/test_serve_load.py": "serve_bundles",
 }
-# The slowest units, slowest first (per --durations on 2 cores: the Core ML conversions, the
-# faults files' real exports and kills, the shared T2I export, the serving tests' exports); the
-# others follow in file order.
+# The slowest units, slowest first (per --durations on 2 cores: the shared T2I exports, the
+# embedded default-t2i's exports, the Core ML conversions, the faults files' real exports and
+# kills, the serving tests' exports); the others follow in file order.
 HEAVIEST_FIRST = (
-    "tests/deco_export/test_coreml.py",
-    "tests/deco_export/test_faults.py",
     "t2i_text_bundle",
-    "serve_bundles",
+    "default_t2i_exports",
+    "tests/deco_export/test_coreml.py",
     "tests/deco_export/test_export_onnx.py",
-    "tests/deco_export/test_int8.py",
+    "tests/deco_export/test_faults.py",
+    "serve_bundles",
+    "tests/deco_export/test_export_distilled.py",
     "tests/deco_export/test_export_onnx_t2i_precisions.py",
     "tests/deco_export/test_text_encoder_precisions.py",
-    "tests/deco_export/test_default_t2i.py",
-    "tests/deco_export/test_export_distilled.py",
     "tests/deco_export/test_bench.py",
     "tests/deco_export/test_coreml_t2i.py",
     "tests/training/test_trainer.py",
