@@ -262,6 +262,7 @@ def main() -> None:
                          f"step batcher (max {args.max_batch})": batched}}
     print(table(results))
     if args.out_json:
+        args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:
         plot(results, args.plot)
