@@ -34,6 +34,7 @@ __all__ = [
     "kid_from_features",
     "load_inception",
     "paired_kid_bootstrap",
+    "prompt_following",
     "speckle_mask",
     "speckles",
 ]
@@ -473,6 +474,20 @@ def paired_kid_bootstrap(
     return {"diff": float(np.mean(diffs)), "lo": float(lo), "hi": float(hi),
             "se_a": float(ka.std()), "se_b": float(kb.std()), "rounds": rounds,
             "level": level}
+
+
+def prompt_following(features: np.ndarray, bank: np.ndarray, target: np.ndarray
+                     ) -> dict[str, float]:
+    """How well each sample shows what it was prompted for: the rank of its prompted image
+    (``bank[target[i]]``) among the whole bank by cosine similarity of the features, as top-1 /
+    top-5 accuracy and the median rank (1 = first)."""
+    def unit(a: np.ndarray) -> np.ndarray:
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    sim = unit(features) @ unit(bank).T
+    rank = (sim > sim[np.arange(len(target)), target][:, None]).sum(axis=1)
+    return {"top1": float((rank < 1).mean()), "top5": float((rank < 5).mean()),
+            "median_rank": float(np.median(rank) + 1)}
 
 
 def speckles(images: np.ndarray, jump: int = 64, calm: int = 48) -> np.ndarray:

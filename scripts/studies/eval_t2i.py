@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
-from training.metrics import denoise_error, speckles
+from training.metrics import denoise_error, prompt_following, speckles
 
 # The README grid: chosen before sampling; training and held-out names mixed.
 GRID_PROMPTS = (
@@ -87,17 +87,6 @@ def real_features(cache: Path, size: tuple[int, int], n_train: int, feats) -> tu
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=key, base=f_base, test=f_test, train=f_train)
     return f_base, f_test, f_train
-
-
-def follow_accuracy(f_samples: np.ndarray, f_bank: np.ndarray, target: np.ndarray) -> dict:
-    """Rank of each sample's prompted emoji among the bank by cosine similarity."""
-    def unit(a: np.ndarray) -> np.ndarray:
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
-
-    sim = unit(f_samples) @ unit(f_bank).T
-    rank = (sim > sim[np.arange(len(target)), target][:, None]).sum(axis=1)
-    return {"top1": float((rank < 1).mean()), "top5": float((rank < 5).mean()),
-            "median_rank": float(np.median(rank) + 1)}
 
 
 def main() -> None:
@@ -199,7 +188,7 @@ def main() -> None:
     index = {s: i for i, s in enumerate(base_all)}
     target = np.array([index[s] for s in follow])
     for name, imgs in follow_imgs.items():
-        for key, value in follow_accuracy(feats(imgs), f_base, target).items():
+        for key, value in prompt_following(feats(imgs), f_base, target).items():
             result[f"follow_{key}_{name}"] = value
     result.update({
         "follow_n": len(follow), "follow_candidates": len(base_all),

@@ -163,22 +163,17 @@ class OnnxInception:
         return out
 
 
-def follow(feats: np.ndarray, real: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Top-1 / top-5 retrieval of each image's prompted emoji among the held-out emoji."""
-    def unit(a: np.ndarray) -> np.ndarray:
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
-
-    sim = unit(feats) @ unit(real).T
-    rank = (sim > sim[np.arange(len(target)), target][:, None]).sum(axis=1)
-    return {"top1": float((rank < 1).mean()), "top5": float((rank < 5).mean())}
-
-
 def score(state: dict[str, Any], real: np.ndarray, target: np.ndarray | None, level: float,
           rounds: int, num: int) -> list[dict[str, Any]]:
     """One row per arm that has images, from the saved features and times: each arm at its
     own count, paired with the release's images of the same seeds (FID and the full bootstrap
     once an arm has all ``num``; ``rounds`` // 5 before)."""
-    from training.metrics import fid_from_features, kid_from_features, paired_kid_bootstrap
+    from training.metrics import (
+        fid_from_features,
+        kid_from_features,
+        paired_kid_bootstrap,
+        prompt_following,
+    )
 
     rows = []
     for arm in state["arms"]:
@@ -199,7 +194,8 @@ def score(state: dict[str, Any], real: np.ndarray, target: np.ndarray | None, le
                 f, state["feats"]["release"][:done], real, level=level,
                 rounds=rounds if done >= num else max(rounds // 5, 1))
         if target is not None:
-            row["follow"] = follow(f, real, target[:done])
+            row["follow"] = {k: v for k, v in prompt_following(f, real, target[:done]).items()
+                             if k in ("top1", "top5")}
         rows.append(row)
     release_ms = rows[0]["ms_per_image"]
     for row in rows:

@@ -16,6 +16,7 @@ from training.metrics import (
     kid_from_features,
     load_image_set,
     paired_kid_bootstrap,
+    prompt_following,
     proportional_labels,
     speckle_mask,
     speckles,
@@ -185,3 +186,15 @@ def test_speckles_count_isolated_outlier_pixels_only():
     flat[1, 2:6, 2:6] = 250  # a bright block: its pixels have bright neighbours
     assert speckles(flat).tolist() == [1, 0]
     assert speckle_mask(flat)[0, 4, 4] and speckle_mask(flat).sum() == 1
+
+
+def test_prompt_following_ranks_each_samples_prompted_image_by_cosine():
+    bank = np.eye(6)[:, :6] + 0.01  # six distinct directions
+    # samples 0 and 1 point at their targets; sample 2 at bank row 4 while prompted for row 3,
+    # with row 3 its second-closest
+    samples = np.stack([bank[0], 2 * bank[1], bank[4] + 0.5 * bank[3]])
+    figures = prompt_following(samples, bank, np.array([0, 1, 3]))
+    assert figures["top1"] == pytest.approx(2 / 3)
+    assert figures["top5"] == 1.0
+    assert figures["median_rank"] == 1.0
+    assert prompt_following(samples, bank, np.array([5, 5, 5]))["top1"] == 0.0
