@@ -68,6 +68,11 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
         )
         program.save(str(path), external_data=external_data)
 
+    weight_bytes = sum(t.numel() * t.element_size()
+                       for t in (*module.parameters(), *module.buffers()))
+    if weight_bytes > MAX_ENTRY_BYTES:  # its files would not be kept: hashing them is waste
+        trace()
+        return
     key = trace_key(module, inputs, path.name, opset=opset, input_names=input_names,
                     output_names=output_names, dynamic_shapes=dynamic_shapes,
                     external_data=external_data)

@@ -104,3 +104,21 @@ def test_large_entries_are_not_kept_and_the_total_stays_bounded(tmp_path, cache,
         path = tmp_path / f"g{i}.onnx"
         cached(key, path, make(path, 60))
     assert sorted(p.name for p in cache.iterdir()) == ["2" * 64, "3" * 64]  # oldest dropped
+
+
+def test_a_module_whose_weights_exceed_an_entry_is_traced_without_the_cache(tmp_path, cache,
+                                                                           monkeypatch):
+    """Its files would not be kept, so it is not keyed (no pass over its weights) and never
+    takes an entry: here a planted one under its key stays unread."""
+    module = Scale().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    key = trace_key(module, (torch.ones(2, 4),), "g.onnx", opset=18, input_names=["x"],
+                    output_names=["y"], dynamic_shapes=({0: batch},), external_data=False)
+    (cache / key).mkdir(parents=True)
+    (cache / key / "g.onnx").write_bytes(b"planted")
+    export(module, tmp_path / "g.onnx")
+    assert (tmp_path / "g.onnx").read_bytes() == b"planted"  # the same module, small: a hit
+    monkeypatch.setattr(trace_cache, "MAX_ENTRY_BYTES", 16)  # Scale holds 15 floats
+    export(module, tmp_path / "g.onnx")
+    assert (tmp_path / "g.onnx").read_bytes() != b"planted"
+    ort.InferenceSession(str(tmp_path / "g.onnx"))  # a real graph, traced
