@@ -45,10 +45,14 @@ FREQUENCY_SIZE = 256  # TimestepEmbedder's sinusoidal features
 DCT_FEATURES = 64  # PixelEmbedder's 8 x 8 DCT position features
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
+_REQUIRED = object()
+
+
+def _get(config: Any, name: str, default: Any = _REQUIRED) -> Any:
     """A field of a `ModelConfig` or of a mapping of its fields (``default`` where a mapping
-    leaves it out, as a manifest does for fields at their defaults)."""
-    if default is None:
+    leaves it out, as a manifest does for fields at their defaults; without one the field must
+    be there)."""
+    if default is _REQUIRED:
         return config[name] if isinstance(config, Mapping) else getattr(config, name)
     return config.get(name, default) if isinstance(config, Mapping) else getattr(
         config, name, default)

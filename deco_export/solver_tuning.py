@@ -219,6 +219,12 @@ def default_split(config: SamplerConfig) -> tuple[int, ...]:
     return tuple(e - a for a, e in _segments(grid, config.guidance_interval))
 
 
+def _check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"learning-rate schedule {schedule!r} is not one of "
+                         f"{', '.join(SCHEDULES)}")
+
+
 def fit_table(model: Any, config: SamplerConfig, noise: np.ndarray, cond: Any, uncond: Any,
               teacher: np.ndarray, *, iterations: int = 24, lr: float = 0.05,
               split: Sequence[int] | None = None, schedule: str = "cosine",
@@ -234,8 +240,7 @@ def fit_table(model: Any, config: SamplerConfig, noise: np.ndarray, cond: Any, u
     "constant" keeps it."""
     import torch
 
-    if schedule not in SCHEDULES:
-        raise ValueError(f"learning-rate schedule {schedule!r} is not one of {SCHEDULES}")
+    _check_schedule(schedule)
     config = replace(config, solver="ab2", guidance_edges=True,
                      timesteps=split_grid(config, split), coefficients=None)
     plan = make_plan(config)
@@ -415,8 +420,7 @@ def tune_solver_tables(
     nfes = parse_nfe(nfes)
     if samples < 1 or heldout < 1:
         raise ValueError("--samples and --heldout must be at least 1")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"--schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _check_schedule(schedule)  # before the teacher's minutes, not after
     note = say or (lambda _m: None)
     root = Path(bundle)
     manifest = rb.read_manifest(root)
