@@ -33,20 +33,40 @@ __all__ = ["STAGING_KINDS", "StagingDir", "clean_stale", "copy_tree_into", "stag
 STAGING_KINDS = ("staging", "old", "tmp")
 
 
+_TAKEN = -1  # `_hold`'s answer when a cleaner took the directory first
+
+
 def _hold(path: Path) -> int | None:
-    """An open descriptor of ``path`` holding its OS lock, or None where directories cannot be
-    opened or locked (the directory is then simply not marked live)."""
+    """An open descriptor of ``path`` holding its OS lock; None where directories cannot be
+    opened or locked (the directory is then simply not marked live); `_TAKEN` when another
+    process's `clean_stale` locked or removed it between its creation and this lock (it
+    removes what it locks, so the caller makes another)."""
     try:
         fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return _TAKEN
     except OSError:
         return None
     try:
-        if try_lock_descriptor(fd):
-            return fd
+        locked = try_lock_descriptor(fd)
     except OSError:
-        pass
+        os.close(fd)
+        return None
+    if locked and _is_path_of(fd, path):
+        return fd
     os.close(fd)
-    return None
+    return _TAKEN
+
+
+def _is_path_of(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the directory open as ``fd`` (a cleaner that removed it
+    after we opened it leaves us holding the lock of a deleted directory)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _staging_prefix(target: Path, kind: str) -> str:
@@ -71,17 +91,21 @@ class StagingDir:
             path = self.target.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 os.mkdir(path)  # 0o777 minus the umask, unlike tempfile.mkdtemp's 0o700
-                break
             except FileExistsError:
                 continue
             except OSError as err:  # name the user's target, not the staging name
                 raise OSError(err.errno, err.strerror, str(target)) from None
+            # Until it is locked, another writer's `clean_stale` takes the new directory for
+            # a dead writer's: when it did, make another.
+            try:
+                fd = _hold(path)
+            except BaseException:  # an interrupt (Ctrl-C, SIGTERM) too: nothing is left behind
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            if fd != _TAKEN:
+                break
         self.path = path
-        try:
-            self._fd: int | None = _hold(path)
-        except BaseException:  # an interrupt (Ctrl-C, SIGTERM) too: nothing is left behind
-            shutil.rmtree(path, ignore_errors=True)
-            raise
+        self._fd: int | None = fd
 
     def release(self) -> None:
         """Drop the flock (the directory itself stays; see `remove`)."""

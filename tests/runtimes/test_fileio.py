@@ -4,6 +4,7 @@ stale staging), runtimes.locks (the write lock) and runtimes.cache (one cache ro
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -77,6 +78,41 @@ def test_clean_stale_removes_only_dead_writers_dirs(tmp_path):
     assert removed == [dead]
     assert live.path.is_dir()
     live.remove()
+
+
+@pytest.mark.parametrize("cleaner", ["removed it", "holds its lock"])
+def test_a_staging_dir_taken_by_another_writers_cleaner_before_its_lock_is_made_again(
+        tmp_path, monkeypatch, cleaner):
+    """Between a staging directory's mkdir and its lock, another writer's `clean_stale` sees
+    an unlocked directory and removes it: the writer must not go on with a lost directory."""
+    target = tmp_path / "b"
+    real_mkdir = os.mkdir
+    taken: list[tuple[Path, int]] = []
+
+    def mkdir_then_clean(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if Path(path).name.startswith(".b.staging-") and not taken:
+            if cleaner == "removed it":
+                taken.append((Path(path), -1))
+                assert staging.clean_stale(target) == [Path(path)]
+            else:  # the cleaner has locked it and removes it once the writer has moved on
+                fd = os.open(path, os.O_RDONLY)
+                assert locks.try_lock_descriptor(fd)
+                taken.append((Path(path), fd))
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_clean)
+    live = staging.staging_dir(target)
+    monkeypatch.undo()
+    try:
+        lost, fd = taken[0]
+        if fd >= 0:
+            shutil.rmtree(lost)
+            os.close(fd)
+        assert live.path != lost and live.path.is_dir()
+        assert staging.clean_stale(target) == []
+        assert live.path.is_dir()
+    finally:
+        live.remove()
 
 
 def test_tree_hash_ignores_symlinks(tmp_path):
