@@ -12,7 +12,9 @@ time it traces the very same graphs. So `export_onnx_file` keeps what the tracer
   version of an installed one, every source file of one that is not (this project's own), so
   an edited model is traced again;
 - the example inputs (dtypes, shapes, values), the input and output names, the dynamic
-  shapes, the opset, whether weights go to external data, and the file's name;
+  shapes, the opset, and whether weights go to external data (then also the file's name,
+  which the graph names its data file by; a self-contained graph is the same whatever it is
+  called, so the int8 export, which quantizes the fp32 graph, reuses the fp32 trace);
 - the versions of torch, onnx and onnxscript.
 
 A hit copies the files into place; nothing else changes, and every export still runs its
@@ -73,21 +75,34 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
     if weight_bytes > MAX_ENTRY_BYTES:  # its files would not be kept: hashing them is waste
         trace()
         return
-    key = trace_key(module, inputs, path.name, opset=opset, input_names=input_names,
-                    output_names=output_names, dynamic_shapes=dynamic_shapes,
-                    external_data=external_data)
+    key = export_key(module, inputs, path, opset=opset, input_names=input_names,
+                     output_names=output_names, dynamic_shapes=dynamic_shapes,
+                     external_data=external_data)
     cached(key, path, trace)
+
+
+def export_key(module: torch.nn.Module, inputs: tuple, path: Path, *, external_data: bool,
+               **settings: Any) -> str:
+    """The cache key of `export_onnx_file`'s trace: its file's name counts only when the
+    weights go to external data, which the graph names its data file by."""
+    return trace_key(module, inputs, path.name if external_data else "",
+                     external_data=external_data, **settings)
 
 
 def cached(key: str, path: Path, make: Callable[[], None]) -> bool:
     """Put the files of entry ``key`` at ``path`` (and its companions), making them with
-    ``make`` and keeping them when the entry is missing. True when they came from the cache."""
+    ``make`` and keeping them when the entry is missing. True when they came from the cache.
+
+    An entry holds one ``.onnx`` file, copied to ``path`` whatever the name it was made
+    under, and its companions (external data), copied under their own names: a key that
+    allows another name must be of a graph without companions, whose files name none."""
     root = cache_dir(CACHE_KIND)
     entry = root / key
-    if (entry / path.name).is_file():
+    if any(entry.glob("*.onnx")):
         try:
-            for file in entry.iterdir():
-                shutil.copyfile(file, path.parent / file.name)
+            for file in entry.iterdir():  # the graph under the name asked for, its data as is
+                shutil.copyfile(file, path if file.suffix == ".onnx" else
+                                path.parent / file.name)
             os.utime(entry)  # recently used
             return True
         except OSError:  # removed meanwhile, or unreadable: trace instead

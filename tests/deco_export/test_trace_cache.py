@@ -3,13 +3,15 @@ changes the key, and the cache keeps to its bounds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
 from deco_export.export import trace_cache
-from deco_export.export.trace_cache import cached, export_onnx_file, trace_key
+from deco_export.export.trace_cache import cached, export_key, export_onnx_file, trace_key
 
 
 class Scale(torch.nn.Module):
@@ -67,6 +69,22 @@ def test_the_key_follows_weights_attributes_inputs_and_settings():
     assert trace_key(module, (torch.ones(3, 4),), "g.onnx", **settings) != changed
     assert trace_key(module, x, "h.onnx", **settings) != changed
     assert trace_key(module, x, "g.onnx", opset=23, external_data=False) != changed
+    # a graph with external data names its data file: its name is part of the key
+    named = {external: {export_key(module, x, Path(name), external_data=external, opset=18)
+                        for name in ("g.onnx", "g.int8.onnx")} for external in (False, True)}
+    assert len(named[False]) == 1 and len(named[True]) == 2
+
+
+def test_a_self_contained_graph_is_reused_under_another_name(tmp_path, cache):
+    """The int8 export quantizes the fp32 graph: its trace, saved as dit.int8.onnx, is the
+    one dit.onnx was made from."""
+    torch.manual_seed(0)
+    module = Scale().eval()
+    export(module, tmp_path / "g.onnx")
+    export(module, tmp_path / "g.int8.onnx")
+    assert len(list(cache.iterdir())) == 1
+    assert (tmp_path / "g.onnx").read_bytes() == (tmp_path / "g.int8.onnx").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "g.int8.onnx", "g.onnx"]
 
 
 def test_an_entry_is_made_once_and_copied_with_its_companion_files(tmp_path, cache):
@@ -112,8 +130,9 @@ def test_a_module_whose_weights_exceed_an_entry_is_traced_without_the_cache(tmp_
     takes an entry: here a planted one under its key stays unread."""
     module = Scale().eval()
     batch = torch.export.Dim("batch", min=1, max=64)
-    key = trace_key(module, (torch.ones(2, 4),), "g.onnx", opset=18, input_names=["x"],
-                    output_names=["y"], dynamic_shapes=({0: batch},), external_data=False)
+    key = export_key(module, (torch.ones(2, 4),), tmp_path / "g.onnx", opset=18,
+                     input_names=["x"], output_names=["y"], dynamic_shapes=({0: batch},),
+                     external_data=False)
     (cache / key).mkdir(parents=True)
     (cache / key / "g.onnx").write_bytes(b"planted")
     export(module, tmp_path / "g.onnx")
