@@ -1,6 +1,7 @@
-"""What the solver studies share (scripts/studies/solver_study.py, tuned_study.py,
-solver_kid_study.py): the embedded models' bundles they measure, the held-out noises' seed and
-conditions, a progress line, and the frame of their NFE plots. The studies are thin protocols
+"""What the solver and distillation studies share (scripts/studies/solver_study.py,
+tuned_study.py, solver_kid_study.py, distill_study.py): the embedded models' bundles they
+measure, the held-out noises' seed and conditions, prompts paired with the held-out images they
+name, a progress line, and the frame of their NFE plots. The studies are thin protocols
 that regenerate docs/sampling.md's tables; this is the part they would otherwise import from
 one another."""
 
@@ -13,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NOISE_SEED", "PROMPTS", "SOLVERS", "bundle_for", "conditions", "log", "nfe_axes",
-           "save_figure"]
+__all__ = ["NOISE_SEED", "PROMPTS", "SOLVERS", "bundle_for", "conditions", "held_out_prompts",
+           "log", "nfe_axes", "save_figure"]
 
 SOLVERS = ("euler", "heun", "ab2", "ab3", "dpm++2m", "unipc")
 NOISE_SEED = 1  # the held-out noises: no calibration or table record uses this seed
@@ -42,6 +43,25 @@ def bundle_for(name: str, work: Path) -> Path:
     export_onnx(model.float().eval(), root, precisions=("fp32",), source=source,
                 parity_steps=10)
     return root
+
+
+def held_out_prompts(real_count: int, image_size: tuple[int, int], num: int
+                     ) -> tuple[list[str], np.ndarray]:
+    """``num`` prompts, each the caption of a held-out emoji, and the position of that emoji
+    among the ``real_count`` features a `training.metrics.HeldOutScorer` holds (the held-out
+    images in its fixed permutation, seed 0): the pairing prompt following is scored on."""
+    from training.captions import load_captioned
+    from training.data import load_dataset
+
+    test = load_captioned("emoji", "test", image_size)
+    ds = load_dataset("emoji", "test", image_size)
+    order = np.random.default_rng(0).permutation(len(ds))[:real_count]
+    if not np.array_equal(np.asarray(test.images), np.asarray(ds.images)):
+        raise SystemExit("the captioned and the scored held-out emoji differ; cannot pair "
+                         "prompts with their images")
+    position = {int(j): k for k, j in enumerate(order)}
+    picks = [int(order[i % len(order)]) for i in range(num)]
+    return [test.captions[j][0] for j in picks], np.asarray([position[j] for j in picks])
 
 
 def conditions(pipe: Any, name: str, num: int) -> dict[str, Any]:

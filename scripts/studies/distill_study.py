@@ -12,6 +12,9 @@ text encoder is not in the timing. It produced the distillation table of docs/sa
 
     python scripts/studies/distill_study.py --family c2i --teacher default --student S \
         --out OUT.json
+
+``--follow`` (t2i) pairs each prompt with the held-out image it names and adds prompt
+following (top-1 / top-5 retrieval of that image by Inception features) for both arms.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,17 +37,25 @@ def export(source: str, bundle: Path) -> Path:
     return bundle
 
 
-def conditions(family: str, scorer, n: int, seed: int) -> dict:
-    """Labels in held-out proportions (c2i) or held-out captions' embeddings (t2i)."""
+def conditions(family: str, scorer, n: int, seed: int, follow: bool) -> tuple[dict, Any]:
+    """Labels in held-out proportions (c2i) or held-out captions' embeddings (t2i), and for
+    ``follow`` the position of each prompt's emoji among the scorer's features (the prompts
+    are then the held-out captions in the scorer's order, cycled, instead of drawn)."""
     if family == "c2i":
-        return {"class_labels": [int(v) for v in scorer.labels(n, 9)]}
+        return {"class_labels": [int(v) for v in scorer.labels(n, 9)]}, None
+    from deco_export.studies import held_out_prompts
     from deco_export.text_encoders import minilm_encoder
     from training.captions import load_captioned
 
-    captions = load_captioned("emoji", "test", (32, 32)).captions
-    rng = np.random.default_rng(seed)
-    prompts = [captions[int(i)][0] for i in rng.integers(0, len(captions), n)]
-    return {"prompt_embeds": np.asarray(minilm_encoder(16).encode(prompts), dtype=np.float32)}
+    target = None
+    if follow:
+        prompts, target = held_out_prompts(len(scorer.real), (32, 32), n)
+    else:
+        captions = load_captioned("emoji", "test", (32, 32)).captions
+        rng = np.random.default_rng(seed)
+        prompts = [captions[int(i)][0] for i in rng.integers(0, len(captions), n)]
+    embeds = np.asarray(minilm_encoder(16).encode(prompts), dtype=np.float32)
+    return {"prompt_embeds": embeds}, target
 
 
 def main() -> None:
@@ -55,13 +67,20 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=200)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--few-steps", type=int, default=10)
+    ap.add_argument("--follow", action="store_true",
+                    help="t2i: prompts paired with held-out images; adds prompt following")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     import runtimes
     from deco_export.machine import cpu_description  # the CPU record every study writes
     from runtimes.sampler import release_sampler
-    from training.metrics import HeldOutScorer, inception_features, paired_kid_bootstrap
+    from training.metrics import (
+        HeldOutScorer,
+        inception_features,
+        paired_kid_bootstrap,
+        prompt_following,
+    )
 
     work = Path(args.work)
     bundles = {"teacher": export(args.teacher, work / "teacher"),
@@ -70,7 +89,7 @@ def main() -> None:
              for arm, path in bundles.items()}
     release = release_sampler(args.family)
     scorer = HeldOutScorer("emoji", (32, 32), device="cpu")
-    cond = conditions(args.family, scorer, args.num, seed=7)
+    cond, target = conditions(args.family, scorer, args.num, seed=7, follow=args.follow)
     result: dict = {"family": args.family, "cpu": cpu_description(), "num_samples": args.num,
                     "num_real": len(scorer.real), "guidance": release.guidance,
                     "solver": release.solver, "teacher": args.teacher,
@@ -92,6 +111,10 @@ def main() -> None:
         ms = {arm: 1000 * s / args.num for arm, s in seconds.items()}
         row = {"steps": steps, "kid_diff_student_minus_teacher": boot,
                "ms_per_image": ms, "speed_ratio": ms["student"] / ms["teacher"]}
+        if target is not None:
+            row["follow"] = {arm: {k: v for k, v in prompt_following(f, scorer.real, target)
+                                   .items() if k in ("top1", "top5")}
+                             for arm, f in feats.items()}
         result["settings"].append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # after every row

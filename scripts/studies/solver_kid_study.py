@@ -99,23 +99,13 @@ def conditions(pipe: Any, name: str, scorer: Any, num: int) -> dict[str, Any]:
     if not cfg.is_text_to_image:
         return {"class_labels": np.asarray(scorer.labels(num, cfg.num_classes), np.int64)}
     from deco_export.sampling import open_pipeline
-    from training.captions import load_captioned
-    from training.data import load_dataset
+    from deco_export.studies import held_out_prompts
 
-    test = load_captioned("emoji", "test", tuple(cfg.image_size))
-    ds = load_dataset("emoji", "test", tuple(cfg.image_size))
-    # The scorer's real features are the held-out images in a fixed permutation (seed 0).
-    order = np.random.default_rng(0).permutation(len(ds))[: len(scorer.real)]
-    if not np.array_equal(np.asarray(test.images), np.asarray(ds.images)):
-        raise SystemExit("the captioned and the scored held-out emoji differ; cannot pair "
-                         "prompts with their images")
-    position = {int(j): k for k, j in enumerate(order)}
-    picks = [int(order[i % len(order)]) for i in range(num)]
-    prompts = [test.captions[j][0] for j in picks]
+    prompts, target = held_out_prompts(len(scorer.real), tuple(cfg.image_size), num)
     encoder = open_pipeline(name).text_encoder
     return {"prompt_embeds": np.asarray(encoder.encode(prompts), np.float32),
             "negative_prompt_embeds": np.asarray(encoder.encode([""]), np.float32),
-            "target": np.asarray([position[j] for j in picks]), "prompts": prompts}
+            "target": target, "prompts": prompts}
 
 
 def generate(pipe: Any, cond: dict[str, Any], start: int, stop: int,
