@@ -10,6 +10,9 @@ from typing import Any
 EMBEDDED_MODELS = {
     "default": Path(__file__).parent / "default",  # class-conditional, emoji groups, 32x32
     "default-t2i": Path(__file__).parent / "default_t2i",  # text-to-image, emoji names, 32x32
+    # their guidance-distilled students (`deco distill-guidance`): the guided image in one pass
+    "default-distilled": Path(__file__).parent / "default_distilled",
+    "default-t2i-distilled": Path(__file__).parent / "default_t2i_distilled",
 }
 DEFAULT_NAME = "default"
 DEFAULT_DIR = EMBEDDED_MODELS[DEFAULT_NAME]
@@ -20,7 +23,7 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def is_embedded(spec: str | Path) -> bool:
-    """Whether ``spec`` names a model shipped in the package ('default', 'default-t2i')."""
+    """Whether ``spec`` names a model shipped in the package (`EMBEDDED_MODELS`)."""
     return str(spec) in EMBEDDED_MODELS
 
 

@@ -53,7 +53,8 @@ def export_onnx_command(model: str, bundle: Path, precisions: tuple[str, ...],
     """Write dit.onnx, decoder.onnx and refresh.onnx (+ manifest) into BUNDLE; the plain DiT
     baseline writes its one graph, pixel_dit.onnx.
 
-    CHECKPOINT is 'default' or 'default-t2i' (the embedded models), a checkpoint directory
+    CHECKPOINT is an embedded model ('default', 'default-t2i' or their '-distilled'
+    students), a checkpoint directory
     or a reference .ckpt.
     The export is gated on parity with PyTorch; a failing export leaves nothing behind.
     """
