@@ -17,7 +17,7 @@ from pathlib import Path
 from runtimes.errors import DecoError
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "LOCK_TIMEOUT_ENV", "LockTimeout", "lock", "lock_path",
-           "try_lock_descriptor"]
+           "still_names", "try_lock_descriptor"]
 
 LOCK_TIMEOUT_ENV = "DECO_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 600.0  # seconds; a large export's commit can take a while on a slow disk
@@ -39,6 +39,18 @@ def try_lock_descriptor(fd: int) -> bool:
     from filelock import lock_descriptor
 
     return lock_descriptor(fd, blocking=False)
+
+
+def still_names(path: str | os.PathLike[str], fd: int) -> bool:
+    """Whether ``path`` still names the file or directory open as ``fd``: one that was
+    removed (or replaced) after it was opened leaves its opener locking something no other
+    process will ever look at."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def lock_path(target: str | os.PathLike[str]) -> Path:
@@ -88,12 +100,7 @@ def lock(target: str | os.PathLike[str], timeout: float | None = None,
                 ) from None
             time.sleep(poll)
             continue
-        mine = os.fstat(fd)
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+        if not still_names(path, fd):
             os.close(fd)  # the previous holder removed this file as we locked it: retry
             continue
         break

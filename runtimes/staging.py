@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.fileio import fsync_dir
-from runtimes.locks import try_lock_descriptor
+from runtimes.locks import still_names, try_lock_descriptor
 
 __all__ = ["STAGING_KINDS", "StagingDir", "clean_stale", "copy_tree_into", "staging_dir",
            "swap_directory"]
@@ -52,21 +52,10 @@ def _hold(path: Path) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    if locked and _is_path_of(fd, path):
+    if locked and still_names(path, fd):  # a cleaner may have removed it after our open
         return fd
     os.close(fd)
     return _TAKEN
-
-
-def _is_path_of(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the directory open as ``fd`` (a cleaner that removed it
-    after we opened it leaves us holding the lock of a deleted directory)."""
-    try:
-        now = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _staging_prefix(target: Path, kind: str) -> str:
