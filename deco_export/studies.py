@@ -49,13 +49,14 @@ def held_out_prompts(real_count: int, image_size: tuple[int, int], num: int
                      ) -> tuple[list[str], np.ndarray]:
     """``num`` prompts, each the caption of a held-out emoji, and the position of that emoji
     among the ``real_count`` features a `training.metrics.HeldOutScorer` holds (the held-out
-    images in its fixed permutation, seed 0): the pairing prompt following is scored on."""
+    images in `training.metrics.held_out_order`): the pairing prompt following is scored on."""
     from training.captions import load_captioned
     from training.data import load_dataset
+    from training.metrics import held_out_order
 
     test = load_captioned("emoji", "test", image_size)
     ds = load_dataset("emoji", "test", image_size)
-    order = np.random.default_rng(0).permutation(len(ds))[:real_count]
+    order = held_out_order(len(ds), real_count)
     if not np.array_equal(np.asarray(test.images), np.asarray(ds.images)):
         raise SystemExit("the captioned and the scored held-out emoji differ; cannot pair "
                          "prompts with their images")

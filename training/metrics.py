@@ -238,6 +238,13 @@ def load_image_set(path: str | Path) -> np.ndarray:
     return arr
 
 
+def held_out_order(size: int, num: int | None = None) -> np.ndarray:
+    """Which of ``size`` held-out images `real_features` takes, in its order: the first ``num``
+    (all when None) of a fixed pseudo-random permutation, so a smaller evaluation uses a subset
+    of a larger one and a sample can be paired with the real image at a known position."""
+    return np.random.default_rng(0).permutation(size)[: num or size]
+
+
 def real_features(
     data: str,
     image_size: tuple[int, int],
@@ -259,7 +266,7 @@ def real_features(
     ds = load_dataset(data, "test", image_size, cache_dir=Path(cache_dir))
     if not isinstance(ds, ArrayDataset):
         ds = ds.to_arrays()
-    order = np.random.default_rng(0).permutation(len(ds))[: num or len(ds)]
+    order = held_out_order(len(ds), num)
     key = data if data in ("emoji", "emoji-base", "fashion-mnist") else _path_key(data)
     name = f"{key}_{image_size[0]}x{image_size[1]}_test_{len(order)}_{INCEPTION_SHA1[:8]}.npz"
     cache = Path(cache_dir) / "fid" / name
