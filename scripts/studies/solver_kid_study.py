@@ -7,8 +7,11 @@ For each model (``default``, class-conditional; ``default-t2i``, text-to-image) 
 
 * the release sampler at its own step count (the bundle's defaults: c2i Euler 100, CFG 3.2 on
   (0.1, 1]; t2i AB2 25, CFG 4 on (0, 1), shift 3);
-* at each NFE of ``--nfe``: the bundle's tuned table where it has one at that NFE
-  (``deco calibrate BUNDLE --solver --nfe N``), UniPC and AB2, both with guidance edges.
+* at each NFE of ``--nfe``, each setting of ``--settings``: the bundle's tuned table where it
+  has one at that NFE (``deco calibrate BUNDLE --solver --nfe N``), UniPC and AB2 with guidance
+  edges (the default), or without them;
+* with ``--student``, the same arms of the model's guidance-distilled student, one pass per
+  step at the same guidance, paired like the others with the teacher's release images.
 
 Conditions: c2i labels in the held-out class proportions; t2i the first caption (the emoji's
 name) of each held-out emoji in turn, encoded once up front with the model's own text encoder
@@ -52,7 +55,10 @@ from runtimes.sampler import make_plan, release_sampler
 
 FEW_STEP = (("tuned", {"solver": "tuned"}),
             ("unipc e", {"solver": "unipc", "guidance_edges": True}),
-            ("ab2 e", {"solver": "ab2", "guidance_edges": True}))
+            ("ab2 e", {"solver": "ab2", "guidance_edges": True}),
+            ("unipc", {"solver": "unipc", "guidance_edges": False}),
+            ("ab2", {"solver": "ab2", "guidance_edges": False}))
+STUDENT = "student "  # prefix of the guidance-distilled student's arms
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,6 +69,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num", type=int, default=1000, help="images per arm")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--nfe", default="6,8,10,16")
+    p.add_argument("--settings", default="tuned,unipc e,ab2 e",
+                   help="the few-step settings run at each NFE, of: "
+                        + ", ".join(label for label, _ in FEW_STEP))
+    p.add_argument("--student", default="",
+                   help="an embedded guidance-distilled student of the model (one name per "
+                        "model, e.g. 'default-distilled,default-t2i-distilled'): adds the arms "
+                        "'student ARM' (one pass per step) for every arm, filtered by --arms")
     p.add_argument("--arms", default="",
                    help="only these arms, e.g. 'release,tuned 8,unipc e 8' (default: all)")
     p.add_argument("--threads", type=int, default=1)
@@ -70,24 +83,37 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds")
     p.add_argument("--estimate", type=int, default=0,
                    help="time one batch of this many images per arm, project the cost, stop")
+    p.add_argument("--grid", default="",
+                   help="also draw the first 8 seeds' images of these arms, one row each, "
+                        "into the plot's folder as solver-kid-grid-MODEL.png")
     p.add_argument("--out", type=Path, default=Path("docs/eval/solver-kid-study.json"))
     p.add_argument("--plot", type=Path, default=Path("docs/img/solver-kid.png"))
     return p.parse_args()
 
 
-def arms(pipe: Any, nfes: list[int], only: str) -> list[dict[str, Any]]:
-    """The release sampler, then each few-step setting at each NFE: name, settings, NFE."""
+def arms(pipe: Any, nfes: list[int], settings: str, only: str, student: bool
+         ) -> list[dict[str, Any]]:
+    """The release sampler, then each few-step setting at each NFE, then (with a student) the
+    same arms of the guidance-distilled student: name, settings, NFE."""
+    chosen = [s.strip() for s in settings.split(",") if s.strip()]
+    known = dict(FEW_STEP)
+    if unknown := [s for s in chosen if s not in known]:
+        raise SystemExit(f"unknown --settings {unknown}; choose from {list(known)}")
     tables = {t.nfe for t in (pipe.manifest.solver_tables or {}).values()}
     out = [{"arm": "release", "setting": "release", "settings": {},
             "nfe": make_plan(pipe.sampler_config()).num_evaluations}]
     for n in nfes:
-        for label, kw in FEW_STEP:
+        for label in chosen:
+            kw = known[label]
             if label == "tuned" and n not in tables:
                 continue
             config = pipe.sampler_config(steps=n, solver=kw["solver"],
                                          guidance_edges=kw.get("guidance_edges"))
             out.append({"arm": f"{label} {n}", "setting": label, "settings": {**kw, "steps": n},
                         "nfe": make_plan(config).num_evaluations})
+    if student:  # the student's own tables are not the teacher's: no tuned arms
+        out += [{**a, "arm": STUDENT + a["arm"], "setting": STUDENT + a["setting"]}
+                for a in out if a["setting"] != "tuned"]
     wanted = {a.strip() for a in only.split(",") if a.strip()}
     return [a for a in out if not wanted or a["arm"] in wanted]
 
@@ -208,7 +234,18 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
     num = args.estimate or args.num
     cond = conditions(pipe, name, scorer, num)
     target = cond.get("target")
-    plan = arms(pipe, [int(v) for v in args.nfe.split(",") if v], args.arms)
+    students = dict(zip(args.models.split(","), args.student.split(","), strict=False))
+    student = None
+    if students.get(name):
+        student = runtimes.load(bundle_for(students[name], args.work), backend="onnxruntime",
+                                intra_op_threads=args.threads)
+        if not student.model_config.guidance_distilled:
+            raise SystemExit(f"{students[name]} is not guidance-distilled")
+        if student.sampler_defaults != release:
+            raise SystemExit(f"{students[name]}'s sampler defaults are not the release sampler")
+    plan = arms(pipe, [int(v) for v in args.nfe.split(",") if v], args.settings, args.arms,
+                student is not None)
+    pipes = {a["arm"]: student if a["arm"].startswith(STUDENT) else pipe for a in plan}
     store = args.work / f"kid-{name}-{num}.npz"
     state: dict[str, Any] = {"arms": plan, "feats": {a["arm"]: np.zeros((0, 2048)) for a in plan},
                              "seconds": {a["arm"]: 0.0 for a in plan},
@@ -236,14 +273,14 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
         "runtime": "onnxruntime fp32", "batch": args.batch, "level": args.level,
         "tables": {str(t.nfe): {"fit": dict(t.fit), "heldout_psnr_db": t.heldout.get("psnr_db")}
                    for t in (pipe.manifest.solver_tables or {}).values()},
-        "loadavg_start": os.getloadavg()}
+        "student": students.get(name) or None, "loadavg_start": os.getloadavg()}
     start = min(state["counted"].values())
     while start < num:
         stop = min(start + args.batch, num)
         for arm in plan:  # interleaved: every arm generates this batch before the next one
             if state["counted"][arm["arm"]] >= stop:
                 continue
-            images, seconds = generate(pipe, cond, start, stop, arm["settings"])
+            images, seconds = generate(pipes[arm["arm"]], cond, start, stop, arm["settings"])
             t0 = time.perf_counter()
             f = inception_features(features, images, batch_size=50, device="cpu")
             state["feature_seconds"] += time.perf_counter() - t0
@@ -276,8 +313,33 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
             f"{args.num} images take {total * args.num / 60:.1f} min")
         result["estimate"] = {"seconds_per_image": per_image, "feature_seconds": feature,
                               "minutes_for_num": total * args.num / 60}
-    pipe.close()
+    if args.grid:
+        draw_grid(name, [a for a in plan if a["arm"] in args.grid.split(",")], pipes, cond,
+                  args.plot.parent / f"solver-kid-grid-{name}.png", min(8, num))
+    for p in {id(p): p for p in pipes.values()}.values():
+        p.close()
     return result
+
+
+def draw_grid(name: str, chosen: list[dict[str, Any]], pipes: dict[str, Any],
+              cond: dict[str, Any], path: Path, count: int = 8) -> None:
+    """The first ``count`` seeds of each chosen arm, one labelled row per arm: the same noises
+    and conditions, so the rows differ only by the sampler (or the student)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(1.1 * count, 1.35 * len(chosen)),
+                             squeeze=False)
+    for ax, arm in zip(axes[:, 0], chosen, strict=True):
+        images, _ = generate(pipes[arm["arm"]], cond, 0, count, arm["settings"])
+        ax.imshow(np.concatenate(list(images), axis=1), interpolation="nearest")
+        ax.set_title(f"{arm['arm']} ({arm['nfe']} NFE)", fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle(f"{name}: seeds 0-{count - 1}, the same noise and condition in every row",
+                 fontsize=9)
+    save_figure(fig, path)
 
 
 def write(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -319,17 +381,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.6), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         rel = res["rows"][0]
-        for k, (label, _) in enumerate(FEW_STEP):
+        labels = list(dict.fromkeys(r["setting"] for r in res["rows"][1:]))
+        for k, label in enumerate(labels):
             rows = sorted((r for r in res["rows"] if r["setting"] == label
                            and np.isfinite(r["kid_diff_vs_release"]["diff"])),
                           key=lambda r: r["nfe"])
             if not rows:
                 continue
-            x = np.array([r["nfe"] for r in rows]) * (1 + 0.025 * (k - 1))
+            x = np.array([r["nfe"] for r in rows]) * (1 + 0.02 * (k - (len(labels) - 1) / 2))
             d = np.array([[r["kid_diff_vs_release"][q] * 1e3 for q in ("diff", "lo", "hi")]
                           for r in rows])
-            ax.errorbar(x, d[:, 0], yerr=[d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]], fmt="-o",
-                        ms=4, capsize=3, color=f"C{k}", label=label)
+            ax.errorbar(x, d[:, 0], yerr=[d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]],
+                        fmt="--o" if label.startswith(STUDENT) else "-o", ms=4, capsize=3,
+                        color=f"C{k}", label=label)
         ax.axhline(0, color="k", lw=1)
         s = res["bundle_defaults"]
         nfe_axes(ax, f"KID(setting) - KID(release) (x1e-3), {res['level']:.0%} interval",
