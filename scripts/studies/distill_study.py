@@ -15,6 +15,12 @@ text encoder is not in the timing. It produced the distillation table of docs/sa
 
 ``--follow`` (t2i) pairs each prompt with the held-out image it names and adds prompt
 following (top-1 / top-5 retrieval of that image by Inception features) for both arms.
+
+``--effective-guidance W1,W2,...`` adds where the student's guidance lands: the student at the
+release guidance against the teacher with CFG at each Wi, from the same noises and conditions
+at the few-step count (mean squared pixel difference, and each arm's pixel standard deviation,
+which guidance raises), so an under- or over-guided student shows as a nearest Wi away from
+the release guidance.
 """
 
 from __future__ import annotations
@@ -54,8 +60,40 @@ def conditions(family: str, scorer, n: int, seed: int, follow: bool) -> tuple[di
         captions = load_captioned("emoji", "test", (32, 32)).captions
         rng = np.random.default_rng(seed)
         prompts = [captions[int(i)][0] for i in rng.integers(0, len(captions), n)]
-    embeds = np.asarray(minilm_encoder(16).encode(prompts), dtype=np.float32)
-    return {"prompt_embeds": embeds}, target
+    encoder = minilm_encoder(16)
+    embeds = np.asarray(encoder.encode(prompts), dtype=np.float32)
+    # The teacher's unconditional half: the empty prompt, as a bundle without a stored negative
+    # prompt uses.
+    return {"prompt_embeds": embeds,
+            "negative_prompt_embeds": np.asarray(encoder.encode([""]), np.float32)}, target
+
+
+def rows(cond: dict, start: int, stop: int) -> dict:
+    """The conditions of images start..stop (the negative prompt is one row for all)."""
+    return {k: v if k == "negative_prompt_embeds" else v[start:stop] for k, v in cond.items()}
+
+
+def effective_guidance(pipes: dict[str, Any], cond: dict, num: int, steps: int,
+                       guidance: float, scales: list[float]) -> dict[str, Any]:
+    """The student at ``guidance`` against the teacher at each of ``scales`` (``num`` images,
+    seeds 0..num-1, ``steps`` steps): mean squared difference in [-1, 1] pixels, and each
+    arm's pixel standard deviation."""
+    part = rows(cond, 0, num)
+
+    def images(arm: str, w: float) -> np.ndarray:
+        out = pipes[arm].generate(**part, seed=list(range(num)), steps=steps, guidance=w,
+                                  output_type="np")
+        return np.asarray(out.images, np.float64)
+
+    student = images("student", guidance)
+    compared = []
+    for w in scales:
+        teacher = images("teacher", w)
+        compared.append({"teacher_guidance": w, "mse": float(((teacher - student) ** 2).mean()),
+                     "teacher_std": float(teacher.std())})
+    return {"student_guidance": guidance, "steps": steps, "num_samples": num,
+            "student_std": float(student.std()), "teacher": compared,
+            "nearest": min(compared, key=lambda r: r["mse"])["teacher_guidance"]}
 
 
 def main() -> None:
@@ -69,6 +107,11 @@ def main() -> None:
     ap.add_argument("--few-steps", type=int, default=10)
     ap.add_argument("--follow", action="store_true",
                     help="t2i: prompts paired with held-out images; adds prompt following")
+    ap.add_argument("--effective-guidance", default="",
+                    help="teacher guidance scales to compare the student at the release "
+                         "guidance with, e.g. 1,2,2.6,3.2,3.8,4.5")
+    ap.add_argument("--no-kid", action="store_true",
+                    help="only --effective-guidance: no KID settings")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -94,11 +137,17 @@ def main() -> None:
                     "num_real": len(scorer.real), "guidance": release.guidance,
                     "solver": release.solver, "teacher": args.teacher,
                     "student": args.student, "settings": []}
-    for steps in (args.few_steps, release.num_steps):  # the short one first: it ends sooner
+    if args.effective_guidance:
+        result["effective_guidance"] = effective_guidance(
+            pipes, cond, min(args.num, 48), args.few_steps, release.guidance,
+            [float(w) for w in args.effective_guidance.split(",")])
+        print(json.dumps(result["effective_guidance"]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for steps in () if args.no_kid else (args.few_steps, release.num_steps):  # short first
         images: dict[str, list[np.ndarray]] = {"teacher": [], "student": []}
         seconds = {"teacher": 0.0, "student": 0.0}
         for start in range(0, args.num, args.batch):
-            part = {k: v[start:start + args.batch] for k, v in cond.items()}
+            part = rows(cond, start, start + args.batch)
             seeds = list(range(start, min(start + args.batch, args.num)))
             for arm, pipe in pipes.items():
                 t0 = time.perf_counter()
