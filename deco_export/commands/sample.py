@@ -36,7 +36,8 @@ from .options import CatalogueHelp, SolverChoice, parse_size, single_value
               help="a step boundary on each edge of the guidance interval, multistep history "
                    "restarted there [the bundle's default: off]")
 @click.option("--fast", is_flag=True,
-              help="the family's recommended few-step setting (docs/sampling.md), or the "
+              help="the model's recommended few-step setting (its family's, or a "
+                   "guidance-distilled model's own; docs/sampling.md), or the "
                    "bundle's fewest-step tuned solver table that is at least as accurate; "
                    "--solver, --steps and --guidance-edges override its parts")
 @click.option("--shift", type=float, default=None)
@@ -165,15 +166,15 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
         count = len(distinct)
     if fast:
-        from runtimes.sampler import FAST_PSNR_DB, FAST_SAMPLERS
+        from runtimes.sampler import FAST_PSNR_DB, fast_sampler
         from runtimes.solver_tables import TUNED, fast_table
 
         family = pipe.model_config.family
-        preset = FAST_SAMPLERS[family]
-        manifest = pipe.manifest
-        table = None if (solver or steps or manifest is None) else fast_table(
-            manifest.solver_tables, manifest.model_hash,
-            pipe.sampler_config(guidance=guidance, shift=shift), FAST_PSNR_DB[family])
+        preset = fast_sampler(family, pipe.model_config.guidance_distilled)
+        manifest, min_psnr_db = pipe.manifest, FAST_PSNR_DB.get(family)
+        table = None if (solver or steps or manifest is None or min_psnr_db is None) else (
+            fast_table(manifest.solver_tables, manifest.model_hash,
+                       pipe.sampler_config(guidance=guidance, shift=shift), min_psnr_db))
         if table is not None:  # a tuned table at least as good in fewer evaluations
             solver, steps = TUNED, table.nfe
         solver = solver or preset["solver"]

@@ -26,12 +26,17 @@ Time: ms/image is the wall time of the generation calls over the images, on ONNX
 one intra-op thread (``--threads``), every arm in the same process, interleaved batch by batch
 (``--batch``) so the machine's load falls on all arms alike. After every batch the features
 and times so far are saved (``--work``/kid-MODEL-NUM.npz) and the JSON is rewritten from them,
-so a stopped run leaves a complete table at a smaller N; a rerun resumes from the saved
-batches, and a rerun with more arms (a larger ``--nfe``) adds them to a finished run, paired
-with its release images; each row records the pass it was timed in (``timed_in_pass``; times
-compare within a pass).
+so a stopped run leaves a table at a smaller N (for c2i over the first classes only: the
+labels are sorted by class, so only a complete run is representative); a rerun resumes from
+the saved batches, and a rerun with more arms (a larger ``--nfe``) adds them to a finished run,
+paired with its release images; each row records the pass it was timed in (``timed_in_pass``;
+times compare within a pass).
 
     OMP_NUM_THREADS=1 python scripts/studies/solver_kid_study.py --num 300   # the docs run
+    OMP_NUM_THREADS=1 python scripts/studies/solver_kid_study.py --models default-t2i \
+        --student default-t2i-distilled --grid "release,ab2 e 16,student unipc e 8" \
+        --out docs/eval/solver-kid-study-1000.json --plot docs/img/solver-kid-1000.png
+                                        # one model of the 1,000-sample run (docs: both merged)
     python scripts/studies/solver_kid_study.py --num 8 --batch 4 --nfe 8 \\
         --work /tmp/ks --out /tmp/ks/out.json --plot /tmp/ks/out.png          # a dry run
     python scripts/studies/solver_kid_study.py --estimate 50                  # cost first

@@ -1,5 +1,5 @@
 """`deco sample --solver/--steps/--guidance-edges/--fast` on the embedded class-conditional
-model (PyTorch, 32x32: seconds)."""
+model and the text-to-image student (PyTorch, 32x32: seconds)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from deco_export.cli import main
-from runtimes.sampler import FAST_SAMPLERS
+from runtimes.sampler import FAST_SAMPLERS, fast_sampler
 
 
-def _sample(tmp_path, name: str, *args: str) -> np.ndarray:
+def _sample(tmp_path, name: str, *args: str, model: str = "default") -> np.ndarray:
     out = tmp_path / f"{name}.png"
-    r = CliRunner().invoke(main, ["sample", "default", "--classes", "0,3", "--seed", "2",
+    condition = ["--prompt", "red heart"] if "t2i" in model else ["--classes", "0,3"]
+    r = CliRunner().invoke(main, ["sample", model, *condition, "--seed", "2",
                                   "--out", str(out), *args])
     assert r.exit_code == 0, r.output
     return np.asarray(Image.open(out)).astype(int)
@@ -28,6 +29,21 @@ def test_fast_is_the_documented_solver_and_steps_pair(tmp_path):
     assert np.array_equal(fast, spelled)
     euler = _sample(tmp_path, "euler", "--solver", "euler", "--steps", str(preset["num_steps"]))
     assert not np.array_equal(fast, euler) and fast.std() > 10
+
+
+def test_fast_on_a_guidance_distilled_model_is_the_students_own_setting(tmp_path):
+    """The text-to-image student runs one pass per step, so its few-step setting is its own
+    (docs/sampling.md), not its teacher family's."""
+    preset = fast_sampler("t2i", guidance_distilled=True)
+    assert preset != fast_sampler("t2i") == FAST_SAMPLERS["t2i"]
+    model = "default-t2i-distilled"
+    fast = _sample(tmp_path, "fast", "--fast", model=model)
+    spelled = _sample(tmp_path, "spelled", "--solver", preset["solver"], "--steps",
+                      str(preset["num_steps"]), "--guidance-edges", model=model)
+    assert np.array_equal(fast, spelled)
+    family = _sample(tmp_path, "family", "--solver", FAST_SAMPLERS["t2i"]["solver"], "--steps",
+                     str(FAST_SAMPLERS["t2i"]["num_steps"]), "--guidance-edges", model=model)
+    assert not np.array_equal(fast, family)
 
 
 def test_an_unknown_solver_is_one_line():
