@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NOISE_SEED", "PROMPTS", "SOLVERS", "bundle_for", "conditions", "held_out_prompts",
-           "log", "nfe_axes", "save_figure"]
+__all__ = ["NOISE_SEED", "PROMPTS", "SOLVERS", "bundle_for", "condition_rows", "conditions",
+           "held_out_prompts", "log", "nfe_axes", "save_figure"]
 
 SOLVERS = ("euler", "heun", "ab2", "ab3", "dpm++2m", "unipc")
 NOISE_SEED = 1  # the held-out noises: no calibration or table record uses this seed
@@ -63,6 +63,12 @@ def held_out_prompts(real_count: int, image_size: tuple[int, int], num: int
     position = {int(j): k for k, j in enumerate(order)}
     picks = [int(order[i % len(order)]) for i in range(num)]
     return [test.captions[j][0] for j in picks], np.asarray([position[j] for j in picks])
+
+
+def condition_rows(cond: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """``generate`` keywords of images start..stop from ``cond``'s per-image rows; the negative
+    prompt's embeddings are one row for every image and pass whole."""
+    return {k: v if k == "negative_prompt_embeds" else v[start:stop] for k, v in cond.items()}
 
 
 def conditions(pipe: Any, name: str, num: int) -> dict[str, Any]:

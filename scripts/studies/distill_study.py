@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from deco_export.studies import condition_rows
+
 
 def export(source: str, bundle: Path) -> Path:
     if not (bundle / "manifest.json").is_file():
@@ -68,17 +70,12 @@ def conditions(family: str, scorer, n: int, seed: int, follow: bool) -> tuple[di
             "negative_prompt_embeds": np.asarray(encoder.encode([""]), np.float32)}, target
 
 
-def rows(cond: dict, start: int, stop: int) -> dict:
-    """The conditions of images start..stop (the negative prompt is one row for all)."""
-    return {k: v if k == "negative_prompt_embeds" else v[start:stop] for k, v in cond.items()}
-
-
 def effective_guidance(pipes: dict[str, Any], cond: dict, num: int, steps: int,
                        guidance: float, scales: list[float]) -> dict[str, Any]:
     """The student at ``guidance`` against the teacher at each of ``scales`` (``num`` images,
     seeds 0..num-1, ``steps`` steps): mean squared difference in [-1, 1] pixels, and each
     arm's pixel standard deviation."""
-    part = rows(cond, 0, num)
+    part = condition_rows(cond, 0, num)
 
     def images(arm: str, w: float) -> np.ndarray:
         out = pipes[arm].generate(**part, seed=list(range(num)), steps=steps, guidance=w,
@@ -89,8 +86,9 @@ def effective_guidance(pipes: dict[str, Any], cond: dict, num: int, steps: int,
     compared = []
     for w in scales:
         teacher = images("teacher", w)
-        compared.append({"teacher_guidance": w, "mse": float(((teacher - student) ** 2).mean()),
-                     "teacher_std": float(teacher.std())})
+        compared.append({"teacher_guidance": w,
+                         "mse": float(((teacher - student) ** 2).mean()),
+                         "teacher_std": float(teacher.std())})
     return {"student_guidance": guidance, "steps": steps, "num_samples": num,
             "student_std": float(student.std()), "teacher": compared,
             "nearest": min(compared, key=lambda r: r["mse"])["teacher_guidance"]}
@@ -147,7 +145,7 @@ def main() -> None:
         images: dict[str, list[np.ndarray]] = {"teacher": [], "student": []}
         seconds = {"teacher": 0.0, "student": 0.0}
         for start in range(0, args.num, args.batch):
-            part = rows(cond, start, start + args.batch)
+            part = condition_rows(cond, start, start + args.batch)
             seeds = list(range(start, min(start + args.batch, args.num)))
             for arm, pipe in pipes.items():
                 t0 = time.perf_counter()

@@ -55,7 +55,7 @@ import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import runtimes
-from deco_export.studies import bundle_for, log, nfe_axes, save_figure
+from deco_export.studies import bundle_for, condition_rows, log, nfe_axes, save_figure
 from runtimes.sampler import make_plan, release_sampler
 
 FEW_STEP = (("tuned", {"solver": "tuned"}),
@@ -142,8 +142,8 @@ def conditions(pipe: Any, name: str, scorer: Any, num: int) -> dict[str, Any]:
 def generate(pipe: Any, cond: dict[str, Any], start: int, stop: int,
              settings: dict[str, Any]) -> tuple[np.ndarray, float]:
     """uint8 images of rows start..stop (seeds start..stop - 1) and the call's wall time."""
-    part = {k: (v if k == "negative_prompt_embeds" else v[start:stop])
-            for k, v in cond.items() if k not in ("target", "prompts")}
+    part = condition_rows({k: v for k, v in cond.items() if k not in ("target", "prompts")},
+                          start, stop)
     t0 = time.perf_counter()
     out = pipe.generate(**part, seed=list(range(start, stop)), output_type="uint8", **settings)
     return np.asarray(out.images), time.perf_counter() - t0
