@@ -403,6 +403,9 @@ def _guidance_range(text: str) -> tuple[float, float]:
               help="Euler steps of the teacher's guided ODE from noise to each training time")
 @click.option("--time-shift", default=None, type=float,
               help="shift of the logit-normal training times [the teacher's training shift]")
+@click.option("--init-from", default=None,
+              help="start from an earlier student of this teacher (its EMA weights; a fresh "
+                   "optimizer): continue at another --lr or --guidance-range")
 @click.option("--data", default=None, help="t2i: caption source [the teacher's training data]")
 @click.option("--text-encoder", default=None, help="t2i: [the teacher's text encoder]")
 @click.option("--cache-dir", default=None, help="dataset and text-embedding cache")

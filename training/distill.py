@@ -15,7 +15,8 @@ range and a time t (the teacher's logit-normal training times); it then
 
 All randomness comes from one generator whose state each checkpoint keeps, so a resumed run
 continues the uninterrupted one bit for bit. The finished EMA student is written as a
-checkpoint directory to ``<out>/model``.
+checkpoint directory to ``<out>/model``. ``init_from`` continues an earlier student (its EMA
+weights, a fresh optimizer): the way to go on at another learning rate or guidance range.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class DistillConfig:
     ema_decay: float = 0.999
     rollout_steps: int = 4
     time_shift: float | None = None
+    init_from: str | None = None
     data: str | None = None
     text_encoder: str | None = None
     cache_dir: str | None = None
@@ -170,7 +172,7 @@ class Distiller:
         from deco_export.pretrained import read_metadata
         from deco_export.sources import load_model, model_path
 
-        from .trainer import take_run_lock
+        from .trainer import init_weights, take_run_lock
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -197,6 +199,8 @@ class Distiller:
             self.conditions = _Conditions(cfg, c, self.teacher_meta)
             torch.manual_seed(cfg.seed)
             self.student = student_from_teacher(teacher).train()
+            if cfg.init_from and latest is None:  # a resumed run's weights are its own
+                init_weights(self.student, cfg.init_from)
             self.ema = EMA(self.student, student_from_teacher(teacher), cfg.ema_decay)
             self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
                                                weight_decay=0.0)
@@ -352,7 +356,8 @@ class Distiller:
             "step": self.step, "ema_decay": cfg.ema_decay, "config": cfg.to_dict()}}
         if "text_encoder" in self.teacher_meta:
             meta["text_encoder"] = self.teacher_meta["text_encoder"]
-        source = f"deco distill-guidance: {cfg.teacher}, {self.step} steps (EMA weights)"
+        start = f" from {cfg.init_from}" if cfg.init_from else ""
+        source = f"deco distill-guidance: {cfg.teacher}, {self.step} steps{start} (EMA weights)"
         return save_pretrained(self.ema.model, out_dir, source=source, extra_metadata=meta,
                                force=True)
 

@@ -122,6 +122,18 @@ def test_distillation_trains_resumes_exactly_and_exports_a_distilled_model(teach
         str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # --init-from continues the finished student at another learning rate: it starts from the
+    # student's EMA weights (student and EMA alike); a teacher is not a student's weights.
+    more = Distiller(_config(teacher_dir, tmp_path / "more", init_from=str(whole), lr=1e-4))
+    try:
+        for module in (more.student, more.ema.model):
+            state = module.state_dict()
+            assert all(torch.equal(state[k], a[k]) for k in a)
+    finally:
+        more.close()
+    with pytest.raises(ValueError, match="--init-from"):
+        Distiller(_config(teacher_dir, tmp_path / "wrong", init_from=str(teacher_dir)))
+
 
 def test_the_target_is_conditional_outside_the_teachers_guidance_interval(teacher_dir,
                                                                           tmp_path):
