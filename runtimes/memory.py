@@ -22,8 +22,8 @@ from typing import Any
 
 from runtimes.errors import DecoError
 
-__all__ = ["MAX_MEMORY_ENV", "MemoryLimitError", "check_memory", "generation_bytes",
-           "grid_bytes", "memory_limit", "training_step_bytes"]
+__all__ = ["MAX_MEMORY_ENV", "MemoryLimitError", "check_generation", "check_memory",
+           "generation_bytes", "grid_bytes", "memory_limit", "training_step_bytes"]
 
 MAX_MEMORY_ENV = "DECO_MAX_MEMORY"
 GIB = float(1 << 30)
@@ -51,6 +51,15 @@ def generation_bytes(config: Any, batch: int, height: int, width: int,
     decoder = 6 * rows * pixels * int(config.decoder_hidden_size) * FLOAT
     images = 8 * batch * int(config.in_channels) * pixels * FLOAT  # x, v, solver history
     return attention + activations + decoder + images
+
+
+def check_generation(config: Any, batch: int, height: int, width: int,
+                     fix: str = "generate fewer or smaller images per call") -> None:
+    """`check_memory` for generating ``batch`` images of ``height`` x ``width``: the one
+    refusal that both `Pipeline.generate` and a caller that draws the noise itself (before
+    allocating it) give."""
+    check_memory(generation_bytes(config, batch, height, width),
+                 f"generating {batch} image(s) of {height}x{width}", fix)
 
 
 def training_step_bytes(config: Any, micro_batch: int, height: int, width: int) -> int:

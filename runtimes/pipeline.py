@@ -45,7 +45,7 @@ from runtimes.config import ModelConfig
 from runtimes.errors import ConfigError, DecoError
 from runtimes.image import ImageInputError, image_input, mask_input, to_pil, to_uint8
 from runtimes.int8 import check_int8_load
-from runtimes.memory import check_memory, generation_bytes
+from runtimes.memory import check_generation
 from runtimes.noise import check_noise, noise_for_keys, sample_noise
 from runtimes.sampler import SamplerConfig, SamplingCost, SamplingPlan, make_plan, sample
 from runtimes.sharing import (
@@ -597,9 +597,7 @@ class DeCoPipeline:
             shift=shift, timesteps=timesteps, cfg_mode=cfg_mode, guidance_bounds=guidance_bounds,
             guidance_edges=guidance_edges,
         )
-        check_memory(generation_bytes(self.model_config, batch, h, w),
-                     f"generating {batch} image(s) of {h}x{w}",
-                     "generate fewer or smaller images per call")
+        check_generation(self.model_config, batch, h, w)
         shape = (batch, self.model_config.in_channels, h, w)
         if init is not None and init[0].shape[2:] != shape[2:]:
             raise ImageInputError(

@@ -192,7 +192,7 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
                    else out_dir / "preview.png")  # type: ignore[operator]
         on_step = preview_writer(preview, preview_every, cols=cols, scale=scale)
     from runtimes.image import legible_scale, save_grid
-    from runtimes.memory import check_memory, grid_bytes
+    from runtimes.memory import check_generation, check_memory, grid_bytes
     from runtimes.noise import noise_for_keys
 
     items = condition.get("class_labels", condition.get("prompt"))
@@ -204,6 +204,9 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
     check_memory(grid_bytes(total, h, w, scale or legible_scale(h, w)),
                  f"a grid of {total} images of {h}x{w} at --scale "
                  f"{scale or legible_scale(h, w)}", "lower --per-class or --scale")
+    # And before drawing a chunk's noise, which is as large as its images.
+    check_generation(pipe.model_config, min(total, SAMPLE_CHUNK), h, w,
+                     "lower --size or --per-class")
     sharing_plan = parse_sharing(sharing, sharing_mode)
     images: list = []
     # Chunks bound the sampler's memory; image i keeps the noise of key [seed, i] whatever the
