@@ -185,10 +185,13 @@ class OnnxInception:
 
 
 def score(state: dict[str, Any], real: np.ndarray, target: np.ndarray | None, level: float,
-          rounds: int, num: int) -> list[dict[str, Any]]:
+          rounds: int, num: int, earlier: dict[str, dict[str, Any]] | None = None
+          ) -> list[dict[str, Any]]:
     """One row per arm that has images, from the saved features and times: each arm at its
     own count, paired with the release's images of the same seeds (FID and the full bootstrap
-    once an arm has all ``num``; ``rounds`` // 5 before)."""
+    once an arm has all ``num``; ``rounds`` // 5 before). A complete arm's row in ``earlier``
+    (the report's, by arm) is kept as it is rather than bootstrapped again, so adding an arm
+    to a finished run costs its own images only."""
     from training.metrics import (
         fid_from_features,
         kid_from_features,
@@ -200,6 +203,10 @@ def score(state: dict[str, Any], real: np.ndarray, target: np.ndarray | None, le
     for arm in state["arms"]:
         done = min(state["counted"][arm["arm"]], state["counted"]["release"])
         if done < 2:
+            continue
+        kept = (earlier or {}).get(arm["arm"])
+        if kept is not None and done >= num and kept.get("num_samples") == done:
+            rows.append(kept)
             continue
         f = state["feats"][arm["arm"]][:done]
         kid, kid_std = kid_from_features(f, real, num_subsets=100)
@@ -300,7 +307,10 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
         tmp = store.with_suffix(".tmp.npz")
         np.savez(tmp, meta=json.dumps(meta), **arrays)
         tmp.rename(store)
-        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num)
+        earlier = {r["arm"]: r for old in report["results"] if old["model"] == name
+                   for r in old.get("rows", [])}
+        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num,
+                               earlier)
         result["passes"] = state["passes"]
         result["loadavg_end"] = os.getloadavg()
         result["complete"] = start >= num
