@@ -199,6 +199,7 @@ class Distiller:
             self.conditions = _Conditions(cfg, c, self.teacher_meta)
             torch.manual_seed(cfg.seed)
             self.student = student_from_teacher(teacher).train()
+            self.lineage = self._lineage(cfg.init_from) if cfg.init_from else None
             if cfg.init_from and latest is None:  # a resumed run's weights are its own
                 init_weights(self.student, cfg.init_from)
             self.ema = EMA(self.student, student_from_teacher(teacher), cfg.ema_decay)
@@ -211,6 +212,19 @@ class Distiller:
         except BaseException:
             self._lock.close()
             raise
+
+    @staticmethod
+    def _lineage(spec: str) -> dict[str, Any]:
+        """What ``--init-from`` names: its path, weights hash and its own distillation
+        record, kept in the exported student's metadata so the whole training stays on
+        record after the earlier student is gone."""
+        from deco_export.pretrained import read_metadata
+        from deco_export.sources import model_path
+
+        path = model_path(spec)
+        meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
+        return {"path": str(spec), "weights_sha256": meta.get("weights_sha256"),
+                "distillation": meta.get("distillation")}
 
     # -- run directory -----------------------------------------------------------------------
 
@@ -354,6 +368,8 @@ class Distiller:
             "teacher": self.source, "guidance_range": [cfg.guidance_min, cfg.guidance_max],
             "guidance_interval": list(self.release.guidance_interval),
             "step": self.step, "ema_decay": cfg.ema_decay, "config": cfg.to_dict()}}
+        if self.lineage is not None:
+            meta["distillation"]["init_from"] = self.lineage
         if "text_encoder" in self.teacher_meta:
             meta["text_encoder"] = self.teacher_meta["text_encoder"]
         start = f" from {cfg.init_from}" if cfg.init_from else ""

@@ -123,12 +123,17 @@ def test_distillation_trains_resumes_exactly_and_exports_a_distilled_model(teach
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # --init-from continues the finished student at another learning rate: it starts from the
-    # student's EMA weights (student and EMA alike); a teacher is not a student's weights.
+    # student's EMA weights (student and EMA alike), and its metadata keeps the earlier run's
+    # record; a teacher is not a student's weights.
     more = Distiller(_config(teacher_dir, tmp_path / "more", init_from=str(whole), lr=1e-4))
     try:
         for module in (more.student, more.ema.model):
             state = module.state_dict()
             assert all(torch.equal(state[k], a[k]) for k in a)
+        lineage = json.loads((more.export(tmp_path / "more" / "model") / "metadata.json")
+                             .read_text())["distillation"]["init_from"]
+        assert lineage["weights_sha256"] == meta["weights_sha256"]
+        assert lineage["distillation"]["config"]["lr"] == 1e-3
     finally:
         more.close()
     with pytest.raises(ValueError, match="--init-from"):
