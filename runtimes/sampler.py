@@ -57,6 +57,7 @@ __all__ = [
     "condition_inputs",
     "distilled_guidance",
     "edge_timesteps",
+    "fast_psnr_db",
     "fast_sampler",
     "guidance_flags",
     "make_plan",
@@ -474,7 +475,15 @@ FAST_SAMPLERS: dict[str, dict[str, Any]] = {
 # setting's own PSNR; the 8-NFE table (34.2 dB recorded) is better than the release by KID
 # (-0.9e-3 [-1.6e-3, -0.0e-3]). t2i: no table reached the release's KID (the 8-NFE table, 38.8
 # dB recorded, +5.0e-3; a longer fit to 42.1 dB did no better), so its PSNR cannot say which would.
+# Keyed as FAST_SAMPLERS: a guidance-distilled model's tables are fitted to the student, whose
+# PSNR-to-KID relation was not measured, so `--fast` takes none of them.
 FAST_PSNR_DB: dict[str, float | None] = {"c2i": 26.5, "t2i": None}
+
+
+def fast_psnr_db(family: str, guidance_distilled: bool = False) -> float | None:
+    """The held-out PSNR a tuned table of such a model must have recorded for `--fast` to
+    take it (`FAST_PSNR_DB`); None: `--fast` takes no table."""
+    return FAST_PSNR_DB.get(f"{family}-distilled" if guidance_distilled else family)
 
 
 def fast_sampler(family: str, guidance_distilled: bool = False) -> dict[str, Any]:

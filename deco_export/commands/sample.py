@@ -166,12 +166,12 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
         condition = {"class_labels": [c for _ in range(per_class) for c in distinct]}
         count = len(distinct)
     if fast:
-        from runtimes.sampler import FAST_PSNR_DB, fast_sampler
+        from runtimes.sampler import fast_psnr_db, fast_sampler
         from runtimes.solver_tables import TUNED, fast_table
 
-        family = pipe.model_config.family
-        preset = fast_sampler(family, pipe.model_config.guidance_distilled)
-        manifest, min_psnr_db = pipe.manifest, FAST_PSNR_DB.get(family)
+        family, distilled = pipe.model_config.family, pipe.model_config.guidance_distilled
+        preset = fast_sampler(family, distilled)
+        manifest, min_psnr_db = pipe.manifest, fast_psnr_db(family, distilled)
         table = None if (solver or steps or manifest is None or min_psnr_db is None) else (
             fast_table(manifest.solver_tables, manifest.model_hash,
                        pipe.sampler_config(guidance=guidance, shift=shift), min_psnr_db))

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from deco_export.cli import main
-from runtimes.sampler import FAST_SAMPLERS, fast_sampler
+from runtimes.sampler import FAST_SAMPLERS, fast_psnr_db, fast_sampler
 
 
 def _sample(tmp_path, name: str, *args: str, model: str = "default") -> np.ndarray:
@@ -44,6 +44,8 @@ def test_fast_on_a_guidance_distilled_model_is_the_students_own_setting(tmp_path
     family = _sample(tmp_path, "family", "--solver", FAST_SAMPLERS["t2i"]["solver"], "--steps",
                      str(FAST_SAMPLERS["t2i"]["num_steps"]), "--guidance-edges", model=model)
     assert not np.array_equal(fast, family)
+    # A student's tuned tables are its own: the teacher's PSNR threshold does not judge them.
+    assert fast_psnr_db("c2i") is not None and fast_psnr_db("c2i", guidance_distilled=True) is None
 
 
 def test_an_unknown_solver_is_one_line():
