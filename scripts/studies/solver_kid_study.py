@@ -319,6 +319,10 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
         shown = ", ".join(f"{r['arm']} {r['kid_diff_vs_release']['diff'] * 1e3:+.1f}"
                           for r in result["rows"][1:])
         log(f"{name}: {start}/{num} images; KID diff x1e-3: {shown}")
+    if "rows" not in result and not args.estimate:  # a finished run asked again (--grid)
+        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num)
+        report["results"] = [r for r in report["results"] if r["model"] != name] + [result]
+        write(report, args)
     if args.estimate:
         per_image = {a["arm"]: state["seconds"][a["arm"]] / num for a in plan}
         feature = state["feature_seconds"] / (num * len(plan))

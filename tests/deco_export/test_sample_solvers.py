@@ -44,6 +44,7 @@ def test_fast_on_a_guidance_distilled_model_is_the_students_own_setting(tmp_path
     family = _sample(tmp_path, "family", "--solver", FAST_SAMPLERS["t2i"]["solver"], "--steps",
                      str(FAST_SAMPLERS["t2i"]["num_steps"]), "--guidance-edges", model=model)
     assert not np.array_equal(fast, family)
+    assert fast_sampler("c2i", guidance_distilled=True) == FAST_SAMPLERS["c2i-distilled"]
     # A student's tuned tables are its own: the teacher's PSNR threshold does not judge them.
     assert fast_psnr_db("c2i") is not None and fast_psnr_db("c2i", guidance_distilled=True) is None
 
