@@ -74,7 +74,7 @@ def model_hash(source: str | Path, pipe: Any) -> str:
 
     path = model_path(source)
     if path.is_dir():
-        meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
+        meta = read_metadata(path, missing_ok=True)
         sha = meta.get("weights_sha256")
         if not sha:
             raise ValueError(f"{path} has no weights_sha256 in metadata.json; re-save it")

@@ -154,8 +154,13 @@ def save_pretrained(model: Any, path: str | Path, source: str | None = None,
     return out
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / METADATA_NAME).read_text())
+def read_metadata(path: str | Path, missing_ok: bool = False) -> dict[str, Any]:
+    """A checkpoint directory's metadata; ``missing_ok``: {} for a directory without one (an
+    older or hand-made checkpoint, whose provenance is then unknown)."""
+    file = Path(path) / METADATA_NAME
+    if missing_ok and not file.is_file():
+        return {}
+    return json.loads(file.read_text())
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -188,8 +193,8 @@ def load_pretrained_as(build: Callable[[ModelConfig], M], path: str | Path,
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
-    if verify and (path / METADATA_NAME).is_file():
-        expected = read_metadata(path).get("weights_sha256")
+    if verify:
+        expected = read_metadata(path, missing_ok=True).get("weights_sha256")
         if expected and sha256_file(weights) != expected:
             raise CheckpointError(
                 f"{weights} does not match the sha256 in {METADATA_NAME}: the file was changed "

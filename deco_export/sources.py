@@ -60,7 +60,7 @@ def load_model(spec: str | Path, weights: str = "ema"):
         )
     model = load_any(path, weights=weights)
     if path.is_dir():
-        meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
+        meta = read_metadata(path, missing_ok=True)
         source: dict[str, Any] = {"path": str(spec) if is_embedded(spec) else
                                   str(path.resolve()), "sha256": meta.get("weights_sha256"),
                                   "kind": "deco-checkpoint"}

@@ -186,8 +186,7 @@ class Distiller:
             if not isinstance(teacher, DeCo):
                 raise ValueError(f"{cfg.teacher} is not a DeCo model; guidance distillation "
                                  "needs one")
-            path = model_path(cfg.teacher)
-            self.teacher_meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
+            self.teacher_meta = read_metadata(model_path(cfg.teacher), missing_ok=True)
             self.teacher = teacher.eval().requires_grad_(False)
             c = teacher.config
             self.release = release_sampler(c.family)
@@ -221,8 +220,7 @@ class Distiller:
         from deco_export.pretrained import read_metadata
         from deco_export.sources import model_path
 
-        path = model_path(spec)
-        meta = read_metadata(path) if (path / "metadata.json").is_file() else {}
+        meta = read_metadata(model_path(spec), missing_ok=True)
         return {"path": str(spec), "weights_sha256": meta.get("weights_sha256"),
                 "distillation": meta.get("distillation")}
 

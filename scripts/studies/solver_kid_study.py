@@ -286,6 +286,18 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
         "tables": {str(t.nfe): {"fit": dict(t.fit), "heldout_psnr_db": t.heldout.get("psnr_db")}
                    for t in (pipe.manifest.solver_tables or {}).values()},
         "student": students.get(name) or None, "loadavg_start": os.getloadavg()}
+    def record() -> None:
+        """Score the arms (a complete row of the report kept as it is) and rewrite the JSON."""
+        earlier = {r["arm"]: r for old in report["results"] if old["model"] == name
+                   for r in old.get("rows", [])}
+        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num,
+                               earlier)
+        result["passes"] = state["passes"]
+        result["loadavg_end"] = os.getloadavg()
+        result["complete"] = min(state["counted"].values()) >= num
+        report["results"] = [r for r in report["results"] if r["model"] != name] + [result]
+        write(report, args)
+
     start = min(state["counted"].values())
     while start < num:
         stop = min(start + args.batch, num)
@@ -307,22 +319,12 @@ def study(name: str, args: argparse.Namespace, report: dict[str, Any]) -> dict[s
         tmp = store.with_suffix(".tmp.npz")
         np.savez(tmp, meta=json.dumps(meta), **arrays)
         tmp.rename(store)
-        earlier = {r["arm"]: r for old in report["results"] if old["model"] == name
-                   for r in old.get("rows", [])}
-        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num,
-                               earlier)
-        result["passes"] = state["passes"]
-        result["loadavg_end"] = os.getloadavg()
-        result["complete"] = start >= num
-        report["results"] = [r for r in report["results"] if r["model"] != name] + [result]
-        write(report, args)
+        record()
         shown = ", ".join(f"{r['arm']} {r['kid_diff_vs_release']['diff'] * 1e3:+.1f}"
                           for r in result["rows"][1:])
         log(f"{name}: {start}/{num} images; KID diff x1e-3: {shown}")
     if "rows" not in result and not args.estimate:  # a finished run asked again (--grid)
-        result["rows"] = score(state, scorer.real, target, args.level, args.rounds, num)
-        report["results"] = [r for r in report["results"] if r["model"] != name] + [result]
-        write(report, args)
+        record()
     if args.estimate:
         per_image = {a["arm"]: state["seconds"][a["arm"]] / num for a in plan}
         feature = state["feature_seconds"] / (num * len(plan))
