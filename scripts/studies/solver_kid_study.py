@@ -61,6 +61,7 @@ from runtimes.sampler import make_plan, release_sampler
 FEW_STEP = (("tuned", {"solver": "tuned"}),
             ("unipc e", {"solver": "unipc", "guidance_edges": True}),
             ("ab2 e", {"solver": "ab2", "guidance_edges": True}),
+            ("dpm e", {"solver": "dpm++2m", "guidance_edges": True}),
             ("unipc", {"solver": "unipc", "guidance_edges": False}),
             ("ab2", {"solver": "ab2", "guidance_edges": False}))
 STUDENT = "student "  # prefix of the guidance-distilled student's arms
@@ -76,7 +77,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nfe", default="6,8,10,16")
     p.add_argument("--settings", default="tuned,unipc e,ab2 e",
                    help="the few-step settings run at each NFE, of: "
-                        + ", ".join(label for label, _ in FEW_STEP))
+                        + ", ".join(label for label, _ in FEW_STEP)
+                        + "; a trailing ' sX' samples at shift X instead of the bundle's "
+                          "(e.g. 'dpm e s1')")
     p.add_argument("--student", default="",
                    help="an embedded guidance-distilled student of the model (one name per "
                         "model, e.g. 'default-distilled,default-t2i-distilled'): adds the arms "
@@ -96,29 +99,43 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """'dpm e s1' -> ('dpm e', {..., 'shift': 1.0}): a known setting, optionally at a shift."""
+    known = dict(FEW_STEP)
+    base, _, last = text.rpartition(" ")
+    if base in known and last.startswith("s"):
+        try:
+            return base, {**known[base], "shift": float(last[1:])}
+        except ValueError:
+            pass
+    if text not in known:
+        raise SystemExit(f"unknown --settings {text!r}; choose from {list(known)}, "
+                         "optionally followed by ' sX' (shift X)")
+    return text, dict(known[text])
+
+
 def arms(pipe: Any, nfes: list[int], settings: str, only: str, student: bool
          ) -> list[dict[str, Any]]:
     """The release sampler, then each few-step setting at each NFE, then (with a student) the
     same arms of the guidance-distilled student: name, settings, NFE."""
     chosen = [s.strip() for s in settings.split(",") if s.strip()]
-    known = dict(FEW_STEP)
-    if unknown := [s for s in chosen if s not in known]:
-        raise SystemExit(f"unknown --settings {unknown}; choose from {list(known)}")
-    tables = {t.nfe for t in (pipe.manifest.solver_tables or {}).values()}
+    parsed = {label: parse_setting(label) for label in chosen}
+    shift = pipe.sampler_config().shift
+    tables = {(t.nfe, t.shift) for t in (pipe.manifest.solver_tables or {}).values()}
     out = [{"arm": "release", "setting": "release", "settings": {},
             "nfe": make_plan(pipe.sampler_config()).num_evaluations}]
     for n in nfes:
         for label in chosen:
-            kw = known[label]
-            if label == "tuned" and n not in tables:
+            base, kw = parsed[label]
+            if base == "tuned" and (n, kw.get("shift", shift)) not in tables:
                 continue
-            config = pipe.sampler_config(steps=n, solver=kw["solver"],
+            config = pipe.sampler_config(steps=n, solver=kw["solver"], shift=kw.get("shift"),
                                          guidance_edges=kw.get("guidance_edges"))
             out.append({"arm": f"{label} {n}", "setting": label, "settings": {**kw, "steps": n},
                         "nfe": make_plan(config).num_evaluations})
     if student:  # the student's own tables are not the teacher's: no tuned arms
         out += [{**a, "arm": STUDENT + a["arm"], "setting": STUDENT + a["setting"]}
-                for a in out if a["setting"] != "tuned"]
+                for a in out if not a["setting"].startswith("tuned")]
     wanted = {a.strip() for a in only.split(",") if a.strip()}
     return [a for a in out if not wanted or a["arm"] in wanted]
 
@@ -424,6 +441,48 @@ def plot(report: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_shift(report: dict[str, Any], path: Path) -> bool:
+    """Where settings were run at other shifts (' sX'): the paired KID difference against the
+    shift, one line per setting and NFE, the bundle's own shift included. False: none were."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str, int], list[tuple[float, list[float]]]] = {}
+    for res in report["results"]:
+        own = res["bundle_defaults"]["shift"]
+        for row in res.get("rows", []):
+            if row["setting"].removeprefix(STUDENT) == "release":
+                continue
+            base, kw = parse_setting(row["setting"].removeprefix(STUDENT))
+            d = row["kid_diff_vs_release"]
+            lines.setdefault((res["model"], base, row["nfe"]), []).append(
+                (kw.get("shift", own), [d[q] * 1e3 for q in ("diff", "lo", "hi")]))
+    lines = {k: sorted(v) for k, v in lines.items() if len(v) > 1}
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for k, ((model, base, nfe), points) in enumerate(lines.items()):
+        x = np.array([p[0] for p in points]) * (1 + 0.015 * k)
+        d = np.array([p[1] for p in points])
+        ax.errorbar(x, d[:, 0], yerr=[d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]], fmt="-o", ms=4,
+                    capsize=3, color=f"C{k}", label=f"{model}: {base} {nfe}")
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({p[0] for v in lines.values() for p in v}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("timestep shift s (s > 1: more steps near noise)")
+    ax.set_ylabel("KID(setting) - KID(release) (x1e-3), interval")
+    sizes = sorted({r["num_samples"] for res in report["results"] for r in res.get("rows", [])})
+    ax.set_title("few-step settings at other shifts against the release sampler, "
+                 f"{'/'.join(map(str, sizes))} samples", fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
 def main() -> None:
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -436,6 +495,7 @@ def main() -> None:
         study(name, args, report)
         if not args.estimate:
             plot(report, args.plot)
+            plot_shift(report, args.plot.with_name(f"{args.plot.stem}-shift.png"))
     if not args.estimate:
         log(f"wrote {args.out} and {args.plot}")
 

@@ -22,6 +22,10 @@ ms per image at batch 1 on ONNX Runtime (``--threads`` intra-op threads) over ``
 runs, measured in the same process. Writes JSON, a markdown table and a PNG plot.
 
     OMP_NUM_THREADS=1 python scripts/studies/solver_study.py          # the docs/sampling.md run
+    OMP_NUM_THREADS=1 python scripts/studies/solver_study.py --models default-t2i --shift 1 \
+        --solvers dpm++2m,unipc --nfe 6,8,10 --long-solvers "" --compare-t2i "" \
+        --out docs/eval/solver-study-t2i-shift1.json --plot docs/img/solvers-t2i-shift1.png
+                                                   # the t2i few-step settings on a flat grid
     python scripts/studies/solver_study.py --num 8 --nfe 4,8 --reference-steps 50 \\
         --work /tmp/ss                                                # a dry run
 """
@@ -70,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compare-t2i", default="ab2",
                    help="the same for text-to-image (edges change only its first step there)")
     p.add_argument("--reference-steps", type=int, default=64)
+    p.add_argument("--shift", type=float, default=None,
+                   help="the few-step settings' timestep shift (default: the model's); the "
+                        "converged reference and the release sampler keep the model's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="batch-1 timing runs per setting")
     p.add_argument("--out", type=Path, default=Path("docs/eval/solver-study.json"))
@@ -157,13 +164,14 @@ def study(name: str, args: argparse.Namespace, nfes: list[int]) -> dict[str, Any
             for edges in (True, False) if solver in compare and nfe in nfes else (True,):
                 settings.append((solver, replace(defaults, solver=solver,
                                                  num_steps=steps_for(solver, nfe),
-                                                 guidance_edges=edges), nfe))
+                                                 guidance_edges=edges,
+                                                 shift=args.shift or defaults.shift), nfe))
     for label, config, target in settings[part::parts]:
         t0 = time.perf_counter()
         images = generate(pipe, cond, config, noise)
         row = {"setting": label, "target_nfe": target, "solver": config.solver,
                "steps": config.num_steps,
-               "guidance_edges": config.guidance_edges,
+               "guidance_edges": config.guidance_edges, "shift": config.shift,
                "nfe": make_plan(config).num_evaluations, **accuracy(images, reference),
                "ms_per_image": ms_per_image(pipe, cond, config, noise, args.repeats)}
         out["rows"].append(row)
