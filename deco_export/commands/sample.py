@@ -39,8 +39,9 @@ from .options import CatalogueHelp, SolverChoice, parse_size, single_value
               help="the model's recommended few-step setting (its family's, or a "
                    "guidance-distilled model's own; docs/sampling.md), or the "
                    "bundle's fewest-step tuned solver table that is at least as accurate; "
-                   "--solver, --steps and --guidance-edges override its parts")
-@click.option("--shift", type=float, default=None)
+                   "--solver, --steps, --guidance-edges and --shift override its parts")
+@click.option("--shift", type=float, default=None,
+              help="timestep shift s; s > 1 spends more steps near noise [the model's]")
 @click.option("--sharing", default=None,
               help="DiT sharing: a ratio (0.5), 'every:K', a step list '0,2,4', or a schedule "
                    "JSON written by `deco calibrate`")
@@ -171,6 +172,7 @@ def sample(source: str | None, backend: str | None, precision: str | None, allow
 
         family, distilled = pipe.model_config.family, pipe.model_config.guidance_distilled
         preset = fast_sampler(family, distilled)
+        shift = preset.get("shift") if shift is None else shift
         manifest, min_psnr_db = pipe.manifest, fast_psnr_db(family, distilled)
         table = None if (solver or steps or manifest is None or min_psnr_db is None) else (
             fast_table(manifest.solver_tables, manifest.model_hash,

@@ -20,15 +20,30 @@ def _sample(tmp_path, name: str, *args: str, model: str = "default") -> np.ndarr
     return np.asarray(Image.open(out)).astype(int)
 
 
+def _spelled(preset: dict) -> list[str]:
+    """The documented flags of a `--fast` preset."""
+    edges = "--guidance-edges" if preset["guidance_edges"] else "--no-guidance-edges"
+    shift = ["--shift", str(preset["shift"])] if "shift" in preset else []
+    return ["--solver", preset["solver"], "--steps", str(preset["num_steps"]), edges, *shift]
+
+
 def test_fast_is_the_documented_solver_and_steps_pair(tmp_path):
     preset = FAST_SAMPLERS["c2i"]
     fast = _sample(tmp_path, "fast", "--fast")
-    edges = "--guidance-edges" if preset["guidance_edges"] else "--no-guidance-edges"
-    spelled = _sample(tmp_path, "spelled", "--solver", preset["solver"], "--steps",
-                      str(preset["num_steps"]), edges)
+    spelled = _sample(tmp_path, "spelled", *_spelled(preset))
     assert np.array_equal(fast, spelled)
     euler = _sample(tmp_path, "euler", "--solver", "euler", "--steps", str(preset["num_steps"]))
     assert not np.array_equal(fast, euler) and fast.std() > 10
+
+
+def test_fast_text_to_image_is_its_documented_setting_shift_included(tmp_path):
+    """The t2i preset samples at its own shift (docs/sampling.md); --shift overrides it."""
+    preset = FAST_SAMPLERS["t2i"]
+    fast = _sample(tmp_path, "fast", "--fast", model="default-t2i")
+    assert np.array_equal(fast, _sample(tmp_path, "spelled", *_spelled(preset),
+                                        model="default-t2i"))
+    own = _sample(tmp_path, "own", "--fast", "--shift", "3", model="default-t2i")
+    assert not np.array_equal(fast, own) and fast.std() > 10
 
 
 def test_fast_on_a_guidance_distilled_model_is_the_students_own_setting(tmp_path):
@@ -41,8 +56,7 @@ def test_fast_on_a_guidance_distilled_model_is_the_students_own_setting(tmp_path
     spelled = _sample(tmp_path, "spelled", "--solver", preset["solver"], "--steps",
                       str(preset["num_steps"]), "--guidance-edges", model=model)
     assert np.array_equal(fast, spelled)
-    family = _sample(tmp_path, "family", "--solver", FAST_SAMPLERS["t2i"]["solver"], "--steps",
-                     str(FAST_SAMPLERS["t2i"]["num_steps"]), "--guidance-edges", model=model)
+    family = _sample(tmp_path, "family", *_spelled(FAST_SAMPLERS["t2i"]), model=model)
     assert not np.array_equal(fast, family)
     assert fast_sampler("c2i", guidance_distilled=True) == FAST_SAMPLERS["c2i-distilled"]
     # A student's tuned tables are its own: the teacher's PSNR threshold does not judge them.
