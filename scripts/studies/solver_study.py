@@ -33,6 +33,7 @@ runs, measured in the same process. Writes JSON, a markdown table and a PNG plot
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -256,22 +257,26 @@ def main() -> None:
     nfes = [int(v) for v in args.nfe.split(",") if v]
     from deco_export.machine import cpu_model
 
-    # A model's finished study is kept (work/result-<model>.json, or an earlier --out of the
-    # same size), so models can run in separate processes and a last run writes the report.
+    # A model's finished study is kept (work/result-<model>-<settings>-<part>.json, or an
+    # earlier --out with the same settings), so models can run in separate processes and a
+    # last run writes the report; other settings (solvers, NFE, shift, ...) are a new study.
+    study_args = {k: getattr(args, k) for k in ("num", "solvers", "nfe", "long_nfe",
+                                                 "long_solvers", "compare", "compare_t2i",
+                                                 "reference_steps", "shift")}
+    key = hashlib.sha256(json.dumps(study_args, sort_keys=True).encode()).hexdigest()[:8]
     earlier = json.loads(args.out.read_text())["results"] if args.out.is_file() else []
     results = []
     for name in (n for n in args.models.split(",") if n):
-        done = args.work / f"result-{name}-{args.part.replace('/', 'of')}.json"
-        found = [r for r in earlier if r["model"] == name and r["num"] == args.num
-                 and r["reference"]["steps"] == args.reference_steps]
-        pieces = sorted(args.work.glob(f"result-{name}-[0-9]*of[0-9]*.json"))
+        done = args.work / f"result-{name}-{key}-{args.part.replace('/', 'of')}.json"
+        found = [r for r in earlier if r["model"] == name and r.get("study_args") == study_args]
+        pieces = sorted(args.work.glob(f"result-{name}-{key}-[0-9]*of[0-9]*.json"))
         if done.is_file() or (args.part == "0/1" and pieces):
             merged = [json.loads(p.read_text()) for p in (pieces or [done])]
             results.append({**merged[0], "rows": [r for m in merged for r in m["rows"]]})
         elif found:
             results.append(found[0])
         else:
-            results.append(study(name, args, nfes))
+            results.append({**study(name, args, nfes), "study_args": study_args})
             done.write_text(json.dumps(results[-1], indent=1) + "\n")
     report = {"cpu": cpu_model(), "threads": args.threads, "runtime": "onnxruntime fp32",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
