@@ -453,11 +453,13 @@ def plot_shift(report: dict[str, Any], path: Path) -> bool:
     for res in report["results"]:
         own = res["bundle_defaults"]["shift"]
         for row in res.get("rows", []):
-            if row["setting"].removeprefix(STUDENT) == "release":
+            setting = row["setting"].removeprefix(STUDENT)
+            if setting == "release":
                 continue
-            base, kw = parse_setting(row["setting"].removeprefix(STUDENT))
+            base, kw = parse_setting(setting)
+            who = row["setting"][:len(row["setting"]) - len(setting)]  # a student's own line
             d = row["kid_diff_vs_release"]
-            lines.setdefault((res["model"], base, row["nfe"]), []).append(
+            lines.setdefault((res["model"], who + base, row["nfe"]), []).append(
                 (kw.get("shift", own), [d[q] * 1e3 for q in ("diff", "lo", "hi")]))
     lines = {k: sorted(v) for k, v in lines.items() if len(v) > 1}
     if not lines:

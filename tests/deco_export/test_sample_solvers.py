@@ -53,8 +53,7 @@ def test_fast_on_a_guidance_distilled_model_is_the_students_own_setting(tmp_path
     assert preset != fast_sampler("t2i") == FAST_SAMPLERS["t2i"]
     model = "default-t2i-distilled"
     fast = _sample(tmp_path, "fast", "--fast", model=model)
-    spelled = _sample(tmp_path, "spelled", "--solver", preset["solver"], "--steps",
-                      str(preset["num_steps"]), "--guidance-edges", model=model)
+    spelled = _sample(tmp_path, "spelled", *_spelled(preset), model=model)
     assert np.array_equal(fast, spelled)
     family = _sample(tmp_path, "family", *_spelled(FAST_SAMPLERS["t2i"]), model=model)
     assert not np.array_equal(fast, family)
