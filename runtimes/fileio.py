@@ -7,7 +7,8 @@ writers need.
 * `atomic_write_bytes` / `atomic_write_text` / `atomic_open`: write a temporary file beside the
   target, flush, fsync, rename over the target, fsync the directory. A crash leaves the old file
   or the new one. Files get the permissions ``open()`` would give them under the process umask
-  (0644 under umask 022), not the private 0600 of ``tempfile``.
+  (0644 under umask 022), not the private 0600 of ``tempfile``. An interrupt that arrived
+  meanwhile stops the rename (`runtimes.interrupts`).
 
 The writers of whole directories (a bundle, a checkpoint) use `runtimes.staging` (staged
 directories, the swap, stale clean-up) and `runtimes.locks` (the write lock); the names they
@@ -27,6 +28,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from runtimes.interrupts import raise_if_interrupted
 
 __all__ = [
     "atomic_open",
@@ -193,6 +196,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb",
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        raise_if_interrupted()
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.fileio import fsync_dir
+from runtimes.interrupts import raise_if_interrupted
 from runtimes.locks import still_names, try_lock_descriptor
 
 __all__ = ["STAGING_KINDS", "StagingDir", "clean_stale", "copy_tree_into", "staging_dir",
@@ -188,8 +189,10 @@ def swap_directory(staged: str | os.PathLike[str], target: str | os.PathLike[str
     """Put the complete directory ``staged`` at ``target``; the old ``target`` (if any) is
     deleted afterwards. ``target`` holds the old directory or the new one at every instant:
     one ``rename`` when it is absent, one ``renameat2(RENAME_EXCHANGE)`` when it exists (two
-    renames through a flock'ed ``.old-`` sibling where the filesystem lacks the exchange)."""
+    renames through a flock'ed ``.old-`` sibling where the filesystem lacks the exchange). An
+    interrupt that arrived meanwhile stops it before the first (`runtimes.interrupts`)."""
     staged, target = Path(os.path.abspath(staged)), Path(os.path.abspath(target))
+    raise_if_interrupted()
     fsync_dir(staged)
     if not os.path.lexists(target):
         os.rename(staged, target)

@@ -17,9 +17,11 @@ cond = SiLU(e_t + h).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,29 @@ def interruptible() -> None:
     shell's background job (``nohup pytest ... &``) runs with SIGINT ignored and its children
     inherit that, so Python in them would never raise KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigint_raises() -> Iterator[None]:
+    """SIGINT as an interactive Python has it, for the block (a background shell's job starts
+    with it ignored, and then `runtimes.interrupts.interrupts_raise` leaves it alone)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _SignalsItselfWhenCollected:
+    def __del__(self) -> None:
+        # os.kill runs the handler before it returns: its KeyboardInterrupt is raised inside
+        # this finalizer, and Python only prints "Exception ignored in ..."
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupted_inside_a_finalizer() -> None:
+    """Send this process SIGINT while a finalizer runs: the call returns normally."""
+    _SignalsItselfWhenCollected()
 
 
 def patchify(x: np.ndarray, p: int) -> np.ndarray:

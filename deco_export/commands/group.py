@@ -3,11 +3,7 @@ and the one place where a user's error becomes a one-line message and a non-zero
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
-from collections.abc import Iterator
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
@@ -15,6 +11,7 @@ from typing import Any
 import click
 
 from runtimes.errors import DecoError
+from runtimes.interrupts import interrupts_raise, raise_if_interrupted
 
 from ..messages import one_line
 
@@ -54,12 +51,14 @@ class DecoGroup(LazyGroup):
     (the ``deco.commands`` entry-point group, e.g. training's ``train`` and ``eval``)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        with terminate_as_interrupt():
+        with interrupts_raise():
             return self._invoke(ctx)
 
     def _invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            raise_if_interrupted()  # an interrupt whose KeyboardInterrupt a finalizer swallowed
+            return result
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -88,30 +87,6 @@ class DecoGroup(LazyGroup):
             return command
         entry = plugin_commands().get(name)
         return entry.load() if entry is not None else None
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While a verb runs, SIGTERM (``kill``, a job scheduler's stop) raises KeyboardInterrupt
-    as Ctrl-C does, so the cleanup that runs on errors runs on it too: an export's staging
-    directory is removed, a training run's lock released. Without it the process died at once
-    and left the staging directory until the next export to the same path."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous not in (signal.SIG_DFL, None):
-        yield  # someone else handles SIGTERM
-        return
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 def plugin_commands() -> dict[str, Any]:
     return {e.name: e for e in entry_points(group="deco.commands")}
 

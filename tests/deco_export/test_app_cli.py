@@ -9,14 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from deco_export.cli import main
-from deco_export.commands.group import INTERRUPTED, INTERRUPTED_STATUS
+from deco_export.commands.group import INTERRUPTED, INTERRUPTED_STATUS, DecoGroup
 from runtimes.config import ModelConfig
-from tests.helpers import REPO, interruptible
+from tests.helpers import REPO, interrupted_inside_a_finalizer, interruptible, sigint_raises
 
 
 def test_preview_every_writes_the_clean_estimate(tmp_path):
@@ -166,6 +168,22 @@ def _interrupt(args: list[str], cwd: Path, ready) -> subprocess.CompletedProcess
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_verb_whose_interrupt_a_finalizer_swallowed_ends_as_interrupted():
+    group = DecoGroup()
+
+    @group.command()
+    def work() -> None:
+        interrupted_inside_a_finalizer()
+        click.echo("finished")
+
+    with sigint_raises():
+        result = CliRunner().invoke(group, ["work"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert result.exit_code == INTERRUPTED_STATUS, result.output
+    assert result.output.splitlines()[-1] == f"Error: {INTERRUPTED}"
 
 
 def _last_line(stderr: str) -> str:

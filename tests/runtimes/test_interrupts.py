@@ -1,0 +1,54 @@
+"""An interrupt whose KeyboardInterrupt Python swallowed (it arrived while a finalizer ran)
+still stops every commit."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from runtimes.fileio import atomic_write_text
+from runtimes.interrupts import interrupts_raise, raise_if_interrupted
+from runtimes.staging import staging_dir, swap_directory
+from tests.helpers import interrupted_inside_a_finalizer, sigint_raises
+
+# The finalizer's KeyboardInterrupt is what Python ignores: pytest reports it as unraisable.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    with sigint_raises():
+        yield
+
+
+def test_a_swallowed_interrupt_stops_an_atomic_write(tmp_path):
+    with interrupts_raise():
+        interrupted_inside_a_finalizer()  # returns: the KeyboardInterrupt went nowhere
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_text(tmp_path / "out.txt", "written after Ctrl-C")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_a_swallowed_interrupt_stops_a_directory_swap(tmp_path):
+    target = tmp_path / "bundle"
+    with interrupts_raise():
+        with staging_dir(target) as staged:
+            (staged.path / "manifest.json").write_text("{}")
+            interrupted_inside_a_finalizer()
+            with pytest.raises(KeyboardInterrupt):
+                swap_directory(staged.path, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outside_the_block_nothing_is_recorded(tmp_path):
+    with interrupts_raise():
+        pass
+    with pytest.raises(KeyboardInterrupt):  # the handler raises as Python's own does
+        os.kill(os.getpid(), signal.SIGINT)
+    raise_if_interrupted()  # nothing was recorded
+    atomic_write_text(tmp_path / "out.txt", "x")
+    assert (tmp_path / "out.txt").read_text() == "x"
+    (tmp_path / "out.txt").unlink()
+
