@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["interrupts_raise", "raise_if_interrupted"]
+__all__ = ["interrupts_handled", "interrupts_raise", "raise_if_interrupted"]
 
 _received: list[int] = []  # the signals received inside `interrupts_raise`, in order
 
@@ -57,3 +57,13 @@ def interrupts_raise() -> Iterator[None]:
         for sig in taken:
             signal.signal(sig, previous[sig])
         _received.clear()
+
+
+@contextlib.contextmanager
+def interrupts_handled() -> Iterator[None]:
+    """A block that answers an interrupt itself and then returns normally (a server that
+    finishes the requests in flight and stops): the interrupts it received are forgotten when
+    it returns, so `raise_if_interrupted` does not raise them again."""
+    before = len(_received)
+    yield
+    del _received[before:]

@@ -60,6 +60,7 @@ def serve(bundle: Path, host: str, port: int, backend: str, precision: str, max_
         raise ServeUnavailable(f"deco serve needs the serve extra ({exc.name} is missing): "
                                "pip install 'deco-export[serve]'") from None
     import runtimes
+    from runtimes.interrupts import interrupts_handled
 
     if not _loopback(host) and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this "
@@ -71,7 +72,8 @@ def serve(bundle: Path, host: str, port: int, backend: str, precision: str, max_
                              model_id=model_id or bundle.resolve().name)
     app = create_app(pipe, settings)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=None)
+        with interrupts_handled():  # SIGTERM / Ctrl-C: uvicorn drains, then returns
+            uvicorn.run(app, host=host, port=port, log_level=log_level,
+                        timeout_graceful_shutdown=None)
     finally:
         pipe.close()
