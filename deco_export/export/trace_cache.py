@@ -11,10 +11,12 @@ time it traces the very same graphs. So `export_onnx_file` keeps what the tracer
   of every submodule (sizes, flags, configs), and the packages their classes come from: the
   version of an installed one, every source file of one that is not (this project's own), so
   an edited model is traced again;
-- the example inputs (dtypes, shapes, values), the input and output names, the dynamic
-  shapes, the opset, and whether weights go to external data (then also the file's name,
-  which the graph names its data file by; a self-contained graph is the same whatever it is
-  called, so the int8 export, which quantizes the fp32 graph, reuses the fp32 trace);
+- the example inputs' dtypes and shapes (not their values: torch.export traces with fake
+  tensors, which carry none, so two exports that draw other example values share a trace),
+  the input and output names, the dynamic shapes, the opset, and whether weights go to
+  external data (then also the file's name, which the graph names its data file by; a
+  self-contained graph is the same whatever it is called, so the int8 export, which
+  quantizes the fp32 graph, reuses the fp32 trace);
 - the versions of torch, onnx and onnxscript.
 
 A hit copies the files into place; nothing else changes, and every export still runs its
@@ -28,6 +30,7 @@ Removing the folder costs only time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -64,6 +67,7 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
     external-data file), or the same files from the cache when this exact trace was made
     before."""
     def trace() -> None:
+        _build_torchlib_table_once()
         program = torch.onnx.export(
             module, inputs, dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
@@ -79,6 +83,23 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
                      output_names=output_names, dynamic_shapes=dynamic_shapes,
                      external_data=external_data)
     cached(key, path, trace)
+
+
+def _build_torchlib_table_once() -> None:
+    """Have the exporter build its table of ONNX functions once per process, not once per
+    graph. Every ``torch.onnx.export`` call asks onnxscript for the table, and onnxscript
+    builds it again by parsing the source of some 500 functions: about 0.5 s of each graph's
+    trace on one core, the same every time for the installed packages. Where the exporter is
+    laid out otherwise (another torch), nothing changes."""
+    from torch.onnx._internal.exporter import _registration
+
+    try:  # a lazily imported module: its name, then the module itself
+        apis = importlib.import_module(_registration.onnxscript_apis._name)
+    except (AttributeError, ImportError):
+        return
+    build = getattr(apis, "get_torchlib_ops", None)
+    if build is not None and not hasattr(build, "cache_info"):
+        apis.get_torchlib_ops = functools.cache(build)
 
 
 def export_key(module: torch.nn.Module, inputs: tuple, path: Path, *, external_data: bool,
@@ -127,7 +148,7 @@ def trace_key(module: torch.nn.Module, inputs: tuple, file_name: str, **settings
     add(file_name, sorted(settings.items()), torch.__version__,
         *(_version(name) for name in ("onnx", "onnxscript")))
     for x in inputs:
-        add(*_tensor_parts(x) if isinstance(x, torch.Tensor) else (x,))
+        add(*(str(x.dtype), tuple(x.shape)) if isinstance(x, torch.Tensor) else (x,))
     packages: set[str] = set()
     for name, sub in module.named_modules():
         add(name, f"{type(sub).__module__}.{type(sub).__qualname__}",

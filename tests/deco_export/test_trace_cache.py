@@ -52,7 +52,7 @@ def test_a_second_export_of_the_same_module_is_the_first_ones_file(tmp_path, cac
     np.testing.assert_allclose(y, module(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
 
 
-def test_the_key_follows_weights_attributes_inputs_and_settings():
+def test_the_key_follows_weights_attributes_input_shapes_and_settings():
     torch.manual_seed(0)
     module = Scale().eval()
     x = (torch.ones(2, 4),)
@@ -67,6 +67,10 @@ def test_the_key_follows_weights_attributes_inputs_and_settings():
     changed = trace_key(module, x, "g.onnx", **settings)
     assert changed != base
     assert trace_key(module, (torch.ones(3, 4),), "g.onnx", **settings) != changed
+    assert trace_key(module, (torch.ones(2, 4, dtype=torch.float64),), "g.onnx",
+                     **settings) != changed
+    # example values never reach the tracer (fake tensors): other values, the same trace
+    assert trace_key(module, (torch.randn(2, 4),), "g.onnx", **settings) == changed
     assert trace_key(module, x, "h.onnx", **settings) != changed
     assert trace_key(module, x, "g.onnx", opset=23, external_data=False) != changed
     # a graph with external data names its data file: its name is part of the key
@@ -141,3 +145,23 @@ def test_a_module_whose_weights_exceed_an_entry_is_traced_without_the_cache(tmp_
     export(module, tmp_path / "g.onnx")
     assert (tmp_path / "g.onnx").read_bytes() != b"planted"
     ort.InferenceSession(str(tmp_path / "g.onnx"))  # a real graph, traced
+
+
+def test_the_exporters_function_table_is_built_once_per_process(tmp_path, cache):
+    """Two traces (two modules, so neither comes from the cache) build onnxscript's table of
+    ONNX functions once between them; the graphs are as before."""
+    import importlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    apis = importlib.import_module(_registration.onnxscript_apis._name)
+    torch.manual_seed(0)
+    first, second = Scale().eval(), Scale(3.0).eval()
+    export(first, tmp_path / "a.onnx")
+    before = apis.get_torchlib_ops.cache_info()
+    export(second, tmp_path / "b.onnx")
+    after = apis.get_torchlib_ops.cache_info()
+    assert after.misses == before.misses == 1 and after.hits == before.hits + 1
+    x = np.ones((3, 4), np.float32)
+    y = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, second(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
