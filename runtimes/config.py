@@ -70,7 +70,10 @@ class ModelConfig:
     patch_size: int = 16
     num_classes: int = 1000
     in_channels: int = 3
-    image_size: tuple[int, int] = (256, 256)
+    # No module reads the native size (RoPE positions are normalised), so a traced graph does
+    # not depend on it: the trace cache leaves it out of its key.
+    image_size: tuple[int, int] = dataclasses.field(default=(256, 256),
+                                                    metadata={"shapes_graph": False})
     family: str = "c2i"
     text_len: int = 0
     text_dim: int = 0

@@ -10,7 +10,10 @@ time it traces the very same graphs. So `export_onnx_file` keeps what the tracer
 - the module: every parameter and buffer (names, dtypes, shapes, bytes), the plain attributes
   of every submodule (sizes, flags, configs), and the packages their classes come from: the
   version of an installed one, every source file of one that is not (this project's own), so
-  an edited model is traced again;
+  an edited model is traced again. Left out: what no forward reads, so that the same network
+  is traced once however it was loaded: config fields marked ``shapes_graph: False`` (the
+  model's native image size) and where transformers read the weights from
+  (``name_or_path``);
 - the example inputs' dtypes and shapes (not their values: torch.export traces with fake
   tensors, which carry none, so two exports that draw other example values share a trace),
   the input and output names, the dynamic shapes, the opset, and whether weights go to
@@ -58,6 +61,9 @@ _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training"
                                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
                                "_backward_hooks", "_backward_pre_hooks",
                                "_is_full_backward_hook", "_compiled_call_impl"})
+# Where transformers read a model's weights from: the same weights from another directory
+# trace to the same graph.
+_NOT_READ_BY_FORWARD = frozenset({"name_or_path"})
 
 
 def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opset: int,
@@ -153,7 +159,8 @@ def trace_key(module: torch.nn.Module, inputs: tuple, file_name: str, **settings
     for name, sub in module.named_modules():
         add(name, f"{type(sub).__module__}.{type(sub).__qualname__}",
             sorted((k, _plain(v)) for k, v in vars(sub).items()
-                   if k not in _MODULE_INTERNALS and not isinstance(v, torch.Tensor)))
+                   if k not in _MODULE_INTERNALS | _NOT_READ_BY_FORWARD
+                   and not isinstance(v, torch.Tensor)))
         packages.add(type(sub).__module__.split(".")[0])
     for package in sorted(packages):
         add(package, _version(package), *_sources(package))
@@ -170,10 +177,11 @@ def _tensor_parts(x: torch.Tensor) -> tuple[object, ...]:
 
 def _plain(value: Any) -> Any:
     """What of an attribute can change a trace: plain values as they are, dataclasses (the
-    model's config) by their fields, submodules by their class (their own state is added
-    apart), anything else by its repr."""
+    model's config) by their fields that shape the graph, submodules by their class (their own
+    state is added apart), anything else by its repr."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                if f.metadata.get("shapes_graph", True)}
     if isinstance(value, torch.nn.Module):
         return type(value).__qualname__
     return value

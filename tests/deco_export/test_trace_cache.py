@@ -165,3 +165,23 @@ def test_the_exporters_function_table_is_built_once_per_process(tmp_path, cache)
     x = np.ones((3, 4), np.float32)
     y = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, second(torch.from_numpy(x)).detach().numpy(), atol=1e-6)
+
+
+def test_what_no_forward_reads_is_left_out_of_the_key():
+    """The native image size of the config and the directory transformers loaded from: the
+    same network loaded another way is traced once."""
+    from runtimes.config import ModelConfig
+
+    class Configured(Scale):
+        def __init__(self, config: ModelConfig, name_or_path: str):
+            super().__init__()
+            self.config, self.name_or_path = config, name_or_path
+
+    def key(config: ModelConfig, name_or_path: str = "/a") -> str:
+        torch.manual_seed(0)
+        return trace_key(Configured(config, name_or_path).eval(), (torch.ones(2, 4),), "g.onnx")
+
+    base = key(ModelConfig(image_size=(64, 64)))
+    assert key(ModelConfig(image_size=(512, 512))) == base
+    assert key(ModelConfig(image_size=(64, 64)), "/elsewhere") == base
+    assert key(ModelConfig(image_size=(64, 64), hidden_size=64, num_heads=4)) != base
