@@ -4,9 +4,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 OUT    ?= out
 # pip byte-compiles everything it installs on one core, more than half of a fresh install's
-# time. Python compiles what a run imports on first use and keeps it; only where
-# PYTHONDONTWRITEBYTECODE forbids keeping it (then every process would compile its imports
-# again) does `compile` byte-compile the installed packages up front, on every core.
+# time; `compile` does it afterwards on every core. (Leaving it to first use is no faster
+# where Python may keep what it compiles, and much slower where PYTHONDONTWRITEBYTECODE
+# forbids that: every process would compile its imports again.)
 PIP     = $(BIN)/pip install -q --no-compile
 
 .PHONY: demo test lint venv compile
@@ -19,10 +19,8 @@ venv: $(BIN)/python
 
 # Modules of third-party packages that are not valid Python 3 are skipped, as pip skips them.
 compile:
-ifneq ($(PYTHONDONTWRITEBYTECODE),)
 	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; \
 		print(sysconfig.get_path("purelib"))')" >/dev/null || true
-endif
 
 # Export the embedded default model to ONNX, sample a grid with ONNX Runtime, benchmark briefly;
 # then the same for the text-to-image default (its bundle carries the text encoder): prompts in,
