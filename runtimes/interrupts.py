@@ -19,9 +19,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["interrupts_handled", "interrupts_raise", "raise_if_interrupted"]
+__all__ = ["interrupts_deferred", "interrupts_handled", "interrupts_raise",
+           "raise_if_interrupted"]
 
 _received: list[int] = []  # the signals received inside `interrupts_raise`, in order
+_deferring = [0]  # how many `interrupts_deferred` blocks are running
 
 
 def raise_if_interrupted() -> None:
@@ -44,7 +46,8 @@ def interrupts_raise() -> Iterator[None]:
 
     def interrupt(signum: int, frame: Any) -> None:
         _received.append(signum)
-        raise KeyboardInterrupt(f"signal {signum}")
+        if not _deferring[0]:
+            raise KeyboardInterrupt(f"signal {signum}")
 
     ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     previous = {sig: signal.getsignal(sig) for sig in ours}
@@ -67,3 +70,15 @@ def interrupts_handled() -> Iterator[None]:
     before = len(_received)
     yield
     del _received[before:]
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A block that must not stop half-way (making a staging directory and handing it to
+    the owner that removes it): an interrupt that arrives inside it is raised when it ends."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+    raise_if_interrupted()

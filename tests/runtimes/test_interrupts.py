@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from runtimes.fileio import atomic_write_text
-from runtimes.interrupts import interrupts_raise, raise_if_interrupted
+from runtimes.interrupts import interrupts_deferred, interrupts_raise, raise_if_interrupted
 from runtimes.staging import staging_dir, swap_directory
 from tests.helpers import interrupted_inside_a_finalizer, sigint_raises
 
@@ -52,3 +52,13 @@ def test_outside_the_block_nothing_is_recorded(tmp_path):
     assert (tmp_path / "out.txt").read_text() == "x"
     (tmp_path / "out.txt").unlink()
 
+
+
+def test_an_interrupt_inside_a_deferred_block_is_raised_when_it_ends(tmp_path):
+    done = []
+    with interrupts_raise():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised here
+                done.append("the rest of the block")
+    assert done == ["the rest of the block"]
