@@ -75,7 +75,8 @@ def interrupts_handled() -> Iterator[None]:
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """A block that must not stop half-way (making a staging directory and handing it to
-    the owner that removes it): an interrupt that arrives inside it is raised when it ends."""
+    the owner that removes it): inside `interrupts_raise`, an interrupt that arrives in the
+    block is raised when it ends (elsewhere Python's own handler raises it at once)."""
     _deferring[0] += 1
     try:
         yield

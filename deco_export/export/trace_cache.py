@@ -64,6 +64,7 @@ _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training"
 # Where transformers read a model's weights from: the same weights from another directory
 # trace to the same graph.
 _NOT_READ_BY_FORWARD = frozenset({"name_or_path"})
+_NOT_KEYED = _MODULE_INTERNALS | _NOT_READ_BY_FORWARD
 
 
 def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opset: int,
@@ -159,8 +160,7 @@ def trace_key(module: torch.nn.Module, inputs: tuple, file_name: str, **settings
     for name, sub in module.named_modules():
         add(name, f"{type(sub).__module__}.{type(sub).__qualname__}",
             sorted((k, _plain(v)) for k, v in vars(sub).items()
-                   if k not in _MODULE_INTERNALS | _NOT_READ_BY_FORWARD
-                   and not isinstance(v, torch.Tensor)))
+                   if k not in _NOT_KEYED and not isinstance(v, torch.Tensor)))
         packages.add(type(sub).__module__.split(".")[0])
     for package in sorted(packages):
         add(package, _version(package), *_sources(package))

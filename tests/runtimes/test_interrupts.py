@@ -53,7 +53,6 @@ def test_outside_the_block_nothing_is_recorded(tmp_path):
     (tmp_path / "out.txt").unlink()
 
 
-
 def test_an_interrupt_inside_a_deferred_block_is_raised_when_it_ends(tmp_path):
     done = []
     with interrupts_raise():
