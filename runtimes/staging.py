@@ -21,11 +21,12 @@ import os
 import secrets
 import shutil
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
 from runtimes.fileio import fsync_dir
-from runtimes.interrupts import raise_if_interrupted
+from runtimes.interrupts import interrupts_deferred, raise_if_interrupted
 from runtimes.locks import still_names, try_lock_descriptor
 
 __all__ = ["STAGING_KINDS", "StagingDir", "clean_stale", "copy_tree_into", "staging_dir",
@@ -63,10 +64,25 @@ def _staging_prefix(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-"
 
 
+def _discard(path: Path, held: list[int], owner: int) -> None:
+    """Remove a staging directory and drop its flock: `StagingDir.remove`, and its finalizer.
+    A forked child's copy of the object owns neither."""
+    if os.getpid() != owner:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    while held:
+        os.close(held.pop())
+
+
 class StagingDir:
     """A directory beside ``target`` (same filesystem, so it can be renamed onto it), created
     under the umask and flock'ed while this object lives, so `clean_stale` never removes a
-    directory a live writer is filling."""
+    directory a live writer is filling.
+
+    The directory lives no longer than this object: if the object is dropped before its owner
+    could remove it (an interrupt between the construction and the ``with`` that would have
+    removed it), its finalizer does, at the latest when the interpreter exits. Under `deco`'s
+    `interrupts_raise` a signal during the construction waits until that finalizer exists."""
 
     def __init__(self, target: str | os.PathLike[str], kind: str = "staging") -> None:
         if kind not in STAGING_KINDS:
@@ -77,6 +93,13 @@ class StagingDir:
         except OSError as err:
             raise OSError(err.errno, err.strerror, str(target)) from None
         prefix = _staging_prefix(self.target, kind)
+        with interrupts_deferred():
+            path, fd = self._make(prefix, target)
+            self.path = path
+            self._held = [] if fd is None else [fd]
+            self._finalizer = weakref.finalize(self, _discard, path, self._held, os.getpid())
+
+    def _make(self, prefix: str, target: str | os.PathLike[str]) -> tuple[Path, int | None]:
         while True:
             path = self.target.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
             try:
@@ -93,20 +116,16 @@ class StagingDir:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
             if fd != _TAKEN:
-                break
-        self.path = path
-        self._fd: int | None = fd
+                return path, fd
 
     def release(self) -> None:
-        """Drop the flock (the directory itself stays; see `remove`)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Drop the flock (the directory itself stays until `remove` or this object's end)."""
+        while self._held:
+            os.close(self._held.pop())
 
     def remove(self) -> None:
         """Delete the staging directory (whatever it holds now) and drop the flock."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.release()
+        self._finalizer()
 
     def __enter__(self) -> StagingDir:
         return self

@@ -34,7 +34,6 @@ from runtimes import bundle as rb
 from runtimes.config import ModelConfig
 from runtimes.cpu import cpu_record
 from runtimes.int8 import Int8KernelWarning
-from runtimes.interrupts import interrupts_deferred
 from runtimes.locks import lock
 from runtimes.sampler import SamplerConfig, release_sampler
 from runtimes.sizes import SizeRange
@@ -111,9 +110,8 @@ class BundleTransaction:
         self.manifest = self._base_manifest()
         clean_stale(self.bundle)
         try:
-            with interrupts_deferred():  # the directory exists only once it is ours to remove
-                self._staging = staging_dir(self.bundle)
-                self.staging = self._staging.path
+            self._staging = staging_dir(self.bundle)  # dropped unowned, it removes itself
+            self.staging = self._staging.path
             if self.negative_prompt_embeds is not None:
                 self._stage_negative_embeds()
         except BaseException:  # __exit__ does not run when __enter__ fails

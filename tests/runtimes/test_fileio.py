@@ -3,6 +3,7 @@ stale staging), runtimes.locks (the write lock) and runtimes.cache (one cache ro
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import stat
@@ -78,6 +79,32 @@ def test_clean_stale_removes_only_dead_writers_dirs(tmp_path):
     assert removed == [dead]
     assert live.path.is_dir()
     live.remove()
+
+
+def test_a_staging_dir_dropped_before_its_owner_removed_it_leaves_nothing(tmp_path):
+    """An interrupt between ``staging_dir(...)`` and the ``with`` that would remove it drops
+    the object unowned: the directory goes with it."""
+    made = staging.staging_dir(tmp_path / "b")
+    path = made.path
+    assert path.is_dir()
+    del made
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_childs_copy_of_a_staging_dir_leaves_the_parents_directory(tmp_path):
+    made = staging.staging_dir(tmp_path / "b")
+    child = os.fork()
+    if child == 0:  # the child drops its copy; the directory is the parent's
+        del made
+        gc.collect()
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert made.path.is_dir()
+    made.remove()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("cleaner", ["removed it", "holds its lock"])

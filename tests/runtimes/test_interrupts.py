@@ -3,11 +3,13 @@ still stops every commit."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 
 import pytest
 
+from runtimes import staging
 from runtimes.fileio import atomic_write_text
 from runtimes.interrupts import interrupts_deferred, interrupts_raise, raise_if_interrupted
 from runtimes.staging import staging_dir, swap_directory
@@ -61,3 +63,21 @@ def test_an_interrupt_inside_a_deferred_block_is_raised_when_it_ends(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised here
                 done.append("the rest of the block")
     assert done == ["the rest of the block"]
+
+
+def test_an_interrupt_while_a_staging_dir_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The signal lands once the directory exists and is locked, before its owner has it: it is
+    raised when the directory is guarded, and the directory goes."""
+    real_hold = staging._hold
+
+    def hold_then_signal(path):
+        fd = real_hold(path)
+        os.kill(os.getpid(), signal.SIGINT)
+        return fd
+
+    monkeypatch.setattr(staging, "_hold", hold_then_signal)
+    with interrupts_raise():
+        with pytest.raises(KeyboardInterrupt):
+            staging_dir(tmp_path / "bundle")
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
