@@ -29,8 +29,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 _RUN_TEMP_DIR = pytest.StashKey[Path]()
 # What a library keeps in the temp dir once per machine, not per call: onnxruntime's
-# telemetry session id (written on first use, read ever after).
-MACHINE_STATE = frozenset({".ses"})
+# telemetry session id (written on first use, read ever after), and the caches torch.compile
+# keeps under `tempfile.gettempdir()` whatever $TORCHINDUCTOR_CACHE_DIR says (its precompiled
+# headers and its key-value caches read inductor's default directory, not the variable).
+MACHINE_STATE = frozenset({".ses", f"torchinductor_{getpass.getuser()}"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
