@@ -1,7 +1,8 @@
 """Where the package keeps what it can rebuild: one root, one environment variable.
 
-Compiled OpenVINO models, Core ML compilations, the TensorRT timing cache, datasets and
-text-embedding caches all live in ``cache_dir(kind)``: ``$DECO_CACHE_DIR/<kind>``, else
+Compiled OpenVINO models, Core ML compilations, the TensorRT timing cache, traced ONNX graphs
+and converted Core ML programs, datasets and text-embedding caches all live in
+``cache_dir(kind)``: ``$DECO_CACHE_DIR/<kind>``, else
 ``$XDG_CACHE_HOME/deco/<kind>``, else ``~/.cache/deco/<kind>``. Every entry there is keyed by
 what it depends on, so removing the folder costs only time.
 

@@ -27,7 +27,11 @@ parity gate against the PyTorch model, so an entry that were somehow wrong would
 instead of shipping. Graphs whose files exceed `MAX_ENTRY_BYTES` are not kept (release-size
 weights would fill the disk for a trace that costs little next to their conversion), and the
 cache keeps its total under `MAX_CACHE_BYTES`, dropping the least recently used entries.
-Removing the folder costs only time.
+
+The Core ML exporter keeps its conversions the same way (`deco_export.export.coreml.convert`,
+``cache_dir("coreml-conversions")``, through `store_entry` and `stored_entry`): the same key
+plus the conversion's settings and coremltools' version; an entry holds the saved package and
+the conversion's report. Removing either folder costs only time.
 """
 
 from __future__ import annotations
@@ -124,23 +128,60 @@ def cached(key: str, path: Path, make: Callable[[], None]) -> bool:
     An entry holds one ``.onnx`` file, copied to ``path`` whatever the name it was made
     under, and its companions (external data), copied under their own names: a key that
     allows another name must be of a graph without companions, whose files name none."""
-    root = cache_dir(CACHE_KIND)
-    entry = root / key
-    if any(entry.glob("*.onnx")):
+    entry = stored_entry(CACHE_KIND, key)
+    if entry is not None:
         try:
             for file in entry.iterdir():  # the graph under the name asked for, its data as is
                 shutil.copyfile(file, path if file.suffix == ".onnx" else
                                 path.parent / file.name)
-            os.utime(entry)  # recently used
             return True
         except OSError:  # removed meanwhile, or unreadable: trace instead
             pass
     make()
     files = [p for p in path.parent.iterdir()
              if p.name == path.name or p.name.startswith(path.name + ".")]
+
+    def write(directory: Path) -> None:
+        for file in files:
+            shutil.copyfile(file, directory / file.name)
+
     if sum(p.stat().st_size for p in files) <= MAX_ENTRY_BYTES:
-        _store(root, entry, files)
+        store_entry(CACHE_KIND, key, write)
     return False
+
+
+def stored_entry(kind: str, key: str) -> Path | None:
+    """The directory of entry ``key`` in ``cache_dir(kind)``, marked recently used; None
+    when there is none. An entry is renamed in complete (`store_entry`), so one that exists
+    is whole; it may still be evicted by another process while it is read."""
+    entry = cache_dir(kind) / key
+    try:
+        os.utime(entry)  # recently used
+    except OSError:
+        return None
+    return entry
+
+
+def store_entry(kind: str, key: str, write: Callable[[Path], None]) -> None:
+    """Make entry ``key`` of ``cache_dir(kind)`` by ``write(directory)`` into a directory
+    beside the cache and rename it in, so a reader never sees half of one; two writers racing
+    for one key keep the first. An entry over `MAX_ENTRY_BYTES` is not kept. Failing to cache
+    never fails the caller."""
+    root = cache_dir(kind)
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir(parents=True)
+        write(staging)
+        if _tree_bytes(staging) <= MAX_ENTRY_BYTES:
+            try:
+                os.rename(staging, root / key)
+            except OSError:  # another writer stored it first
+                pass
+            _evict(root)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def trace_key(module: torch.nn.Module, inputs: tuple, file_name: str, **settings: Any) -> str:
@@ -152,7 +193,7 @@ def trace_key(module: torch.nn.Module, inputs: tuple, file_name: str, **settings
             data = part if isinstance(part, bytes) else _ADDRESS.sub("", repr(part)).encode()
             h.update(len(data).to_bytes(8, "little") + data)
 
-    add(file_name, sorted(settings.items()), torch.__version__,
+    add(file_name, sorted((k, _plain(v)) for k, v in settings.items()), torch.__version__,
         *(_version(name) for name in ("onnx", "onnxscript")))
     for x in inputs:
         add(*(str(x.dtype), tuple(x.shape)) if isinstance(x, torch.Tensor) else (x,))
@@ -207,33 +248,13 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def _store(root: Path, entry: Path, files: list[Path]) -> None:
-    """Write the entry beside the cache and rename it in, so a reader never sees half of
-    one; two exports racing for one key keep the first. Failing to cache never fails an
-    export."""
-    staging = root / f".staging-{uuid.uuid4().hex}"
-    try:
-        staging.mkdir(parents=True)
-        for file in files:
-            shutil.copyfile(file, staging / file.name)
-        try:
-            os.rename(staging, entry)
-        except OSError:  # another export stored it first
-            pass
-        _evict(root)
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _evict(root: Path) -> None:
     """Drop the least recently used entries until the cache holds at most MAX_CACHE_BYTES."""
     entries = []
     for entry in root.iterdir():
         if entry.name.startswith("."):
             continue
-        size = sum(f.stat().st_size for f in entry.iterdir())
+        size = _tree_bytes(entry)
         entries.append((entry.stat().st_mtime, size, entry))
     total = sum(size for _, size, _ in entries)
     for _, size, entry in sorted(entries, key=lambda e: e[0]):
@@ -241,3 +262,7 @@ def _evict(root: Path) -> None:
             break
         shutil.rmtree(entry, ignore_errors=True)
         total -= size
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())

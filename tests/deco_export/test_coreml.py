@@ -127,10 +127,12 @@ def manifest(exported) -> rb.Manifest:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, golden_model) -> Path:
-    """The golden model with 8-bit weights, fp16 and fp32."""
+    """The golden model with 8-bit weights, fp16 and fp32 (the batch sizes of `exported`, so
+    its conversions come from the conversion cache)."""
     pytest.importorskip("coremltools")
     out = tmp_path_factory.mktemp("coreml-int8") / "bundle"
-    cm.export_coreml(golden_model, out, precisions=("fp16", "fp32"), compression="int8")
+    cm.export_coreml(golden_model, out, precisions=("fp16", "fp32"), compression="int8",
+                     batch_sizes=(EXTRA_BATCH,))
     return out
 
 
@@ -352,7 +354,8 @@ def test_palettes_are_applied(golden_model, tmp_path, compression, target, granu
                               max_ratio):
     modules = cm.graph_modules(golden_model, "fp32")
     inputs = cm.example_inputs(golden_model, "dit", 2, *SIZE)
-    mlmodel, _ = cm.convert_graph(modules["dit"], "dit", inputs, target=target)
+    mlmodel, _ = cm.convert_graph(modules["dit"], "dit", inputs, target=target,
+                                  batch_sizes=BATCHES)
     mlmodel.save(str(tmp_path / "plain.mlpackage"))
     discard_temp_packages(mlmodel)
     record = cm.compress_package(tmp_path / "plain.mlpackage", tmp_path / "packed.mlpackage",
@@ -453,6 +456,51 @@ def test_unexpected_fp32_fallback_is_refused():
 
 
 @needs_coremltools
+def test_a_conversion_made_before_comes_from_the_cache(tmp_path, monkeypatch):
+    """The same graph on the same settings again is the kept package (a temporary copy, as a
+    conversion makes one) and report; another setting converts again, and so does a damaged
+    entry, which is replaced."""
+    from deco_export.export.coreml import convert
+
+    monkeypatch.setenv("DECO_CACHE_DIR", str(tmp_path / "cache"))
+    entries = tmp_path / "cache" / convert.CACHE_KIND
+    conversions: list[str] = []
+    real = convert._convert
+
+    def counted(ct, module, graph, *args, **kwargs):
+        conversions.append(kwargs["precision"])
+        return real(ct, module, graph, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "_convert", counted)
+    torch.manual_seed(0)
+    module = ToyRefresh(nn.Linear(8, 8)).eval()
+    saved = []
+    for precision in ("fp32", "fp32", "fp16"):
+        mlmodel, report = cm.convert_graph(module, "refresh", toy_inputs(),
+                                           precision=precision)
+        assert mlmodel.is_temp_package
+        saved.append(tmp_path / f"{len(saved)}.mlpackage")
+        mlmodel.save(str(saved[-1]))
+        discard_temp_packages(mlmodel)
+        assert not Path(mlmodel.package_path).exists()
+        if len(saved) == 1:
+            first_report = report
+    assert conversions == ["fp32", "fp16"]
+    assert report != first_report and len(list(entries.iterdir())) == 2
+    files = [sorted((f.relative_to(p), f.read_bytes()) for f in p.rglob("*") if f.is_file())
+             for p in saved]
+    assert files[0] == files[1] != files[2]
+    for entry in entries.iterdir():
+        (entry / "report.json").write_text("{")
+    _, report = cm.convert_graph(module, "refresh", toy_inputs(), precision="fp32")
+    discard_temp_packages(_)
+    assert conversions == ["fp32", "fp16", "fp32"] and report == first_report
+    _, report = cm.convert_graph(module, "refresh", toy_inputs(), precision="fp32")
+    discard_temp_packages(_)
+    assert conversions == ["fp32", "fp16", "fp32"]  # the replaced entry
+
+
+@needs_coremltools
 @pytest.mark.parametrize("option,value,message", [
     ("compression", "int3", "unknown compression"),
     ("target", "iOS12", "unknown deployment target"),
@@ -509,7 +557,7 @@ def test_backend_refuses_a_bundle_without_coreml_and_export_adds_it(golden_model
         with pytest.raises(BackendError, match=r"has no Core ML artefacts \(it holds: onnx\)"):
             attempt()
     # one bundle, several runtimes: the Core ML export joins the ONNX artefact
-    cm.export_coreml(golden_model, bundle, precisions=("fp16",))
+    cm.export_coreml(golden_model, bundle, precisions=("fp16",), batch_sizes=(EXTRA_BATCH,))
     manifest = rb.read_manifest(bundle)
     assert sorted({a.runtime for a in manifest.artifacts}) == ["coreml", "onnx"]
     assert manifest.get_artifact("onnx", "dit", "fp32").sha256 == rb.sha256_path(

@@ -1,12 +1,18 @@
 """Conversion of one graph: trace, check ranks and ops, enumerate the batch, convert to an
-ML program under the precision policy."""
+ML program under the precision policy. A conversion made before (the same module, inputs and
+settings) is taken from ``cache_dir("coreml-conversions")``, as ONNX traces are
+(`deco_export.export.trace_cache`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +23,7 @@ from runtimes.graphs import GRAPH_SPECS, get_graph, graphs_for
 
 from ...model import DeCo
 from ..graphs import GRAPH_CLASSES, example_inputs, input_names, output_names
+from ..trace_cache import MAX_ENTRY_BYTES, store_entry, stored_entry, trace_key
 from .inspect import ProgramReport, program_report
 from .precision import ALL_ISLANDS, PrecisionPolicy
 from .targets import (
@@ -30,7 +37,11 @@ from .targets import (
     import_coremltools,
     joint_enumerated_shapes,
     quiet_conversion,
+    quiet_logs,
 )
+
+CACHE_KIND = "coreml-conversions"
+_PACKAGE, _REPORT = "model.mlpackage", "report.json"
 
 # The inputs that carry the enumerated batch when only one input may (from the graph records).
 PRIMARY_INPUT = {g.name: g.primary_input for g in GRAPH_SPECS}
@@ -167,6 +178,65 @@ def convert_graph(module: torch.nn.Module, graph: str, inputs: Sequence[torch.Te
         raise CoreMLExportError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     ml_target = deployment_target(ct, target)
     units = compute_unit(ct, compute_units)
+    key = _conversion_key(ct, module, graph, inputs, precision=precision, target=target,
+                          batch_sizes=tuple(batch_sizes), islands=tuple(islands),
+                          compute_units=compute_units, config=config,
+                          image_sizes=tuple(image_sizes or ()))
+    entry = stored_entry(CACHE_KIND, key) if key else None
+    if entry is not None:
+        kept = _load_conversion(ct, entry, units)
+        if kept is not None:
+            return kept
+        shutil.rmtree(entry, ignore_errors=True)  # damaged: made again below
+    mlmodel, report = _convert(ct, module, graph, inputs, precision=precision,
+                               ml_target=ml_target, units=units, batch_sizes=batch_sizes,
+                               islands=islands, verbose=verbose, config=config,
+                               image_sizes=image_sizes)
+    if key:
+        store_entry(CACHE_KIND, key, lambda directory: _save_conversion(mlmodel, report,
+                                                                        directory))
+    return mlmodel, report
+
+
+def _conversion_key(ct: Any, module: torch.nn.Module, graph: str,
+                    inputs: Sequence[torch.Tensor], **settings: Any) -> str | None:
+    """The cache key of a conversion: the trace key of the module on its inputs plus every
+    setting and coremltools' version; None for modules whose weights are too large to keep."""
+    weight_bytes = sum(t.numel() * t.element_size()
+                       for t in (*module.parameters(), *module.buffers()))
+    if weight_bytes > MAX_ENTRY_BYTES:
+        return None
+    return trace_key(module, tuple(inputs), graph, converter="coremltools",
+                     coremltools=ct.__version__, **settings)
+
+
+def _save_conversion(mlmodel: Any, report: ProgramReport, directory: Path) -> None:
+    with quiet_logs():
+        mlmodel.save(str(directory / _PACKAGE))
+    (directory / _REPORT).write_text(json.dumps(dataclasses.asdict(report)))
+
+
+def _load_conversion(ct: Any, entry: Path, units: Any) -> tuple[Any, ProgramReport] | None:
+    """A kept conversion as a fresh temporary package (as a conversion makes one, removed by
+    `discard_temp_packages`), so the entry may be evicted while the model is in use; None
+    when the entry went meanwhile or is unreadable."""
+    package = Path(tempfile.mkdtemp(suffix=".mlpackage"))
+    try:
+        report = ProgramReport(**json.loads((entry / _REPORT).read_text()))
+        shutil.copytree(entry / _PACKAGE, package, dirs_exist_ok=True)
+        with quiet_logs():
+            mlmodel = ct.models.MLModel(str(package), is_temp_package=True,
+                                        skip_model_load=True, compute_units=units)
+    except Exception:  # a damaged entry, whatever coremltools makes of it: convert again
+        shutil.rmtree(package, ignore_errors=True)
+        return None
+    return mlmodel, report
+
+
+def _convert(ct: Any, module: torch.nn.Module, graph: str, inputs: Sequence[torch.Tensor], *,
+             precision: str, ml_target: Any, units: Any, batch_sizes: Sequence[int],
+             islands: Sequence[str], verbose: bool, config: ModelConfig | None,
+             image_sizes: Sequence[tuple[int, int]] | None) -> tuple[Any, ProgramReport]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module.eval(), tuple(inputs), check_trace=False)
