@@ -78,7 +78,7 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
     external-data file), or the same files from the cache when this exact trace was made
     before."""
     def trace() -> None:
-        _build_torchlib_table_once()
+        _build_exporter_tables_once()
         program = torch.onnx.export(
             module, inputs, dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
@@ -96,13 +96,17 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
     cached(key, path, trace)
 
 
-def _build_torchlib_table_once() -> None:
-    """Have the exporter build its table of ONNX functions once per process, not once per
-    graph. Every ``torch.onnx.export`` call asks onnxscript for the table, and onnxscript
-    builds it again by parsing the source of some 500 functions: about 0.5 s of each graph's
-    trace on one core, the same every time for the installed packages. Where the exporter is
-    laid out otherwise (another torch), nothing changes."""
-    from torch.onnx._internal.exporter import _registration
+def _build_exporter_tables_once() -> None:
+    """Have the exporter build its tables once per process, not once per graph. Every
+    ``torch.onnx.export`` call builds three, the same every time for the installed packages:
+    onnxscript's table of ONNX functions (parsing the source of some 500 functions), the
+    registry of ATen operators it makes from that table, and the table of decompositions for
+    the operators without an ONNX function (torch's default decompositions, filtered). That
+    is about 1.3 s of each graph's trace on one core, most of a small graph's. Each call still
+    gets its own registry and table (copies of the first), so an exporter that adds custom
+    operators to its registry changes no later export. Where the exporter is laid out
+    otherwise (another torch), nothing changes."""
+    from torch.onnx._internal.exporter import _decomp, _registration
 
     try:  # a lazily imported module: its name, then the module itself
         apis = importlib.import_module(_registration.onnxscript_apis._name)
@@ -111,6 +115,45 @@ def _build_torchlib_table_once() -> None:
     build = getattr(apis, "get_torchlib_ops", None)
     if build is not None and not hasattr(build, "cache_info"):
         apis.get_torchlib_ops = functools.cache(build)
+    registry = getattr(_registration, "ONNXRegistry", None)
+    from_torchlib = getattr(registry, "from_torchlib", None)
+    if from_torchlib is not None and not hasattr(from_torchlib, "built"):
+        registry.from_torchlib = _copied_registry(from_torchlib)
+    table = getattr(_decomp, "create_onnx_friendly_decomposition_table", None)
+    if table is not None and not hasattr(table, "built"):
+        _decomp.create_onnx_friendly_decomposition_table = _copied_table(table)
+
+
+def _copied_registry(from_torchlib: Callable[..., Any]) -> Any:
+    """``ONNXRegistry.from_torchlib`` built once per opset; each call returns a copy."""
+    built: dict[Any, Any] = {}
+
+    def copy(cls: type, *args: Any, **kwargs: Any) -> Any:
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = from_torchlib.__func__(cls, *args, **kwargs)
+        first = built[key]
+        registry = cls.__new__(cls)
+        registry.__dict__.update(first.__dict__)
+        registry.functions = {op: list(metas) for op, metas in first.functions.items()}
+        return registry
+
+    copy.built = built  # type: ignore[attr-defined]
+    return classmethod(copy)
+
+
+def _copied_table(create: Callable[[set[Any]], dict[Any, Any]]) -> Callable[..., Any]:
+    """The decomposition table built once per set of operators; each call returns a copy."""
+    built: dict[frozenset[Any], dict[Any, Any]] = {}
+
+    def copy(onnx_registered_ops: set[Any]) -> dict[Any, Any]:
+        key = frozenset(onnx_registered_ops)
+        if key not in built:
+            built[key] = create(onnx_registered_ops)
+        return dict(built[key])
+
+    copy.built = built  # type: ignore[attr-defined]
+    return copy
 
 
 def export_key(module: torch.nn.Module, inputs: tuple, path: Path, *, external_data: bool,
