@@ -138,7 +138,7 @@ def _copied_registry(from_torchlib: Callable[..., Any]) -> Any:
         registry.functions = {op: list(metas) for op, metas in first.functions.items()}
         return registry
 
-    copy.built = built  # type: ignore[attr-defined]
+    copy.built, copy.original = built, from_torchlib.__func__  # type: ignore[attr-defined]
     return classmethod(copy)
 
 
@@ -152,7 +152,7 @@ def _copied_table(create: Callable[[set[Any]], dict[Any, Any]]) -> Callable[...,
             built[key] = create(onnx_registered_ops)
         return dict(built[key])
 
-    copy.built = built  # type: ignore[attr-defined]
+    copy.built, copy.original = built, create  # type: ignore[attr-defined]
     return copy
 
 
