@@ -70,6 +70,11 @@ def _discard(path: Path, held: list[int], owner: int) -> None:
     if os.getpid() != owner:
         return
     shutil.rmtree(path, ignore_errors=True)
+    _unlock(held)
+
+
+def _unlock(held: list[int]) -> None:
+    """Close the descriptors that hold a staging directory's flock (each once)."""
     while held:
         os.close(held.pop())
 
@@ -120,8 +125,7 @@ class StagingDir:
 
     def release(self) -> None:
         """Drop the flock (the directory itself stays until `remove` or this object's end)."""
-        while self._held:
-            os.close(self._held.pop())
+        _unlock(self._held)
 
     def remove(self) -> None:
         """Delete the staging directory (whatever it holds now) and drop the flock."""

@@ -85,9 +85,7 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
         )
         program.save(str(path), external_data=external_data)
 
-    weight_bytes = sum(t.numel() * t.element_size()
-                       for t in (*module.parameters(), *module.buffers()))
-    if weight_bytes > MAX_ENTRY_BYTES:  # its files would not be kept: hashing them is waste
+    if weight_bytes(module) > MAX_ENTRY_BYTES:  # its files would not be kept: hashing is waste
         trace()
         return
     key = export_key(module, inputs, path, opset=opset, input_names=input_names,
@@ -154,6 +152,12 @@ def _copied_table(create: Callable[[set[Any]], dict[Any, Any]]) -> Callable[...,
 
     copy.built, copy.original = built, create  # type: ignore[attr-defined]
     return copy
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """The bytes of a module's parameters and buffers: over `MAX_ENTRY_BYTES`, an entry made
+    from it would not be kept, so its key is not worth computing."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def export_key(module: torch.nn.Module, inputs: tuple, path: Path, *, external_data: bool,

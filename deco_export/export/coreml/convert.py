@@ -23,7 +23,13 @@ from runtimes.graphs import GRAPH_SPECS, get_graph, graphs_for
 
 from ...model import DeCo
 from ..graphs import GRAPH_CLASSES, example_inputs, input_names, output_names
-from ..trace_cache import MAX_ENTRY_BYTES, store_entry, stored_entry, trace_key
+from ..trace_cache import (
+    MAX_ENTRY_BYTES,
+    store_entry,
+    stored_entry,
+    trace_key,
+    weight_bytes,
+)
 from .inspect import ProgramReport, program_report
 from .precision import ALL_ISLANDS, PrecisionPolicy
 from .targets import (
@@ -202,9 +208,7 @@ def _conversion_key(ct: Any, module: torch.nn.Module, graph: str,
                     inputs: Sequence[torch.Tensor], **settings: Any) -> str | None:
     """The cache key of a conversion: the trace key of the module on its inputs plus every
     setting and coremltools' version; None for modules whose weights are too large to keep."""
-    weight_bytes = sum(t.numel() * t.element_size()
-                       for t in (*module.parameters(), *module.buffers()))
-    if weight_bytes > MAX_ENTRY_BYTES:
+    if weight_bytes(module) > MAX_ENTRY_BYTES:
         return None
     return trace_key(module, tuple(inputs), graph, converter="coremltools",
                      coremltools=ct.__version__, **settings)
