@@ -591,7 +591,7 @@ def test_another_models_graph_with_a_rehashed_manifest_is_refused_at_load(tmp_pa
     from deco_export.export.graphs import example_inputs, graph_modules
     from deco_export.export.onnx import export_graph
 
-    other = DeCo(get_preset("DeCo-tiny/16", hidden_size=32, num_heads=2)).eval()
+    other = DeCo(get_preset("DeCo-tiny/16", hidden_size=32, num_heads=2, dit_depth=1)).eval()
     inputs = example_inputs(other, "dit", 2, 64, 64, seed=0)
     export_graph(graph_modules(other, "fp32")["dit"], "dit", inputs, tmp_path / "dit.onnx", 18,
                  False)

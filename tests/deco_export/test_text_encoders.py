@@ -27,7 +27,8 @@ CORPUS = ["a photo of a cat", "a red fox in the snow", "Unrealistic, JPEG artifa
 
 
 def build_tiny_qwen3(directory: Path, vocab_size: int = 320, hidden_size: int = 32) -> Path:
-    """A random 2-layer Qwen3 and a byte-level BPE tokenizer trained on a few prompts."""
+    """A random one-layer Qwen3 (each more layer only lengthens every trace of it) and a
+    byte-level BPE tokenizer trained on a few prompts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -41,7 +42,7 @@ def build_tiny_qwen3(directory: Path, vocab_size: int = 320, hidden_size: int = 
     fast.save_pretrained(directory)
     config = transformers.Qwen3Config(
         vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
