@@ -45,6 +45,7 @@ import re
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,9 @@ def store_entry(kind: str, key: str, write: Callable[[Path], None]) -> None:
     """Make entry ``key`` of ``cache_dir(kind)`` by ``write(directory)`` into a directory
     beside the cache and rename it in, so a reader never sees half of one; two writers racing
     for one key keep the first. An entry over `MAX_ENTRY_BYTES` is not kept. Failing to cache
-    never fails the caller."""
+    never fails the caller: a cache that cannot be written (read-only, full) is passed over
+    in silence; a ``write`` that fails otherwise (a library's save raising its own error) is
+    one warning, since the caller's result does not depend on it."""
     root = cache_dir(kind)
     staging = root / f".staging-{uuid.uuid4().hex}"
     try:
@@ -227,6 +230,9 @@ def store_entry(kind: str, key: str, write: Callable[[Path], None]) -> None:
             _evict(root)
     except OSError:
         pass
+    except Exception as error:  # whatever a library's writer raises
+        warnings.warn(f"not kept in the {kind} cache: {type(error).__name__}: {error}",
+                      RuntimeWarning, stacklevel=2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -199,3 +199,16 @@ def test_what_no_forward_reads_is_left_out_of_the_key():
     assert key(ModelConfig(image_size=(512, 512))) == base
     assert key(ModelConfig(image_size=(64, 64)), "/elsewhere") == base
     assert key(ModelConfig(image_size=(64, 64), hidden_size=64, num_heads=4)) != base
+
+
+def test_a_writer_that_fails_is_one_warning_and_keeps_nothing(tmp_path, cache):
+    """A cache entry whose writer raises (a library's save, not the disk) fails nothing: the
+    caller goes on with one warning, and neither an entry nor its staging directory stays."""
+    def write(directory: Path) -> None:
+        (directory / "half").write_bytes(b"x")
+        raise RuntimeError("the converter could not save")
+
+    with pytest.warns(RuntimeWarning, match="not kept in the onnx-traces cache: RuntimeError"):
+        trace_cache.store_entry(trace_cache.CACHE_KIND, "k", write)
+    assert list(cache.iterdir()) == []
+    assert trace_cache.stored_entry(trace_cache.CACHE_KIND, "k") is None
