@@ -93,26 +93,22 @@ SHARED_UNITS = {
     "tests/deco_export/test_serve_ray.py": "serve_bundles",
     "tests/deco_export/test_serve_load.py": "serve_bundles",
 }
-# The slowest units, slowest first (their summed per-test durations on 2 cores, cold caches:
-# the Core ML conversions, the shared T2I exports, the bf16 torch.compile gate where the CPU
-# has bf16 (g++ builds its kernels), the embedded default-t2i's exports, the golden model's
-# export paths, the faults files' real exports and kills, the serving tests' exports); the
-# others follow in file order.
+# The slowest units, slowest first (per --durations on 2 cores: the shared T2I exports, the
+# embedded default-t2i's exports, the Core ML conversions, the faults files' real exports and
+# kills, the serving tests' exports); the others follow in file order.
 HEAVIEST_FIRST = (
-    "tests/deco_export/test_coreml.py",
     "t2i_text_bundle",
-    "tests/deco_export/test_torch_bf16.py",
     "default_t2i_exports",
+    "tests/deco_export/test_coreml.py",
     "tests/deco_export/test_export_onnx.py",
     "tests/deco_export/test_faults.py",
     "serve_bundles",
     "tests/deco_export/test_export_distilled.py",
-    "tests/deco_export/test_bench.py",
     "tests/deco_export/test_export_onnx_t2i_precisions.py",
-    "tests/deco_export/test_coreml_t2i.py",
     "tests/deco_export/test_text_encoder_precisions.py",
+    "tests/deco_export/test_bench.py",
+    "tests/deco_export/test_coreml_t2i.py",
     "tests/training/test_trainer.py",
-    "tests/runtimes/test_openvino.py",
 )
 
 
