@@ -86,7 +86,7 @@ def export_onnx_file(module: torch.nn.Module, inputs: tuple, path: Path, *, opse
         )
         program.save(str(path), external_data=external_data)
 
-    if weight_bytes(module) > MAX_ENTRY_BYTES:  # its files would not be kept: hashing is waste
+    if too_large_to_keep(module):  # its files would not be kept: hashing them is waste
         trace()
         return
     key = export_key(module, inputs, path, opset=opset, input_names=input_names,
@@ -155,10 +155,11 @@ def _copied_table(create: Callable[[set[Any]], dict[Any, Any]]) -> Callable[...,
     return copy
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    """The bytes of a module's parameters and buffers: over `MAX_ENTRY_BYTES`, an entry made
-    from it would not be kept, so its key is not worth computing."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+def too_large_to_keep(module: torch.nn.Module) -> bool:
+    """Whether a module's parameters and buffers alone exceed `MAX_ENTRY_BYTES`: no entry made
+    from it would be kept, so its key is not worth computing."""
+    return sum(t.numel() * t.element_size()
+               for t in (*module.parameters(), *module.buffers())) > MAX_ENTRY_BYTES
 
 
 def export_key(module: torch.nn.Module, inputs: tuple, path: Path, *, external_data: bool,

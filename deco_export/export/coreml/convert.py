@@ -23,13 +23,7 @@ from runtimes.graphs import GRAPH_SPECS, get_graph, graphs_for
 
 from ...model import DeCo
 from ..graphs import GRAPH_CLASSES, example_inputs, input_names, output_names
-from ..trace_cache import (
-    MAX_ENTRY_BYTES,
-    store_entry,
-    stored_entry,
-    trace_key,
-    weight_bytes,
-)
+from ..trace_cache import store_entry, stored_entry, too_large_to_keep, trace_key
 from .inspect import ProgramReport, program_report
 from .precision import ALL_ISLANDS, PrecisionPolicy
 from .targets import (
@@ -208,7 +202,7 @@ def _conversion_key(ct: Any, module: torch.nn.Module, graph: str,
                     inputs: Sequence[torch.Tensor], **settings: Any) -> str | None:
     """The cache key of a conversion: the trace key of the module on its inputs plus every
     setting and coremltools' version; None for modules whose weights are too large to keep."""
-    if weight_bytes(module) > MAX_ENTRY_BYTES:
+    if too_large_to_keep(module):
         return None
     return trace_key(module, tuple(inputs), graph, converter="coremltools",
                      coremltools=ct.__version__, **settings)
